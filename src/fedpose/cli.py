@@ -1,0 +1,244 @@
+"""fedpose command line: train, run, compare, eval, predict, score, data, bench, flower-demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from fedpose.config import ConfigError, load_config
+from fedpose.data.records import DatasetError
+
+console = Console()
+
+METHODS = "fedavg,fedprox,fedbn,feddyn,fedaw,fedgh"
+
+
+def _add_config(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("config", nargs=None if required else "?", help="TOML config file")
+    p.add_argument("-c", "--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="override a config value, e.g. -c fed.rounds=5")
+
+
+def cmd_train(args) -> int:
+    from fedpose.train import train_centralized
+
+    cfg = load_config(args.config, args.overrides)
+    record = train_centralized(cfg, resume=args.resume, console=console)
+    console.print(f"model: {cfg.run_dir / 'model.pt'}")
+    console.print(f"mean PCK: {record.get('pck_mean', float('nan')):.2f}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from fedpose.engine.local import run_local
+
+    cfg = load_config(args.config, args.overrides)
+    server = run_local(cfg, resume=args.resume, console=console)
+    last = server.evaluate(server.weights) if server.evaluate else {}
+    console.print(f"run directory: {cfg.run_dir}")
+    console.print(f"mean PCK: {last.get('pck_mean', float('nan')):.2f}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from fedpose.engine.local import run_local
+    from fedpose.report.compare import build_report, read_metrics
+
+    base = load_config(args.config, args.overrides)
+    name = args.name or base.name
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
+    runs: dict[str, list[Path]] = {}
+    for method in methods:
+        for seed in seeds:
+            cfg = load_config(args.config, args.overrides + [
+                f"fed.method={method}", f"seed={seed}", f"name={name}/{method}-s{seed}"])
+            rows = read_metrics(cfg.run_dir)
+            done = rows and rows[-1]["round"] >= cfg.fed.rounds
+            if args.resume and done:
+                console.print(f"{cfg.name}: finished earlier, kept")
+            else:
+                resume = args.resume and (cfg.run_dir / "checkpoints" / "last.pt").exists()
+                run_local(cfg, resume=resume, console=console)
+            runs.setdefault(method, []).append(cfg.run_dir)
+    report = build_report(runs, base.run_dir.parent / name, f"fedpose compare: {name}",
+                          target_pck=base.fed.target_pck)
+    console.print(report.read_text().split("![")[0])
+    console.print(f"report: {report}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from fedpose.config import _apply, parse_overrides
+    from fedpose.data import load_split
+    from fedpose.engine.federation import resolve_device
+    from fedpose.metrics.pck import grouped_table
+    from fedpose.train import evaluate_model, load_model
+
+    model, cfg, skeleton = load_model(args.checkpoint)
+    _apply(cfg, parse_overrides(args.overrides))
+    records, _ = load_split(cfg.data, args.split)
+    ev = evaluate_model(model, records, skeleton, cfg, resolve_device(cfg.train.device))
+    result = ev["result"]
+    table = Table(title=f"{skeleton.name}: {len(records)} {args.split} records")
+    table.add_column("joint")
+    table.add_column("PCK (%)", justify="right")
+    table.add_column("count", justify="right")
+    for joint, value in result.per_joint.items():
+        table.add_row(joint, f"{value:.2f}", str(result.counts[joint]))
+    console.print(table)
+    rows = grouped_table(result, skeleton)
+    if rows:
+        console.print("  ".join(f"{part} {value:.2f}" for part, value in rows))
+    print(f"mean PCK: {result.mean:.2f}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from fedpose.model.inference import predict_image
+    from fedpose.report.draw import draw_skeleton
+    from fedpose.train import load_model
+
+    model, cfg, skeleton = load_model(args.checkpoint)
+    joints, confidence = predict_image(model, args.image, cfg.data.input_size, skeleton)
+    draw_skeleton(args.image, joints, confidence, skeleton, args.out)
+    for name, (x, y), c in zip(skeleton.joints, joints.tolist(), confidence.tolist(), strict=True):
+        console.print(f"{name:>12}: ({x:7.1f}, {y:7.1f})  confidence {c:.2f}")
+    console.print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_score(args) -> int:
+    from fedpose.metrics.score_file import score_file
+
+    return score_file(args, console)
+
+
+def cmd_data(args) -> int:
+    if args.data_cmd == "synth-arm":
+        from fedpose.data.synth_arm import generate_synth_arm
+
+        ann = generate_synth_arm(args.out, n=args.n, seed=args.seed, size=args.size)
+        console.print(f"wrote {ann}")
+        return 0
+    if args.data_cmd == "inspect":
+        from fedpose.data.inspect import inspect_main
+
+        return inspect_main(args)
+    if args.data_cmd == "partition":
+        from fedpose.data.partition import partition_main
+
+        return partition_main(args.config, args.overrides)
+    raise AssertionError(args.data_cmd)
+
+
+def cmd_bench(args) -> int:
+    from fedpose.bench import bench_aggregate_main
+
+    return bench_aggregate_main(args)
+
+
+def cmd_flower_demo(args) -> int:
+    from fedpose.engine.flower_demo import flower_demo_main
+
+    return flower_demo_main(args.config, args.supernodes, args.rounds, args.overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedpose", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="centralized training and evaluation")
+    _add_config(p)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("run", help="one federated run on the in-process engine")
+    _add_config(p)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("compare", help="several methods and seeds, then a report")
+    _add_config(p)
+    p.add_argument("--methods", default=METHODS)
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--name", default=None, help="report name (default: the config's name)")
+    p.add_argument("--resume", action="store_true", help="keep finished runs, resume the rest")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on its dataset's test split")
+    p.add_argument("checkpoint")
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("-c", "--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="e.g. -c data.root=/path/to/lsp")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="predict the keypoints of one image and draw them")
+    p.add_argument("checkpoint")
+    p.add_argument("image")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("score", help="score a predictions file with the dataset's metric")
+    p.add_argument("--dataset", required=True, choices=["lsp", "mpii", "coco"])
+    p.add_argument("--root", required=True, help="dataset folder (images)")
+    p.add_argument("--ann", default=None, help="annotation file (mpii, coco)")
+    p.add_argument("--pred", required=True, help="JSON: image file name -> [[x, y], ...]")
+    p.add_argument("--headboxes", default=None, help="mpii: gt_valid.mat")
+    p.add_argument("--split", default="test", help="lsp: train | test | all")
+    p.add_argument("--labels", default="pc", choices=["pc", "oc"], help="lsp labels")
+    p.add_argument("--alpha", type=float, default=None, help="threshold (default: standard)")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("data", help="generate, inspect and partition data")
+    dsub = p.add_subparsers(dest="data_cmd", required=True)
+    d = dsub.add_parser("synth-arm", help="generate the synthetic single-arm set")
+    d.add_argument("out")
+    d.add_argument("--n", type=int, default=2060)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--size", type=int, default=128)
+    d = dsub.add_parser("inspect", help="load a dataset and summarise it")
+    d.add_argument("--dataset", required=True, choices=["lsp", "mpii", "coco", "synth-arm"])
+    d.add_argument("--root", required=True)
+    d.add_argument("--ann", default=None)
+    d = dsub.add_parser("partition", help="print and plot per-client statistics")
+    _add_config(d)
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("bench", help="benchmarks")
+    bsub = p.add_subparsers(dest="bench_cmd", required=True)
+    b = bsub.add_parser("aggregate", help="time one server aggregation step")
+    b.add_argument("--clients", type=int, default=16)
+    b.add_argument("--params", type=int, default=34_000_000)
+    b.add_argument("--repeats", type=int, default=3)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("flower-demo", help="the federation on real Flower processes vs in-process")
+    p.add_argument("config", nargs="?", default=None)
+    p.add_argument("--supernodes", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("-c", "--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_flower_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (DatasetError, ConfigError, FileNotFoundError, ValueError) as e:
+        console.print(f"error: {e}", markup=False, highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        console.print("interrupted: the last checkpoint is kept; rerun with --resume")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,80 @@
+"""Everything a federated run is made of, built from one Config: data, partition, model,
+strategy. Both engines (in-process and Flower) build it the same way, so they run the same
+federation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from fedpose.config import Config
+from fedpose.data import load_split
+from fedpose.data.dataset import PoseDataset
+from fedpose.data.partition import partition
+from fedpose.data.records import PoseRecord, Skeleton
+from fedpose.fl.params import ModelLayout, model_layout
+from fedpose.fl.strategies import build_strategy
+from fedpose.fl.strategies.base import Strategy
+from fedpose.metrics.pck import score
+from fedpose.model.inference import predict_records
+from fedpose.model.pose_resnet import PoseResNet, build_model, load_pretrained
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class Federation:
+    cfg: Config
+    skeleton: Skeleton
+    train_records: list[PoseRecord]
+    test_records: list[PoseRecord]
+    parts: list[list[int]]
+    model: PoseResNet
+    layout: ModelLayout
+    strategy: Strategy
+    device: torch.device
+    _datasets: dict[int, PoseDataset] = field(default_factory=dict)
+
+    @property
+    def client_sizes(self) -> list[int]:
+        return [len(p) for p in self.parts]
+
+    def initial_weights(self) -> dict[str, torch.Tensor]:
+        return {n: t.detach().clone() for n, t in self.model.state_dict().items()}
+
+    def client_dataset(self, client: int) -> PoseDataset:
+        if client not in self._datasets:
+            records = [self.train_records[i] for i in self.parts[client]]
+            d = self.cfg.data
+            self._datasets[client] = PoseDataset(records, self.skeleton, d.input_size, d.sigma,
+                                                 train=d.augment, seed=self.cfg.seed)
+        return self._datasets[client]
+
+    def evaluate(self, weights: dict[str, torch.Tensor]) -> dict:
+        self.model.load_state_dict(weights)
+        preds = predict_records(self.model, self.test_records, self.skeleton,
+                                self.cfg.data.input_size, flip_test=self.cfg.train.flip_test,
+                                device=self.device)
+        result = score(preds, self.test_records, self.skeleton)
+        return {"pck_mean": result.mean, "pck_per_joint": result.per_joint}
+
+
+def build_federation(cfg: Config) -> Federation:
+    train_records, skeleton = load_split(cfg.data, "train")
+    test_records, _ = load_split(cfg.data, "test")
+    parts = partition(train_records, cfg.fed, cfg.seed)
+    if len(parts) != cfg.fed.num_clients:
+        raise ValueError(f"partition made {len(parts)} clients, config says {cfg.fed.num_clients}")
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, skeleton.num_joints)
+    if cfg.model.pretrained:
+        load_pretrained(model, cfg.model.pretrained)
+    strategy = build_strategy(cfg.fed)
+    layout = model_layout(model, keep_bn_local=strategy.keep_bn_local)
+    return Federation(cfg, skeleton, train_records, test_records, parts, model, layout, strategy,
+                      resolve_device(cfg.train.device))

@@ -1,0 +1,44 @@
+"""What the server sends a client and what the client sends back, independent of transport."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class TrainRequest:
+    client_id: int
+    version: int  # the global model version the client trains from
+    round: int  # the server round (sync) or aggregation count (async) at sending time
+    weights: dict[str, torch.Tensor]  # the full global state dict
+    seed: int  # drives the client's data order and augmentation
+
+
+@dataclass
+class TrainReply:
+    client_id: int
+    version: int  # the base version this update was computed against
+    num_samples: int = 0
+    delta: torch.Tensor | None = None  # flat (P,) float32: w_client - w_base over layout.agg_names
+    averaged: dict[str, torch.Tensor] = field(default_factory=dict)  # layout.avg_names values
+    train_loss: float = float("nan")
+    steps: int = 0
+    seconds: float = 0.0  # wall-clock compute time on the client
+    error: str | None = None  # set when the client failed; the server drops the reply
+
+    def problem(self) -> str | None:
+        """Why the server must not use this reply, or None when it is sound."""
+        if self.error:
+            return self.error
+        if self.delta is None:
+            return "no update"
+        if not bool(torch.isfinite(self.delta).all()):
+            return "non-finite values in the update"
+        for name, t in self.averaged.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                return f"non-finite values in {name}"
+        if self.num_samples <= 0:
+            return "no training samples"
+        return None

@@ -1,0 +1,88 @@
+"""Which tensors of a model are aggregated how, and the flat-vector views strategies work on.
+
+Trainable floating-point parameters are "updates" (Δ = w_client − w_base) that strategies may
+weight and project. BatchNorm running statistics and counters are not gradients: the server
+averages them by sample count. Under FedBN every tensor of a BatchNorm module (selected by module
+type, not by name) stays on its client; the server only keeps an n-weighted average of them so the
+global model can be evaluated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    agg_names: tuple[str, ...]  # trainable float tensors the strategy aggregates, in model order
+    avg_names: tuple[str, ...]  # tensors averaged by sample count (BN statistics; FedBN: all BN)
+    local_names: tuple[str, ...]  # tensors a client keeps for itself (FedBN: all BN tensors)
+    shapes: dict[str, tuple[int, ...]]
+
+    @property
+    def slices(self) -> list[tuple[str, int, int]]:
+        out, start = [], 0
+        for name in self.agg_names:
+            size = 1
+            for d in self.shapes[name]:
+                size *= d
+            out.append((name, start, start + size))
+            start += size
+        return out
+
+    @property
+    def num_params(self) -> int:
+        return self.slices[-1][2] if self.agg_names else 0
+
+
+def batchnorm_names(model: nn.Module) -> set[str]:
+    names: set[str] = set()
+    for mod_name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            prefix = f"{mod_name}." if mod_name else ""
+            names.update(prefix + n for n, _ in module.named_parameters(recurse=False))
+            names.update(prefix + n for n, _ in module.named_buffers(recurse=False))
+    return names
+
+
+def model_layout(model: nn.Module, keep_bn_local: bool = False) -> ModelLayout:
+    bn = batchnorm_names(model)
+    state = model.state_dict()
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad and p.is_floating_point()]
+    if keep_bn_local:
+        agg = tuple(n for n in trainable if n not in bn)
+        local = tuple(n for n in state if n in bn)
+        avg = local
+    else:
+        agg = tuple(trainable)
+        local = ()
+        avg = tuple(n for n in state if n not in set(trainable))
+    return ModelLayout(agg, avg, local, {n: tuple(t.shape) for n, t in state.items()})
+
+
+def flatten(state: dict[str, torch.Tensor], names: tuple[str, ...]) -> torch.Tensor:
+    if not names:
+        return torch.zeros(0)
+    return torch.cat([state[n].detach().reshape(-1).float() for n in names])
+
+
+def unflatten_add_(state: dict[str, torch.Tensor], layout: ModelLayout, flat: torch.Tensor) -> None:
+    """state[name] += the matching slice of flat, in place, for every aggregated tensor."""
+    for name, start, end in layout.slices:
+        state[name].add_(flat[start:end].view_as(state[name]).to(state[name].dtype))
+
+
+def weighted_average(
+    tensors: list[dict[str, torch.Tensor]], names: tuple[str, ...], counts: list[float]
+) -> dict[str, torch.Tensor]:
+    """n-weighted mean of each named tensor; integer tensors (BN counters) are rounded back."""
+    total = float(sum(counts))
+    out = {}
+    for name in names:
+        acc = sum(float(c) / total * t[name].double() for c, t in zip(counts, tensors, strict=True))
+        ref = tensors[0][name]
+        out[name] = acc.round().to(ref.dtype) if not ref.is_floating_point() else acc.to(ref.dtype)
+    return out

@@ -1,0 +1,329 @@
+"""The federated round loop: select → send → collect → aggregate → evaluate → log → checkpoint.
+
+The loop talks to clients only through a Transport (in-process or Flower), so both engines run
+exactly this code. Replies are sorted by client id before aggregation (FedGH is order-sensitive)
+and every random choice is seeded by (seed, round, client): the same config and seed give the
+same numbers, and a resumed run continues bit for bit.
+
+Synchronous mode: each round the selected clients train from the current model; the round takes
+as long as its slowest client (or the timeout, when one drops out).
+Asynchronous mode (FedBuff-style): up to `concurrency` clients train at once, each from the
+version it was sent; whenever `buffer_size` updates have arrived the server aggregates them, each
+weighted by (1 + staleness)^−a, and immediately hands the freed slots new work. Arrival order
+follows the simulated clock, so it is reproducible on every transport.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from fedpose.config import Config
+from fedpose.fl.client import client_seed
+from fedpose.fl.messages import TrainReply, TrainRequest
+from fedpose.fl.params import ModelLayout, unflatten_add_, weighted_average
+from fedpose.fl.selection import Selector
+from fedpose.fl.strategies.base import RoundInput, Strategy
+from fedpose.fl.system import SystemModel
+
+
+class Transport(Protocol):
+    """How the server reaches clients. `send` starts work; `receive` blocks for that client's reply."""
+
+    def send(self, request: TrainRequest) -> None: ...
+
+    def receive(self, client_id: int) -> TrainReply: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class Pending:
+    """A client at work in asynchronous mode."""
+
+    client_id: int
+    version: int
+    seq: int  # dispatch number: seeds the client's work
+    finish: float  # simulated time its reply arrives (or its timeout, when it dropped out)
+    dropped: bool
+
+
+@dataclass
+class ServerState:
+    round: int = 0  # completed rounds (sync) or aggregations (async); also the model version
+    clock: float = 0.0  # simulated seconds
+    strategy: dict = field(default_factory=dict)
+    pending: list[Pending] = field(default_factory=list)
+    buffer: list[TrainReply] = field(default_factory=list)
+    snapshots: dict[int, dict] = field(default_factory=dict)  # async: versions still in use
+    dispatched: int = 0  # async: how many requests have been sent, seeds the next one
+
+
+class FederatedServer:
+    def __init__(
+        self,
+        cfg: Config,
+        weights: dict[str, torch.Tensor],
+        layout: ModelLayout,
+        strategy: Strategy,
+        transport: Transport,
+        client_sizes: list[int],
+        evaluate: Callable[[dict[str, torch.Tensor]], dict] | None = None,
+        run_dir: Path | None = None,
+        on_round: Callable[[dict], None] | None = None,
+    ):
+        self.cfg = cfg
+        self.weights = {n: t.clone() for n, t in weights.items()}
+        self.layout = layout
+        self.strategy = strategy
+        self.transport = transport
+        self.client_sizes = client_sizes
+        self.evaluate = evaluate
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.on_round = on_round
+        fed = cfg.fed
+        self.system = SystemModel(cfg.system, fed.num_clients, cfg.seed)
+        self.selector = Selector(fed.selection, fed.clients_per_round, cfg.seed, fed.deadline,
+                                 fed.utility_explore)
+        self.state = ServerState(strategy=strategy.initial_state())
+        self.model_bytes = sum(t.numel() * t.element_size() for t in weights.values())
+        self.started = time.perf_counter()
+
+    # ----------------------------------------------------------------------------- timing model
+    def expected_time(self, client: int) -> float:
+        fed = self.cfg.fed
+        if fed.local_steps > 0:
+            samples = fed.local_steps * self.cfg.train.batch_size
+        else:
+            samples = fed.local_epochs * self.client_sizes[client]
+        return self.system.round_time(client, samples, self.model_bytes)
+
+    def timeout(self) -> float:
+        """How long the server waits for a client that never answers."""
+        if self.cfg.fed.deadline > 0:
+            return self.cfg.fed.deadline
+        return 2.0 * max(self.expected_time(k) for k in range(self.cfg.fed.num_clients))
+
+    def _request(self, client: int, version: int, seq: int,
+                 weights: dict[str, torch.Tensor]) -> TrainRequest:
+        return TrainRequest(client_id=client, version=version, round=seq, weights=weights,
+                            seed=client_seed(self.cfg.seed, seq, client))
+
+    # ----------------------------------------------------------------------------- aggregation
+    def aggregate(self, replies: list[TrainReply], staleness: list[int]) -> dict:
+        """Apply one aggregation of sound replies (sorted by client id) to the global model."""
+        replies = sorted(replies, key=lambda r: r.client_id)
+        a = self.cfg.fed.staleness_exponent
+        counts = torch.tensor([r.num_samples * (1.0 + s) ** (-a) for r, s in
+                               zip(replies, staleness, strict=True)], dtype=torch.float64)
+        deltas = torch.stack([r.delta for r in replies])
+        inputs = RoundInput(deltas=deltas, counts=counts, client_ids=[r.client_id for r in replies],
+                            num_clients=self.cfg.fed.num_clients, slices=self.layout.slices)
+        t0 = time.perf_counter()
+        result = self.strategy.aggregate(inputs, self.state.strategy)
+        unflatten_add_(self.weights, self.layout, result.update)
+        if self.layout.avg_names:
+            self.weights.update(weighted_average([r.averaged for r in replies],
+                                                 self.layout.avg_names, counts.tolist()))
+        agg_seconds = time.perf_counter() - t0
+        self.state.strategy = result.state
+        diag = dict(result.diagnostics)
+        diag["agg_seconds"] = agg_seconds
+        return diag
+
+    # ----------------------------------------------------------------------------- the loops
+    def run(self, progress: Callable[[int, dict], None] | None = None) -> dict:
+        if self.cfg.fed.mode == "async":
+            return self._run_async(progress)
+        if self.cfg.fed.mode != "sync":
+            raise ValueError(f"unknown fed.mode {self.cfg.fed.mode!r}: use sync or async")
+        return self._run_sync(progress)
+
+    def _run_sync(self, progress) -> dict:
+        fed = self.cfg.fed
+        record: dict = {}
+        while self.state.round < fed.rounds:
+            t = self.state.round
+            wall0 = time.perf_counter()
+            available = self.system.available(t)
+            selected = self.selector.select(available, t, self.client_sizes, self.expected_time)
+            dropped = [k for k in selected if self.system.drops(t, k)]
+            for k in selected:
+                if k not in dropped:
+                    self.transport.send(self._request(k, t, t, self.weights))
+            replies, rejected = [], {}
+            for k in selected:
+                if k in dropped:
+                    continue
+                reply = self.transport.receive(k)
+                problem = reply.problem()
+                if problem:
+                    rejected[k] = problem
+                else:
+                    replies.append(reply)
+                    self.selector.observe(k, reply.train_loss)
+            times = [self.expected_time(r.client_id) for r in replies]
+            waited = self.timeout() if (dropped or rejected) else 0.0
+            self.state.clock += max(times + [waited, 0.0])
+            diag = self.aggregate(replies, [0] * len(replies)) if replies else {
+                "weights": [], "conflict_share": None, "agg_seconds": 0.0}
+            self.state.round += 1
+            record = self._log(selected, dropped, rejected, replies, [0] * len(replies), diag,
+                               wall0)
+            if progress:
+                progress(self.state.round, record)
+        return record
+
+    def _run_async(self, progress) -> dict:
+        fed = self.cfg.fed
+        st = self.state
+        record: dict = {}
+        if st.round == 0 and not st.pending and not st.snapshots:
+            st.snapshots[0] = {n: t.clone() for n, t in self.weights.items()}
+        self._fill_async()
+        wall0 = time.perf_counter()
+        selected: list[int] = []
+        dropped: list[int] = []
+        rejected: dict[int, str] = {}
+        while st.round < fed.rounds:
+            if not st.pending:
+                raise RuntimeError("asynchronous mode: no client is available to train")
+            st.pending.sort(key=lambda p: (p.finish, p.client_id))
+            job = st.pending.pop(0)
+            st.clock = max(st.clock, job.finish)
+            selected.append(job.client_id)
+            if job.dropped:
+                dropped.append(job.client_id)
+            else:
+                reply = self.transport.receive(job.client_id)
+                problem = reply.problem()
+                if problem:
+                    rejected[job.client_id] = problem
+                else:
+                    st.buffer.append(reply)
+                    self.selector.observe(job.client_id, reply.train_loss)
+            if len(st.buffer) >= fed.buffer_size:
+                buffer = sorted(st.buffer, key=lambda r: r.client_id)
+                staleness = [st.round - r.version for r in buffer]
+                diag = self.aggregate(buffer, staleness)
+                st.buffer = []
+                st.round += 1
+                st.snapshots[st.round] = {n: t.clone() for n, t in self.weights.items()}
+                self._fill_async()
+                record = self._log(selected, dropped, rejected, buffer, staleness, diag, wall0)
+                selected, dropped, rejected = [], [], {}
+                wall0 = time.perf_counter()
+                if progress:
+                    progress(st.round, record)
+            else:
+                self._fill_async(checkpoint=False)
+        return record
+
+    def _fill_async(self, checkpoint: bool = True) -> None:
+        """Give idle clients work until `concurrency` are busy, and forget unused versions."""
+        st = self.state
+        busy = {p.client_id for p in st.pending}
+        slots = self.cfg.fed.concurrency - len(busy)
+        if slots > 0:
+            idle = [k for k in self.system.available(st.dispatched) if k not in busy]
+            picks = self.selector.select(idle, st.dispatched, self.client_sizes,
+                                         self.expected_time)[:slots]
+            for k in picks:
+                seq = st.dispatched
+                st.dispatched += 1
+                dropped = self.system.drops(seq, k)
+                finish = st.clock + (self.timeout() if dropped else self.expected_time(k))
+                st.pending.append(Pending(k, st.round, seq, finish, dropped))
+                if not dropped:
+                    self.transport.send(self._request(k, st.round, seq, st.snapshots[st.round]))
+        in_use = {p.version for p in st.pending} | {st.round}
+        st.snapshots = {v: w for v, w in st.snapshots.items() if v in in_use}
+
+    # ----------------------------------------------------------------------------- logging
+    def _log(self, selected, dropped, rejected, replies, staleness, diag, wall0) -> dict:
+        fed = self.cfg.fed
+        t = self.state.round
+        losses = [r.train_loss for r in replies]
+        counts = [r.num_samples for r in replies]
+        train_loss = (sum(c * loss for c, loss in zip(counts, losses, strict=True)) / sum(counts)
+                      if replies else None)
+        record = {
+            "round": t,
+            "method": fed.method,
+            "mode": fed.mode,
+            "selected": sorted(selected),
+            "aggregated": [r.client_id for r in replies],
+            "dropped": sorted(dropped),
+            "rejected": {str(k): v for k, v in sorted(rejected.items())},
+            "train_loss": _finite(train_loss),
+            "client_loss": {str(r.client_id): _finite(r.train_loss) for r in replies},
+            "staleness": list(staleness),
+            "sim_time": self.state.clock,
+            **{k: v for k, v in diag.items()},
+        }
+        if self.evaluate is not None and (t % max(fed.eval_every, 1) == 0 or t == fed.rounds):
+            record.update(self.evaluate(self.weights))
+        record["wall_seconds"] = time.perf_counter() - wall0
+        if self.run_dir is not None:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if t % max(fed.checkpoint_every, 1) == 0 or t == fed.rounds:
+                self.save_checkpoint()
+        if self.on_round:
+            self.on_round(record)
+        return record
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def checkpoint_path(self) -> Path:
+        assert self.run_dir is not None
+        return self.run_dir / "checkpoints" / "last.pt"
+
+    def save_checkpoint(self) -> None:
+        path = self.checkpoint_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "format": "fedpose-federated-v1",
+            "config": self.cfg.to_dict(),
+            "weights": self.weights,
+            "server": self.state,
+            "selector": self.selector.state_dict(),
+            "transport": self.transport.state_dict(),
+        }
+        tmp = path.with_suffix(".tmp")
+        torch.save(payload, tmp)
+        os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous checkpoint intact
+
+    def load_checkpoint(self) -> None:
+        path = self.checkpoint_path()
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no checkpoint to resume from")
+        payload = torch.load(path, weights_only=False)
+        self.weights = payload["weights"]
+        self.state = payload["server"]
+        self.selector.load_state_dict(payload["selector"])
+        self.transport.load_state_dict(payload["transport"])
+        # metrics written after the checkpoint belong to rounds that will run again
+        metrics = self.run_dir / "metrics.jsonl"
+        if metrics.exists():
+            keep = [line for line in metrics.read_text().splitlines()
+                    if line.strip() and json.loads(line)["round"] <= self.state.round]
+            metrics.write_text("".join(line + "\n" for line in keep))
+        # asynchronous work in flight at the checkpoint is sent again, from the same version
+        for job in self.state.pending:
+            if not job.dropped:
+                self.transport.send(self._request(job.client_id, job.version, job.seq,
+                                                  self.state.snapshots[job.version]))
+
+
+def _finite(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None

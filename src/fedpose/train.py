@@ -1,0 +1,151 @@
+"""Centralized training: all data in one place. The upper bound federated runs are compared to."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fedpose.config import Config, config_from_dict
+from fedpose.data import load_split
+from fedpose.data.dataset import PoseDataset, make_loader
+from fedpose.data.records import SKELETONS, Skeleton
+from fedpose.engine.federation import resolve_device
+from fedpose.fl.client import make_optimizer
+from fedpose.metrics.pck import score
+from fedpose.model.inference import predict_records
+from fedpose.model.loss import JointsMSELoss
+from fedpose.model.pose_resnet import PoseResNet, build_model, load_pretrained
+
+MODEL_FORMAT = "fedpose-model-v1"
+
+
+def save_model(path: Path, model_weights: dict, cfg: Config, skeleton: Skeleton,
+               extra: dict | None = None) -> None:
+    """The file `fedpose eval` and `fedpose predict` read: weights + the config that built them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"format": MODEL_FORMAT, "config": cfg.to_dict(), "skeleton": skeleton.name,
+                "weights": model_weights, **(extra or {})}, tmp)
+    os.replace(tmp, path)
+
+
+def load_model(path: str | Path) -> tuple[PoseResNet, Config, Skeleton]:
+    """Load a model file, a centralized checkpoint or a federated checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(payload, dict) or "weights" not in payload or "config" not in payload:
+        raise ValueError(f"{path}: not a fedpose checkpoint (no weights/config)")
+    cfg = config_from_dict(payload["config"])
+    skeleton = SKELETONS[payload.get("skeleton") or _skeleton_name(cfg)]
+    model = build_model(cfg.model, skeleton.num_joints)
+    model.load_state_dict(payload["weights"])
+    model.eval()
+    return model, cfg, skeleton
+
+
+def _skeleton_name(cfg: Config) -> str:
+    return cfg.data.dataset
+
+
+def evaluate_model(model: PoseResNet, records, skeleton: Skeleton, cfg: Config,
+                   device: torch.device) -> dict:
+    preds = predict_records(model, records, skeleton, cfg.data.input_size,
+                            flip_test=cfg.train.flip_test, device=device)
+    result = score(preds, records, skeleton)
+    return {"pck_mean": result.mean, "pck_per_joint": result.per_joint, "result": result}
+
+
+def train_centralized(cfg: Config, resume: bool = False, console: Console | None = None) -> dict:
+    console = console or Console()
+    device = resolve_device(cfg.train.device)
+    train_records, skeleton = load_split(cfg.data, "train")
+    test_records, _ = load_split(cfg.data, "test")
+    console.print(f"{cfg.data.dataset}: {len(train_records)} train, {len(test_records)} test "
+                  f"records, {skeleton.num_joints} joints; device {device}")
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, skeleton.num_joints)
+    if cfg.model.pretrained:
+        load_pretrained(model, cfg.model.pretrained)
+    model.to(device)
+    if cfg.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, cfg)
+    epochs = cfg.train.epochs
+    # step decay late in training, as SimpleBaseline does
+    milestones = sorted({max(1, int(epochs * 0.7)), max(1, int(epochs * 0.9))})
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
+    dataset = PoseDataset(train_records, skeleton, cfg.data.input_size, cfg.data.sigma,
+                          train=cfg.data.augment, seed=cfg.seed)
+    criterion = JointsMSELoss(use_target_weight=True)
+
+    run_dir = cfg.run_dir
+    ckpt = run_dir / "checkpoints" / "last.pt"
+    metrics_path = run_dir / "metrics.jsonl"
+    start = 0
+    if resume and ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["weights"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start = state["epoch"]
+        console.print(f"resumed at epoch {start}")
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        metrics_path.unlink(missing_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+
+    amp = cfg.train.amp and device.type == "cuda"
+    record: dict = {}
+    t_start = time.perf_counter()
+    with Progress(TextColumn("[bold]train[/] epoch {task.fields[epoch]}"), BarColumn(),
+                  MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                  console=console) as bar:
+        task = bar.add_task("batches", total=None, epoch=start, info="")
+        for epoch in range(start, epochs):
+            model.train()
+            dataset.set_epoch(epoch)
+            loader = make_loader(dataset, cfg.train.batch_size, shuffle=True, seed=cfg.seed,
+                                 epoch=epoch, workers=cfg.data.workers)
+            bar.reset(task, total=len(loader), epoch=epoch + 1, info="")
+            t0 = time.perf_counter()
+            total, n = 0.0, 0
+            for batch in loader:
+                images = batch["image"].to(device, non_blocking=True)
+                if cfg.train.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    out = model(images)
+                loss = criterion(out.float(), batch["target"].to(device),
+                                 batch["target_weight"].to(device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += float(loss.detach()) * images.shape[0]
+                n += images.shape[0]
+                bar.update(task, advance=1, info=f"loss {total / n:.6f}")
+            scheduler.step()
+            seconds = time.perf_counter() - t0
+            model.eval()
+            ev = evaluate_model(model, test_records, skeleton, cfg, device)
+            record = {"epoch": epoch + 1, "train_loss": total / max(n, 1),
+                      "pck_mean": ev["pck_mean"], "pck_per_joint": ev["pck_per_joint"],
+                      "epoch_seconds": seconds, "img_per_s": n / seconds}
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            save_model(ckpt, weights, cfg, skeleton,
+                       {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "epoch": epoch + 1})
+            bar.update(task, info=f"loss {total / max(n, 1):.6f}  PCK {ev['pck_mean']:.1f}%")
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    save_model(run_dir / "model.pt", weights, cfg, skeleton)
+    record["wall_seconds"] = time.perf_counter() - t_start
+    return record

@@ -1,0 +1,28 @@
+"""Shared test fixtures. Real data lives in ../shared/datasets beside the project checkout."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASETS = Path(os.environ.get("FEDPOSE_DATASETS", ROOT.parent / "shared" / "datasets"))
+
+
+@pytest.fixture(scope="session")
+def datasets() -> Path:
+    if not DATASETS.is_dir():
+        pytest.fail(f"shared datasets not found at {DATASETS} (set FEDPOSE_DATASETS)")
+    return DATASETS
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory) -> Path:
+    """48 synth-arm images at 64 px, generated once per test session."""
+    from fedpose.data.synth_arm import generate_synth_arm
+
+    out = tmp_path_factory.mktemp("synth-arm")
+    generate_synth_arm(out, n=48, seed=0, size=64, progress=False)
+    return out
