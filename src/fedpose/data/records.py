@@ -1,0 +1,200 @@
+"""The one record type every dataset loads into, the skeleton type, the dataset error, and the
+input checks every loader shares."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+class DatasetError(ValueError):
+    """Malformed or missing pose data. The message names the file and, where known, the record."""
+
+    def __init__(self, path: str | Path, problem: str, record: str | int | None = None):
+        self.path = str(path)
+        self.problem = problem
+        self.record = record
+        where = f"{self.path}" if record is None else f"{self.path} [record {record}]"
+        super().__init__(f"{where}: {problem}")
+
+
+@dataclass(frozen=True)
+class Skeleton:
+    """Joint names, left/right flip pairs, and how the dataset normalises PCK.
+
+    normalizer: "torso" (distance between torso_joints), "head" (PCKh: 0.6 x head-box diagonal),
+    or "bbox" (longest side of the person box).
+    """
+
+    name: str
+    joints: tuple[str, ...]
+    flip_pairs: tuple[tuple[int, int], ...]
+    normalizer: str = "torso"
+    torso_joints: tuple[int, int] | None = None
+    pck_alpha: float = 0.2
+    # joints left out of the dataset's standard mean (MPII: pelvis and thorax)
+    excluded_from_mean: tuple[int, ...] = ()
+    # drawing: pairs of joint indices connected by a bone
+    bones: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def num_joints(self) -> int:
+        return len(self.joints)
+
+    def flip_permutation(self) -> list[int]:
+        perm = list(range(self.num_joints))
+        for a, b in self.flip_pairs:
+            perm[a], perm[b] = b, a
+        return perm
+
+
+@dataclass
+class PoseRecord:
+    """One annotated person. Joints are 0-based pixel coordinates in the original image.
+
+    scale follows the SimpleBaseline convention: person box size / 200 px, so the crop side is
+    200 * scale pixels around `center`.
+    """
+
+    image: Path
+    joints: np.ndarray  # (J, 2) float32, 0-based pixels
+    visibility: np.ndarray  # (J,) float32: 1 = labelled (usable as target), 0 = unlabelled
+    center: np.ndarray  # (2,) float32
+    scale: float
+    head_box: np.ndarray | None = None  # (4,) x1, y1, x2, y2
+    person_box: np.ndarray | None = None  # (4,) x1, y1, x2, y2
+    attributes: dict = field(default_factory=dict)
+    record_id: str = ""
+
+    @property
+    def num_joints(self) -> int:
+        return int(self.joints.shape[0])
+
+
+LSP = Skeleton(
+    name="lsp",
+    joints=(
+        "r_ankle", "r_knee", "r_hip", "l_hip", "l_knee", "l_ankle", "r_wrist", "r_elbow",
+        "r_shoulder", "l_shoulder", "l_elbow", "l_wrist", "neck", "head_top",
+    ),
+    flip_pairs=((0, 5), (1, 4), (2, 3), (6, 11), (7, 10), (8, 9)),
+    normalizer="torso",
+    torso_joints=(9, 2),
+    pck_alpha=0.2,
+    bones=((0, 1), (1, 2), (3, 4), (4, 5), (2, 3), (6, 7), (7, 8), (9, 10), (10, 11),
+           (8, 12), (9, 12), (12, 13), (2, 8), (3, 9)),
+)
+
+MPII = Skeleton(
+    name="mpii",
+    joints=(
+        "r_ankle", "r_knee", "r_hip", "l_hip", "l_knee", "l_ankle", "pelvis", "thorax",
+        "upper_neck", "head_top", "r_wrist", "r_elbow", "r_shoulder", "l_shoulder", "l_elbow",
+        "l_wrist",
+    ),
+    flip_pairs=((0, 5), (1, 4), (2, 3), (10, 15), (11, 14), (12, 13)),
+    normalizer="head",
+    pck_alpha=0.5,
+    excluded_from_mean=(6, 7),
+    bones=((0, 1), (1, 2), (2, 6), (3, 6), (3, 4), (4, 5), (6, 7), (7, 8), (8, 9),
+           (10, 11), (11, 12), (12, 7), (13, 7), (13, 14), (14, 15)),
+)
+
+COCO = Skeleton(
+    name="coco",
+    joints=(
+        "nose", "l_eye", "r_eye", "l_ear", "r_ear", "l_shoulder", "r_shoulder", "l_elbow",
+        "r_elbow", "l_wrist", "r_wrist", "l_hip", "r_hip", "l_knee", "r_knee", "l_ankle",
+        "r_ankle",
+    ),
+    flip_pairs=((1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12), (13, 14), (15, 16)),
+    normalizer="bbox",
+    pck_alpha=0.2,
+    bones=((15, 13), (13, 11), (16, 14), (14, 12), (11, 12), (5, 11), (6, 12), (5, 6), (5, 7),
+           (6, 8), (7, 9), (8, 10), (1, 2), (0, 1), (0, 2), (1, 3), (2, 4), (3, 5), (4, 6)),
+)
+
+# The single-arm set: one arm, so there are no left/right pairs to flip. PCK is normalised by the
+# person box: a limb length would shrink to nothing when the arm points at the camera.
+ARM = Skeleton(
+    name="synth-arm",
+    joints=("shoulder", "elbow", "wrist"),
+    flip_pairs=(),
+    normalizer="bbox",
+    pck_alpha=0.1,
+    bones=((0, 1), (1, 2)),
+)
+
+SKELETONS = {s.name: s for s in (LSP, MPII, COCO, ARM)}
+
+
+# --- validation shared by the loaders -------------------------------------------------------------
+# Joints may lie this far outside the image, as a share of its width/height, before the label is
+# treated as broken. Real labels stray a little (LSP has joints up to 1 % outside its images).
+OUTSIDE_TOLERANCE = 0.5
+
+
+def read_json(path: str | Path) -> object:
+    """Parse a JSON annotation file; a missing, unreadable or malformed file is a DatasetError."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DatasetError(path, "file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(path, f"cannot read file: {e}") from None
+    except json.JSONDecodeError as e:
+        raise DatasetError(path, f"not valid JSON: {e}") from None
+
+
+def read_image_size(
+    image: str | Path, source: str | Path, record: str | int | None = None
+) -> tuple[int, int]:
+    """(width, height) of an image from its header alone.
+
+    A missing or unreadable image is reported against `source`, the annotation file naming it,
+    because that is the file a user has to fix.
+    """
+    try:
+        with Image.open(image) as im:
+            return im.size
+    except FileNotFoundError:
+        raise DatasetError(source, f"image not found: {image}", record) from None
+    except OSError as e:  # includes PIL's UnidentifiedImageError
+        raise DatasetError(source, f"cannot read image {image}: {e}", record) from None
+
+
+def check_joints(
+    joints: np.ndarray,
+    visibility: np.ndarray,
+    image_size: tuple[int, int],
+    source: str | Path,
+    record: str | int | None = None,
+    names: tuple[str, ...] | None = None,
+    tolerance: float = OUTSIDE_TOLERANCE,
+) -> None:
+    """Reject non-finite coordinates and labelled joints far outside the image."""
+    bad = ~np.isfinite(joints).all(axis=1)
+    if bad.any():
+        j = int(np.flatnonzero(bad)[0])
+        problem = f"{_joint_label(j, names)} has a non-finite coordinate {joints[j].tolist()}"
+        raise DatasetError(source, problem, record)
+    w, h = image_size
+    lo = -tolerance * np.array([w, h])
+    hi = np.array([w - 1, h - 1]) + tolerance * np.array([w, h])
+    far = (visibility > 0) & ((joints < lo) | (joints > hi)).any(axis=1)
+    if far.any():
+        j = int(np.flatnonzero(far)[0])
+        x, y = (float(v) for v in joints[j])
+        where = f"at ({x:.1f}, {y:.1f})"
+        problem = f"{_joint_label(j, names)} {where} lies far outside the {w}x{h} image"
+        raise DatasetError(source, problem, record)
+
+
+def _joint_label(j: int, names: tuple[str, ...] | None) -> str:
+    return f"joint {j} ({names[j]})" if names and j < len(names) else f"joint {j}"

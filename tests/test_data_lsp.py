@@ -1,0 +1,102 @@
+"""LSP loader on the real dataset: values are checked against joints.mat read independently."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.io
+
+from fedpose.config import DataConfig
+from fedpose.data import load_split
+from fedpose.data.inspect import inspect_dataset
+from fedpose.data.lsp import load_lsp
+from fedpose.data.records import LSP
+
+
+@pytest.fixture(scope="module")
+def root(datasets):
+    return datasets / "lsp"
+
+
+@pytest.fixture(scope="module")
+def raw(root) -> np.ndarray:
+    return scipy.io.loadmat(root / "joints.mat")["joints"]
+
+
+@pytest.fixture(scope="module")
+def every(root):
+    return load_lsp(root, "all")
+
+
+def test_standard_split(root):
+    train, test = load_lsp(root, "train"), load_lsp(root, "test")
+    assert len(train) == 1000 and len(test) == 1000
+    assert [r.record_id for r in train] == [f"im{i:04d}.jpg" for i in range(1, 1001)]
+    assert [r.record_id for r in test] == [f"im{i:04d}.jpg" for i in range(1001, 2001)]
+    assert test[0].image == root / "images" / "im1001.jpg"
+    assert all(r.image.is_file() for r in train[:5] + test[-5:])
+
+
+def test_im0001_joints_are_the_mat_values_shifted_to_zero_based(every, raw):
+    r = every[0]
+    assert r.record_id == "im0001.jpg"
+    np.testing.assert_allclose(r.joints, raw[:2, :, 0].T - 1, atol=1e-4)
+    # right ankle of im0001, read by hand from joints.mat: (29.7465, 143.3454) 1-based
+    np.testing.assert_allclose(r.joints[0], [28.7465, 142.3454], atol=1e-3)
+    assert r.joints.shape == (14, 2) and r.joints.dtype == np.float32
+    assert r.num_joints == LSP.num_joints
+
+
+def test_every_record_matches_the_mat_file(every, raw):
+    assert len(every) == 2000
+    joints = np.stack([r.joints for r in every], axis=2)  # 14 x 2 x N like the file's rows
+    np.testing.assert_allclose(joints, raw[:2].transpose(1, 0, 2) - 1, atol=1e-4)
+
+
+def test_all_joints_labelled_and_occlusion_kept_as_attribute(every, raw):
+    assert all((r.visibility == 1).all() for r in every)
+    occluded = np.stack([r.attributes["occluded"] for r in every], axis=1)
+    assert occluded.dtype == bool
+    np.testing.assert_array_equal(occluded, raw[2] == 1)
+    assert 0 < occluded.sum() < occluded.size
+
+
+def test_centre_scale_and_box_come_from_the_joints_box(every):
+    for r in (every[0], every[1234]):
+        lo, hi = r.joints.min(axis=0), r.joints.max(axis=0)
+        np.testing.assert_allclose(r.person_box, [*lo, *hi], atol=1e-4)
+        np.testing.assert_allclose(r.center, (lo + hi) / 2, atol=1e-4)
+        assert r.scale == pytest.approx(1.25 * (hi - lo).max() / 200, rel=1e-5)
+    # im0001: joints span x 14.28-52.86, y 14.57-142.35; the height rules
+    assert every[0].scale == pytest.approx(1.25 * (142.34544 - 14.565505) / 200, rel=1e-5)
+
+
+def test_observer_centric_labels_differ_in_756_images(root, every):
+    oc = load_lsp(root, "all", labels="oc")
+    differing = sum(not np.array_equal(a.joints, b.joints) for a, b in zip(every, oc, strict=True))
+    assert differing == 756
+
+
+def test_bad_arguments(root):
+    with pytest.raises(ValueError, match="split"):
+        load_lsp(root, "val")
+    with pytest.raises(ValueError, match="labels"):
+        load_lsp(root, labels="lsp-extended")
+
+
+def test_load_split_and_limits(root):
+    cfg = DataConfig(dataset="lsp", root=str(root), max_test=10)
+    test, skeleton = load_split(cfg, "test")
+    assert skeleton is LSP
+    assert [r.record_id for r in test] == [f"im{i:04d}.jpg" for i in range(1001, 1011)]
+    train, _ = load_split(cfg, "train")
+    assert len(train) == 1000
+
+
+def test_inspect_summary(root, raw):
+    s = inspect_dataset("lsp", root)
+    assert (s["records"], s["images"], s["num_joints"]) == (2000, 2000, 14)
+    assert s["visible_per_joint"] == [2000] * 14
+    assert s["occluded_per_joint"] == (raw[2] == 1).sum(axis=1).tolist()
+    assert (s["image_width"]["min"], s["image_width"]["max"]) == (57, 202)
+    assert s["joint_names"] == list(LSP.joints)
