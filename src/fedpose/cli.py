@@ -13,6 +13,7 @@ from fedpose.config import ConfigError, load_config
 from fedpose.data.records import DatasetError
 
 console = Console()
+err_console = Console(stderr=True, soft_wrap=True)
 
 METHODS = "fedavg,fedprox,fedbn,feddyn,fedaw,fedgh"
 
@@ -232,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (DatasetError, ConfigError, FileNotFoundError, ValueError) as e:
-        console.print(f"error: {e}", markup=False, highlight=False)
+        err_console.print(f"error: {e}", markup=False, highlight=False)
         return 2
     except KeyboardInterrupt:
         console.print("interrupted: the last checkpoint is kept; rerun with --resume")

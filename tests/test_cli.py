@@ -1,0 +1,95 @@
+"""The command line: scoring prediction files, clean errors, and a tiny train -> eval -> predict."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fedpose.cli import main
+from fedpose.data.coco import load_coco
+from fedpose.data.lsp import load_lsp
+
+
+def _last_line(capsys) -> str:
+    return capsys.readouterr().out.strip().splitlines()[-1]
+
+
+def test_score_lsp_ground_truth_is_100_and_offsets_lower_it(datasets, tmp_path, capsys):
+    root = datasets / "lsp"
+    records = load_lsp(root, "test")
+    pred = {r.record_id: r.joints.tolist() for r in records}
+    (tmp_path / "gt.json").write_text(json.dumps(pred))
+    assert main(["score", "--dataset", "lsp", "--root", str(root), "--pred",
+                 str(tmp_path / "gt.json")]) == 0
+    assert _last_line(capsys) == "mean PCK: 100.00"
+
+    # move every joint of the first half of the images 0.3 torso lengths away: those miss
+    shifted = {}
+    for i, r in enumerate(records):
+        torso = np.linalg.norm(r.joints[9] - r.joints[2])
+        offset = 0.3 * torso if i < len(records) // 2 else 0.0
+        shifted[r.record_id] = (r.joints + [offset, 0]).tolist()
+    (tmp_path / "half.json").write_text(json.dumps(shifted))
+    main(["score", "--dataset", "lsp", "--root", str(root), "--pred", str(tmp_path / "half.json")])
+    assert _last_line(capsys) == "mean PCK: 50.00"
+
+
+def test_score_coco_and_missing_prediction(datasets, tmp_path, capsys):
+    root = datasets / "fixtures" / "coco"
+    ann = root / "test_coco.json"
+    records = load_coco(ann, root)
+    per_image: dict[str, list] = {}
+    for r in records:
+        per_image.setdefault(r.image.name, []).append(r.joints.tolist())
+    (tmp_path / "p.json").write_text(json.dumps(per_image))
+    assert main(["score", "--dataset", "coco", "--root", str(root), "--ann", str(ann),
+                 "--pred", str(tmp_path / "p.json")]) == 0
+    assert _last_line(capsys) == "mean PCK: 100.00"
+    first = records[0].image.name
+    del per_image[first]
+    (tmp_path / "p.json").write_text(json.dumps(per_image))
+    assert main(["score", "--dataset", "coco", "--root", str(root), "--ann", str(ann),
+                 "--pred", str(tmp_path / "p.json")]) == 2
+    out = capsys.readouterr()
+    assert f"p.json [record {first}]: no prediction for this image" in out.err
+
+
+def test_inspect_malformed_is_one_error_line(tmp_path, capsys):
+    (tmp_path / "bad.json").write_text("{not json")
+    code = main(["data", "inspect", "--dataset", "coco", "--root", str(tmp_path),
+                 "--ann", str(tmp_path / "bad.json")])
+    assert code == 2
+    out = capsys.readouterr()
+    lines = [x for x in (out.out + out.err).splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "bad.json" in lines[0]
+
+
+def test_unknown_config_key_is_a_clear_error(tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[fed]\nrouns = 3\n")
+    assert main(["run", str(cfg)]) == 2
+    assert "unknown config key 'fed.rouns'" in capsys.readouterr().err
+
+
+def test_train_eval_predict_roundtrip(tmp_path, synth_dir, capsys):
+    args = ["-c", f"out_dir={tmp_path}", "-c", "name=t", "-c", f"data.root={synth_dir}",
+            "-c", "data.input_size=32", "-c", "model.width=4", "-c", "model.deconv_filters=8",
+            "-c", "train.epochs=1", "-c", "train.batch_size=8", "-c", "train.flip_test=false"]
+    assert main(["train", "configs/demo.toml", *args]) == 0
+    trained = _last_line(capsys)
+    model = tmp_path / "t" / "model.pt"
+    assert model.exists()
+    assert main(["eval", str(model)]) == 0
+    assert _last_line(capsys) == trained  # same weights, same test split, same number
+    image = sorted((synth_dir / "images").iterdir())[0]
+    out = tmp_path / "pred.png"
+    assert main(["predict", str(model), str(image), "--out", str(out)]) == 0
+    assert out.exists() and out.stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv", [["eval", "no/such/model.pt"], ["run", "no/such/config.toml"]])
+def test_missing_files_are_clear_errors(argv, capsys):
+    assert main(argv) == 2
+    assert "error:" in capsys.readouterr().err
