@@ -45,19 +45,33 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _variants(args) -> list[tuple[str, list[str]]]:
+    """(label, overrides) per compared variant: --variant LABEL:key=value;key=value, or one
+    variant per --methods entry."""
+    if not args.variant:
+        return [(m.strip(), [f"fed.method={m.strip()}"])
+                for m in args.methods.split(",") if m.strip()]
+    out = []
+    for spec in args.variant:
+        label, _, sets = spec.partition(":")
+        if not label or "/" in label:
+            raise ConfigError(f"--variant {spec!r}: expected LABEL:key=value;key=value")
+        out.append((label, [x.strip() for x in sets.split(";") if x.strip()]))
+    return out
+
+
 def cmd_compare(args) -> int:
     from fedpose.engine.local import run_local
     from fedpose.report.compare import build_report, read_metrics
 
     base = load_config(args.config, args.overrides)
     name = args.name or base.name
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
     runs: dict[str, list[Path]] = {}
-    for method in methods:
+    for label, sets in _variants(args):
         for seed in seeds:
-            cfg = load_config(args.config, args.overrides + [
-                f"fed.method={method}", f"seed={seed}", f"name={name}/{method}-s{seed}"])
+            cfg = load_config(args.config, args.overrides + sets + [
+                f"seed={seed}", f"name={name}/{label}-s{seed}"])
             rows = read_metrics(cfg.run_dir)
             done = rows and rows[-1]["round"] >= cfg.fed.rounds
             if args.resume and done:
@@ -65,7 +79,7 @@ def cmd_compare(args) -> int:
             else:
                 resume = args.resume and (cfg.run_dir / "checkpoints" / "last.pt").exists()
                 run_local(cfg, resume=resume, console=console)
-            runs.setdefault(method, []).append(cfg.run_dir)
+            runs.setdefault(label, []).append(cfg.run_dir)
     report = build_report(runs, base.run_dir.parent / name, f"fedpose compare: {name}",
                           target_pck=base.fed.target_pck)
     console.print(report.read_text().split("![")[0])
@@ -76,7 +90,7 @@ def cmd_compare(args) -> int:
 def cmd_eval(args) -> int:
     from fedpose.config import _apply, parse_overrides
     from fedpose.data import load_split
-    from fedpose.engine.federation import resolve_device
+    from fedpose.model.inference import resolve_device
     from fedpose.metrics.pck import grouped_table
     from fedpose.train import evaluate_model, load_model
 
@@ -166,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="several methods and seeds, then a report")
     _add_config(p)
     p.add_argument("--methods", default=METHODS)
+    p.add_argument("--variant", action="append", default=[], metavar="LABEL:KEY=VALUE;...",
+                   help="compare named config variants instead of --methods (repeatable)")
     p.add_argument("--seeds", default="0")
     p.add_argument("--name", default=None, help="report name (default: the config's name)")
     p.add_argument("--resume", action="store_true", help="keep finished runs, resume the rest")

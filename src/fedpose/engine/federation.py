@@ -17,14 +17,8 @@ from fedpose.fl.params import ModelLayout, model_layout
 from fedpose.fl.strategies import build_strategy
 from fedpose.fl.strategies.base import Strategy
 from fedpose.metrics.pck import score
-from fedpose.model.inference import predict_records
+from fedpose.model.inference import predict_records, resolve_device
 from fedpose.model.pose_resnet import PoseResNet, build_model, load_pretrained
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from fedpose.engine.federation import Federation, build_federation
 from fedpose.fl.client import local_train
 from fedpose.fl.messages import TrainReply, TrainRequest
 from fedpose.fl.server import FederatedServer
+from fedpose.train import save_model
 
 
 class LocalTransport:
@@ -97,4 +98,5 @@ def run_local(cfg: Config, resume: bool = False, console: Console | None = None,
             bar.update(task, completed=done, info=info)
 
         server.run(progress=show)
+    save_model(run_dir / "model.pt", server.weights, cfg, federation.skeleton)
     return server

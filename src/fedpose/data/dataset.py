@@ -1,0 +1,146 @@
+"""Torch dataset over PoseRecords: crop, augment, and Gaussian heatmap targets.
+
+Augmentation for item i in epoch e is drawn from np.random.default_rng([seed, e, i]), so a batch
+is a pure function of (seed, epoch, index): training is reproducible and resumable, in any number
+of worker processes, without saving RNG state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from fedpose.data.records import DatasetError, PoseRecord, Skeleton
+from fedpose.data.transforms import (
+    Augmentation,
+    affine_transform,
+    compose,
+    crop_matrix,
+    flip_matrix,
+    gaussian_heatmaps,
+    input_to_heatmap,
+    load_image,
+    warp_image,
+)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HEATMAP_STRIDE = 4
+
+
+class PoseDataset(Dataset):
+    """Items: dict(image (3, S, S) normalised float32, target (J, S/4, S/4), target_weight (J, 1),
+    index, center (2,), scale ()).
+
+    center and scale are those of the crop taken (scale after augmentation); with train=False
+    they are the record's, which is what decoding predictions back to the image needs.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[PoseRecord],
+        skeleton: Skeleton,
+        input_size: int = 64,
+        sigma: float = 2.0,
+        train: bool = False,
+        seed: int = 0,
+        augmentation: Augmentation | None = None,
+    ):
+        if input_size % HEATMAP_STRIDE:
+            raise ValueError(f"input_size must be a multiple of {HEATMAP_STRIDE}, got {input_size}")
+        self.records = list(records)
+        self.skeleton = skeleton
+        self.input_size = input_size
+        self.heatmap_size = input_size // HEATMAP_STRIDE
+        self.sigma = sigma
+        self.train = train
+        self.seed = seed
+        self.epoch = 0
+        self.augmentation = augmentation or Augmentation()
+        self._flip_perm = skeleton.flip_permutation()
+        self._mean = np.array(IMAGENET_MEAN, dtype=np.float32) * 255.0
+        self._inv_std = 1.0 / (np.array(IMAGENET_STD, dtype=np.float32) * 255.0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        index = range(len(self.records))[index]  # wraps negatives, rejects out of range
+        rec = self.records[index]
+        center = np.asarray(rec.center, dtype=np.float64)
+        scale = float(rec.scale)
+        joints = np.asarray(rec.joints, dtype=np.float64)
+        visibility = np.asarray(rec.visibility, dtype=np.float32)
+        rotation, flip = 0.0, False
+        if self.train:
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            s, rotation, flip = self.augmentation.draw(rng)
+            scale *= s
+
+        try:
+            with Image.open(rec.image) as image:
+                if flip:
+                    # SimpleBaseline mirrors the whole image and the centre, then crops; fold
+                    # the mirror into the crop matrix instead of copying the image
+                    mirror = flip_matrix(image.width)
+                    mirrored = affine_transform(center, mirror)
+                    m = compose(crop_matrix(mirrored, scale, rotation, self.input_size), mirror)
+                else:
+                    m = crop_matrix(center, scale, rotation, self.input_size)
+                source, m_source = load_image(image, m)
+                crop = warp_image(source, m_source, self.input_size)
+        except OSError as e:
+            raise DatasetError(rec.image, f"cannot read image: {e}", rec.record_id or index) from e
+
+        # numpy for the per-pixel arithmetic: tiny torch ops cost more in dispatch than in work
+        pixels = (np.asarray(crop, dtype=np.float32) - self._mean) * self._inv_std
+        tensor = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+
+        hm_joints = input_to_heatmap(affine_transform(joints, m), HEATMAP_STRIDE)
+        if flip:
+            # the mirrored left wrist is now the right wrist
+            hm_joints = hm_joints[self._flip_perm]
+            visibility = visibility[self._flip_perm]
+        target, weight = gaussian_heatmaps(hm_joints, visibility, self.heatmap_size, self.sigma)
+        return {
+            "image": tensor,
+            "target": torch.from_numpy(target),
+            "target_weight": torch.from_numpy(weight),
+            "index": index,
+            "center": torch.tensor(center, dtype=torch.float32),
+            "scale": torch.tensor(scale, dtype=torch.float32),
+        }
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    epoch: int,
+    workers: int = 0,
+    drop_last: bool = False,
+) -> DataLoader:
+    """A DataLoader whose shuffle order is a function of (seed, epoch) alone.
+
+    The augmentation epoch is the dataset's own (PoseDataset.set_epoch), set by the caller: a
+    federated client may shuffle by local epoch but augment by global round.
+    """
+    generator = torch.Generator()
+    generator.manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        num_workers=workers,
+        drop_last=drop_last,
+        persistent_workers=False,
+    )

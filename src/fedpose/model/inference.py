@@ -1,0 +1,104 @@
+"""Predict joint positions for records, in original-image pixels."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedpose.data.dataset import PoseDataset
+from fedpose.data.records import PoseRecord, Skeleton
+from fedpose.model.decode import get_max_preds, heatmaps_to_image_coords, predict
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def predict_records(
+    model: torch.nn.Module,
+    records: Sequence[PoseRecord],
+    skeleton: Skeleton,
+    input_size: int,
+    flip_test: bool = True,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    progress=None,
+    refine: str = "quarter",
+    workers: int = 0,
+) -> np.ndarray:
+    """(N, J, 2) predictions for `records` in their original image pixels.
+
+    Moves the model to `device` and runs it in eval mode, restoring its train/eval mode after.
+    progress: a rich.progress.Progress to report to (a task is added), or None.
+    """
+    device = resolve_device(device)
+    dataset = PoseDataset(records, skeleton, input_size=input_size, train=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                         num_workers=workers)
+    task = progress.add_task("predict", total=len(dataset)) if progress is not None else None
+    was_training = model.training
+    model.to(device).eval()
+    out = np.zeros((len(dataset), skeleton.num_joints, 2), dtype=np.float64)
+    try:
+        with torch.inference_mode():
+            for batch in loader:
+                images = batch["image"].to(device, non_blocking=True)
+                heatmaps = predict(model, images, skeleton.flip_pairs, flip_test=flip_test)
+                coords = heatmaps_to_image_coords(
+                    heatmaps, batch["center"], batch["scale"], input_size, refine=refine
+                )
+                out[batch["index"].numpy()] = coords
+                if task is not None:
+                    progress.advance(task, len(images))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def predict_image(
+    model: torch.nn.Module,
+    image: str | Path,
+    input_size: int,
+    skeleton: Skeleton,
+    flip_test: bool = True,
+    center: tuple[float, float] | None = None,
+    scale: float | None = None,
+    device: str | torch.device | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Joints (J, 2) in the image's pixels and their confidence (J,) (heatmap peak values).
+
+    Without a centre and scale the whole image is the person box: a square crop of its longer
+    side around its centre (no 1.25 margin: the image is taken to be framed already).
+    """
+    from PIL import Image
+
+    with Image.open(image) as im:
+        width, height = im.size
+    if center is None:
+        center = ((width - 1) / 2.0, (height - 1) / 2.0)
+    if scale is None:
+        scale = max(width, height) / 200.0
+    j = skeleton.num_joints
+    record = PoseRecord(image=Path(image), joints=np.zeros((j, 2), np.float32),
+                        visibility=np.zeros(j, np.float32),
+                        center=np.asarray(center, np.float32), scale=float(scale))
+    item = PoseDataset([record], skeleton, input_size=input_size)[0]
+    if device is None:
+        device = next(model.parameters()).device
+    was_training = model.training
+    model.to(device).eval()
+    try:
+        with torch.inference_mode():
+            heatmaps = predict(model, item["image"][None].to(device), skeleton.flip_pairs,
+                               flip_test=flip_test)
+    finally:
+        model.train(was_training)
+    joints = heatmaps_to_image_coords(heatmaps, item["center"][None], item["scale"][None],
+                                      input_size)[0]
+    _, maxvals = get_max_preds(heatmaps)
+    return joints, maxvals[0, :, 0].astype(np.float64)
