@@ -46,6 +46,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     batch_size: int = 32
     epochs: int = 10  # centralized training
+    eval_every: int = 1  # centralized training: evaluate every N epochs (and after the last)
     flip_test: bool = True
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = False  # bf16 autocast on CUDA

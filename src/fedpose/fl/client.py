@@ -72,6 +72,8 @@ def local_train(
         loader = make_loader(
             dataset, cfg.train.batch_size, shuffle=True, seed=request.seed, epoch=epoch,
             workers=cfg.data.workers,
+            # a trailing batch of one breaks BatchNorm in training mode
+            drop_last=len(dataset) % cfg.train.batch_size == 1 and len(dataset) > 1,
         )
         for batch in loader:
             images = batch["image"].to(device)
