@@ -119,10 +119,12 @@ def test_async_records_staleness_and_weights_it(tmp_path, synth_dir):
     assert any(s > 0 for r in rows for s in r["staleness"])
     # the fastest client (0) comes back first: the first buffer holds it
     assert 0 in rows[0]["aggregated"]
+    sizes = {c["client"]: c["size"] for c in
+             json.loads((cfg.run_dir / "clients.json").read_text())}
     for r in rows:
         # FedAvg over the buffer: weights proportional to n_k (1 + s)^-1
-        raw = [1.0 / (1 + s) for s in r["staleness"]]
-        assert r["weights"] == pytest.approx([x / sum(raw) for x in raw], rel=0.2)
+        raw = [sizes[k] / (1 + s) for k, s in zip(r["aggregated"], r["staleness"], strict=True)]
+        assert r["weights"] == pytest.approx([x / sum(raw) for x in raw], rel=1e-9)
 
 
 def test_dropout_is_seeded_and_survived(tmp_path, synth_dir):
@@ -136,3 +138,31 @@ def test_dropout_is_seeded_and_survived(tmp_path, synth_dir):
     cfg2 = tiny_config(tmp_path, synth_dir, "name=drop2", "system.dropout=0.5", "fed.rounds=3")
     run_local(cfg2)
     assert [r["dropped"] for r in _metrics(cfg2)] == dropped
+
+
+class _Recording(LocalTransport):
+    """Keeps a private copy of every reply as it arrives."""
+
+    seen: list[TrainReply] = []
+
+    def receive(self, client_id: int) -> TrainReply:
+        reply = super().receive(client_id)
+        _Recording.seen.append(TrainReply(
+            client_id=reply.client_id, version=reply.version, num_samples=reply.num_samples,
+            delta=reply.delta.clone(), averaged={n: t.clone() for n, t in reply.averaged.items()}))
+        return reply
+
+
+def test_server_averages_each_clients_own_batchnorm_statistics(tmp_path, synth_dir):
+    _Recording.seen = []
+    cfg = tiny_config(tmp_path, synth_dir, "name=bn", "fed.method=fedavg", "fed.rounds=1",
+                      "data.max_test=1")
+    server = run_local(cfg, transport_factory=_Recording)
+    replies = _Recording.seen
+    assert len(replies) == 4
+    total = sum(r.num_samples for r in replies)
+    name = "bn1.running_mean"
+    expected = sum(r.num_samples / total * r.averaged[name].double() for r in replies)
+    assert torch.allclose(server.weights[name].double(), expected, atol=1e-6)
+    # the clients really differ, so averaging one client's statistics four times would fail
+    assert not torch.allclose(replies[0].averaged[name], replies[1].averaged[name])

@@ -68,7 +68,7 @@ def build_federation(cfg: Config) -> Federation:
     model = build_model(cfg.model, skeleton.num_joints)
     if cfg.model.pretrained:
         load_pretrained(model, cfg.model.pretrained)
-    strategy = build_strategy(cfg.fed)
+    strategy = build_strategy(cfg.fed, seed=cfg.seed)
     layout = model_layout(model, keep_bn_local=strategy.keep_bn_local)
     return Federation(cfg, skeleton, train_records, test_records, parts, model, layout, strategy,
                       resolve_device(cfg.train.device))

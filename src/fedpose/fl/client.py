@@ -119,7 +119,8 @@ def local_train(
         version=request.version,
         num_samples=len(dataset),
         delta=delta,
-        averaged={n: trained[n] for n in layout.avg_names},
+        # clones: on the CPU .cpu() aliases the model's buffers, which the next client overwrites
+        averaged={n: trained[n].clone() for n in layout.avg_names},
         train_loss=float(np.mean(losses)) if losses else math.nan,
         steps=steps,
         seconds=time.perf_counter() - started,

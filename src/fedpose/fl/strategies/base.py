@@ -4,8 +4,13 @@ Every strategy sees the selected clients' updates stacked as one float32 matrix 
 row k = w_k - w_base(k) over the aggregated trainable tensors, rows in ascending client id), their
 aggregation counts (n_k, already multiplied by any staleness discount), and the state it returned
 last time. It returns the global update (length P) that the server adds to the global weights, its
-new state, and diagnostics for metrics.jsonl. Strategies never touch BatchNorm running statistics
+new state, and diagnostics for metrics.jsonl. The update already includes the server learning rate
+(`fed.server_lr`): the server adds it as is. Strategies never touch BatchNorm running statistics
 (the server averages those by n_k) and know nothing of transports.
+
+Every strategy ends in one weighted sum over the rows of `deltas` (`weighted_sum`), a single pass
+over the K x P matrix. A caller that passes `add_to` (e.g. the flat global weights) gets that sum
+fused with the addition: `add_to` is updated in place and returned as `Aggregation.update`.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import torch
 
 @dataclass
 class Aggregation:
-    update: torch.Tensor  # (P,) added to the global weights
+    update: torch.Tensor  # (P,) added to the global weights (or `RoundInput.add_to`, updated)
     state: dict = field(default_factory=dict)
     diagnostics: dict = field(default_factory=dict)  # JSON-serialisable
 
@@ -29,6 +34,9 @@ class RoundInput:
     client_ids: list[int]
     num_clients: int  # clients in the federation (FedDyn's m)
     slices: list[tuple[str, int, int]]  # (tensor name, start, end) in P, for per-layer options
+    # optional (P,) float32 tensor the update is added to in place (saves a pass and a P-sized
+    # allocation); the strategy then returns it as Aggregation.update
+    add_to: torch.Tensor | None = None
 
 
 class Strategy:
@@ -43,3 +51,22 @@ class Strategy:
 
     def aggregate(self, inputs: RoundInput, state: dict) -> Aggregation:
         raise NotImplementedError
+
+
+def sample_weights(counts: torch.Tensor) -> torch.Tensor:
+    """n_k / n in float64; equal weights when every count is zero."""
+    counts = counts.to(torch.float64)
+    total = float(counts.sum())
+    if total <= 0:
+        return torch.full_like(counts, 1.0 / max(len(counts), 1))
+    return counts / total
+
+
+def weighted_sum(
+    deltas: torch.Tensor, coef: torch.Tensor, add_to: torch.Tensor | None = None
+) -> torch.Tensor:
+    """sum_k coef_k deltas[k] (+ add_to, in place): one matrix-vector product, one pass."""
+    coef = coef.to(deltas.dtype)
+    if add_to is None:
+        return torch.mv(deltas.T, coef)
+    return torch.addmv(add_to, deltas.T, coef, out=add_to)

@@ -1,0 +1,42 @@
+"""FedDyn (Acar et al. 2021), server side.
+
+Clients minimise L_k(w) − ⟨∇L_k(w_k^{t−1}), w⟩ + (α/2)‖w − w_t‖² (client rule "dyn"). The
+server keeps h (P,), starting at 0, and with S the clients of this round and m all clients:
+
+    h ← h − α (1/m) Σ_{k∈S} Δ_k
+    w_{t+1} = (1/|S|) Σ_{k∈S} w_k − h/α,   i.e.  update = (1/|S|) Σ_{k∈S} Δ_k − h/α
+
+(the mean is unweighted, as in the paper; η = server_lr scales the whole update). The state
+holds h as a tensor; it lives in the server checkpoint.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedpose.fl.strategies.base import Aggregation, RoundInput, Strategy, weighted_sum
+
+
+class FedDyn(Strategy):
+    name = "feddyn"
+    client_rule = "dyn"
+
+    def __init__(self, alpha: float = 0.01, server_lr: float = 1.0):
+        if alpha <= 0:
+            raise ValueError(f"FedDyn needs alpha > 0, got {alpha}")
+        self.alpha = alpha
+        self.server_lr = server_lr
+
+    def aggregate(self, inputs: RoundInput, state: dict) -> Aggregation:
+        deltas = inputs.deltas
+        k = len(deltas)
+        total = weighted_sum(deltas, torch.ones(k, dtype=torch.float64))  # Σ_k Δ_k
+        h = state.get("h")
+        h = torch.zeros_like(total) if h is None else h.clone()
+        h.add_(total, alpha=-self.alpha / inputs.num_clients)
+        update = total.mul_(self.server_lr / k).add_(h, alpha=-self.server_lr / self.alpha)
+        if inputs.add_to is not None:
+            update = inputs.add_to.add_(update)
+        diagnostics = {"weights": [1.0 / k] * k, "conflict_share": None,
+                       "h_norm": float(h.norm())}
+        return Aggregation(update, {**state, "h": h}, diagnostics)

@@ -1,0 +1,151 @@
+"""FedGH, federated gradient harmonization: this project's reading of Ni et al. (Sensors 2025).
+
+Each round, with client updates Δ_k (rows of D) and sample counts n_k:
+  1. discrepancy: the pairwise cosine matrix of the Δ_k and the share of pairs with cos < τ;
+  2. adaptive weights: FedAW's ψ_k (see fedaw.py);
+  3. projection correction: ĝ_k = PCGrad(Δ_k) (or Zhang et al.'s symmetric rule), see fl/fedgh.py;
+  4. reconstruction: w_{t+1} = w_t + η Σ_k ψ_k ĝ_k.
+Options: per-layer harmonization (each tensor's columns harmonized on their own, same ψ and visit
+order) and rescaling the result to the norm of Σ ψ_k Δ_k (per harmonized group). Ablations:
+"fedgh-noproj" (ĝ_k = Δ_k: exactly FedAW) and "fedgh-noaw" (ψ_k = n_k/n: plain PCGrad).
+
+Everything except the final weighted sum comes from one Gram matrix per group, so the whole step
+costs one Gram pass plus one FedAvg-like pass over D (method "gram"); method "direct" runs the
+plain vector loop instead (the reference, K² passes).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fedpose.fl.fedgh import (
+    check_options,
+    conflict_share,
+    cosine_from_gram,
+    gram_matrix,
+    harmonize,
+    projection_coefficients,
+)
+from fedpose.fl.strategies.base import Aggregation, RoundInput, Strategy, sample_weights
+from fedpose.fl.strategies.fedaw import fedadp_weights
+
+
+def column_groups(slices: list[tuple[str, int, int]], p: int) -> list[tuple[int, int]]:
+    """The (start, end) column ranges of the tensors, with any uncovered columns as extra groups."""
+    groups, at = [], 0
+    for _, start, end in sorted(slices, key=lambda s: s[1]):
+        if start > at:
+            groups.append((at, start))
+        if end > start:
+            groups.append((start, end))
+        at = max(at, end)
+    if at < p:
+        groups.append((at, p))
+    return groups
+
+
+class FedGH(Strategy):
+    name = "fedgh"
+
+    def __init__(
+        self,
+        alpha: float = 5.0,
+        tau: float = 0.0,
+        variant: str = "pcgrad",
+        order: str = "random",
+        per_layer: bool = False,
+        rescale: bool = False,
+        method: str = "gram",
+        server_lr: float = 1.0,
+        seed: int = 0,
+        adaptive: bool = True,
+        project: bool = True,
+        name: str = "fedgh",
+    ):
+        check_options(variant, order, method)
+        self.alpha, self.tau, self.server_lr, self.seed = alpha, tau, server_lr, seed
+        self.variant, self.order, self.method = variant, order, method
+        self.per_layer, self.rescale = per_layer, rescale
+        self.adaptive, self.project = adaptive, project
+        self.name = name
+
+    def initial_state(self) -> dict:
+        return {"theta": {}, "round": 0}
+
+    def aggregate(self, inputs: RoundInput, state: dict) -> Aggregation:
+        deltas = inputs.deltas
+        p = deltas.shape[1]
+        rnd = state.get("round", 0)
+        seed = self.seed * 1_000_003 + rnd  # a fresh, reproducible visit order every round
+        groups = column_groups(inputs.slices, p) if self.per_layer else [(0, p)]
+        grams = torch.stack([gram_matrix(deltas[:, s:e]) for s, e in groups])  # (G, K, K)
+        gram = grams.sum(0)  # the groups partition the columns: whole-model Gram
+        cosine = cosine_from_gram(gram)
+
+        theta_state = state.get("theta", {})
+        if self.adaptive:
+            psi, theta_state, _ = fedadp_weights(
+                gram, inputs.counts, inputs.client_ids, theta_state, self.alpha)
+        else:
+            psi = sample_weights(inputs.counts)
+
+        if self.method == "direct" and self.project:
+            update = self._direct(deltas, psi, grams, groups, seed, inputs.add_to)
+            coef = None
+        else:
+            coef = self._coefficients(psi, grams, seed)  # (G, K): weights on the raw Δ_k
+            update = self._combine(deltas, coef, groups, inputs.add_to)
+
+        diagnostics = {
+            "weights": psi.tolist(),
+            "conflict_share": conflict_share(cosine, self.tau),
+            "cosine": cosine.tolist(),
+        }
+        if coef is not None and len(groups) == 1:
+            diagnostics["coefficients"] = coef[0].tolist()
+        return Aggregation(update, {**state, "theta": theta_state, "round": rnd + 1}, diagnostics)
+
+    def _coefficients(self, psi: torch.Tensor, grams: torch.Tensor, seed: int) -> torch.Tensor:
+        if self.project:
+            c = projection_coefficients(grams, variant=self.variant, order=self.order, seed=seed)
+            coef = torch.einsum("k,gkj->gj", psi, c)
+        else:
+            coef = psi.expand(len(grams), -1).clone()
+        if self.rescale:
+            # ‖Σ_k c_k Δ_k‖² = cᵀ G c: the norms come from the Gram matrices, not from the data
+            target = torch.einsum("k,gkj,j->g", psi, grams, psi)
+            have = torch.einsum("gk,gkj,gj->g", coef, grams, coef)
+            scale = torch.where(have > 0, (target / torch.where(have > 0, have, 1.0)).sqrt(), 1.0)
+            coef = coef * scale[:, None]
+        return coef * self.server_lr
+
+    @staticmethod
+    def _combine(deltas, coef, groups, add_to) -> torch.Tensor:
+        if len(groups) == 1:
+            c = coef[0].to(deltas.dtype)
+            if add_to is None:
+                return torch.mv(deltas.T, c)
+            return torch.addmv(add_to, deltas.T, c, out=add_to)
+        out = torch.empty(deltas.shape[1], dtype=deltas.dtype) if add_to is None else add_to
+        for (s, e), c in zip(groups, coef.to(deltas.dtype), strict=True):
+            if add_to is None:
+                torch.mv(deltas[:, s:e].T, c, out=out[s:e])
+            else:
+                torch.addmv(out[s:e], deltas[:, s:e].T, c, out=out[s:e])
+        return out
+
+    def _direct(self, deltas, psi, grams, groups, seed, add_to) -> torch.Tensor:
+        """The reference path: the vector loop of fl/fedgh.py, group by group."""
+        out = torch.zeros(deltas.shape[1], dtype=deltas.dtype)
+        for (s, e), g in zip(groups, grams, strict=True):
+            part = harmonize(deltas[:, s:e], psi, variant=self.variant, order=self.order,
+                             seed=seed, method="direct")
+            scale = self.server_lr
+            if self.rescale:
+                target = float(psi @ g @ psi)
+                have = float(part.double().square().sum())
+                scale *= math.sqrt(target / have) if have > 0 else 1.0
+            out[s:e] = part.mul_(scale)
+        return out if add_to is None else add_to.add_(out)

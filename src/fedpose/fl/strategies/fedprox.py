@@ -1,0 +1,14 @@
+"""FedProx (Li et al. 2020): clients add (μ/2)‖w − w_t‖² to their loss; the server is FedAvg."""
+
+from __future__ import annotations
+
+from fedpose.fl.strategies.fedavg import FedAvg
+
+
+class FedProx(FedAvg):
+    name = "fedprox"
+    client_rule = "prox"
+
+    def __init__(self, mu: float = 0.01, server_lr: float = 1.0):
+        super().__init__(server_lr)
+        self.mu = mu  # read by the client's prox rule
