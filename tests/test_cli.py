@@ -93,3 +93,10 @@ def test_train_eval_predict_roundtrip(tmp_path, synth_dir, capsys):
 def test_missing_files_are_clear_errors(argv, capsys):
     assert main(argv) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_pretrained_flag_is_a_model_override():
+    from fedpose.cli import build_parser
+
+    args = build_parser().parse_args(["train", "c.toml", "-c", "seed=1", "--pretrained", "r18.pt"])
+    assert args.overrides == ["seed=1", "model.pretrained=r18.pt"]

@@ -22,6 +22,13 @@ def _add_config(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("config", nargs=None if required else "?", help="TOML config file")
     p.add_argument("-c", "--set", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE", help="override a config value, e.g. -c fed.rounds=5")
+    p.add_argument("--pretrained", type=_pretrained, dest="overrides", action="append",
+                   metavar="PATH", help="start the backbone from a torchvision-format ResNet "
+                                        "state dict (same as -c model.pretrained=PATH)")
+
+
+def _pretrained(path: str) -> str:
+    return f"model.pretrained={path}"
 
 
 def cmd_train(args) -> int:
