@@ -80,14 +80,11 @@ def local_train(
             loss = criterion(model(images), batch["target"].to(device),
                              batch["target_weight"].to(device))
             losses.append(float(loss.detach()))
-            if rule == "prox":
-                loss = loss + fed.prox_mu / 2 * _sq_dist(params, base, layout)
-            elif rule == "dyn":
-                loss = loss + fed.dyn_alpha / 2 * _sq_dist(params, base, layout)
-                if dyn_grad is not None:
-                    loss = loss - sum((dyn_grad[n] * params[n]).sum() for n in layout.agg_names)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if rule in ("prox", "dyn"):
+                _add_regularizer_grads(params, base, dyn_grad, layout,
+                                       fed.prox_mu if rule == "prox" else fed.dyn_alpha)
             optimizer.step()
             steps += 1
             if max_steps is not None and steps >= max_steps:
@@ -128,5 +125,18 @@ def local_train(
     return reply, new_state
 
 
-def _sq_dist(params: dict, base: dict, layout: ModelLayout) -> torch.Tensor:
-    return sum(((params[n] - base[n]) ** 2).sum() for n in layout.agg_names)
+@torch.no_grad()
+def _add_regularizer_grads(params: dict, base: dict, linear: dict | None, layout: ModelLayout,
+                           coef: float) -> None:
+    """Add the gradient of coef/2 ‖w − w_t‖² (− ⟨g_k, w⟩ for FedDyn) to each parameter's grad.
+
+    Adding the closed-form gradient after backward() is the same optimisation as putting the
+    terms in the loss, without building a graph over every parameter at every step.
+    """
+    for name in layout.agg_names:
+        p = params[name]
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        p.grad.add_(p - base[name], alpha=coef)
+        if linear is not None:
+            p.grad.sub_(linear[name])
