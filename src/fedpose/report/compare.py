@@ -120,14 +120,15 @@ def _plot(metrics: dict, xkey: str, ykey: str, ylabel: str, path: Path) -> bool:
         if not curves:
             continue
         drew = True
+        # a mean curve only where the seeds share their x values (rounds, not simulated time)
+        same_x = len({c[:, 0].tobytes() for c in curves}) == 1
         for j, c in enumerate(curves):
-            ax.plot(c[:, 0], c[:, 1], color=color, alpha=0.35 if len(curves) > 1 else 1.0,
-                    label=label if j == 0 and len(curves) == 1 else None)
-        if len(curves) > 1 and len({len(c) for c in curves}) == 1:
+            faint = len(curves) > 1 and same_x
+            ax.plot(c[:, 0], c[:, 1], color=color, alpha=0.35 if faint else 1.0,
+                    label=label if j == 0 and not faint else None)
+        if len(curves) > 1 and same_x:
             mean = np.mean([c[:, 1] for c in curves], axis=0)
             ax.plot(curves[0][:, 0], mean, color=color, linewidth=2, label=f"{label} (mean)")
-        elif len(curves) > 1:
-            ax.plot([], [], color=color, label=label)
     if not drew:
         plt.close(fig)
         return False
