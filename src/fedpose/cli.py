@@ -97,8 +97,8 @@ def cmd_compare(args) -> int:
 def cmd_eval(args) -> int:
     from fedpose.config import _apply, parse_overrides
     from fedpose.data import load_split
-    from fedpose.model.inference import resolve_device
     from fedpose.metrics.pck import grouped_table
+    from fedpose.model.inference import resolve_device
     from fedpose.train import evaluate_model, load_model
 
     model, cfg, skeleton = load_model(args.checkpoint)

@@ -55,7 +55,8 @@ class TrainConfig:
 
 @dataclass
 class FedConfig:
-    method: str = "fedgh"  # fedavg | fedprox | fedbn | feddyn | fedaw | fedgh | fedgh-noproj | fedgh-noaw
+    # fedavg | fedprox | fedbn | feddyn | fedaw | fedgh | fedgh-noproj | fedgh-noaw
+    method: str = "fedgh"
     rounds: int = 10
     num_clients: int = 4
     clients_per_round: int = 0  # 0 = all available

@@ -15,10 +15,9 @@ from fedpose.config import Config, config_from_dict
 from fedpose.data import load_split
 from fedpose.data.dataset import PoseDataset, make_loader
 from fedpose.data.records import SKELETONS, Skeleton
-from fedpose.model.inference import resolve_device
 from fedpose.fl.client import make_optimizer
 from fedpose.metrics.pck import score
-from fedpose.model.inference import predict_records
+from fedpose.model.inference import predict_records, resolve_device
 from fedpose.model.loss import JointsMSELoss
 from fedpose.model.pose_resnet import PoseResNet, build_model, load_pretrained
 

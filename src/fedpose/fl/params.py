@@ -51,7 +51,8 @@ def batchnorm_names(model: nn.Module) -> set[str]:
 def model_layout(model: nn.Module, keep_bn_local: bool = False) -> ModelLayout:
     bn = batchnorm_names(model)
     state = model.state_dict()
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad and p.is_floating_point()]
+    trainable = [n for n, p in model.named_parameters()
+                 if p.requires_grad and p.is_floating_point()]
     if keep_bn_local:
         agg = tuple(n for n in trainable if n not in bn)
         local = tuple(n for n in state if n in bn)

@@ -36,7 +36,7 @@ from fedpose.fl.system import SystemModel
 
 
 class Transport(Protocol):
-    """How the server reaches clients. `send` starts work; `receive` blocks for that client's reply."""
+    """How the server reaches clients: `send` starts work, `receive` waits for the reply."""
 
     def send(self, request: TrainRequest) -> None: ...
 

@@ -47,7 +47,8 @@ class SystemModel:
     def available(self, round_: int) -> list[int]:
         if self.cfg.availability >= 1.0:
             return list(range(self.num_clients))
-        return [k for k in range(self.num_clients) if self._draw(round_, k, 1) < self.cfg.availability]
+        return [k for k in range(self.num_clients)
+                if self._draw(round_, k, 1) < self.cfg.availability]
 
     def drops(self, round_: int, client: int) -> bool:
         return self.cfg.dropout > 0 and self._draw(round_, client, 2) < self.cfg.dropout
