@@ -12,6 +12,7 @@ from fedpose.fl.fedgh import (
     cosine_from_gram,
     gram_matrix,
     harmonize,
+    native_gram_kernel,
     pair_order,
     projection_coefficients,
     visit_orders,
@@ -170,12 +171,38 @@ def test_batched_coefficients_equal_one_at_a_time():
             torch.testing.assert_close(c, one)
 
 
-def test_blocked_gram_is_accurate():
-    gen = torch.Generator().manual_seed(0)
-    d = torch.randn(4, (1 << 19) + 4321, generator=gen)  # above the float64 threshold, with a tail
-    d[3] = -d[0] + 1e-2 * d[3]
+@pytest.mark.parametrize("backend", ["torch", "native"])
+@pytest.mark.parametrize("k", [1, 4, 7, 16])
+def test_large_gram_is_accurate(backend, k):
+    if backend == "native" and native_gram_kernel() is None:
+        pytest.skip("no C compiler: the native Gram kernel is not available")
+    gen = torch.Generator().manual_seed(k)
+    d = torch.randn(k, (1 << 19) + 4321, generator=gen)  # several blocks and a ragged tail
+    d[k - 1] = -d[0] + 1e-2 * d[k - 1]
     ref = d.double() @ d.double().T
-    assert float((gram_matrix(d) - ref).abs().max() / ref.abs().max()) < 5e-6
+    for x, r in ((d, ref), (d[:, 1001:-77], None)):  # also a strided view of some columns
+        r = x.double() @ x.double().T if r is None else r
+        g = gram_matrix(x, backend=backend)
+        assert torch.equal(g, g.T)
+        assert float((g - r).abs().max() / r.abs().max()) < 5e-6
+
+
+def test_native_kernel_matches_batched_gemm():
+    if native_gram_kernel() is None:
+        pytest.skip("no C compiler: the native Gram kernel is not available")
+    d = _deltas("all_conflict", 16).repeat(1, 20000)  # 5M columns of conflicting updates
+    a, b = gram_matrix(d, backend="native"), gram_matrix(d, backend="torch")
+    assert float((a - b).abs().max() / b.abs().max()) < 1e-6
+    assert conflict_share(cosine_from_gram(a)) == 1.0
+
+
+def test_gram_equals_direct_at_scale():
+    # both paths on a few million columns: the direct loop's dot products must not drift either
+    d = _deltas("random", 6).repeat(1, 8000) + 0.3 * _deltas("no_conflict", 6).repeat(1, 8000)
+    w = torch.rand(6, dtype=torch.float64)
+    fast = harmonize(d, w, order="index")
+    ref = harmonize(d, w, order="index", method="direct")
+    assert _rel(fast, ref) < 1e-5
 
 
 def test_cosine_handles_zero_vectors():

@@ -37,6 +37,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fedpose.fl.gram_native import native_gram, native_gram_kernel
+
 VARIANTS = ("pcgrad", "symmetric")
 ORDERS = ("index", "random")
 METHODS = ("gram", "direct")
@@ -44,9 +46,11 @@ METHODS = ("gram", "direct")
 # Below this many elements the Gram matrix is computed in float64 (exact enough to serve as a
 # reference, and cheap); above it in float32 blocks summed in float64.
 _SMALL = 1 << 21
-# Columns per block of the blocked Gram product: a K x 65536 float32 block (4 MiB at K = 16)
-# keeps the GEMM's packed panels in cache and gives enough blocks to share between the cores.
+# Columns per block of the batched-GEMM Gram product: enough blocks to share between the cores,
+# each long enough to keep the GEMM efficient.
 _BLOCK = 1 << 16
+# The direct loop's dot products: float32 within blocks of this many terms, float64 across.
+_DOT_BLOCK = 1 << 14
 # Symmetric rule: squared norm, relative to the largest ‖Δ_k‖², below which a harmonized vector
 # is numerically zero.
 _ZERO2 = 1e-10
@@ -62,25 +66,46 @@ def check_options(variant: str, order: str, method: str | None = None) -> None:
 
 
 # ----------------------------------------------------------------------------------- Gram matrix
-def gram_matrix(deltas: torch.Tensor) -> torch.Tensor:
+def gram_matrix(deltas: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """G = D Dᵀ as a (K, K) float64 tensor, in one pass over the (K, P) matrix D.
 
-    Large inputs are cut into column blocks viewed as a batch, (B, K, L), and multiplied with one
-    batched GEMM: float32 products within a block, float64 sums across blocks. Works on strided
-    row views (e.g. the columns of one layer) without copying them.
+    backend "torch": the columns are cut into blocks viewed as a batch, (B, K, L), and multiplied
+    with one batched GEMM. backend "native": a small C kernel that computes only the upper
+    triangle (see `native_gram_kernel`), about 1.5x faster at K = 16 on a 2-core AVX-512 CPU.
+    "auto" (the default) takes the native kernel when it is available and the input is a large
+    float32 CPU tensor, the exact float64 product for small inputs, and "torch" otherwise.
+    Either way: float32 products within a block of columns, float64 sums across blocks; strided
+    row views (e.g. the columns of one layer) are read in place, without a copy.
     """
+    if backend not in ("auto", "torch", "native"):
+        raise ValueError(f"unknown Gram backend {backend!r}; use auto, torch or native")
     k, p = deltas.shape
-    if k * p <= _SMALL or deltas.stride(1) != 1:
+    plain = deltas.stride(1) == 1 and deltas.dtype == torch.float32
+    if backend == "auto" and (k * p <= _SMALL or not plain):
         d = deltas.to(torch.float64)
         return d @ d.T
+    if backend != "torch" and plain and deltas.device.type == "cpu":
+        kernel = native_gram_kernel()
+        if kernel is not None:
+            return native_gram(kernel, deltas)
+    if backend == "native":
+        raise RuntimeError("the native Gram kernel needs a float32 CPU tensor with unit column "
+                           "stride and a C compiler (see native_gram_kernel)")
+    return _batched_gram(deltas)
+
+
+def _batched_gram(deltas: torch.Tensor) -> torch.Tensor:
+    p = deltas.shape[1]
     blocks = p // _BLOCK
     body = blocks * _BLOCK
-    x = deltas[:, :body].unflatten(1, (blocks, _BLOCK)).transpose(0, 1)  # (B, K, L), a view
-    gram = torch.bmm(x, x.transpose(1, 2)).sum(0, dtype=torch.float64)
+    gram = torch.zeros(deltas.shape[0], deltas.shape[0], dtype=torch.float64)
+    if blocks:
+        x = deltas[:, :body].unflatten(1, (blocks, _BLOCK)).transpose(0, 1)  # (B, K, L), a view
+        gram += torch.bmm(x, x.transpose(1, 2)).sum(0, dtype=torch.float64)
     if body < p:
         tail = deltas[:, body:]
         gram += (tail @ tail.T).to(torch.float64)
-    return gram
+    return (gram + gram.T) / 2  # the GEMM may round G_ij and G_ji differently
 
 
 def cosine_from_gram(gram: torch.Tensor) -> torch.Tensor:
@@ -214,7 +239,18 @@ def harmonize(
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.dot(a, b))
+    """<a, b> with float64 sums across blocks of 16384 terms: a single float32 sum over tens of
+    millions of terms (e.g. a squared norm) drifts by ~1e-5, which the reference must not."""
+    n = a.numel()
+    blocks = n // _DOT_BLOCK
+    if blocks < 2 or not (a.is_contiguous() and b.is_contiguous()):
+        return float(torch.dot(a.double(), b.double()))
+    body = blocks * _DOT_BLOCK
+    total = torch.bmm(a[:body].view(blocks, 1, -1), b[:body].view(blocks, -1, 1)).sum(
+        dtype=torch.float64)
+    if body < n:
+        total += torch.dot(a[body:].double(), b[body:].double())
+    return float(total)
 
 
 def _direct_pcgrad(deltas, weights, orders, add_to):
