@@ -43,10 +43,11 @@ def cmd_train(args) -> int:
 
 def cmd_run(args) -> int:
     from fedpose.engine.local import run_local
+    from fedpose.report.compare import final_eval, read_metrics
 
     cfg = load_config(args.config, args.overrides)
-    server = run_local(cfg, resume=args.resume, console=console)
-    last = server.evaluate(server.weights) if server.evaluate else {}
+    run_local(cfg, resume=args.resume, console=console)
+    last = final_eval(read_metrics(cfg.run_dir)) or {}  # the last round is always evaluated
     console.print(f"run directory: {cfg.run_dir}")
     console.print(f"mean PCK: {last.get('pck_mean', float('nan')):.2f}")
     return 0
