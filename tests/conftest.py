@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = Path(os.environ.get("FEDPOSE_DATASETS", ROOT.parent / "shared" / "datasets"))
@@ -26,3 +27,13 @@ def synth_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth-arm")
     generate_synth_arm(out, n=48, seed=0, size=64, progress=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: a second intra-op thread only adds synchronisation, and on a shared 2-core
+    machine a busy core turns every op's barrier into a wait of milliseconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -21,15 +21,7 @@ from fedpose.model.loss import JointsMSELoss
 from fedpose.model.pose_resnet import PoseResNet, PretrainedError, build_model, load_pretrained
 from fedpose.model.resnet import ResNet
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: a second intra-op thread only adds synchronisation, and on a shared 2-core
-    # machine a busy core turns every op's barrier into a wait of milliseconds
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.mark.parametrize("depth,width", [(18, 8), (50, 4)])
 def test_output_shapes(depth, width):

@@ -26,15 +26,7 @@ from fedpose.data.transforms import (
 )
 from fedpose.model.decode import get_max_preds, heatmaps_to_image_coords, refine_taylor
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: a second intra-op thread only adds synchronisation, and on a shared 2-core
-    # machine a busy core turns every op's barrier into a wait of milliseconds
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _centroid(a: np.ndarray) -> tuple[float, float]:
     a = a.astype(np.float64)
