@@ -29,16 +29,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from fedpose.config import ConfigError
 from fedpose.engine.federation import Federation
 from fedpose.engine.flower_app import TIMING_FILE
-from fedpose.engine.flower_demo import (
-    Comparison,
-    FlowerDemoError,
-    compare_engines,
-    demo_config,
-    terminate_on_sigterm,
-)
+from fedpose.engine.flower_demo import Comparison, compare_or_exit_code
 from fedpose.engine.local import LocalTransport
 from fedpose.fl.messages import TrainReply
 
@@ -176,17 +169,12 @@ def flower_bench_main(config_path: str | None = None, supernodes: int = 2, round
     overrides = list(overrides or [])
     local_train_seconds: list[float] = []
     load_before = os.getloadavg()[0]
-    try:
-        cfg = demo_config(config_path, supernodes, rounds, ["name=flower-bench", *overrides])
-        with terminate_on_sigterm():
-            result = compare_engines(cfg, supernodes, console, local_transport=lambda federation:
-                                     TimedLocalTransport(federation, local_train_seconds))
-    except (ConfigError, FlowerDemoError) as e:
-        console.print(f"[red]error:[/] {e}")
-        return 2
-    except KeyboardInterrupt:
-        console.print("[red]interrupted[/]: every Flower process was stopped")
-        return 130
+    result = compare_or_exit_code(
+        console, config_path, supernodes, rounds, ["name=flower-bench", *overrides],
+        local_transport=lambda federation: TimedLocalTransport(federation, local_train_seconds))
+    if isinstance(result, int):
+        return result
+    cfg = result.config
     s = summarize(result, local_train_seconds)
     load = (load_before, os.getloadavg()[0])
     table = Table(title="Flower vs in-process")

@@ -473,6 +473,7 @@ class Comparison:
     local_weights: dict[str, torch.Tensor]
     local_seconds: float
     local_run_dir: Path
+    config: Config  # the config both engines ran
 
 
 def compare_engines(cfg: Config, supernodes: int, console: Console, timeout: float = 3600.0,
@@ -491,25 +492,34 @@ def compare_engines(cfg: Config, supernodes: int, console: Console, timeout: flo
     server = run_local(local_cfg, console=console, transport_factory=local_transport)
     local_seconds = time.monotonic() - t0
     return Comparison(max_abs_diff(flower.weights, server.weights), flower, server.weights,
-                      local_seconds, local_cfg.run_dir)
+                      local_seconds, local_cfg.run_dir, cfg)
 
 
-def flower_demo_main(config_path: str | None, supernodes: int, rounds: int,
-                     overrides: list[str]) -> int:
-    """CLI entry: run on Flower and in-process; the last line is the largest weight gap."""
-    console = Console()
+def compare_or_exit_code(console: Console, config_path: str | None, supernodes: int, rounds: int,
+                         overrides: list[str], **kwargs) -> Comparison | int:
+    """compare_engines behind the command line's error handling: on a bad config or a Flower
+    failure an `error:` line and exit code 2, on Ctrl-C or SIGTERM 130 (processes stopped)."""
     try:
         cfg = demo_config(config_path, supernodes, rounds, overrides)
         console.print(f"[bold]{cfg.name}[/]: {cfg.fed.method} on {cfg.data.dataset}, "
                       f"{supernodes} SuperNodes, {rounds} rounds; runs in {cfg.out_dir}")
         with terminate_on_sigterm():
-            result = compare_engines(cfg, supernodes, console)
+            return compare_engines(cfg, supernodes, console, **kwargs)
     except (ConfigError, FlowerDemoError) as e:
         console.print(f"[red]error:[/] {e}")
         return 2
     except KeyboardInterrupt:
         console.print("[red]interrupted[/]: every Flower process was stopped")
         return 130
+
+
+def flower_demo_main(config_path: str | None, supernodes: int, rounds: int,
+                     overrides: list[str]) -> int:
+    """CLI entry: run on Flower and in-process; the last line is the largest weight gap."""
+    console = Console()
+    result = compare_or_exit_code(console, config_path, supernodes, rounds, overrides)
+    if isinstance(result, int):
+        return result
     f = result.flower
     console.print(f"Flower: {f.seconds['start']:.1f} s to start, {f.seconds['run']:.1f} s run; "
                   f"in-process: {result.local_seconds:.1f} s")

@@ -123,26 +123,18 @@ def score(
 
 
 # Report groups: name -> joints averaged (plain mean of left and right, as MPII's script)
+_LIMBS: list[tuple[str, tuple[str, ...]]] = [
+    ("Shoulder", ("l_shoulder", "r_shoulder")),
+    ("Elbow", ("l_elbow", "r_elbow")),
+    ("Wrist", ("l_wrist", "r_wrist")),
+    ("Hip", ("l_hip", "r_hip")),
+    ("Knee", ("l_knee", "r_knee")),
+    ("Ankle", ("l_ankle", "r_ankle")),
+]
 _GROUPS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
-    "lsp": [
-        ("Head", ("neck", "head_top")),
-        ("Shoulder", ("l_shoulder", "r_shoulder")),
-        ("Elbow", ("l_elbow", "r_elbow")),
-        ("Wrist", ("l_wrist", "r_wrist")),
-        ("Hip", ("l_hip", "r_hip")),
-        ("Knee", ("l_knee", "r_knee")),
-        ("Ankle", ("l_ankle", "r_ankle")),
-    ],
+    "lsp": [("Head", ("neck", "head_top")), *_LIMBS],
     # the official MPII script reports Head as head_top alone
-    "mpii": [
-        ("Head", ("head_top",)),
-        ("Shoulder", ("l_shoulder", "r_shoulder")),
-        ("Elbow", ("l_elbow", "r_elbow")),
-        ("Wrist", ("l_wrist", "r_wrist")),
-        ("Hip", ("l_hip", "r_hip")),
-        ("Knee", ("l_knee", "r_knee")),
-        ("Ankle", ("l_ankle", "r_ankle")),
-    ],
+    "mpii": [("Head", ("head_top",)), *_LIMBS],
 }
 
 
