@@ -6,14 +6,17 @@ import torch
 from fedtiny import tiny_config
 
 from fedpose.engine.federation import build_federation
-from fedpose.fl.client import local_train
+from fedpose.fl.client import local_batches, local_train
 from fedpose.fl.messages import TrainRequest
 
 
 def _train(fed, cfg, weights, rule, state=None):
-    request = TrainRequest(client_id=0, version=0, round=0, weights=weights, seed=3)
-    return local_train(fed.model, fed.client_dataset(0), request, state or {}, cfg, rule,
-                       fed.layout)
+    coef = {"plain": 0.0, "prox": cfg.fed.prox_mu, "dyn": cfg.fed.dyn_alpha}[rule]
+    request = TrainRequest(client_id=0, version=0, round=0, weights=weights, seed=3, rule=rule,
+                           coef=coef)
+    dataset = fed.client_dataset(0)
+    return local_train(fed.model, local_batches(dataset, request, cfg), request, state or {},
+                       cfg.train, fed.layout, num_samples=len(dataset))
 
 
 def test_prox_term_pulls_towards_the_global_model(tmp_path, synth_dir):

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
-import io
 import json
 import shutil
 
 import numpy as np
 import pytest
 import scipy.io
-from rich.console import Console
 
+from fedpose.cli import main
 from fedpose.data.coco import load_coco
-from fedpose.data.inspect import inspect_main
 from fedpose.data.lsp import load_lsp
 from fedpose.data.mpii import load_mpii, load_mpii_headboxes
 from fedpose.data.records import DatasetError
@@ -330,29 +327,26 @@ def test_coco_image_entry_without_file_name(tmp_path, coco):
 # -------------------------------------------------------------------------------------- inspect
 
 
-def test_inspect_reports_one_error_line_and_exit_code_2(tmp_path, coco):
+def test_inspect_reports_one_error_line_and_exit_code_2(tmp_path, coco, capsys):
     image_dir, data = coco
     data["annotations"][0]["keypoints"][0] = 5000
     path = tmp_path / "a_rather_long_annotation_file_name_that_would_wrap.json"
     path.write_text(json.dumps(data))
-    buffer = io.StringIO()
-    args = argparse.Namespace(dataset="coco", root=str(image_dir), ann=str(path))
-    assert inspect_main(args, Console(file=buffer, width=40)) == 2
-    lines = buffer.getvalue().splitlines()
+    assert main(["data", "inspect", "--dataset", "coco", "--root", str(image_dir),
+                 "--ann", str(path)]) == 2
+    lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1
     assert lines[0].startswith(f"error: {path} [record 000000000785.jpg#442619]: ")
 
 
-def test_inspect_succeeds_on_valid_data(coco):
-    buffer = io.StringIO()
+def test_inspect_succeeds_on_valid_data(coco, capsys):
     ann = coco[0] / "test_coco.json"
-    args = argparse.Namespace(dataset="coco", root=str(coco[0]), ann=str(ann))
-    assert inspect_main(args, Console(file=buffer, width=120)) == 0
-    assert "labelled joints" in buffer.getvalue() and "r_ankle" in buffer.getvalue()
+    assert main(["data", "inspect", "--dataset", "coco", "--root", str(coco[0]),
+                 "--ann", str(ann)]) == 0
+    out = capsys.readouterr().out
+    assert "labelled joints" in out and "r_ankle" in out
 
 
-def test_inspect_mpii_needs_ann(coco):
-    buffer = io.StringIO()
-    args = argparse.Namespace(dataset="mpii", root=str(coco[0]), ann=None)
-    assert inspect_main(args, Console(file=buffer, width=200)) == 2
-    assert "needs its annotation file (--ann)" in buffer.getvalue()
+def test_inspect_mpii_needs_ann(coco, capsys):
+    assert main(["data", "inspect", "--dataset", "mpii", "--root", str(coco[0])]) == 2
+    assert "needs its annotation file (--ann)" in capsys.readouterr().err

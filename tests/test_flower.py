@@ -29,11 +29,11 @@ from fedpose.engine.flower_app import (
     settings_from_run_config,
     state_to_record,
 )
-from fedpose.engine.flower_demo import compare_engines, demo_config, write_app_dir
 from fedpose.fl.messages import TrainReply, TrainRequest
 from fedpose.fl.params import flatten, model_layout
 from fedpose.fl.server import FederatedServer
 from fedpose.fl.strategies import build_strategy
+from fedpose.tools.flower_demo import compare_engines, demo_config, write_app_dir
 
 
 def _net() -> nn.Module:

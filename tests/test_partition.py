@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import fedpose.data
+from fedpose.cli import main
 from fedpose.config import FedConfig
 from fedpose.data.partition import (
     by_attribute,
@@ -16,7 +17,6 @@ from fedpose.data.partition import (
     iid,
     normalized_poses,
     partition,
-    partition_main,
     plot_statistics,
     print_statistics,
     quantity_skew,
@@ -193,14 +193,15 @@ def test_statistics_table_and_plot(tmp_path, capsys):
 
 
 def test_partition_main_writes_files(tmp_path, monkeypatch, capsys):
-    def fake_load_split(cfg_data, split):
+    def fake_load_split(_cfg_data, split):
         assert split == "train"
         return RECORDS, ARM
 
     monkeypatch.setattr(fedpose.data, "load_split", fake_load_split, raising=False)
     cfg = tmp_path / "exp.toml"
     cfg.write_text('[fed]\nnum_clients = 3\npartition = "dirichlet"\n')
-    rc = partition_main(cfg, [f"out_dir={tmp_path / 'runs'}", "fed.dirichlet_alpha=0.2"])
+    rc = main(["data", "partition", str(cfg), "-c", f"out_dir={tmp_path / 'runs'}",
+               "-c", "fed.dirichlet_alpha=0.2"])
     assert rc == 0
     run_dir = tmp_path / "runs" / "exp"
     data = json.loads((run_dir / "partition.json").read_text())
@@ -210,7 +211,7 @@ def test_partition_main_writes_files(tmp_path, monkeypatch, capsys):
     assert (run_dir / "partition.png").exists()
     assert "partition.json" in capsys.readouterr().out
 
-    rc = partition_main(cfg, [f"out_dir={tmp_path / 'runs'}", "fed.partition=attribute",
-                              "fed.num_clients=5"])
+    rc = main(["data", "partition", str(cfg), "-c", f"out_dir={tmp_path / 'runs'}",
+               "-c", "fed.partition=attribute", "-c", "fed.num_clients=5"])
     assert rc == 2
-    assert "5 clients" in capsys.readouterr().out
+    assert "5 clients" in capsys.readouterr().err

@@ -8,7 +8,8 @@ import pytest
 import torch
 from fedtiny import tiny_config
 
-from fedpose.engine.local import LocalTransport, run_local
+from fedpose.engine.local import LocalTransport
+from fedpose.engine.runner import run_federation
 from fedpose.fl.messages import TrainReply
 
 
@@ -21,10 +22,10 @@ def _metrics(cfg) -> list[dict]:
 
 
 def test_same_seed_same_numbers(tmp_path, synth_dir):
-    a = run_local(tiny_config(tmp_path, synth_dir, "name=a"))
-    b = run_local(tiny_config(tmp_path, synth_dir, "name=b"))
+    a = run_federation(tiny_config(tmp_path, synth_dir, "name=a"))
+    b = run_federation(tiny_config(tmp_path, synth_dir, "name=b"))
     assert _weights_equal(a.weights, b.weights)
-    c = run_local(tiny_config(tmp_path, synth_dir, "name=c", "seed=1"))
+    c = run_federation(tiny_config(tmp_path, synth_dir, "name=c", "seed=1"))
     assert not _weights_equal(a.weights, c.weights)
 
 
@@ -36,10 +37,10 @@ def test_same_seed_same_numbers(tmp_path, synth_dir):
      "system.speed_spread=10"),
 ])
 def test_resume_is_bit_exact(tmp_path, synth_dir, extra):
-    full = run_local(tiny_config(tmp_path, synth_dir, "name=full", "fed.rounds=4", *extra))
-    run_local(tiny_config(tmp_path, synth_dir, "name=half", "fed.rounds=2", *extra))
+    full = run_federation(tiny_config(tmp_path, synth_dir, "name=full", "fed.rounds=4", *extra))
+    run_federation(tiny_config(tmp_path, synth_dir, "name=half", "fed.rounds=2", *extra))
     cfg = tiny_config(tmp_path, synth_dir, "name=half", "fed.rounds=4", *extra)
-    resumed = run_local(cfg, resume=True)
+    resumed = run_federation(cfg, resume=True)
     assert resumed.state.round == 4
     assert _weights_equal(full.weights, resumed.weights)
     drop = ("wall_seconds", "agg_seconds")
@@ -66,7 +67,7 @@ class _Faulty(LocalTransport):
 
 def test_bad_clients_do_not_poison_the_model(tmp_path, synth_dir):
     cfg = tiny_config(tmp_path, synth_dir, "name=faulty", "fed.rounds=1")
-    server = run_local(cfg, transport_factory=_Faulty)
+    server = run_federation(cfg, transport_factory=_Faulty)
     assert all(torch.isfinite(t).all() for t in server.weights.values() if t.is_floating_point())
     row = _metrics(cfg)[0]
     assert row["aggregated"] == [0, 3]
@@ -86,7 +87,7 @@ def test_client_exception_becomes_a_rejected_reply(tmp_path, synth_dir, monkeypa
 
     monkeypatch.setattr(local, "local_train", flaky)
     cfg = tiny_config(tmp_path, synth_dir, "name=crash", "fed.rounds=1")
-    run_local(cfg)
+    run_federation(cfg)
     row = _metrics(cfg)[0]
     assert "disk full" in row["rejected"]["0"]
     assert row["aggregated"] == [1, 2, 3]
@@ -94,7 +95,7 @@ def test_client_exception_becomes_a_rejected_reply(tmp_path, synth_dir, monkeypa
 
 def test_metrics_lines_have_the_documented_fields(tmp_path, synth_dir):
     cfg = tiny_config(tmp_path, synth_dir, "name=fields", "fed.method=fedgh")
-    run_local(cfg)
+    run_federation(cfg)
     rows = _metrics(cfg)
     assert [r["round"] for r in rows] == [1, 2]
     for r in rows:
@@ -112,7 +113,7 @@ def test_async_records_staleness_and_weights_it(tmp_path, synth_dir):
     cfg = tiny_config(tmp_path, synth_dir, "name=async", "fed.mode=async", "fed.method=fedavg",
                       "fed.concurrency=4", "fed.buffer_size=2", "fed.rounds=4",
                       "fed.staleness_exponent=1.0", "system.speeds=[400, 100, 50, 25]")
-    run_local(cfg)
+    run_federation(cfg)
     rows = _metrics(cfg)
     assert len(rows) == 4
     assert all(len(r["staleness"]) == 2 for r in rows)
@@ -129,14 +130,14 @@ def test_async_records_staleness_and_weights_it(tmp_path, synth_dir):
 
 def test_dropout_is_seeded_and_survived(tmp_path, synth_dir):
     cfg = tiny_config(tmp_path, synth_dir, "name=drop", "system.dropout=0.5", "fed.rounds=3")
-    run_local(cfg)
+    run_federation(cfg)
     rows = _metrics(cfg)
     dropped = [r["dropped"] for r in rows]
     assert any(dropped)
     for r in rows:
         assert set(r["aggregated"]) == set(r["selected"]) - set(r["dropped"])
     cfg2 = tiny_config(tmp_path, synth_dir, "name=drop2", "system.dropout=0.5", "fed.rounds=3")
-    run_local(cfg2)
+    run_federation(cfg2)
     assert [r["dropped"] for r in _metrics(cfg2)] == dropped
 
 
@@ -157,7 +158,7 @@ def test_server_averages_each_clients_own_batchnorm_statistics(tmp_path, synth_d
     _Recording.seen = []
     cfg = tiny_config(tmp_path, synth_dir, "name=bn", "fed.method=fedavg", "fed.rounds=1",
                       "data.max_test=1")
-    server = run_local(cfg, transport_factory=_Recording)
+    server = run_federation(cfg, transport_factory=_Recording)
     replies = _Recording.seen
     assert len(replies) == 4
     total = sum(r.num_samples for r in replies)

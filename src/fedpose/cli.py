@@ -1,4 +1,8 @@
-"""fedpose command line: train, run, compare, eval, predict, score, data, bench, flower-demo."""
+"""fedpose command line: train, run, compare, eval, predict, score, data, bench, flower-demo,
+flower-config.
+
+Argument parsing and printing live here; the library raises exceptions and returns values.
+"""
 
 from __future__ import annotations
 
@@ -10,18 +14,27 @@ from rich.console import Console
 from rich.table import Table
 
 from fedpose.config import ConfigError, load_config
+from fedpose.data import DATASETS
 from fedpose.data.records import DatasetError
+from fedpose.tools import ToolError
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 
 METHODS = "fedavg,fedprox,fedbn,feddyn,fedaw,fedgh"
+RUN_INTERRUPTED = "the last checkpoint is kept; rerun with --resume"
+FLOWER_INTERRUPTED = "every Flower process was stopped"
+
+
+def _add_overrides(p: argparse.ArgumentParser,
+                   help_text: str = "override a config value, e.g. -c fed.rounds=5") -> None:
+    p.add_argument("-c", "--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help=help_text)
 
 
 def _add_config(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("config", nargs=None if required else "?", help="TOML config file")
-    p.add_argument("-c", "--set", dest="overrides", action="append", default=[],
-                   metavar="KEY=VALUE", help="override a config value, e.g. -c fed.rounds=5")
+    _add_overrides(p)
     p.add_argument("--pretrained", type=_pretrained, dest="overrides", action="append",
                    metavar="PATH", help="start the backbone from a torchvision-format ResNet "
                                         "state dict (same as -c model.pretrained=PATH)")
@@ -42,11 +55,12 @@ def cmd_train(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from fedpose.engine.local import run_local
-    from fedpose.report.compare import final_eval, read_metrics
+    from fedpose.engine.runner import run_federation
+    from fedpose.metrics.log import read_metrics
+    from fedpose.report.compare import final_eval
 
     cfg = load_config(args.config, args.overrides)
-    run_local(cfg, resume=args.resume, console=console)
+    run_federation(cfg, resume=args.resume, console=console)
     last = final_eval(read_metrics(cfg.run_dir)) or {}  # the last round is always evaluated
     console.print(f"run directory: {cfg.run_dir}")
     console.print(f"mean PCK: {last.get('pck_mean', float('nan')):.2f}")
@@ -69,8 +83,9 @@ def _variants(args) -> list[tuple[str, list[str]]]:
 
 
 def cmd_compare(args) -> int:
-    from fedpose.engine.local import run_local
-    from fedpose.report.compare import build_report, read_metrics
+    from fedpose.engine.runner import run_federation
+    from fedpose.metrics.log import read_metrics
+    from fedpose.report.compare import build_report
 
     base = load_config(args.config, args.overrides)
     name = args.name or base.name
@@ -86,7 +101,7 @@ def cmd_compare(args) -> int:
                 console.print(f"{cfg.name}: finished earlier, kept")
             else:
                 resume = args.resume and (cfg.run_dir / "checkpoints" / "last.pt").exists()
-                run_local(cfg, resume=resume, console=console)
+                run_federation(cfg, resume=resume, console=console)
             runs.setdefault(label, []).append(cfg.run_dir)
     report = build_report(runs, base.run_dir.parent / name, f"fedpose compare: {name}",
                           target_pck=base.fed.target_pck)
@@ -96,14 +111,15 @@ def cmd_compare(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from fedpose.config import _apply, parse_overrides
+    from fedpose.config import apply_overrides
     from fedpose.data import load_split
+    from fedpose.metrics.evaluate import evaluate_model
     from fedpose.metrics.pck import grouped_table
     from fedpose.model.inference import resolve_device
-    from fedpose.train import evaluate_model, load_model
+    from fedpose.train import load_model
 
     model, cfg, skeleton = load_model(args.checkpoint)
-    _apply(cfg, parse_overrides(args.overrides))
+    apply_overrides(cfg, args.overrides)
     records, _ = load_split(cfg.data, args.split)
     ev = evaluate_model(model, records, skeleton, cfg, resolve_device(cfg.train.device))
     result = ev["result"]
@@ -136,39 +152,107 @@ def cmd_predict(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from fedpose.metrics.score_file import score_file
+    from fedpose.data import FileOptions
+    from fedpose.metrics.score_file import score_file, score_table
 
-    return score_file(args, console)
-
-
-def cmd_data(args) -> int:
-    if args.data_cmd == "synth-arm":
-        from fedpose.data.synth_arm import generate_synth_arm
-
-        ann = generate_synth_arm(args.out, n=args.n, seed=args.seed, size=args.size)
-        console.print(f"wrote {ann}")
-        return 0
-    if args.data_cmd == "inspect":
-        from fedpose.data.inspect import inspect_main
-
-        return inspect_main(args)
-    if args.data_cmd == "partition":
-        from fedpose.data.partition import partition_main
-
-        return partition_main(args.config, args.overrides)
-    raise AssertionError(args.data_cmd)
+    options = FileOptions(split=args.split, labels=args.labels, headboxes=args.headboxes)
+    result, skeleton, n = score_file(args.dataset, args.root, args.pred, args.ann, options,
+                                     args.alpha)
+    console.print(score_table(result, skeleton, n, args.alpha))
+    print(f"mean PCK: {result.mean:.2f}")
+    return 0
 
 
-def cmd_bench(args) -> int:
-    from fedpose.bench import bench_aggregate_main
+def cmd_data_synth_arm(args) -> int:
+    from fedpose.data.synth_arm import generate_synth_arm
 
-    return bench_aggregate_main(args)
+    ann = generate_synth_arm(args.out, n=args.n, seed=args.seed, size=args.size)
+    console.print(f"wrote {ann}")
+    return 0
+
+
+def cmd_data_inspect(args) -> int:
+    from fedpose.data.inspect import inspect_dataset, summary_tables
+
+    summary = inspect_dataset(args.dataset, args.root, args.ann)
+    for table in summary_tables(summary):
+        console.print(table)
+    return 0
+
+
+def cmd_data_partition(args) -> int:
+    from fedpose.data.partition import print_statistics, write_partition_report
+
+    report = write_partition_report(load_config(args.config, args.overrides))
+    print_statistics(report.stats, console, title=report.title)
+    for path in (report.json_path, report.png_path):
+        console.print(f"wrote {path}", markup=False, highlight=False, soft_wrap=True)
+    return 0
+
+
+def cmd_bench_aggregate(args) -> int:
+    from fedpose.tools.bench_aggregate import aggregate_tables, bench_aggregate
+
+    res = bench_aggregate(args.clients, args.params, args.repeats)
+    table, notes = aggregate_tables(res)
+    console.print(table)
+    console.print(notes)
+    print(f"fedgh/fedavg: {res['ratio']['fedgh']:.2f}")
+    return 0
+
+
+def cmd_bench_flower(args) -> int:
+    from fedpose.tools.flower_bench import (
+        bench_command,
+        run_flower_bench,
+        summary_table,
+        write_report,
+    )
+    from fedpose.tools.flower_demo import terminate_on_sigterm
+
+    console.print(f"Flower vs in-process: {args.supernodes} SuperNodes, {args.rounds} rounds")
+    with terminate_on_sigterm():
+        bench = run_flower_bench(args.config, args.supernodes, args.rounds, args.overrides,
+                                 console)
+    console.print(summary_table(bench))
+    if args.out:
+        command = bench_command(args.config, args.supernodes, args.rounds, args.overrides,
+                                args.out)
+        console.print(f"wrote {write_report(bench, command, args.out)}")
+    print(f"flower/in-process run time: {bench.summary['ratio_run']:.2f}")
+    return 0
 
 
 def cmd_flower_demo(args) -> int:
-    from fedpose.engine.flower_demo import flower_demo_main
+    from fedpose.tools.flower_demo import (
+        AGREEMENT,
+        compare_engines,
+        demo_config,
+        terminate_on_sigterm,
+    )
 
-    return flower_demo_main(args.config, args.supernodes, args.rounds, args.overrides)
+    cfg = demo_config(args.config, args.supernodes, args.rounds, args.overrides)
+    console.print(f"[bold]{cfg.name}[/]: {cfg.fed.method} on {cfg.data.dataset}, "
+                  f"{args.supernodes} SuperNodes, {args.rounds} rounds; runs in {cfg.out_dir}")
+    with terminate_on_sigterm():
+        result = compare_engines(cfg, args.supernodes, console)
+    f = result.flower
+    console.print(f"Flower: {f.seconds['start']:.1f} s to start, {f.seconds['run']:.1f} s run; "
+                  f"in-process: {result.local_seconds:.1f} s")
+    console.print(f"runs: {f.run_dir}  {result.local_run_dir}")
+    if result.max_diff <= AGREEMENT:
+        console.print(f"the engines agree (tolerance {AGREEMENT:g})")
+    else:
+        console.print(f"[red]the engines differ by more than {AGREEMENT:g}[/]")
+    print(f"max |w_flower - w_local|: {result.max_diff:.6g}")
+    return 0 if result.max_diff <= AGREEMENT else 1
+
+
+def cmd_flower_config(args) -> int:
+    from fedpose.engine.flower_app import run_config_toml
+
+    print(run_config_toml(load_config(args.config, args.overrides)), end="")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,8 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a checkpoint on its dataset's test split")
     p.add_argument("checkpoint")
     p.add_argument("--split", default="test", choices=["train", "test"])
-    p.add_argument("-c", "--set", dest="overrides", action="append", default=[],
-                   metavar="KEY=VALUE", help="e.g. -c data.root=/path/to/lsp")
+    _add_overrides(p, "e.g. -c data.root=/path/to/lsp")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="predict the keypoints of one image and draw them")
@@ -209,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("score", help="score a predictions file with the dataset's metric")
-    p.add_argument("--dataset", required=True, choices=["lsp", "mpii", "coco"])
+    p.add_argument("--dataset", required=True, choices=list(DATASETS))
     p.add_argument("--root", required=True, help="dataset folder (images)")
     p.add_argument("--ann", default=None, help="annotation file (mpii, coco)")
     p.add_argument("--pred", required=True, help="JSON: image file name -> [[x, y], ...]")
@@ -226,13 +309,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--n", type=int, default=2060)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--size", type=int, default=128)
+    d.set_defaults(func=cmd_data_synth_arm)
     d = dsub.add_parser("inspect", help="load a dataset and summarise it")
-    d.add_argument("--dataset", required=True, choices=["lsp", "mpii", "coco", "synth-arm"])
+    d.add_argument("--dataset", required=True, choices=list(DATASETS))
     d.add_argument("--root", required=True)
     d.add_argument("--ann", default=None)
+    d.set_defaults(func=cmd_data_inspect)
     d = dsub.add_parser("partition", help="print and plot per-client statistics")
     _add_config(d)
-    p.set_defaults(func=cmd_data)
+    d.set_defaults(func=cmd_data_partition)
 
     p = sub.add_parser("bench", help="benchmarks")
     bsub = p.add_subparsers(dest="bench_cmd", required=True)
@@ -240,30 +325,45 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--clients", type=int, default=16)
     b.add_argument("--params", type=int, default=34_000_000)
     b.add_argument("--repeats", type=int, default=3)
-    p.set_defaults(func=cmd_bench)
+    b.set_defaults(func=cmd_bench_aggregate)
+    b = bsub.add_parser("flower", help="the same federation on Flower processes and in-process, "
+                                       "timed")
+    _add_flower_run(b, rounds=3)
+    b.add_argument("--out", default=None, help="write the figures as markdown here")
+    b.set_defaults(func=cmd_bench_flower, interrupted=FLOWER_INTERRUPTED)
 
     p = sub.add_parser("flower-demo", help="the federation on real Flower processes vs in-process")
-    p.add_argument("config", nargs="?", default=None)
-    p.add_argument("--supernodes", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("-c", "--set", dest="overrides", action="append", default=[],
-                   metavar="KEY=VALUE")
-    p.set_defaults(func=cmd_flower_demo)
+    _add_flower_run(p, rounds=2)
+    p.set_defaults(func=cmd_flower_demo, interrupted=FLOWER_INTERRUPTED)
+
+    p = sub.add_parser("flower-config", help="print a `flwr run --run-config` file that carries "
+                                             "a fedpose config")
+    _add_config(p, required=False)
+    p.set_defaults(func=cmd_flower_config)
     return parser
+
+
+def _add_flower_run(p: argparse.ArgumentParser, rounds: int) -> None:
+    p.add_argument("config", nargs="?", default=None,
+                   help="TOML config file (default: a tiny synth-arm federation)")
+    p.add_argument("--supernodes", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=rounds)
+    _add_overrides(p)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (DatasetError, ConfigError, FileNotFoundError, ValueError) as e:
+    except (DatasetError, ConfigError, ToolError, OSError, ValueError) as e:
+        # the one error path: one line naming the file and record (DatasetError does), exit 2;
+        # no markup (messages hold "[record ...]") and no wrapping
         err_console.print(f"error: {e}", markup=False, highlight=False)
         return 2
     except KeyboardInterrupt:
-        console.print("interrupted: the last checkpoint is kept; rerun with --resume")
+        console.print(f"interrupted: {getattr(args, 'interrupted', RUN_INTERRUPTED)}")
         return 130
 
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -131,15 +131,19 @@ class ConfigError(ValueError):
     pass
 
 
+def _coerce_bool(value: Any, key: str) -> bool:
+    if isinstance(value, str):
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    return bool(value)
+
+
 def _coerce(value: Any, current: Any, key: str) -> Any:
     if isinstance(current, bool):
-        if isinstance(value, str):
-            if value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if value.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ConfigError(f"{key}: expected true/false, got {value!r}")
-        return bool(value)
+        return _coerce_bool(value, key)
     if isinstance(current, int) and not isinstance(current, bool):
         try:
             return int(value)
@@ -208,6 +212,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             cfg.name = path.stem
     _apply(cfg, parse_overrides(overrides or []))
     return cfg
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply `section.key=value` overrides to an existing Config, in place; returns it."""
+    _apply(cfg, parse_overrides(overrides))
+    return cfg
+
+
+def merge_dicts(base: dict, extra: dict) -> dict:
+    """`extra` over `base`, section by section (parse_overrides' nesting)."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_dicts(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def config_from_dict(values: dict) -> Config:

@@ -15,10 +15,10 @@ from fedpose.config import Config, config_from_dict
 from fedpose.data import load_split
 from fedpose.data.dataset import PoseDataset, make_loader
 from fedpose.data.records import SKELETONS, Skeleton
-from fedpose.fl.client import make_optimizer
-from fedpose.metrics.pck import score
-from fedpose.model.inference import predict_records, resolve_device
+from fedpose.metrics.evaluate import evaluate_model
+from fedpose.model.inference import resolve_device
 from fedpose.model.loss import JointsMSELoss
+from fedpose.model.optim import make_optimizer
 from fedpose.model.pose_resnet import PoseResNet, build_model, load_pretrained
 
 MODEL_FORMAT = "fedpose-model-v1"
@@ -54,14 +54,6 @@ def _skeleton_name(cfg: Config) -> str:
     return cfg.data.dataset
 
 
-def evaluate_model(model: PoseResNet, records, skeleton: Skeleton, cfg: Config,
-                   device: torch.device) -> dict:
-    preds = predict_records(model, records, skeleton, cfg.data.input_size,
-                            flip_test=cfg.train.flip_test, device=device)
-    result = score(preds, records, skeleton)
-    return {"pck_mean": result.mean, "pck_per_joint": result.per_joint, "result": result}
-
-
 def train_centralized(cfg: Config, resume: bool = False, console: Console | None = None) -> dict:
     console = console or Console()
     device = resolve_device(cfg.train.device)
@@ -76,7 +68,7 @@ def train_centralized(cfg: Config, resume: bool = False, console: Console | None
     model.to(device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg.train)
     epochs = cfg.train.epochs
     # step decay late in training, as SimpleBaseline does
     milestones = sorted({max(1, int(epochs * 0.7)), max(1, int(epochs * 0.9))})

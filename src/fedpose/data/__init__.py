@@ -1,9 +1,16 @@
-"""Pose datasets: loaders for LSP, MPII, COCO-format files and synth-arm, all into PoseRecord."""
+"""Pose datasets: loaders for LSP, MPII, COCO-format files and synth-arm, all into PoseRecord.
+
+`DATASETS` is the one table of the datasets fedpose reads: training and evaluation
+(`load_split`), `fedpose data inspect` and `fedpose score` (`load_files`) and the command line's
+choices all go through it. A new dataset is a loader module in this package and one entry here.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from fedpose.config import ConfigError, DataConfig
@@ -31,8 +38,11 @@ __all__ = [
     "DatasetError",
     "PoseRecord",
     "Skeleton",
+    "DatasetKind",
+    "FileOptions",
     "holdout_split",
     "load_coco",
+    "load_files",
     "load_lsp",
     "load_mpii",
     "load_mpii_headboxes",
@@ -41,7 +51,6 @@ __all__ = [
     "write_coco",
 ]
 
-DATASETS = ("lsp", "mpii", "coco", "synth-arm")
 # synth-arm layout, as the generator writes it: root/annotations.json, whose file names are
 # relative to root/images/
 SYNTH_ANN = "annotations.json"
@@ -59,16 +68,10 @@ def load_split(cfg: DataConfig, split: str) -> tuple[list[PoseRecord], Skeleton]
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be train or test, not {split!r}")
-    if cfg.dataset == "lsp":
-        records, skeleton = load_lsp(cfg.root, split, cfg.lsp_labels), LSP
-    elif cfg.dataset == "mpii":
-        records, skeleton = _load_mpii_split(cfg, split), MPII
-    elif cfg.dataset == "coco":
-        records, skeleton = _load_coco_split(cfg, split, synth=False)
-    elif cfg.dataset == "synth-arm":
-        records, skeleton = _load_coco_split(cfg, split, synth=True)
-    else:
-        raise ConfigError(f"data.dataset: unknown dataset {cfg.dataset!r}; known: {DATASETS}")
+    if cfg.dataset not in DATASETS:
+        raise ConfigError(f"data.dataset: unknown dataset {cfg.dataset!r}; "
+                          f"known: {', '.join(DATASETS)}")
+    records, skeleton = DATASETS[cfg.dataset].load_split(cfg, split)
     limit = cfg.max_train if split == "train" else cfg.max_test
     return (records[:limit] if limit > 0 else records), skeleton
 
@@ -105,17 +108,17 @@ def synth_arm_annotations(cfg: DataConfig) -> Path:
     return ann
 
 
-def _load_mpii_split(cfg: DataConfig, split: str) -> list[PoseRecord]:
+def _load_mpii_split(cfg: DataConfig, split: str) -> tuple[list[PoseRecord], Skeleton]:
     if not cfg.ann:
         raise ConfigError("data.ann: the mpii dataset needs its annotation JSON")
     headboxes = cfg.headboxes or None
     if cfg.test_ann:
         # gt_valid.mat describes the evaluation set, so head boxes go with test_ann only
         if split == "train":
-            return load_mpii(cfg.ann, cfg.root)
-        return load_mpii(cfg.test_ann, cfg.root, headboxes)
+            return load_mpii(cfg.ann, cfg.root), MPII
+        return load_mpii(cfg.test_ann, cfg.root, headboxes), MPII
     records = load_mpii(cfg.ann, cfg.root, headboxes)
-    return holdout_split(records, cfg.test_fraction, split, cfg.root)
+    return holdout_split(records, cfg.test_fraction, split, cfg.root), MPII
 
 
 def _load_coco_split(cfg: DataConfig, split: str, synth: bool) -> tuple[list[PoseRecord], Skeleton]:
@@ -145,3 +148,82 @@ def _coco_skeleton(records: list[PoseRecord], ann: Path, synth: bool) -> Skeleto
         problem = f"has {k} keypoints per person; {expected.name} has {expected.num_joints}{hint}"
         raise DatasetError(ann, problem)
     return expected
+
+
+def _load_lsp_split(cfg: DataConfig, split: str) -> tuple[list[PoseRecord], Skeleton]:
+    return load_lsp(cfg.root, split, cfg.lsp_labels), LSP
+
+
+def _load_real_coco_split(cfg: DataConfig, split: str) -> tuple[list[PoseRecord], Skeleton]:
+    return _load_coco_split(cfg, split, synth=False)
+
+
+def _load_synth_split(cfg: DataConfig, split: str) -> tuple[list[PoseRecord], Skeleton]:
+    return _load_coco_split(cfg, split, synth=True)
+
+
+# ----------------------------------------------------------------------------- files as given
+@dataclass(frozen=True)
+class FileOptions:
+    """What `load_files` may be told besides root and annotation file."""
+
+    split: str = "all"  # lsp: train | test | all
+    labels: str = "pc"  # lsp: pc | oc
+    headboxes: str | Path | None = None  # mpii: gt_valid.mat
+
+
+def _need_ann(ann: str | Path | None, root: Path, dataset: str) -> Path:
+    if not ann:
+        raise DatasetError(root, f"the {dataset} dataset needs its annotation file (--ann)")
+    return Path(ann)
+
+
+def _lsp_files(root: Path, _ann: str | Path | None, opt: FileOptions) -> list[PoseRecord]:
+    # LSP keeps its labels in root/joints.mat: no annotation file
+    return load_lsp(root, opt.split, opt.labels)
+
+
+def _mpii_files(root: Path, ann: str | Path | None, opt: FileOptions) -> list[PoseRecord]:
+    return load_mpii(_need_ann(ann, root, "mpii"), root, opt.headboxes)
+
+
+def _coco_files(root: Path, ann: str | Path | None, _opt: FileOptions) -> list[PoseRecord]:
+    return load_coco(_need_ann(ann, root, "coco"), root)
+
+
+def _synth_files(root: Path, ann: str | Path | None, _opt: FileOptions) -> list[PoseRecord]:
+    ann_path = Path(ann) if ann else root / SYNTH_ANN
+    return load_coco(ann_path, ann_path.parent / SYNTH_IMAGES)
+
+
+@dataclass(frozen=True)
+class DatasetKind:
+    skeleton: Skeleton
+    # the configured train or test split (DataConfig, "train" | "test") -> records, skeleton
+    load_split: Callable[[DataConfig, str], tuple[list[PoseRecord], Skeleton]]
+    # every record of the files as given (root, annotation file or None, options)
+    load_files: Callable[[Path, str | Path | None, FileOptions], list[PoseRecord]]
+
+
+DATASETS: dict[str, DatasetKind] = {
+    "lsp": DatasetKind(LSP, _load_lsp_split, _lsp_files),
+    "mpii": DatasetKind(MPII, _load_mpii_split, _mpii_files),
+    "coco": DatasetKind(COCO, _load_real_coco_split, _coco_files),
+    "synth-arm": DatasetKind(ARM, _load_synth_split, _synth_files),
+}
+
+
+def load_files(
+    dataset: str,
+    root: str | Path,
+    ann: str | Path | None = None,
+    options: FileOptions | None = None,
+) -> tuple[list[PoseRecord], Skeleton]:
+    """Every record of a dataset's files as given, no held-out split and no limits: what
+    inspecting and scoring read. root: the image folder (lsp: the dataset folder; synth-arm: the
+    folder holding annotations.json and images/); ann: the annotation file (mpii, coco; synth-arm:
+    optional). Malformed data raises DatasetError, exactly as training would."""
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)}")
+    kind = DATASETS[dataset]
+    return kind.load_files(Path(root), ann, options or FileOptions()), kind.skeleton

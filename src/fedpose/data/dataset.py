@@ -26,6 +26,7 @@ from fedpose.data.transforms import (
     load_image,
     warp_image,
 )
+from fedpose.seeding import augmentation_rng, loader_seed
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -80,7 +81,7 @@ class PoseDataset(Dataset):
         visibility = np.asarray(rec.visibility, dtype=np.float32)
         rotation, flip = 0.0, False
         if self.train:
-            rng = np.random.default_rng([self.seed, self.epoch, index])
+            rng = augmentation_rng(self.seed, self.epoch, index)
             s, rotation, flip = self.augmentation.draw(rng)
             scale *= s
 
@@ -134,7 +135,7 @@ def make_loader(
     federated client may shuffle by local epoch but augment by global round.
     """
     generator = torch.Generator()
-    generator.manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
+    generator.manual_seed(loader_seed(seed, epoch))
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
 from rich.table import Table
 
-from fedpose.data import SYNTH_ANN, SYNTH_IMAGES
-from fedpose.data.coco import load_coco
-from fedpose.data.lsp import load_lsp
-from fedpose.data.mpii import load_mpii
-from fedpose.data.records import (
-    ARM,
-    COCO,
-    LSP,
-    MPII,
-    DatasetError,
-    PoseRecord,
-    read_image_size,
-)
+from fedpose.data import FileOptions, load_files
+from fedpose.data.records import PoseRecord, read_image_size
 
-DATASETS = ("lsp", "mpii", "coco", "synth-arm")
 # attributes with more distinct values than this are identifiers, not groups worth counting
 MAX_ATTRIBUTE_VALUES = 20
 
@@ -44,17 +30,8 @@ def inspect_dataset(
     Malformed data raises DatasetError, exactly as training would.
     """
     root = Path(root)
-    if dataset == "lsp":
-        records, skeleton = load_lsp(root, "all", labels), LSP
-    elif dataset == "mpii":
-        records, skeleton = load_mpii(_need_ann(ann, root, dataset), root, headboxes), MPII
-    elif dataset == "coco":
-        records, skeleton = load_coco(_need_ann(ann, root, dataset), root), COCO
-    elif dataset == "synth-arm":
-        ann_path = Path(ann) if ann else root / SYNTH_ANN
-        records, skeleton = load_coco(ann_path, ann_path.parent / SYNTH_IMAGES), ARM
-    else:
-        raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)}")
+    records, skeleton = load_files(dataset, root, ann,
+                                   FileOptions(split="all", labels=labels, headboxes=headboxes))
 
     num_joints = records[0].num_joints if records else skeleton.num_joints
     names = list(skeleton.joints) if num_joints == skeleton.num_joints else None
@@ -119,37 +96,6 @@ def summary_tables(summary: dict) -> list[Table]:
             str(j), name, str(n), f"{100 * n / total:.1f} %", str(summary["occluded_per_joint"][j])
         )
     return [overview, joints]
-
-
-def inspect_main(args: argparse.Namespace, console: Console | None = None) -> int:
-    """Run `fedpose data inspect`: print the summary tables and return 0, or print one line
-    `error: <message>` and return 2 when the data is malformed.
-
-    args: dataset, root, and optionally ann, labels (lsp: pc | oc), headboxes (mpii).
-    """
-    out = console or Console()
-    try:
-        summary = inspect_dataset(
-            args.dataset,
-            args.root,
-            getattr(args, "ann", None),
-            labels=getattr(args, "labels", None) or "pc",
-            headboxes=getattr(args, "headboxes", None),
-        )
-    except DatasetError as e:
-        err = console or Console(stderr=True)
-        # no markup (messages hold "[record ...]") and no wrapping: it must stay one line
-        err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
-        return 2
-    for table in summary_tables(summary):
-        out.print(table)
-    return 0
-
-
-def _need_ann(ann: str | Path | None, root: Path, dataset: str) -> Path:
-    if not ann:
-        raise DatasetError(root, f"the {dataset} dataset needs its annotation file (--ann)")
-    return Path(ann)
 
 
 def _range(values: np.ndarray) -> dict | None:

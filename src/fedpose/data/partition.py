@@ -28,11 +28,13 @@ import json
 import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from fedpose.config import FedConfig
+from fedpose import seeding
+from fedpose.config import Config, FedConfig
 from fedpose.data.records import SKELETONS, PoseRecord, Skeleton
 
 PARTITIONS = ("iid", "attribute", "dirichlet", "quantity")
@@ -219,7 +221,7 @@ def dirichlet(records: Sequence[PoseRecord], attr: str, num_clients: int, alpha:
     _check_alpha(alpha)
     labels = record_labels(records, attr, num_clusters=num_clusters or num_clients, seed=seed,
                            skeleton=skeleton)
-    rng = np.random.default_rng([seed, 1])
+    rng = seeding.stream(seed, seeding.DIRICHLET_PARTITION)
     parts: list[list[int]] = [[] for _ in range(num_clients)]
     for value in sorted(set(labels)):
         idx = rng.permutation([i for i, lab in enumerate(labels) if lab == value])
@@ -233,7 +235,7 @@ def quantity_skew(n_records: int, num_clients: int, alpha: float, seed: int) -> 
     """Client sizes from Dirichlet(alpha) with at least one record each; contents are iid."""
     _check_counts(n_records, num_clients)
     _check_alpha(alpha)
-    rng = np.random.default_rng([seed, 2])
+    rng = seeding.stream(seed, seeding.QUANTITY_PARTITION)
     sizes = 1 + _apportion(_draw_dirichlet(rng, alpha, num_clients), n_records - num_clients)
     perm = rng.permutation(n_records)
     return [sorted(int(i) for i in chunk) for chunk in np.split(perm, np.cumsum(sizes)[:-1])]
@@ -340,7 +342,7 @@ def plot_statistics(stats: Sequence[dict], out_png: str | Path) -> Path:
     return out_png
 
 
-# --- the CLI command -------------------------------------------------------------------------
+# --- the partition report ------------------------------------------------------------------
 def _write_partition(path: Path, header: dict, clients: list[dict]) -> None:
     # one line per client keeps a long index list readable and the file diffable
     lines = [f"  {json.dumps(k)}: {json.dumps(v)}," for k, v in header.items()]
@@ -348,37 +350,33 @@ def _write_partition(path: Path, header: dict, clients: list[dict]) -> None:
     path.write_text("{\n" + "\n".join(lines) + '\n  "clients": [\n' + body + "\n  ]\n}\n")
 
 
-def partition_main(config_path: str | Path | None, overrides: list[str] | None = None) -> int:
-    """`fedpose data partition CONFIG [-c key=value]`: partition the training split, print and
-    save per-client statistics (<run_dir>/partition.json and partition.png)."""
-    from rich.console import Console
-    from rich.markup import escape
+@dataclass
+class PartitionReport:
+    stats: list[dict]  # client_statistics of the partition
+    title: str
+    json_path: Path  # <run_dir>/partition.json: per-client statistics and record indices
+    png_path: Path  # <run_dir>/partition.png: the statistics as bars
 
-    from fedpose.config import load_config
 
-    console = Console()
-    try:
-        cfg = load_config(config_path, overrides or [])
-        from fedpose.data import load_split
+def write_partition_report(cfg: Config) -> PartitionReport:
+    """Partition the configured training split and save per-client statistics in the run
+    directory (partition.json and partition.png)."""
+    from fedpose.data import load_split  # looked up at call time, so a test can replace it
 
-        records, skeleton = load_split(cfg.data, "train")
-        fed = cfg.fed
-        parts = partition(records, fed, cfg.seed, skeleton=skeleton)
-        uses_attr = fed.partition in ("attribute", "dirichlet")
-        labels = {}
-        if uses_attr:
-            labels[fed.partition_attr] = record_labels(
-                records, fed.partition_attr, num_clusters=fed.num_clients, seed=cfg.seed,
-                skeleton=skeleton)
-    except (ValueError, OSError) as e:  # ConfigError and DatasetError are ValueErrors
-        console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
-        return 2
+    records, skeleton = load_split(cfg.data, "train")
+    fed = cfg.fed
+    parts = partition(records, fed, cfg.seed, skeleton=skeleton)
+    uses_attr = fed.partition in ("attribute", "dirichlet")
+    labels = {}
+    if uses_attr:
+        labels[fed.partition_attr] = record_labels(
+            records, fed.partition_attr, num_clusters=fed.num_clients, seed=cfg.seed,
+            skeleton=skeleton)
 
     stats = client_statistics(records, parts, labels=labels)
     title = f"{cfg.data.dataset}: {fed.partition} partition over {fed.num_clients} clients"
     if uses_attr:
         title += f" by {fed.partition_attr}"
-    print_statistics(stats, console, title=title)
 
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -396,6 +394,4 @@ def partition_main(config_path: str | Path | None, overrides: list[str] | None =
     json_path = run_dir / "partition.json"
     _write_partition(json_path, header, clients)
     png_path = plot_statistics(stats, run_dir / "partition.png")
-    console.print(f"wrote {escape(str(json_path))}", soft_wrap=True)
-    console.print(f"wrote {escape(str(png_path))}", soft_wrap=True)
-    return 0
+    return PartitionReport(stats, title, json_path, png_path)

@@ -331,8 +331,8 @@ def _blob(cam: _Camera, pts3d: np.ndarray, rgb, owner, bias=0.0, light=1.0) -> _
     return prim
 
 
-def _facing_light(cam: _Camera, normal: np.ndarray) -> float:
-    """How brightly a surface facing `normal` is lit, as seen by this camera."""
+def _facing_light(normal: np.ndarray) -> float:
+    """How brightly a surface facing `normal` is lit."""
     return 0.78 + 0.3 * max(0.0, float(normal @ _LIGHT))
 
 
@@ -461,7 +461,7 @@ def _render(index: int, seed: int, size: int) -> tuple[Image.Image, dict]:
     side = size * _SS
     # the side of the body that faces this camera sets how brightly the whole figure is lit
     to_cam = cam.to_cam(np.array([0.0, 0.4, 0.0]))
-    light = _facing_light(cam, _unit(np.array([to_cam[0], 0.0, to_cam[2]])))
+    light = _facing_light(_unit(np.array([to_cam[0], 0.0, to_cam[2]])))
     prims = _torso(cam, shirt, pants, skin, light)
     prims += _head(cam, skin, light)
     for sgn in (-1, 1):

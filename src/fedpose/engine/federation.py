@@ -16,8 +16,8 @@ from fedpose.data.records import PoseRecord, Skeleton
 from fedpose.fl.params import ModelLayout, model_layout
 from fedpose.fl.strategies import build_strategy
 from fedpose.fl.strategies.base import Strategy
-from fedpose.metrics.pck import score
-from fedpose.model.inference import predict_records, resolve_device
+from fedpose.metrics.evaluate import evaluate_model
+from fedpose.model.inference import resolve_device
 from fedpose.model.pose_resnet import PoseResNet, build_model, load_pretrained
 
 
@@ -50,12 +50,10 @@ class Federation:
         return self._datasets[client]
 
     def evaluate(self, weights: dict[str, torch.Tensor]) -> dict:
+        """The global model's PCK on the test split, as metrics.jsonl records it."""
         self.model.load_state_dict(weights)
-        preds = predict_records(self.model, self.test_records, self.skeleton,
-                                self.cfg.data.input_size, flip_test=self.cfg.train.flip_test,
-                                device=self.device)
-        result = score(preds, self.test_records, self.skeleton)
-        return {"pck_mean": result.mean, "pck_per_joint": result.per_joint}
+        ev = evaluate_model(self.model, self.test_records, self.skeleton, self.cfg, self.device)
+        return {"pck_mean": ev["pck_mean"], "pck_per_joint": ev["pck_per_joint"]}
 
 
 def build_federation(cfg: Config) -> Federation:

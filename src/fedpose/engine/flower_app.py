@@ -1,14 +1,16 @@
 """Flower 1.42 adapter: a ServerApp and a ClientApp around fedpose's own server loop and client.
 
-Nothing federated is implemented here. The ServerApp runs `run_local` (the in-process engine's
-entry point, so run directory, metrics, checkpoints and evaluation are the same) with a
-`FlowerTransport` in place of the in-process one; the ClientApp runs `local_train`. Both sides
-build the federation from the same Config with `build_federation`, so data, partition, initial
-model and strategy are identical to an in-process run of that Config.
+Nothing federated is implemented here. The ServerApp runs `run_federation` (what the in-process
+engine runs too, so run directory, metrics, checkpoints and evaluation are the same) with a
+`FlowerTransport` in place of the in-process one; the ClientApp runs the same client training
+(`local_train`). Both sides build the federation from the same Config with
+`build_federation`, so data, partition, initial model and strategy are identical to an in-process
+run of that Config.
 
 Message layout (Flower Message API, no NumPyClient):
   train request  "weights": ArrayRecord (global state dict)
-                 "config":  ConfigRecord client-id, version, round, seed
+                 "config":  ConfigRecord client-id, version, round, seed, client-rule
+                            (plain | prox | dyn), client-coef (FedProx's mu, FedDyn's alpha)
   train reply    "delta":    ArrayRecord {"delta": flat float32 update}
                  "averaged": ArrayRecord (tensors the server averages by sample count)
                  "metrics":  MetricRecord num-examples, train-loss, steps, seconds, and the
@@ -45,10 +47,17 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
-from fedpose.config import Config, ConfigError, config_from_dict, load_config, parse_overrides
+from fedpose.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    load_config,
+    merge_dicts,
+    parse_overrides,
+)
 from fedpose.engine.federation import Federation, build_federation
-from fedpose.engine.local import run_local
-from fedpose.fl.client import local_train
+from fedpose.engine.runner import run_federation
+from fedpose.fl.client import local_batches, local_train
 from fedpose.fl.messages import TrainReply, TrainRequest
 
 CONFIG_KEY = "fedpose-config"
@@ -56,13 +65,18 @@ OVERRIDES_KEY = "fedpose-overrides"
 RESUME_KEY = "fedpose-resume"
 REPLY_TIMEOUT_KEY = "reply-timeout"
 CONNECT_TIMEOUT_KEY = "connect-timeout"
+# Defaults of the two waits (pyproject.toml's [tool.flwr.app.config] repeats them: keep in step).
+# A round of real training on a slow CPU site can take many minutes; a SuperNode that has not
+# connected within two minutes of the start is not coming.
+REPLY_TIMEOUT_S = 900.0
+CONNECT_TIMEOUT_S = 120.0
 # what `[tool.flwr.app.config]` must declare (flwr only accepts overrides of declared keys)
 DEFAULT_RUN_CONFIG: dict[str, str | bool | float] = {
     CONFIG_KEY: "",
     OVERRIDES_KEY: "",
     RESUME_KEY: False,
-    REPLY_TIMEOUT_KEY: 900.0,
-    CONNECT_TIMEOUT_KEY: 120.0,
+    REPLY_TIMEOUT_KEY: REPLY_TIMEOUT_S,
+    CONNECT_TIMEOUT_KEY: CONNECT_TIMEOUT_S,
 }
 TIMING_FILE = "flower_timing.jsonl"
 _CLIENT_STATE_PREFIX = "fedpose."  # context.state keys; other mods may share the RecordDict
@@ -87,7 +101,9 @@ def request_to_content(request: TrainRequest) -> RecordDict:
     return RecordDict({
         "weights": state_to_record(request.weights),
         "config": ConfigRecord({"client-id": request.client_id, "version": request.version,
-                                "round": request.round, "seed": int(request.seed)}),
+                                "round": request.round, "seed": int(request.seed),
+                                "client-rule": request.rule,
+                                "client-coef": float(request.coef)}),
     })
 
 
@@ -95,7 +111,8 @@ def content_to_request(content: RecordDict) -> TrainRequest:
     cfg = content["config"]
     return TrainRequest(client_id=int(cfg["client-id"]), version=int(cfg["version"]),
                         round=int(cfg["round"]), weights=record_to_state(content["weights"]),
-                        seed=int(cfg["seed"]))
+                        seed=int(cfg["seed"]), rule=str(cfg["client-rule"]),
+                        coef=float(cfg["client-coef"]))
 
 
 def reply_to_content(reply: TrainReply, timing: dict[str, float] | None = None) -> RecordDict:
@@ -146,8 +163,8 @@ def records_to_client_state(store: RecordDict) -> dict:
 class AppSettings:
     config: Config
     resume: bool = False
-    reply_timeout: float = 900.0
-    connect_timeout: float = 120.0
+    reply_timeout: float = REPLY_TIMEOUT_S
+    connect_timeout: float = CONNECT_TIMEOUT_S
 
 
 def settings_from_run_config(run_config: dict) -> AppSettings:
@@ -165,8 +182,8 @@ def settings_from_run_config(run_config: dict) -> AppSettings:
     return AppSettings(
         config=cfg,
         resume=bool(run_config.get(RESUME_KEY, False)),
-        reply_timeout=float(run_config.get(REPLY_TIMEOUT_KEY, 900.0)),
-        connect_timeout=float(run_config.get(CONNECT_TIMEOUT_KEY, 120.0)),
+        reply_timeout=float(run_config.get(REPLY_TIMEOUT_KEY, REPLY_TIMEOUT_S)),
+        connect_timeout=float(run_config.get(CONNECT_TIMEOUT_KEY, CONNECT_TIMEOUT_S)),
     )
 
 
@@ -192,17 +209,6 @@ def _toml_value(value: str | bool | float) -> str:
     return repr(float(value))
 
 
-def merge_dicts(base: dict, extra: dict) -> dict:
-    """`extra` over `base`, section by section (parse_overrides' nesting)."""
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge_dicts(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 # ----------------------------------------------------------------------------- transport
 @dataclass
 class _InFlight:
@@ -226,8 +232,8 @@ class FlowerTransport:
     server rejects like any failed client.
     """
 
-    def __init__(self, grid: Grid, num_clients: int, reply_timeout: float = 900.0,
-                 connect_timeout: float = 120.0, timing_path: Path | None = None,
+    def __init__(self, grid: Grid, num_clients: int, reply_timeout: float = REPLY_TIMEOUT_S,
+                 connect_timeout: float = CONNECT_TIMEOUT_S, timing_path: Path | None = None,
                  log=print):
         self.grid = grid
         self.num_clients = num_clients
@@ -397,7 +403,7 @@ def _server_main(grid: Grid, context: Context) -> None:
         transport.connect()
         return transport
 
-    server = run_local(cfg, resume=settings.resume, console=console,
+    server = run_federation(cfg, resume=settings.resume, console=console,
                        transport_factory=make_transport)
     log(f"finished at round {server.state.round}; run directory {cfg.run_dir.resolve()}")
 
@@ -448,13 +454,14 @@ def _client_train(msg: Message, context: Context) -> Message:
                                f"{cfg.fed.num_clients}")
         federation = _client_federation(cfg, context.node_config)
         request = content_to_request(msg.content)
+        dataset = federation.client_dataset(pid)
         reply, state = local_train(
-            federation.model, federation.client_dataset(pid), request,
-            records_to_client_state(context.state), cfg, federation.strategy.client_rule,
-            federation.layout, federation.device,
+            federation.model, local_batches(dataset, request, cfg), request,
+            records_to_client_state(context.state), cfg.train, federation.layout,
+            federation.device, num_samples=len(dataset),
         )
         client_state_to_records(state, context.state)
-    except Exception as e:  # noqa: BLE001 - a failed client is a rejected reply, as in-process
+    except Exception as e:  # a failed client is a rejected reply, as in-process
         traceback.print_exc()
         reply = TrainReply(client_id=client_id, version=version,
                            error=f"client crashed: {type(e).__name__}: {e}")
@@ -463,24 +470,19 @@ def _client_train(msg: Message, context: Context) -> Message:
     return Message(reply_to_content(reply, timing), reply_to=msg)
 
 
+def proc_stat(pid: int | str) -> list[str]:
+    """The fields of /proc/<pid>/stat after the command name: state, ppid, pgrp, ... (Linux).
+    The name is cut at the last ")" because it may itself hold spaces and parentheses."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def _process_age(now: float) -> float:
     """Seconds this process had lived at wall time `now` (Linux; NaN elsewhere): each message
     starts a fresh ClientApp process, and its start-up is part of Flower's latency."""
     try:
-        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        ticks = int(proc_stat("self")[19])  # starttime, in clock ticks after boot
         uptime = float(Path("/proc/uptime").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return float("nan")
     return uptime - ticks / os.sysconf("SC_CLK_TCK") - (time.time() - now)
 
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        description="Print a `flwr run --run-config` TOML file that carries a fedpose config.")
-    parser.add_argument("config", nargs="?", default=None)
-    parser.add_argument("-c", "--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE")
-    args = parser.parse_args()
-    print(run_config_toml(load_config(args.config, args.overrides)), end="")

@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+# the local objectives a strategy can ask of its clients (see fl/client.py)
+CLIENT_RULES = ("plain", "prox", "dyn")
+
 
 @dataclass
 class TrainRequest:
@@ -14,6 +17,8 @@ class TrainRequest:
     round: int  # the server round (sync) or aggregation count (async) at sending time
     weights: dict[str, torch.Tensor]  # the full global state dict
     seed: int  # drives the client's data order and augmentation
+    rule: str = "plain"  # the client's objective: plain | prox | dyn
+    coef: float = 0.0  # its coefficient: FedProx's mu, FedDyn's alpha
 
 
 @dataclass

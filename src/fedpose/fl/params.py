@@ -33,10 +33,6 @@ class ModelLayout:
             start += size
         return out
 
-    @property
-    def num_params(self) -> int:
-        return self.slices[-1][2] if self.agg_names else 0
-
 
 def batchnorm_names(model: nn.Module) -> set[str]:
     names: set[str] = set()

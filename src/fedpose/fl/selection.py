@@ -15,6 +15,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from fedpose import seeding
+
 
 class Selector:
     def __init__(self, policy: str, per_round: int, seed: int, deadline: float = 0.0,
@@ -40,7 +42,7 @@ class Selector:
 
     def select(self, available: list[int], round_: int, sizes: list[int],
                expected_time: Callable[[int], float]) -> list[int]:
-        rng = np.random.default_rng([self.seed, 9001, round_])
+        rng = seeding.stream(self.seed, seeding.SELECTION, round_)
         pool = sorted(available)
         m = len(pool) if self.per_round <= 0 else min(self.per_round, len(pool))
         if not pool:

@@ -27,12 +27,12 @@ from typing import Protocol
 import torch
 
 from fedpose.config import Config
-from fedpose.fl.client import client_seed
 from fedpose.fl.messages import TrainReply, TrainRequest
 from fedpose.fl.params import ModelLayout, unflatten_add_, weighted_average
 from fedpose.fl.selection import Selector
 from fedpose.fl.strategies.base import RoundInput, Strategy
 from fedpose.fl.system import SystemModel
+from fedpose.seeding import client_seed
 
 
 class Transport(Protocol):
@@ -80,7 +80,6 @@ class FederatedServer:
         client_sizes: list[int],
         evaluate: Callable[[dict[str, torch.Tensor]], dict] | None = None,
         run_dir: Path | None = None,
-        on_round: Callable[[dict], None] | None = None,
     ):
         self.cfg = cfg
         self.weights = {n: t.clone() for n, t in weights.items()}
@@ -90,14 +89,12 @@ class FederatedServer:
         self.client_sizes = client_sizes
         self.evaluate = evaluate
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.on_round = on_round
         fed = cfg.fed
         self.system = SystemModel(cfg.system, fed.num_clients, cfg.seed)
         self.selector = Selector(fed.selection, fed.clients_per_round, cfg.seed, fed.deadline,
                                  fed.utility_explore)
         self.state = ServerState(strategy=strategy.initial_state())
         self.model_bytes = sum(t.numel() * t.element_size() for t in weights.values())
-        self.started = time.perf_counter()
 
     # ----------------------------------------------------------------------------- timing model
     def expected_time(self, client: int) -> float:
@@ -117,7 +114,8 @@ class FederatedServer:
     def _request(self, client: int, version: int, seq: int,
                  weights: dict[str, torch.Tensor]) -> TrainRequest:
         return TrainRequest(client_id=client, version=version, round=seq, weights=weights,
-                            seed=client_seed(self.cfg.seed, seq, client))
+                            seed=client_seed(self.cfg.seed, seq, client),
+                            rule=self.strategy.client_rule, coef=self.strategy.client_coef)
 
     # ----------------------------------------------------------------------------- aggregation
     def aggregate(self, replies: list[TrainReply], staleness: list[int]) -> dict:
@@ -226,10 +224,10 @@ class FederatedServer:
                 if progress:
                     progress(st.round, record)
             else:
-                self._fill_async(checkpoint=False)
+                self._fill_async()
         return record
 
-    def _fill_async(self, checkpoint: bool = True) -> None:
+    def _fill_async(self) -> None:
         """Give idle clients work until `concurrency` are busy, and forget unused versions."""
         st = self.state
         busy = {p.client_id for p in st.pending}
@@ -279,8 +277,6 @@ class FederatedServer:
                 f.write(json.dumps(record) + "\n")
             if t % max(fed.checkpoint_every, 1) == 0 or t == fed.rounds:
                 self.save_checkpoint()
-        if self.on_round:
-            self.on_round(record)
         return record
 
     # ----------------------------------------------------------------------------- checkpoints

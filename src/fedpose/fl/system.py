@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedpose import seeding
 from fedpose.config import SystemConfig
 
 
@@ -28,7 +29,7 @@ class SystemModel:
         self.cfg = cfg
         self.num_clients = num_clients
         self.seed = seed
-        rng = np.random.default_rng([seed, 7001])
+        rng = seeding.stream(seed, seeding.SYSTEM_PROFILE)
         if cfg.speeds:
             if len(cfg.speeds) != num_clients:
                 raise ValueError(
@@ -42,21 +43,18 @@ class SystemModel:
             raise ValueError("system speeds and bandwidths must be positive")
 
     def _draw(self, round_: int, client: int, stream: int) -> float:
-        return float(np.random.default_rng([self.seed, stream, round_, client]).random())
+        return float(seeding.stream(self.seed, stream, round_, client).random())
 
     def available(self, round_: int) -> list[int]:
         if self.cfg.availability >= 1.0:
             return list(range(self.num_clients))
         return [k for k in range(self.num_clients)
-                if self._draw(round_, k, 1) < self.cfg.availability]
+                if self._draw(round_, k, seeding.AVAILABILITY) < self.cfg.availability]
 
     def drops(self, round_: int, client: int) -> bool:
-        return self.cfg.dropout > 0 and self._draw(round_, client, 2) < self.cfg.dropout
+        return (self.cfg.dropout > 0
+                and self._draw(round_, client, seeding.DROPOUT) < self.cfg.dropout)
 
     def round_time(self, client: int, samples: float, model_bytes: float) -> float:
         return (samples / self.speed[client] + 2 * model_bytes / self.bandwidth[client]
                 + self.cfg.latency)
-
-    def describe(self) -> list[dict]:
-        return [{"client": k, "speed": float(self.speed[k]), "bandwidth": float(self.bandwidth[k])}
-                for k in range(self.num_clients)]

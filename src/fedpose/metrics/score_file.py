@@ -12,27 +12,11 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
 from rich.table import Table
 
-from fedpose.data.records import COCO, LSP, MPII, DatasetError, PoseRecord, Skeleton
-from fedpose.metrics.pck import grouped_table, score
-
-
-def _records(args) -> tuple[list[PoseRecord], Skeleton]:
-    if args.dataset == "lsp":
-        from fedpose.data.lsp import load_lsp
-
-        return load_lsp(args.root, split=args.split, labels=args.labels), LSP
-    if not args.ann:
-        raise DatasetError(args.root, f"--ann is required for {args.dataset}")
-    if args.dataset == "mpii":
-        from fedpose.data.mpii import load_mpii
-
-        return load_mpii(args.ann, args.root, headboxes=args.headboxes), MPII
-    from fedpose.data.coco import load_coco
-
-    return load_coco(args.ann, args.root), COCO
+from fedpose.data import FileOptions, load_files
+from fedpose.data.records import DatasetError, PoseRecord, Skeleton
+from fedpose.metrics.pck import PCKResult, grouped_table, score
 
 
 def match_predictions(pred_file: str | Path, records: list[PoseRecord],
@@ -68,17 +52,24 @@ def match_predictions(pred_file: str | Path, records: list[PoseRecord],
     return out
 
 
-def score_file(args, console: Console) -> int:
-    records, skeleton = _records(args)
-    preds = match_predictions(args.pred, records, skeleton.num_joints)
-    result = score(preds, records, skeleton, alpha=args.alpha)
-    table = Table(title=f"{skeleton.name}: {len(records)} records, "
+def score_file(dataset: str, root: str | Path, pred_file: str | Path,
+               ann: str | Path | None = None, options: FileOptions | None = None,
+               alpha: float | None = None) -> tuple[PCKResult, Skeleton, int]:
+    """Score a predictions file against a dataset's labels: the PCK result, the skeleton and the
+    number of records scored. alpha: the threshold (None: the dataset's standard one)."""
+    records, skeleton = load_files(dataset, root, ann, options)
+    preds = match_predictions(pred_file, records, skeleton.num_joints)
+    return score(preds, records, skeleton, alpha=alpha), skeleton, len(records)
+
+
+def score_table(result: PCKResult, skeleton: Skeleton, num_records: int,
+                alpha: float | None = None) -> Table:
+    """The per-part PCK of a scored file, as the official scripts group it."""
+    table = Table(title=f"{skeleton.name}: {num_records} records, "
                         f"{'PCKh' if skeleton.normalizer == 'head' else 'PCK'}"
-                        f"@{args.alpha or skeleton.pck_alpha:g}")
+                        f"@{alpha or skeleton.pck_alpha:g}")
     table.add_column("part")
     table.add_column("PCK (%)", justify="right")
     for part, value in grouped_table(result, skeleton):
         table.add_row(part, f"{value:.2f}")
-    console.print(table)
-    print(f"mean PCK: {result.mean:.2f}")
-    return 0
+    return table

@@ -44,6 +44,7 @@ class Strategy:
 
     name: str = "base"
     client_rule: str = "plain"  # plain | prox | dyn: the local objective clients minimise
+    client_coef: float = 0.0  # its coefficient, sent to the clients with every request
     keep_bn_local: bool = False  # FedBN: BatchNorm modules never leave the client
 
     def initial_state(self) -> dict:

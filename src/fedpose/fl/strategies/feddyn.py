@@ -27,6 +27,10 @@ class FedDyn(Strategy):
         self.alpha = alpha
         self.server_lr = server_lr
 
+    @property
+    def client_coef(self) -> float:
+        return self.alpha
+
     def aggregate(self, inputs: RoundInput, state: dict) -> Aggregation:
         deltas = inputs.deltas
         k = len(deltas)

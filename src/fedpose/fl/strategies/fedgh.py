@@ -17,6 +17,7 @@ plain vector loop instead (the reference, K² passes).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -30,6 +31,7 @@ from fedpose.fl.fedgh import (
 )
 from fedpose.fl.strategies.base import Aggregation, RoundInput, Strategy, sample_weights
 from fedpose.fl.strategies.fedaw import fedadp_weights
+from fedpose.seeding import fedgh_order_seed
 
 
 def column_groups(slices: list[tuple[str, int, int]], p: int) -> list[tuple[int, int]]:
@@ -46,30 +48,25 @@ def column_groups(slices: list[tuple[str, int, int]], p: int) -> list[tuple[int,
     return groups
 
 
+@dataclass
 class FedGH(Strategy):
-    name = "fedgh"
+    """The options are the `fed.gh_*` settings (see FedConfig); build_strategy maps them."""
 
-    def __init__(
-        self,
-        alpha: float = 5.0,
-        tau: float = 0.0,
-        variant: str = "pcgrad",
-        order: str = "random",
-        per_layer: bool = False,
-        rescale: bool = False,
-        method: str = "gram",
-        server_lr: float = 1.0,
-        seed: int = 0,
-        adaptive: bool = True,
-        project: bool = True,
-        name: str = "fedgh",
-    ):
-        check_options(variant, order, method)
-        self.alpha, self.tau, self.server_lr, self.seed = alpha, tau, server_lr, seed
-        self.variant, self.order, self.method = variant, order, method
-        self.per_layer, self.rescale = per_layer, rescale
-        self.adaptive, self.project = adaptive, project
-        self.name = name
+    alpha: float = 5.0  # FedAW's Gompertz steepness (fed.aw_alpha)
+    tau: float = 0.0  # cosine below which two updates conflict
+    variant: str = "pcgrad"  # pcgrad | symmetric
+    order: str = "random"  # random | index: the projection visit order
+    per_layer: bool = False  # harmonize each tensor's columns on their own
+    rescale: bool = False  # rescale to the norm of Σ ψ_k Δ_k
+    method: str = "gram"  # gram | direct (the reference vector loop)
+    server_lr: float = 1.0
+    seed: int = 0  # with the round number, seeds the random visit order
+    adaptive: bool = True  # False: ψ_k = n_k / n ("fedgh-noaw")
+    project: bool = True  # False: no projection ("fedgh-noproj")
+    name: str = "fedgh"
+
+    def __post_init__(self) -> None:
+        check_options(self.variant, self.order, self.method)
 
     def initial_state(self) -> dict:
         return {"theta": {}, "round": 0}
@@ -78,7 +75,7 @@ class FedGH(Strategy):
         deltas = inputs.deltas
         p = deltas.shape[1]
         rnd = state.get("round", 0)
-        seed = self.seed * 1_000_003 + rnd  # a fresh, reproducible visit order every round
+        seed = fedgh_order_seed(self.seed, rnd)
         groups = column_groups(inputs.slices, p) if self.per_layer else [(0, p)]
         grams = torch.stack([gram_matrix(deltas[:, s:e]) for s, e in groups])  # (G, K, K)
         gram = grams.sum(0)  # the groups partition the columns: whole-model Gram

@@ -11,4 +11,8 @@ class FedProx(FedAvg):
 
     def __init__(self, mu: float = 0.01, server_lr: float = 1.0):
         super().__init__(server_lr)
-        self.mu = mu  # read by the client's prox rule
+        self.mu = mu
+
+    @property
+    def client_coef(self) -> float:
+        return self.mu

@@ -15,10 +15,12 @@ import platform
 import time
 
 import torch
+from rich.table import Table
 
 from fedpose.fl.fedgh import gram_matrix, native_gram_kernel
 from fedpose.fl.strategies import FedAvg, FedAW, FedGH
 from fedpose.fl.strategies.base import RoundInput, Strategy
+from fedpose.tools import ToolError
 
 
 def _cpu_name() -> str:
@@ -61,7 +63,7 @@ def bench_aggregate(clients: int, params: int, repeats: int = 3, seed: int = 0) 
     need = (k + 4) * p * 4  # updates, w, the output, and the direct loop's ĝ and sum
     avail = _available_bytes()
     if avail is not None and need > 0.9 * avail:
-        raise MemoryError(f"{k} x {p} float32 updates need about {need / 2**30:.1f} GiB, "
+        raise ToolError(f"{k} x {p} float32 updates need about {need / 2**30:.1f} GiB, "
                           f"{avail / 2**30:.1f} GiB available: lower --clients or --params")
     deltas = _client_updates(k, p, seed)
     counts = torch.linspace(50, 150, k, dtype=torch.float64)
@@ -121,16 +123,8 @@ def bench_aggregate(clients: int, params: int, repeats: int = 3, seed: int = 0) 
     }
 
 
-def bench_aggregate_main(args) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    try:
-        res = bench_aggregate(args.clients, args.params, args.repeats)
-    except MemoryError as e:
-        console.print(f"[red]{e}[/red]")
-        return 2
+def aggregate_tables(res: dict) -> tuple[Table, str]:
+    """The timings as a table, and a line on the Gram kernel and the machine."""
     table = Table(title=f"one server step, K = {res['clients']} clients, "
                         f"P = {res['params']:,} float32 parameters")
     table.add_column("method")
@@ -142,10 +136,8 @@ def bench_aggregate_main(args) -> int:
         runs = 1 if name == "fedgh-direct" else res["repeats"]
         label = f"{name} ({notes[name]})" if name in notes else name
         table.add_row(label, f"{s:.3f}", f"{res['ratio'][name]:.2f}", str(runs))
-    console.print(table)
-    console.print(f"Gram matrix alone: {res['gram_seconds']:.3f} s ({res['gram_backend']} kernel); "
-                  f"|gram - direct| / |update| = {res['gram_vs_direct']:.1e}")
-    console.print(f"{res['cpu']}, {res['cores']} cores, torch {res['torch']}, "
+    notes_line = (f"Gram matrix alone: {res['gram_seconds']:.3f} s ({res['gram_backend']} "
+                  f"kernel); |gram - direct| / |update| = {res['gram_vs_direct']:.1e}\n"
+                  f"{res['cpu']}, {res['cores']} cores, torch {res['torch']}, "
                   f"{res['threads']} threads")
-    print(f"fedgh/fedavg: {res['ratio']['fedgh']:.2f}")
-    return 0
+    return table, notes_line

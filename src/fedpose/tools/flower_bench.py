@@ -1,4 +1,4 @@
-"""Flower vs in-process: wall time of the same federation on both engines, and where the
+"""`fedpose bench flower`: wall time of the same federation on both engines, and where the
 Flower overhead goes.
 
 Sources of the figures:
@@ -16,12 +16,11 @@ federation in the fresh ClientApp process, (de)serialization on the client).
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shlex
 import statistics
-import sys
+from dataclasses import dataclass
 from importlib.metadata import version as package_version
 from pathlib import Path
 
@@ -29,11 +28,13 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from fedpose.config import Config
 from fedpose.engine.federation import Federation
 from fedpose.engine.flower_app import TIMING_FILE
-from fedpose.engine.flower_demo import Comparison, compare_or_exit_code
 from fedpose.engine.local import LocalTransport
 from fedpose.fl.messages import TrainReply
+from fedpose.metrics.log import read_jsonl, read_metrics
+from fedpose.tools.flower_demo import Comparison, compare_engines, demo_config
 
 
 class TimedLocalTransport(LocalTransport):
@@ -49,12 +50,6 @@ class TimedLocalTransport(LocalTransport):
         return reply
 
 
-def _rows(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _mean(values: list[float]) -> float:
     return statistics.fmean(values) if values else float("nan")
 
@@ -62,9 +57,9 @@ def _mean(values: list[float]) -> float:
 def summarize(result: Comparison, local_train_seconds: list[float]) -> dict:
     """The benchmark's figures from a finished comparison."""
     f = result.flower
-    flower_rounds = [r["wall_seconds"] for r in _rows(f.run_dir / "metrics.jsonl")]
-    local_rounds = [r["wall_seconds"] for r in _rows(result.local_run_dir / "metrics.jsonl")]
-    replies = _rows(f.run_dir / TIMING_FILE)
+    flower_rounds = [r["wall_seconds"] for r in read_metrics(f.run_dir)]
+    local_rounds = [r["wall_seconds"] for r in read_metrics(result.local_run_dir)]
+    replies = read_jsonl(f.run_dir / TIMING_FILE)
     flower_total = f.seconds["start"] + f.seconds["run"]
     compute = f.status.get("compute-time", {})
     traffic = f.status.get("network-traffic", {})
@@ -162,57 +157,56 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 
 
-def flower_bench_main(config_path: str | None = None, supernodes: int = 2, rounds: int = 3,
-                      overrides: list[str] | None = None, out: str | None = None) -> int:
-    """Run the experiment on both engines, print the figures, optionally write them as markdown."""
-    console = Console()
-    overrides = list(overrides or [])
+@dataclass
+class FlowerBench:
+    summary: dict  # the figures, see `summarize`
+    config: Config  # the config both engines ran
+    load: tuple[float, float]  # 1-minute load average before and after
+
+
+def run_flower_bench(config_path: str | None, supernodes: int, rounds: int,
+                     overrides: list[str], console: Console) -> FlowerBench:
+    """Run the experiment on both engines (run names flower-bench-flower / -local) and time it."""
     local_train_seconds: list[float] = []
     load_before = os.getloadavg()[0]
-    result = compare_or_exit_code(
-        console, config_path, supernodes, rounds, ["name=flower-bench", *overrides],
+    cfg = demo_config(config_path, supernodes, rounds, ["name=flower-bench", *overrides])
+    result = compare_engines(
+        cfg, supernodes, console,
         local_transport=lambda federation: TimedLocalTransport(federation, local_train_seconds))
-    if isinstance(result, int):
-        return result
-    cfg = result.config
-    s = summarize(result, local_train_seconds)
-    load = (load_before, os.getloadavg()[0])
+    return FlowerBench(summarize(result, local_train_seconds), result.config,
+                       (load_before, os.getloadavg()[0]))
+
+
+def summary_table(bench: FlowerBench) -> Table:
     table = Table(title="Flower vs in-process")
     table.add_column("figure")
     table.add_column("value", justify="right")
-    for key, value in s.items():
+    for key, value in bench.summary.items():
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
-    console.print(table)
-    if out:
-        threads = os.environ.get("OMP_NUM_THREADS")
-        args = [*([config_path] if config_path else []), f"--supernodes {supernodes}",
-                f"--rounds {rounds}", *(f"-c {shlex.quote(o)}" for o in overrides),
-                f"--out {out}"]
-        command = ((f"OMP_NUM_THREADS={threads} " if threads else "")
-                   + "python -m fedpose.engine.flower_bench " + " ".join(args))
-        d, m, fed = cfg.data, cfg.model, cfg.fed
-        cfg_line = (f"{d.dataset} ({d.synth_n if d.dataset == 'synth-arm' else 'all'} images, "
-                    f"input {d.input_size}), PoseResNet-{m.depth} width {m.width} deconv "
-                    f"{m.deconv_filters}, {fed.method} {fed.mode}, {fed.num_clients} clients, "
-                    f"{fed.rounds} rounds, {fed.local_steps or fed.local_epochs} local "
-                    f"{'steps' if fed.local_steps else 'epochs'} of batch {cfg.train.batch_size}, "
-                    f"device {cfg.train.device}.")
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(report_markdown(s, command, cfg_line, load))
-        console.print(f"wrote {out}")
-    return 0
+    return table
 
 
-if __name__ == "__main__":
-    import argparse
+def bench_command(config_path: str | None, supernodes: int, rounds: int, overrides: list[str],
+                  out: str) -> str:
+    """The command line that reproduces a run, for the report."""
+    threads = os.environ.get("OMP_NUM_THREADS")
+    args = [*([config_path] if config_path else []), f"--supernodes {supernodes}",
+            f"--rounds {rounds}", *(f"-c {shlex.quote(o)}" for o in overrides), f"--out {out}"]
+    return ((f"OMP_NUM_THREADS={threads} " if threads else "")
+            + "fedpose bench flower " + " ".join(args))
 
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", nargs="?", default=None)
-    parser.add_argument("--supernodes", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("-c", "--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--out", default=None, help="write the figures as markdown here")
-    args = parser.parse_args()
-    sys.exit(flower_bench_main(args.config, args.supernodes, args.rounds, args.overrides,
-                               args.out))
+
+def write_report(bench: FlowerBench, command: str, out: str | Path) -> Path:
+    """The figures as markdown, with the command, the machine and the experiment."""
+    cfg = bench.config
+    d, m, fed = cfg.data, cfg.model, cfg.fed
+    cfg_line = (f"{d.dataset} ({d.synth_n if d.dataset == 'synth-arm' else 'all'} images, "
+                f"input {d.input_size}), PoseResNet-{m.depth} width {m.width} deconv "
+                f"{m.deconv_filters}, {fed.method} {fed.mode}, {fed.num_clients} clients, "
+                f"{fed.rounds} rounds, {fed.local_steps or fed.local_epochs} local "
+                f"{'steps' if fed.local_steps else 'epochs'} of batch {cfg.train.batch_size}, "
+                f"device {cfg.train.device}.")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report_markdown(bench.summary, command, cfg_line, bench.load))
+    return out

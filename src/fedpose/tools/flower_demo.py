@@ -4,7 +4,7 @@ Starts a SuperLink and N SuperNodes on loopback (free ports, a private FLWR_HOME
 its own process group so that stopping it also stops the SuperExec/ServerApp/ClientApp processes
 it spawned), submits the fedpose Flower app with `flwr run`, follows the run through the run
 directory and `flwr ls`, stops every process it started (also on Ctrl-C, SIGTERM or failure),
-runs the same Config with `run_local` and reports the largest weight difference.
+runs the same Config in-process and reports the largest weight difference.
 """
 
 from __future__ import annotations
@@ -31,10 +31,24 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedpose.config import Config, ConfigError, config_from_dict, load_config, parse_overrides
+from fedpose.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    load_config,
+    merge_dicts,
+    parse_overrides,
+)
 from fedpose.engine.federation import build_federation
-from fedpose.engine.flower_app import merge_dicts, run_config_toml
-from fedpose.engine.local import prepare_run_dir, run_local
+from fedpose.engine.flower_app import (
+    CONNECT_TIMEOUT_S,
+    REPLY_TIMEOUT_S,
+    proc_stat,
+    run_config_toml,
+)
+from fedpose.engine.runner import prepare_run_dir, run_federation
+from fedpose.metrics.log import read_jsonl
+from fedpose.tools import ToolError
 
 CONNECTION = "fedpose-loopback"  # the SuperLink connection name in $FLWR_HOME/config.toml
 AGREEMENT = 1e-5  # largest weight difference the demo still calls agreement
@@ -53,8 +67,8 @@ TINY: dict = {
 }
 
 
-class FlowerDemoError(RuntimeError):
-    pass
+class FlowerDemoError(ToolError):
+    """A Flower process failed, did not start in time, or the run did not complete."""
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -91,7 +105,7 @@ def renamed(cfg: Config, name: str) -> Config:
     return cfg
 
 
-def write_app_dir(app_dir: Path, cfg: Config, reply_timeout: float = 900.0) -> Path:
+def write_app_dir(app_dir: Path, cfg: Config, reply_timeout: float = REPLY_TIMEOUT_S) -> Path:
     """A minimal Flower app: only a pyproject.toml whose components live in the installed
     fedpose package, so the bundle `flwr run` uploads stays tiny. The Config travels in the run
     config as JSON."""
@@ -269,7 +283,7 @@ def _processes() -> dict[int, tuple[int, int, str]]:
     for entry in proc.iterdir() if proc.is_dir() else []:
         if entry.name.isdigit():
             try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                fields = proc_stat(entry.name)
                 table[int(entry.name)] = (int(fields[1]), int(fields[2]), fields[0])
             except (OSError, IndexError, ValueError):
                 continue
@@ -317,7 +331,7 @@ def terminate_on_sigterm() -> Iterator[None]:
         yield
         return
 
-    def handler(signum, frame):
+    def handler(signum, _frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
     previous = signal.signal(signal.SIGTERM, handler)
@@ -341,7 +355,7 @@ class FlowerResult:
 
 
 def run_flower(cfg: Config, supernodes: int, console: Console, work_dir: Path | None = None,
-               timeout: float = 3600.0, reply_timeout: float = 900.0) -> FlowerResult:
+               timeout: float = 3600.0, reply_timeout: float = REPLY_TIMEOUT_S) -> FlowerResult:
     """Run `cfg` on a fresh loopback deployment of `supernodes` SuperNodes; stop it after."""
     if cfg.fed.num_clients != supernodes:
         raise ConfigError(f"{supernodes} SuperNodes for fed.num_clients={cfg.fed.num_clients}")
@@ -357,12 +371,12 @@ def run_flower(cfg: Config, supernodes: int, console: Console, work_dir: Path | 
                       f"({time.monotonic() - t0:.1f} s)")
         deployment.start_supernodes(supernodes)
         with console.status(f"waiting for {supernodes} SuperNodes") as status:
-            deadline = time.monotonic() + 120
+            deadline = time.monotonic() + CONNECT_TIMEOUT_S
             while (n := deployment.connected_nodes()) < supernodes:
                 deployment.check_alive()
                 if time.monotonic() > deadline:
                     raise FlowerDemoError(f"only {n} of {supernodes} SuperNodes connected in "
-                                          f"120 s; logs in {deployment.logs}")
+                                          f"{CONNECT_TIMEOUT_S:.0f} s; logs in {deployment.logs}")
                 status.update(f"waiting for SuperNodes: {n}/{supernodes} connected")
                 time.sleep(0.2)
         started = time.monotonic() - t0
@@ -417,7 +431,7 @@ def _follow_run(deployment: Deployment, app_dir: Path, cfg: Config, console: Con
             if run_id is None:
                 found = re.search(r"Successfully started run (\d+)", flwr_run.log.read_text())
                 run_id = found.group(1) if found else None
-            rows = _read_rows(metrics) if run_id else []
+            rows = read_jsonl(metrics) if run_id else []
             info = ""
             if rows and rows[-1].get("train_loss") is not None:
                 info = f"loss {rows[-1]['train_loss']:.5f}"
@@ -428,7 +442,7 @@ def _follow_run(deployment: Deployment, app_dir: Path, cfg: Config, console: Con
                     raise FlowerDemoError(f"flwr run did not start a run:\n{tail(flwr_run.log)}")
                 row = _run_status(deployment, run_id)
                 if row.get("status", "").startswith("finished"):
-                    bar.update(task, completed=len(_read_rows(metrics)), state=row["status"])
+                    bar.update(task, completed=len(read_jsonl(metrics)), state=row["status"])
                     return row
             time.sleep(0.5)
 
@@ -444,18 +458,6 @@ def _run_status(deployment: Deployment, run_id: str) -> dict:
         if str(row.get("run-id")) == run_id:
             return row
     raise FlowerDemoError(f"flwr ls does not know run {run_id}: {result.stdout}")
-
-
-def _read_rows(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # the line being written
-    return rows
 
 
 # ----------------------------------------------------------------------------- comparison
@@ -479,7 +481,7 @@ class Comparison:
 def compare_engines(cfg: Config, supernodes: int, console: Console, timeout: float = 3600.0,
                     work_dir: Path | None = None, local_transport=None) -> Comparison:
     """Run `cfg` on Flower (run dir `<name>-flower`) and in-process (`<name>-local`, with
-    `local_transport` as run_local's transport_factory when given)."""
+    `local_transport` as run_federation's transport_factory when given)."""
     with console.status("checking the config and preparing the data"):
         # here, before any process starts: a bad config fails fast, and concurrent ClientApps
         # do not all generate a missing data set at once
@@ -489,56 +491,7 @@ def compare_engines(cfg: Config, supernodes: int, console: Console, timeout: flo
     local_cfg = renamed(cfg, f"{cfg.name}-local")
     console.print("the same federation in-process:")
     t0 = time.monotonic()
-    server = run_local(local_cfg, console=console, transport_factory=local_transport)
+    server = run_federation(local_cfg, console=console, transport_factory=local_transport)
     local_seconds = time.monotonic() - t0
     return Comparison(max_abs_diff(flower.weights, server.weights), flower, server.weights,
                       local_seconds, local_cfg.run_dir, cfg)
-
-
-def compare_or_exit_code(console: Console, config_path: str | None, supernodes: int, rounds: int,
-                         overrides: list[str], **kwargs) -> Comparison | int:
-    """compare_engines behind the command line's error handling: on a bad config or a Flower
-    failure an `error:` line and exit code 2, on Ctrl-C or SIGTERM 130 (processes stopped)."""
-    try:
-        cfg = demo_config(config_path, supernodes, rounds, overrides)
-        console.print(f"[bold]{cfg.name}[/]: {cfg.fed.method} on {cfg.data.dataset}, "
-                      f"{supernodes} SuperNodes, {rounds} rounds; runs in {cfg.out_dir}")
-        with terminate_on_sigterm():
-            return compare_engines(cfg, supernodes, console, **kwargs)
-    except (ConfigError, FlowerDemoError) as e:
-        console.print(f"[red]error:[/] {e}")
-        return 2
-    except KeyboardInterrupt:
-        console.print("[red]interrupted[/]: every Flower process was stopped")
-        return 130
-
-
-def flower_demo_main(config_path: str | None, supernodes: int, rounds: int,
-                     overrides: list[str]) -> int:
-    """CLI entry: run on Flower and in-process; the last line is the largest weight gap."""
-    console = Console()
-    result = compare_or_exit_code(console, config_path, supernodes, rounds, overrides)
-    if isinstance(result, int):
-        return result
-    f = result.flower
-    console.print(f"Flower: {f.seconds['start']:.1f} s to start, {f.seconds['run']:.1f} s run; "
-                  f"in-process: {result.local_seconds:.1f} s")
-    console.print(f"runs: {f.run_dir}  {result.local_run_dir}")
-    if result.max_diff <= AGREEMENT:
-        console.print(f"the engines agree (tolerance {AGREEMENT:g})")
-    else:
-        console.print(f"[red]the engines differ by more than {AGREEMENT:g}[/]")
-    print(f"max |w_flower - w_local|: {result.max_diff:.6g}")
-    return 0 if result.max_diff <= AGREEMENT else 1
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("config", nargs="?", default=None)
-    parser.add_argument("--supernodes", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("-c", "--set", dest="overrides", action="append", default=[])
-    args = parser.parse_args()
-    sys.exit(flower_demo_main(args.config, args.supernodes, args.rounds, args.overrides))
