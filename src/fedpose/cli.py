@@ -1,5 +1,5 @@
 """fedpose command line: train, run, compare, eval, predict, score, data, bench, flower-demo,
-flower-config.
+flower-sim, flower-config.
 
 Argument parsing and printing live here; the library raises exceptions and returns values.
 """
@@ -190,6 +190,26 @@ def cmd_data_partition(args) -> int:
     return 0
 
 
+def cmd_data_split(args) -> int:
+    from fedpose.data.site import TEST_FILE, TRAIN_FILE, split_into_sites
+
+    cfg = load_config(args.config, args.overrides)
+    sites = split_into_sites(cfg, args.out_dir)
+    table = Table(title=f"{len(sites)} site folders ({cfg.fed.partition} partition)")
+    for column in ("site folder", "train", "test"):
+        table.add_column(column, justify="left" if column == "site folder" else "right")
+    for site in sites:
+        table.add_row(str(site.folder), str(site.train), str(site.test))
+    console.print(table)
+    first = sites[0].folder
+    console.print(f"check one: fedpose data inspect --dataset coco --root {first} "
+                  f"--ann {first / TRAIN_FILE}", markup=False, highlight=False, soft_wrap=True)
+    console.print(f"serve one: flower-supernode ... --node-config 'data-root=\"{first}\" "
+                  f'dataset="coco" ann="{TRAIN_FILE}" test-ann="{TEST_FILE}"\'',
+                  markup=False, highlight=False, soft_wrap=True)
+    return 0
+
+
 def cmd_bench_aggregate(args) -> int:
     from fedpose.tools.bench_aggregate import aggregate_tables, bench_aggregate
 
@@ -246,6 +266,26 @@ def cmd_flower_demo(args) -> int:
         console.print(f"[red]the engines differ by more than {AGREEMENT:g}[/]")
     print(f"max |w_flower - w_local|: {result.max_diff:.6g}")
     return 0 if result.max_diff <= AGREEMENT else 1
+
+
+def cmd_flower_sim(args) -> int:
+    from fedpose.tools.flower_demo import demo_config, terminate_on_sigterm
+    from fedpose.tools.flower_sim import run_flower_simulation
+
+    cfg = demo_config(args.config, args.supernodes, args.rounds, args.overrides)
+    console.print(f"[bold]{cfg.name}[/]: {cfg.fed.method} on {cfg.data.dataset}, "
+                  f"{args.supernodes} virtual SuperNodes, {args.rounds} rounds; runs in "
+                  f"{cfg.out_dir}")
+    with terminate_on_sigterm():
+        result = run_flower_simulation(cfg, args.supernodes, console,
+                                       cpus_per_client=args.cpus_per_client,
+                                       connect_timeout=args.connect_timeout)
+    f = result.flower
+    console.print(f"Flower simulation: {f.seconds['start']:.1f} s to start, "
+                  f"{f.seconds['run']:.1f} s run, peak memory "
+                  f"{result.peak_rss_bytes / 2**20:.0f} MiB (SuperLink process tree)")
+    console.print(f"run directory: {f.run_dir}")
+    return 0
 
 
 def cmd_flower_config(args) -> int:
@@ -318,6 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = dsub.add_parser("partition", help="print and plot per-client statistics")
     _add_config(d)
     d.set_defaults(func=cmd_data_partition)
+    d = dsub.add_parser("split", help="write one COCO-format folder per client of the "
+                                      "partition (images, train.json, test.json)")
+    _add_config(d)
+    d.add_argument("out_dir", help="where the site folders site0, site1, ... go")
+    d.set_defaults(func=cmd_data_split)
 
     p = sub.add_parser("bench", help="benchmarks")
     bsub = p.add_subparsers(dest="bench_cmd", required=True)
@@ -335,6 +380,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("flower-demo", help="the federation on real Flower processes vs in-process")
     _add_flower_run(p, rounds=2)
     p.set_defaults(func=cmd_flower_demo, interrupted=FLOWER_INTERRUPTED)
+
+    p = sub.add_parser("flower-sim", help="the federation on Flower's Simulation Engine "
+                                          "(virtual SuperNodes, Ray)")
+    _add_flower_run(p, rounds=2)
+    p.add_argument("--cpus-per-client", type=int, default=1,
+                   help="CPU cores Ray reserves per ClientApp (how many train at once)")
+    p.add_argument("--connect-timeout", type=float, default=600.0,
+                   help="seconds the ServerApp waits at start for every virtual SuperNode "
+                        "to answer (each answer is one ClientApp call)")
+    p.set_defaults(func=cmd_flower_sim, interrupted=FLOWER_INTERRUPTED)
 
     p = sub.add_parser("flower-config", help="print a `flwr run --run-config` file that carries "
                                              "a fedpose config")

@@ -73,14 +73,18 @@ def load_coco(ann_file: str | Path, image_dir: str | Path) -> list[PoseRecord]:
         check_joints(kps[:, :2], labelled, sizes[image_id], ann_file, record_id)
 
         x, y, w, h = _bbox(ann_file, ann.get("bbox"), record_id)
+        # SimpleBaseline pads the box to the input's aspect ratio (square here) first
+        center, scale = (x + w / 2, y + h / 2), max(w, h) * BOX_PADDING / PIXEL_STD
+        if "crop" in ann:  # the exact crop of a record written by write_coco (site folders)
+            center, scale = _crop(ann_file, ann["crop"], record_id)
         records.append(
             PoseRecord(
                 image=image,
                 joints=kps[:, :2].astype(np.float32),
                 visibility=labelled.astype(np.float32),
-                center=np.array([x + w / 2, y + h / 2], dtype=np.float32),
-                # SimpleBaseline pads the box to the input's aspect ratio (square here) first
-                scale=max(w, h) * BOX_PADDING / PIXEL_STD,
+                center=np.array(center, dtype=np.float32),
+                scale=scale,
+                head_box=_head_box(ann_file, ann.get("head_box"), record_id),
                 person_box=np.array([x, y, x + w, y + h], dtype=np.float32),
                 attributes=_attributes(ann_file, ann, kps, record_id),
                 record_id=record_id,
@@ -200,6 +204,30 @@ def _image_size(
     return width, height
 
 
+def _crop(ann_file: Path, value: object, record_id: str) -> tuple[tuple[float, float], float]:
+    try:
+        cx, cy, scale = (float(v) for v in value)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        cx = cy = scale = float("nan")
+    if not (np.isfinite([cx, cy, scale]).all() and scale > 0):
+        raise DatasetError(ann_file, f"crop must be [cx, cy, scale > 0], got {value!r:.80}",
+                           record_id)
+    return (cx, cy), scale
+
+
+def _head_box(ann_file: Path, value: object, record_id: str) -> np.ndarray | None:
+    if value is None:
+        return None
+    try:
+        box = np.array(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        box = np.zeros(0)
+    if box.shape != (4,) or not np.isfinite(box).all():
+        raise DatasetError(ann_file, f"head_box must be [x1, y1, x2, y2], got {value!r:.80}",
+                           record_id)
+    return box.astype(np.float32)
+
+
 def _attributes(ann_file: Path, ann: dict, kps: np.ndarray, record_id: str) -> dict:
     extra = ann.get("attributes") or {}
     if not isinstance(extra, dict):
@@ -246,6 +274,10 @@ def _annotation(record: PoseRecord, ann_id: int, image_id: int) -> dict:
         "bbox": [x1, y1, x2 - x1, y2 - y1],
         "area": (x2 - x1) * (y2 - y1),
         "attributes": attributes,
+        # the crop itself: centre and scale derived from the box again may differ in the last bit
+        "crop": [float(record.center[0]), float(record.center[1]), float(record.scale)],
+        **({"head_box": [float(v) for v in record.head_box]}
+           if record.head_box is not None else {}),
     }
 
 

@@ -62,11 +62,19 @@ def build_federation(cfg: Config) -> Federation:
     parts = partition(train_records, cfg.fed, cfg.seed)
     if len(parts) != cfg.fed.num_clients:
         raise ValueError(f"partition made {len(parts)} clients, config says {cfg.fed.num_clients}")
+    model, layout, strategy = build_model_and_strategy(cfg, skeleton)
+    return Federation(cfg, skeleton, train_records, test_records, parts, model, layout, strategy,
+                      resolve_device(cfg.train.device))
+
+
+def build_model_and_strategy(cfg: Config, skeleton: Skeleton
+                             ) -> tuple[PoseResNet, ModelLayout, Strategy]:
+    """The initial model (seeded: every engine and every site builds the same one), its
+    parameter layout and the strategy; no data needed."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, skeleton.num_joints)
     if cfg.model.pretrained:
         load_pretrained(model, cfg.model.pretrained)
     strategy = build_strategy(cfg.fed, seed=cfg.seed)
     layout = model_layout(model, keep_bn_local=strategy.keep_bn_local)
-    return Federation(cfg, skeleton, train_records, test_records, parts, model, layout, strategy,
-                      resolve_device(cfg.train.device))
+    return model, layout, strategy

@@ -89,13 +89,16 @@ class PCKResult:
         }
 
 
-def score(
+def pck_counts(
     pred: np.ndarray,
     records: Sequence[PoseRecord],
     skeleton: Skeleton,
     alpha: float | None = None,
-) -> PCKResult:
-    """PCK of predictions (N, J, 2) against the records, with the skeleton's normaliser and mean."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-joint (correct, counted) integer counts (J,) of predictions (N, J, 2).
+
+    Counts of disjoint record sets add up: summing them over sites and scoring the sums with
+    `score_counts` gives exactly the PCK of all the records together."""
     alpha = skeleton.pck_alpha if alpha is None else float(alpha)
     pred = np.asarray(pred, dtype=np.float64)
     if pred.shape != (len(records), skeleton.num_joints, 2):
@@ -103,10 +106,28 @@ def score(
             f"predictions have shape {pred.shape}, expected ({len(records)}, "
             f"{skeleton.num_joints}, 2)"
         )
+    if not records:
+        zeros = np.zeros(skeleton.num_joints, dtype=np.int64)
+        return zeros, zeros.copy()
     gt = np.stack([np.asarray(r.joints, dtype=np.float64) for r in records])
     visible = np.stack([np.asarray(r.visibility) for r in records])
     norm = pck_normalizers(records, skeleton)
-    acc, count = pck(pred, gt, visible, norm, alpha)
+    counted = (visible > 0) & (norm[:, None] > 0)
+    dist = np.linalg.norm(pred - gt, axis=-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        correct = counted & (dist / np.where(norm > 0, norm, 1.0)[:, None] <= alpha)
+    return correct.sum(axis=0).astype(np.int64), counted.sum(axis=0).astype(np.int64)
+
+
+def score_counts(
+    correct: np.ndarray, counted: np.ndarray, skeleton: Skeleton, alpha: float | None = None
+) -> PCKResult:
+    """PCK from per-joint (correct, counted) counts, with the skeleton's standard mean."""
+    alpha = skeleton.pck_alpha if alpha is None else float(alpha)
+    correct = np.asarray(correct, dtype=np.int64)
+    count = np.asarray(counted, dtype=np.int64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        acc = np.where(count > 0, correct / np.maximum(count, 1), np.nan)
     keep = np.ones(skeleton.num_joints, dtype=bool)
     keep[list(skeleton.excluded_from_mean)] = False
     total = count[keep].sum()
@@ -120,6 +141,17 @@ def score(
         normalizer=skeleton.normalizer,
         excluded=tuple(skeleton.joints[i] for i in skeleton.excluded_from_mean),
     )
+
+
+def score(
+    pred: np.ndarray,
+    records: Sequence[PoseRecord],
+    skeleton: Skeleton,
+    alpha: float | None = None,
+) -> PCKResult:
+    """PCK of predictions (N, J, 2) against the records, with the skeleton's normaliser and mean."""
+    correct, counted = pck_counts(pred, records, skeleton, alpha)
+    return score_counts(correct, counted, skeleton, alpha)
 
 
 # Report groups: name -> joints averaged (plain mean of left and right, as MPII's script)

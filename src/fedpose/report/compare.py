@@ -85,6 +85,7 @@ def build_report(runs: dict[str, list[Path]], out_dir: Path, title: str,
             lines.append(f"| {label} | {_fmt(times)} ({reached}/{len(times)} reached) | "
                          f"{_fmt(rnds)} | {_fmt(finals)} | {_fmt(ends)} |")
 
+    lines += site_table(metrics)
     plots = {
         "pck_vs_round.png": ("round", "pck_mean", "PCK (%)"),
         "pck_vs_time.png": ("sim_time", "pck_mean", "PCK (%)"),
@@ -135,3 +136,24 @@ def _plot(metrics: dict, xkey: str, ykey: str, ylabel: str, path: Path) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def site_table(metrics: dict[str, list[list[dict]]]) -> list[str]:
+    """Markdown lines: each site's own PCK of the final model, for runs evaluated federated
+    (every site scoring its own test records); none for centrally evaluated runs."""
+    finals = {label: [f for f in (final_eval(rows) for rows in rows_list)
+                      if f and f.get("site_pck")]
+              for label, rows_list in metrics.items()}
+    sites = sorted({k for fs in finals.values() for f in fs for k in f["site_pck"]}, key=int)
+    if not sites:
+        return []
+    lines = ["", "Per-site PCK of the final model (federated evaluation: each site scores its own "
+             "test records; the mean PCK above sums their counts):", "",
+             "| method | " + " | ".join(f"site {k}" for k in sites) + " |",
+             "|---" * (len(sites) + 1) + "|"]
+    for label, fs in finals.items():
+        if fs:
+            cells = [_fmt([f["site_pck"][k] for f in fs if f["site_pck"].get(k) is not None])
+                     for k in sites]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines

@@ -105,10 +105,11 @@ def renamed(cfg: Config, name: str) -> Config:
     return cfg
 
 
-def write_app_dir(app_dir: Path, cfg: Config, reply_timeout: float = REPLY_TIMEOUT_S) -> Path:
+def write_app_dir(app_dir: Path, cfg: Config, reply_timeout: float = REPLY_TIMEOUT_S,
+                  **settings: str | bool | float) -> Path:
     """A minimal Flower app: only a pyproject.toml whose components live in the installed
     fedpose package, so the bundle `flwr run` uploads stays tiny. The Config travels in the run
-    config as JSON."""
+    config as JSON; settings are other run config keys (see run_config_toml)."""
     app_dir.mkdir(parents=True, exist_ok=True)
     lines = [
         "[build-system]",
@@ -129,7 +130,7 @@ def write_app_dir(app_dir: Path, cfg: Config, reply_timeout: float = REPLY_TIMEO
         'clientapp = "fedpose.engine.flower_app:client_app"',
         "",
         "[tool.flwr.app.config]",
-        run_config_toml(cfg, reply_timeout=float(reply_timeout)),
+        run_config_toml(cfg, reply_timeout=float(reply_timeout), **settings),
     ]
     (app_dir / "pyproject.toml").write_text("\n".join(lines))
     return app_dir
@@ -187,24 +188,29 @@ class Deployment:
             raise FlowerDemoError(f"{', '.join(missing)} not found on PATH: install the pinned "
                                   f"Flower (pip install 'flwr==1.42.0') into this environment")
 
-    def start(self, name: str, args: list[str]) -> Started:
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Started:
         log = self.logs / f"{name}.log"
         with open(log, "wb") as out:
             # a session of its own: Ctrl-C in the terminal reaches only us, and one killpg
             # stops the process together with the SuperExec and app processes it spawns
-            popen = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=self.env,
-                                     cwd=self.work_dir, start_new_session=True)
+            popen = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
+                                     env={**self.env, **(env or {})}, cwd=self.work_dir,
+                                     start_new_session=True)
         started = Started(name, popen, log)
         self.processes.append(started)
         return started
 
-    def start_superlink(self) -> None:
+    def start_superlink(self, env: dict[str, str] | None = None,
+                        simulation: bool = False) -> None:
+        """simulation: Flower's Simulation Engine runs the ClientApps on virtual SuperNodes
+        inside the SuperLink's runtime (Ray), instead of waiting for real SuperNodes."""
         self.superlink_port = free_port()
         (self.flwr_home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
             f'address = "127.0.0.1:{self.superlink_port}"\ninsecure = true\n')
         link = self.start("superlink", ["flower-superlink", "--insecure", "--host", "127.0.0.1",
-                                        "--port", str(self.superlink_port)])
+                                        "--port", str(self.superlink_port),
+                                        *(["--simulation"] if simulation else [])], env=env)
         deadline = time.monotonic() + 60
         while not _listening(self.superlink_port):
             self.check_alive()
@@ -212,12 +218,17 @@ class Deployment:
                 raise FlowerDemoError(f"SuperLink not listening after 60 s; see {link.log}")
             time.sleep(0.1)
 
-    def start_supernodes(self, n: int) -> None:
+    def start_supernodes(self, n: int, node_configs: list[str] | None = None,
+                         envs: list[dict[str, str]] | None = None) -> None:
+        """n SuperNodes, by default serving partitions 0 … n-1; node_configs (one
+        --node-config string each) point them at their own data instead."""
         for i in range(n):
+            node_config = (node_configs[i] if node_configs
+                           else f"partition-id={i} num-partitions={n}")
             self.start(f"supernode-{i}", [
                 "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.superlink_port}",
-                "--port", str(free_port()), "--node-config", f"partition-id={i} num-partitions={n}",
-            ])
+                "--port", str(free_port()), "--node-config", node_config,
+            ], env=envs[i] if envs else None)
 
     def connected_nodes(self) -> int:
         text = (self.logs / "superlink.log").read_text(errors="replace")
@@ -355,8 +366,12 @@ class FlowerResult:
 
 
 def run_flower(cfg: Config, supernodes: int, console: Console, work_dir: Path | None = None,
-               timeout: float = 3600.0, reply_timeout: float = REPLY_TIMEOUT_S) -> FlowerResult:
-    """Run `cfg` on a fresh loopback deployment of `supernodes` SuperNodes; stop it after."""
+               timeout: float = 3600.0, reply_timeout: float = REPLY_TIMEOUT_S,
+               node_configs: list[str] | None = None,
+               envs: list[dict[str, str]] | None = None) -> FlowerResult:
+    """Run `cfg` on a fresh loopback deployment of `supernodes` SuperNodes; stop it after.
+    node_configs / envs: per SuperNode (see Deployment.start_supernodes); envs[supernodes], when
+    given, goes to the SuperLink (and so to the ServerApp)."""
     if cfg.fed.num_clients != supernodes:
         raise ConfigError(f"{supernodes} SuperNodes for fed.num_clients={cfg.fed.num_clients}")
     own_dir = work_dir is None
@@ -366,10 +381,11 @@ def run_flower(cfg: Config, supernodes: int, console: Console, work_dir: Path | 
     try:
         t0 = time.monotonic()
         with console.status("starting the SuperLink"):
-            deployment.start_superlink()
+            deployment.start_superlink(envs[supernodes] if envs and len(envs) > supernodes
+                                       else None)
         console.print(f"SuperLink on 127.0.0.1:{deployment.superlink_port} "
                       f"({time.monotonic() - t0:.1f} s)")
-        deployment.start_supernodes(supernodes)
+        deployment.start_supernodes(supernodes, node_configs, envs)
         with console.status(f"waiting for {supernodes} SuperNodes") as status:
             deadline = time.monotonic() + CONNECT_TIMEOUT_S
             while (n := deployment.connected_nodes()) < supernodes:
@@ -414,9 +430,10 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def _follow_run(deployment: Deployment, app_dir: Path, cfg: Config, console: Console,
-                timeout: float) -> dict:
+                timeout: float, flwr_args: tuple[str, ...] = ()) -> dict:
     """Submit the app, show the rounds as the ServerApp logs them, return the final status."""
-    flwr_run = deployment.start("flwr-run", ["flwr", "run", str(app_dir), CONNECTION, "--stream"])
+    flwr_run = deployment.start("flwr-run", ["flwr", "run", str(app_dir), CONNECTION, "--stream",
+                                             *flwr_args])
     metrics = cfg.run_dir / "metrics.jsonl"
     run_id = None
     deadline = time.monotonic() + timeout
