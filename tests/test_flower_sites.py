@@ -403,3 +403,11 @@ def test_site_node_config_errors_name_the_problem(tmp_path):
     with pytest.raises(DatasetError, match="no-such.json"):
         load_site({"data-root": str(tmp_path), "dataset": "coco", "ann": "no-such.json"},
                   cfg.data, ARM)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_run_without_any_usable_site_fails(tmp_path):
+    cfg = _tiny(tmp_path, "fed.rounds=1")
+    configs = _site_configs(tmp_path / "nowhere", 3)
+    with pytest.raises(RuntimeError, match="no usable SuperNode"):
+        _run_sites(cfg, configs)

@@ -450,6 +450,10 @@ class FlowerTransport:
                         answers[node] = info
             time.sleep(POLL_SECONDS)
         self._number_clients(list(answers.values()))
+        if not self.node_of:
+            # nothing to train: end the run (finished:failed) instead of logging empty rounds
+            raise RuntimeError(f"no usable SuperNode answered within {self.connect_timeout:.0f} s "
+                               f"(connect-timeout); {len(asked)} node(s) were asked")
         missing = sorted(set(range(self.num_clients)) - set(self.clients))
         if missing:
             self.log(f"no SuperNode serves client(s) {missing} after "
