@@ -88,8 +88,9 @@ from fedpose.fl.client import local_batches, local_train
 from fedpose.fl.messages import TrainReply, TrainRequest
 from fedpose.fl.params import ModelLayout
 from fedpose.fl.server import FederatedServer
-from fedpose.metrics.pck import pck_counts, score_counts
-from fedpose.model.inference import predict_records, resolve_device
+from fedpose.metrics.evaluate import evaluate_counts
+from fedpose.metrics.pck import score_counts
+from fedpose.model.inference import resolve_device
 from fedpose.train import save_model
 
 CONFIG_KEY = "fedpose-config"
@@ -251,15 +252,10 @@ class SiteEvaluation:
 def count_correct(model: torch.nn.Module, weights: dict[str, torch.Tensor],
                   records: list[PoseRecord], skeleton: Skeleton, cfg: Config,
                   device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """Per-joint (correct, counted) of `weights` on `records`, predicted as central evaluation
-    predicts (Federation.evaluate), so counts summed over sites equal the central counts."""
-    if not records:
-        zeros = np.zeros(skeleton.num_joints, dtype=np.int64)
-        return zeros, zeros.copy()
+    """Per-joint (correct, counted) of `weights` on `records`, by the evaluator central
+    evaluation uses, so counts summed over sites equal the central counts."""
     model.load_state_dict(weights)
-    preds = predict_records(model, records, skeleton, cfg.data.input_size,
-                            flip_test=cfg.train.flip_test, device=device)
-    return pck_counts(preds, records, skeleton)
+    return evaluate_counts(model, records, skeleton, cfg, device)
 
 
 def evaluation_to_content(ev: SiteEvaluation) -> RecordDict:
