@@ -411,3 +411,12 @@ def test_a_run_without_any_usable_site_fails(tmp_path):
     configs = _site_configs(tmp_path / "nowhere", 3)
     with pytest.raises(RuntimeError, match="no usable SuperNode"):
         _run_sites(cfg, configs)
+
+
+def test_more_clients_than_test_records(tmp_path):
+    cfg = _tiny(tmp_path, "fed.num_clients=20", "fed.partition=iid")
+    fed = build_federation(cfg)
+    parts = evaluation_partition(fed.test_records, cfg)
+    assert len(parts) == 20 and len(fed.test_records) < 20
+    assert sorted(i for p in parts for i in p) == list(range(len(fed.test_records)))
+    assert sum(1 for p in parts if p) == len(fed.test_records)

@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
+
 from fedpose.config import Config, ConfigError, DataConfig
 from fedpose.data import SYNTH_ANN, load_split
 from fedpose.data.coco import load_coco, write_coco
@@ -147,8 +149,15 @@ def evaluation_partition(test_records: list[PoseRecord], cfg: Config) -> list[li
     """Which test records each client scores in federated evaluation: the config's partition
     applied to the test split, so a site's test data resembles its training data. Every test
     record goes to exactly one client, so the sites' counts add up to the whole test split."""
-    if not test_records:
-        return [[] for _ in range(cfg.fed.num_clients)]
+    n = cfg.fed.num_clients
+    if len(test_records) < n:
+        # fewer test records than clients (cross-device scale): one record each for clients
+        # in a seeded order, none for the rest
+        order = np.random.default_rng(cfg.seed).permutation(len(test_records))
+        parts: list[list[int]] = [[] for _ in range(n)]
+        for client, index in enumerate(order):
+            parts[client].append(int(index))
+        return parts
     return partition(test_records, cfg.fed, cfg.seed)
 
 
