@@ -194,7 +194,8 @@ def test_single_client_and_zero_updates_give_no_nan(name):
         diag = json.loads(json.dumps(agg.diagnostics))  # JSON-serialisable
         assert len(diag["weights"]) == len(deltas)
         assert all(math.isfinite(x) for x in diag["weights"])
-    if name != "feddyn":  # FedDyn adds −h/α even for one client
+    # FedDyn adds −h/α even for one client; clipping shortens it to fed.clip_norm
+    if name not in ("feddyn", "fedavg-clip"):
         one = strat.aggregate(_inputs([[1.0, -2.0]], [3.0]), strat.initial_state()).update
         assert one.tolist() == pytest.approx([1.0, -2.0])
 
@@ -215,6 +216,8 @@ def test_build_strategy_names():
         "fedavg": ("plain", False), "fedprox": ("prox", False), "fedbn": ("plain", True),
         "feddyn": ("dyn", False), "fedaw": ("plain", False), "fedgh": ("plain", False),
         "fedgh-noproj": ("plain", False), "fedgh-noaw": ("plain", False),
+        "fedavg-clip": ("plain", False), "median": ("plain", False),
+        "trimmed-mean": ("plain", False),
     }
     assert set(expected) == set(STRATEGY_NAMES)
     for name, (rule, bn_local) in expected.items():

@@ -56,6 +56,7 @@ class TrainConfig:
 @dataclass
 class FedConfig:
     # fedavg | fedprox | fedbn | feddyn | fedaw | fedgh | fedgh-noproj | fedgh-noaw
+    # | fedavg-clip | median | trimmed-mean (robust aggregation, docs/privacy.md)
     method: str = "fedgh"
     rounds: int = 10
     num_clients: int = 4
@@ -80,6 +81,8 @@ class FedConfig:
     gh_per_layer: bool = False
     gh_rescale: bool = False
     gh_method: str = "gram"  # gram | direct
+    clip_norm: float = 1.0  # fedavg-clip: largest L2 norm of one client update
+    trim_ratio: float = 0.1  # trimmed-mean: share of values cut at each end, in [0, 0.5)
     # asynchronous (FedBuff-style) mode
     mode: str = "sync"  # sync | async
     concurrency: int = 4  # clients training at once in async mode

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 from fedpose.config import FedConfig
 from fedpose.fl.strategies.base import Aggregation, RoundInput, Strategy
+from fedpose.fl.strategies.clipped import ClippedFedAvg
 from fedpose.fl.strategies.fedavg import FedAvg
 from fedpose.fl.strategies.fedaw import FedAW
 from fedpose.fl.strategies.fedbn import FedBN
 from fedpose.fl.strategies.feddyn import FedDyn
 from fedpose.fl.strategies.fedgh import FedGH
 from fedpose.fl.strategies.fedprox import FedProx
+from fedpose.fl.strategies.median import CoordinateMedian
+from fedpose.fl.strategies.trimmed_mean import TrimmedMean
 
 STRATEGY_NAMES = (
     "fedavg", "fedprox", "fedbn", "feddyn", "fedaw", "fedgh", "fedgh-noproj", "fedgh-noaw",
+    "fedavg-clip", "median", "trimmed-mean",
 )
 
 
@@ -39,10 +43,17 @@ def build_strategy(fed_cfg: FedConfig, seed: int = 0) -> Strategy:
                      per_layer=f.gh_per_layer, rescale=f.gh_rescale, method=f.gh_method,
                      server_lr=lr, seed=seed, adaptive=name != "fedgh-noaw",
                      project=name != "fedgh-noproj", name=name)
+    if name == "fedavg-clip":
+        return ClippedFedAvg(clip_norm=f.clip_norm, server_lr=lr)
+    if name == "median":
+        return CoordinateMedian(server_lr=lr)
+    if name == "trimmed-mean":
+        return TrimmedMean(trim_ratio=f.trim_ratio, server_lr=lr)
     raise ValueError(f"unknown fed.method {f.method!r}; valid: {', '.join(STRATEGY_NAMES)}")
 
 
 __all__ = [
-    "STRATEGY_NAMES", "Aggregation", "FedAW", "FedAvg", "FedBN", "FedDyn", "FedGH", "FedProx",
-    "RoundInput", "Strategy", "build_strategy",
+    "STRATEGY_NAMES", "Aggregation", "ClippedFedAvg", "CoordinateMedian", "FedAW", "FedAvg",
+    "FedBN", "FedDyn", "FedGH", "FedProx", "RoundInput", "Strategy", "TrimmedMean",
+    "build_strategy",
 ]
