@@ -83,6 +83,10 @@ class FedConfig:
     gh_method: str = "gram"  # gram | direct
     clip_norm: float = 1.0  # fedavg-clip: largest L2 norm of one client update
     trim_ratio: float = 0.1  # trimmed-mean: share of values cut at each end, in [0, 0.5)
+    # client-side differential privacy, Flower engine only (engine/flower_dp.py, docs/privacy.md)
+    dp_epsilon: float = 0.0  # per-release epsilon of Flower's LocalDpMod; 0 = off
+    dp_delta: float = 1e-5
+    dp_clip: float = 1.0  # L2 norm each client update is clipped to before the noise
     # asynchronous (FedBuff-style) mode
     mode: str = "sync"  # sync | async
     concurrency: int = 4  # clients training at once in async mode

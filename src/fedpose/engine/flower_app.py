@@ -83,12 +83,21 @@ from fedpose.data.site import (
     site_name,
 )
 from fedpose.engine.federation import Federation, build_federation, build_model_and_strategy
+from fedpose.engine.flower_dp import (
+    check_dp_config,
+    dp_enabled,
+    noise_std,
+    privacy_report,
+    privatize_update,
+    releases_per_client,
+)
 from fedpose.engine.runner import prepare_run_dir
 from fedpose.fl.client import local_batches, local_train
 from fedpose.fl.messages import TrainReply, TrainRequest
 from fedpose.fl.params import ModelLayout
 from fedpose.fl.server import FederatedServer
 from fedpose.metrics.evaluate import evaluate_counts
+from fedpose.metrics.log import read_jsonl
 from fedpose.metrics.pck import score_counts
 from fedpose.model.inference import resolve_device
 from fedpose.train import save_model
@@ -640,6 +649,7 @@ server_app = ServerApp()
 @server_app.main()
 def _server_main(grid: Grid, context: Context) -> None:
     settings = settings_from_run_config(context.run_config)
+    check_dp_config(settings.config.fed)
     console = Console(file=sys.stdout, width=100)
 
     def log(text: str) -> None:
@@ -703,11 +713,41 @@ def run_flower_server(grid: Grid, settings: AppSettings, log=print) -> Federated
     server.run(progress=progress)
     save_model(run_dir / "model.pt", server.weights, cfg, skeleton)
     log(f"finished at round {server.state.round}; run directory {run_dir.resolve()}")
+    if cfg.fed.dp_epsilon > 0:
+        report = privacy_report(cfg.fed, releases_per_client(read_jsonl(run_dir / "metrics.jsonl")))
+        (run_dir / "privacy.json").write_text(json.dumps(report, indent=2))
+        rdp = (f"epsilon {report['epsilon_rdp']:.4g} at delta {report['delta_rdp']:g} (Flower's "
+               f"RDP accountant)" if report["epsilon_rdp"] is not None
+               else "no RDP accountant (pip install 'flwr[dp]')")
+        log(f"local DP: sigma {report['noise_std']:.4g} per coordinate; a client released at most "
+            f"{report['releases_max']} updates: {rdp}; simple composition: epsilon "
+            f"{report['epsilon_composed_simple']:.4g} at delta {report['delta_composed_simple']:g}"
+            f"; details in privacy.json")
     return server
 
 
 # ----------------------------------------------------------------------------- ClientApp
-client_app = ClientApp()
+def client_dp_mod(msg: Message, context: Context, call_next) -> Message:
+    """Flower's LocalDpMod on train replies when the run's config asks for it. The config
+    lives in the run config, so the mod is chosen per message, not fixed at import."""
+    if msg.metadata.message_type != "train":
+        return call_next(msg, context)
+    try:
+        fed = settings_from_run_config(context.run_config).config.fed
+    except Exception:  # the handler reports a broken config as a failed client
+        return call_next(msg, context)
+    reply = call_next(msg, context)
+    if not dp_enabled(fed) or reply.has_error() or "update" not in reply.content:
+        return reply  # a failed client releases no update
+    update = record_to_state(reply.content["update"])
+    noisy = privatize_update(msg, reply, context, update["delta"].numpy(), fed)
+    update["delta"] = torch.from_numpy(noisy)
+    reply.content["update"] = pack_state(update)
+    reply.content["metrics"]["dp-noise-std"] = noise_std(fed)
+    return reply
+
+
+client_app = ClientApp(mods=[client_dp_mod])
 
 
 @dataclass

@@ -10,7 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedpose.config import Config
+from fedpose.config import Config, ConfigError
 from fedpose.data.partition import client_statistics
 from fedpose.engine.federation import build_federation
 from fedpose.engine.local import LocalTransport
@@ -40,6 +40,9 @@ def run_federation(cfg: Config, resume: bool = False, console: Console | None = 
     in-process LocalTransport; the Flower ServerApp passes its FlowerTransport).
     """
     console = console or Console()
+    if transport_factory is None and cfg.fed.dp_epsilon > 0:
+        raise ConfigError("fed.dp_epsilon: client-side differential privacy runs on the Flower "
+                          "engine only (Flower's LocalDpMod on each SuperNode)")
     run_dir = prepare_run_dir(cfg, resume)
     federation = build_federation(cfg)
     stats = client_statistics(federation.train_records, federation.parts)
