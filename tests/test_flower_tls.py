@@ -1,6 +1,8 @@
 """Flower over TLS with SuperNode authentication, on loopback, with certificates and keys made
 here: a registered SuperNode trains one round of fedpose, a SuperNode with an unknown key is
 refused, and plaintext clients (a SuperNode and the `flwr` CLI) cannot talk to the TLS SuperLink.
+The round runs with client-side differential privacy on, so the same (slow) run also shows
+Flower's LocalDpMod working inside a real ClientApp and the ServerApp's privacy report.
 
 One SuperLink, three SuperNodes started together; every process is stopped by PID (process
 group) in `finally`, also when an assertion fails."""
@@ -72,7 +74,7 @@ def test_tls_and_supernode_authentication(tmp_path):
     t0 = time.monotonic()
     cfg = demo_config(None, supernodes=1, rounds=1, overrides=[
         f"out_dir={tmp_path / 'runs'}", f"data.root={tmp_path / 'synth-arm'}",
-        "fed.method=fedavg", "name=tls"])
+        "fed.method=fedavg", "name=tls", "fed.dp_epsilon=0.5", "fed.dp_clip=0.01"])
     build_federation(cfg)  # the data set exists before any process starts
     certs = make_certificates(tmp_path / "certs")
     deployment = Deployment(tmp_path / "flower", Console(quiet=True))
@@ -130,6 +132,9 @@ def test_tls_and_supernode_authentication(tmp_path):
         rows = read_jsonl(cfg.run_dir / "metrics.jsonl")
         assert [r["aggregated"] for r in rows] == [[0]]
         assert rows[0]["rejected"] == {}
+        privacy = json.loads((cfg.run_dir / "privacy.json").read_text())
+        assert privacy["releases"] == {"0": 1} and privacy["noise_std"] > 0
+        assert privacy["epsilon_composed_simple"] == 0.5
         # a plaintext CLI gets no answer from the TLS port (`flwr` exits 0 and says so in JSON),
         # while the same request over TLS succeeds
         plain = json.loads(deployment.flwr("ls", "plaintext", "--format", "json").stdout)
