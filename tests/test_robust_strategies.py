@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fedtiny import tiny_config
 
 from fedpose.config import FedConfig
+from fedpose.engine.runner import run_federation
 from fedpose.fl.strategies import build_strategy
 from fedpose.fl.strategies.base import RoundInput
+from fedpose.metrics.log import read_jsonl
 
 
 def _inputs(deltas, counts=None, add_to=None) -> RoundInput:
@@ -123,3 +126,14 @@ def test_shares_show_who_was_cut():
         shares = strategy.aggregate(_inputs(deltas), {}).diagnostics["weights"]
         assert sum(shares) == pytest.approx(1.0)
         assert shares[4] == 0.0  # the outlier is cut in every coordinate
+
+
+@pytest.mark.parametrize("method", ["fedavg-clip", "median", "trimmed-mean"])
+def test_robust_methods_run_a_federation(tmp_path, synth_dir, method):
+    cfg = tiny_config(tmp_path, synth_dir, f"fed.method={method}", "fed.rounds=1",
+                      "fed.clip_norm=0.05", "fed.trim_ratio=0.25")
+    server = run_federation(cfg)
+    assert all(torch.isfinite(t).all() for t in server.weights.values() if t.is_floating_point())
+    (row,) = read_jsonl(cfg.run_dir / "metrics.jsonl")
+    assert row["aggregated"] == [0, 1, 2, 3]
+    assert sum(row["weights"]) == pytest.approx(1.0)
