@@ -151,6 +151,19 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from fedpose.model.export import ONNX_OPSET, export_onnx
+    from fedpose.train import load_model
+
+    model, cfg, skeleton = load_model(args.checkpoint)
+    size = cfg.data.input_size
+    out = export_onnx(model, size, args.onnx, skeleton)
+    console.print(f"image: batch x 3 x {size} x {size} -> heatmaps: batch x "
+                  f"{skeleton.num_joints} x {size // 4} x {size // 4}, ONNX opset {ONNX_OPSET}")
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_score(args) -> int:
     from fedpose.data import FileOptions
     from fedpose.metrics.score_file import score_file, score_table
@@ -330,6 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="write a model file as ONNX")
+    p.add_argument("checkpoint")
+    p.add_argument("--onnx", required=True, metavar="OUT.onnx", help="the ONNX file to write")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("score", help="score a predictions file with the dataset's metric")
     p.add_argument("--dataset", required=True, choices=list(DATASETS))
