@@ -113,6 +113,7 @@ def cmd_compare(args) -> int:
 def cmd_eval(args) -> int:
     from fedpose.config import apply_overrides
     from fedpose.data import load_split
+    from fedpose.metrics.coco_ap import has_keypoint_ap, split_ap
     from fedpose.metrics.evaluate import evaluate_model
     from fedpose.metrics.pck import grouped_table
     from fedpose.model.inference import resolve_device
@@ -133,6 +134,10 @@ def cmd_eval(args) -> int:
     rows = grouped_table(result, skeleton)
     if rows:
         console.print("  ".join(f"{part} {value:.2f}" for part, value in rows))
+    ap = {}
+    if cfg.data.dataset == "coco" and has_keypoint_ap(skeleton):
+        ap = split_ap(records, ev["preds"], ev["confidence"], cfg.data, args.split)
+    _print_keypoint_ap(ap, cfg.data.dataset)
     print(f"mean PCK: {result.mean:.2f}")
     return 0
 
@@ -169,11 +174,21 @@ def cmd_score(args) -> int:
     from fedpose.metrics.score_file import score_file, score_table
 
     options = FileOptions(split=args.split, labels=args.labels, headboxes=args.headboxes)
-    result, skeleton, n = score_file(args.dataset, args.root, args.pred, args.ann, options,
-                                     args.alpha)
-    console.print(score_table(result, skeleton, n, args.alpha))
-    print(f"mean PCK: {result.mean:.2f}")
+    scored = score_file(args.dataset, args.root, args.pred, args.ann, options, args.alpha)
+    console.print(score_table(scored.result, scored.skeleton, scored.num_records, args.alpha))
+    _print_keypoint_ap(scored.ap, args.dataset)
+    print(f"mean PCK: {scored.result.mean:.2f}")
     return 0
+
+
+def _print_keypoint_ap(ap: dict[str, float], dataset: str) -> None:
+    """COCO keypoint AP one value a line (`AP: 0.712`); for synth-arm, also COCO-format, why
+    there is none."""
+    for name, value in ap.items():
+        print(f"{name}: {value:.3f}")
+    if not ap and dataset == "synth-arm":
+        console.print("keypoint AP: not reported for synth-arm (COCO's OKS constants exist for "
+                      "its 17 keypoints only)")
 
 
 def cmd_data_synth_arm(args) -> int:

@@ -2,13 +2,16 @@
 benchmarks' official scripts (LSP PCK@0.2 torso, MPII PCKh@0.5, COCO PCK@0.2 of the person box).
 
 PRED.json maps image file name -> [[x, y], ...] (0-based pixels, the dataset's joint order), or
--> a list of such lists, one per person in annotation order.
+-> a list of such lists, one per person in annotation order. For COCO it may instead be a COCO
+keypoint results file (a list of {image_id, category_id, keypoints, score}); COCO data also gets
+pycocotools' keypoint AP (fedpose.metrics.coco_ap).
 """
 
 from __future__ import annotations
 
 import json
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +19,28 @@ from rich.table import Table
 
 from fedpose.data import FileOptions, load_files
 from fedpose.data.records import DatasetError, PoseRecord, Skeleton
+from fedpose.metrics.coco_ap import (
+    has_keypoint_ap,
+    image_ids_by_path,
+    is_results_list,
+    keypoint_ap,
+    load_ground_truth,
+    match_results,
+    predictions_ap,
+    read_results,
+)
 from fedpose.metrics.pck import PCKResult, grouped_table, score
+
+
+@dataclass
+class ScoredFile:
+    """A predictions file scored: PCK, the skeleton, the number of records scored, and for COCO
+    data the keypoint AP (AP, AP50, AP75, APm, APl, AR; empty for other datasets)."""
+
+    result: PCKResult
+    skeleton: Skeleton
+    num_records: int
+    ap: dict[str, float] = field(default_factory=dict)
 
 
 def match_predictions(pred_file: str | Path, records: list[PoseRecord],
@@ -54,12 +78,22 @@ def match_predictions(pred_file: str | Path, records: list[PoseRecord],
 
 def score_file(dataset: str, root: str | Path, pred_file: str | Path,
                ann: str | Path | None = None, options: FileOptions | None = None,
-               alpha: float | None = None) -> tuple[PCKResult, Skeleton, int]:
-    """Score a predictions file against a dataset's labels: the PCK result, the skeleton and the
-    number of records scored. alpha: the threshold (None: the dataset's standard one)."""
+               alpha: float | None = None) -> ScoredFile:
+    """Score a predictions file against a dataset's labels. alpha: the PCK threshold (None: the
+    dataset's standard one)."""
     records, skeleton = load_files(dataset, root, ann, options)
-    preds = match_predictions(pred_file, records, skeleton.num_joints)
-    return score(preds, records, skeleton, alpha=alpha), skeleton, len(records)
+    ap: dict[str, float] = {}
+    if dataset == "coco" and is_results_list(pred_file):
+        ground_truth = load_ground_truth(ann)
+        results = read_results(pred_file, ground_truth)
+        ids = image_ids_by_path(ground_truth, root)
+        preds = match_results(records, results, ids, skeleton)
+        ap = keypoint_ap(ground_truth, results)
+    else:
+        preds = match_predictions(pred_file, records, skeleton.num_joints)
+        if dataset == "coco" and has_keypoint_ap(skeleton):
+            ap = predictions_ap(records, preds, None, ann, root)
+    return ScoredFile(score(preds, records, skeleton, alpha=alpha), skeleton, len(records), ap)
 
 
 def score_table(result: PCKResult, skeleton: Skeleton, num_records: int,

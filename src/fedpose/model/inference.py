@@ -30,8 +30,11 @@ def predict_records(
     progress=None,
     refine: str = "quarter",
     workers: int = 0,
+    confidence: np.ndarray | None = None,
 ) -> np.ndarray:
     """(N, J, 2) predictions for `records` in their original image pixels.
+
+    confidence: an (N, J) array to fill with each joint's heatmap peak value, or None.
 
     Moves the model to `device` and runs it in eval mode, restoring its train/eval mode after.
     progress: a rich.progress.Progress to report to (a task is added), or None.
@@ -53,6 +56,8 @@ def predict_records(
                     heatmaps, batch["center"], batch["scale"], input_size, refine=refine
                 )
                 out[batch["index"].numpy()] = coords
+                if confidence is not None:
+                    confidence[batch["index"].numpy()] = get_max_preds(heatmaps)[1][..., 0]
                 if task is not None:
                     progress.advance(task, len(images))
     finally:
