@@ -40,7 +40,11 @@ def export_onnx(
     The file's metadata records the input size, heatmap stride, normalisation and, with a
     skeleton, the joint names in heatmap order, so a deployment needs no fedpose to read them.
     """
-    import onnx  # imported here: only export needs it
+    try:
+        import onnx  # imported here: only export needs it, and it is an optional dependency
+    except ModuleNotFoundError:
+        problem = "ONNX export needs the onnx package: pip install 'fedpose[onnx]'"
+        raise ValueError(problem) from None
 
     if input_size % HEATMAP_STRIDE:
         raise ValueError(f"input_size must be a multiple of {HEATMAP_STRIDE}, got {input_size}")
