@@ -106,6 +106,12 @@ def test_perturbed_results_give_pycocotools_values(tmp_path, capsys, coco_dir, a
     np.testing.assert_array_equal([values[name] for name in AP_NAMES], expected[:6])
 
 
+def test_oks_constants_are_pycocotools_own():
+    from pycocotools.cocoeval import Params
+
+    np.testing.assert_array_equal(COCO_SIGMAS, Params(iouType="keypoints").kpt_oks_sigmas)
+
+
 def test_one_oks_worked_by_hand():
     area = 5000.0
     truth = np.stack([np.arange(17) * 10.0 + 100, np.arange(17) * 7.0 + 50], axis=1)
@@ -230,3 +236,17 @@ def test_eval_of_a_coco_model_prints_ap_beside_pck(tmp_path, capsys, coco_dir, a
     printed = [line.split(": ") for line in lines[-1 - len(AP_NAMES):-1]]
     assert [name for name, _ in printed] == list(AP_NAMES)
     assert all(0.0 <= float(value) <= 1.0 for _, value in printed)
+
+
+def test_eval_of_synth_arm_says_why_there_is_no_ap(tmp_path, capsys, synth_dir, one_thread):
+    from fedpose.data.records import ARM
+
+    cfg = Config()
+    cfg.data.dataset, cfg.data.root, cfg.data.input_size = "synth-arm", str(synth_dir), 32
+    cfg.model.depth, cfg.model.width, cfg.model.deconv_filters = 18, 4, 8
+    model = PoseResNet(ARM.num_joints, depth=18, width=4, deconv_filters=8)
+    save_model(tmp_path / "model.pt", model.state_dict(), cfg, ARM)
+    assert main(["eval", str(tmp_path / "model.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "keypoint AP: not reported for synth-arm" in out
+    assert not any(line.split(":")[0] in AP_NAMES for line in out.splitlines())
