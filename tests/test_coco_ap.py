@@ -148,12 +148,10 @@ def test_rescoring_and_oks_nms():
 
     person = np.stack([np.arange(17) * 10.0, np.arange(17) * 5.0], axis=1)
     people = np.stack([person, person + 0.5, person + 200.0])  # 0 and 1 are the same person
-    confidence = np.ones((3, 17))
-    kept = oks_nms(people, confidence, np.array([0.5, 0.8, 0.7]), np.full(3, 1e4))
+    kept = oks_nms(people, np.array([0.5, 0.8, 0.7]), np.full(3, 1e4))
     assert kept == [1, 2]  # the better-scored duplicate survives, the distant person too
-    low = confidence.copy()
-    low[0] = 0.1  # no keypoint both sides see: no overlap measured, nothing suppressed
-    assert sorted(oks_nms(people, low, np.array([0.5, 0.8, 0.7]), np.full(3, 1e4))) == [0, 1, 2]
+    # OKS of 0 and 1 with a tiny scale: no longer similar, both kept
+    assert sorted(oks_nms(people[:2], np.array([0.5, 0.8]), np.full(2, 0.01))) == [0, 1]
 
 
 def test_results_are_matched_to_people_for_pck(tmp_path, capsys, coco_dir, ann, gt):

@@ -70,29 +70,22 @@ def rescore(confidence: np.ndarray, threshold: float = VISIBLE_CONFIDENCE) -> np
     return np.where(count > 0, total / np.maximum(count, 1), 0.0)
 
 
-def oks_nms(keypoints: np.ndarray, confidence: np.ndarray, scores: np.ndarray,
-            areas: np.ndarray, threshold: float = NMS_OKS,
-            visible: float = VISIBLE_CONFIDENCE) -> list[int]:
-    """Indices kept by greedy OKS suppression, best score first: a person is dropped when its
-    OKS against a kept one exceeds threshold. OKS here is symmetric in the two areas and counts
-    only keypoints both sides see with confidence above `visible`, as SimpleBaseline's."""
+def oks_nms(keypoints: np.ndarray, scores: np.ndarray, areas: np.ndarray,
+            threshold: float = NMS_OKS) -> list[int]:
+    """Indices kept by greedy OKS suppression, best score first: a person (K, 2) is dropped when
+    its OKS against a kept one exceeds threshold. As SimpleBaseline's, this OKS takes the mean
+    of the two areas as the scale and counts every keypoint."""
     keypoints = np.asarray(keypoints, dtype=np.float64)
-    confidence = np.asarray(confidence, dtype=np.float64)
     areas = np.asarray(areas, dtype=np.float64)
-    order = list(np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable"))
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
     kept: list[int] = []
-    while order:
-        best, rest = order[0], np.array(order[1:], dtype=np.int64)
-        kept.append(int(best))
-        if not len(rest):
-            break
+    while order.size:
+        best, rest = int(order[0]), order[1:]
+        kept.append(best)
         d2 = ((keypoints[rest] - keypoints[best]) ** 2).sum(axis=2)
-        mean_area = (areas[rest] + areas[best])[:, None] / 2.0
-        e = d2 / (2.0 * (2.0 * COCO_SIGMAS) ** 2 * (mean_area + _EPS))
-        both = (confidence[rest] > visible) & (confidence[best] > visible)
-        counted = both.sum(axis=1)
-        similarity = np.where(both, np.exp(-e), 0.0).sum(axis=1) / np.maximum(counted, 1)
-        order = [int(i) for i, s in zip(rest, similarity, strict=True) if s <= threshold]
+        scale = (areas[rest] + areas[best])[:, None] / 2.0
+        similarity = np.exp(-d2 / (2.0 * (2.0 * COCO_SIGMAS) ** 2 * (scale + _EPS))).mean(axis=1)
+        order = rest[similarity <= threshold]
     return kept
 
 
@@ -160,7 +153,7 @@ def results_from_predictions(
         keep = sorted(
             idx[j]
             for idx in by_image.values()
-            for j in oks_nms(preds[idx], conf[idx], scores[idx], areas[idx])
+            for j in oks_nms(preds[idx], scores[idx], areas[idx])
         )
     results = []
     for i in keep:
