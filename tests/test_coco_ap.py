@@ -248,3 +248,18 @@ def test_eval_of_synth_arm_says_why_there_is_no_ap(tmp_path, capsys, synth_dir, 
     out = capsys.readouterr().out
     assert "keypoint AP: not reported for synth-arm" in out
     assert not any(line.split(":")[0] in AP_NAMES for line in out.splitlines())
+
+
+def test_own_data_without_area_ids_or_categories(tmp_path, capsys, coco_dir, gt):
+    own = json.loads(json.dumps(gt))
+    del own["categories"]
+    for a in own["annotations"]:
+        for key in ("area", "num_keypoints", "id", "category_id"):
+            del a[key]
+    ann = tmp_path / "own.json"
+    ann.write_text(json.dumps(own))
+    results = [{"image_id": a["image_id"], "category_id": 1, "keypoints": a["keypoints"],
+                "score": 1.0} for a in own["annotations"] if any(a["keypoints"][2::3])]
+    (tmp_path / "res.json").write_text(json.dumps(results))
+    code, lines = _score(capsys, coco_dir, ann, tmp_path / "res.json")
+    assert code == 0 and lines["AP"] == "1.000" and lines["mean PCK"] == "100.00"

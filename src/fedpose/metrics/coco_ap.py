@@ -114,12 +114,14 @@ def load_ground_truth(ann_file: str | Path) -> dict:
                 raise DatasetError(ann_file, problem, f"annotations[{index}]") from None
         if "id" not in ann:
             ann["id"], next_id = next_id, next_id + 1
+    # the loader reads a file without categories as one of people; one with categories ignores
+    # annotations without a category id (None here: in no category, so COCOeval skips them too)
+    unfiled = None if data.get("categories") else 1
+    for ann in data["annotations"]:
+        ann.setdefault("category_id", unfiled)
     if not data.get("categories"):
-        # a file without categories still has one keypoint category per id used
-        ids = sorted({a.get("category_id", 1) for a in data["annotations"]})
+        ids = sorted({a["category_id"] for a in data["annotations"]})
         data["categories"] = [{"id": i, "name": "person"} for i in ids]
-        for ann in data["annotations"]:
-            ann.setdefault("category_id", 1)
     return data
 
 
