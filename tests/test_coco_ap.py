@@ -236,7 +236,7 @@ def test_eval_of_a_coco_model_prints_ap_beside_pck(tmp_path, capsys, coco_dir, a
     assert all(0.0 <= float(value) <= 1.0 for _, value in printed)
 
 
-def test_eval_of_synth_arm_says_why_there_is_no_ap(tmp_path, capsys, synth_dir, one_thread):
+def test_eval_of_synth_arm_says_why_there_is_no_ap(tmp_path, capsys, synth_dir):
     from fedpose.data.records import ARM
 
     cfg = Config()

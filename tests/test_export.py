@@ -17,6 +17,8 @@ from fedpose.model.export import INPUT_NAME, ONNX_OPSET, export_onnx
 from fedpose.model.pose_resnet import PoseResNet
 from fedpose.train import save_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 INPUT_SIZE = 64
 
 
@@ -47,7 +49,7 @@ def lsp_images(datasets) -> torch.Tensor:
     return torch.stack([dataset[i]["image"] for i in range(len(dataset))])
 
 
-def test_onnxruntime_heatmaps_match_pytorch_on_lsp_images(tmp_path, lsp_images, one_thread):
+def test_onnxruntime_heatmaps_match_pytorch_on_lsp_images(tmp_path, lsp_images):
     model = _busy_model()
     path = export_onnx(model, INPUT_SIZE, tmp_path / "pose.onnx", LSP)
     with torch.no_grad():
@@ -68,7 +70,7 @@ def test_onnxruntime_heatmaps_match_pytorch_on_lsp_images(tmp_path, lsp_images, 
     assert model.training is False  # export leaves the model as it found it
 
 
-def test_export_command_writes_the_model_file_as_onnx(tmp_path, lsp_images, capsys, one_thread):
+def test_export_command_writes_the_model_file_as_onnx(tmp_path, lsp_images, capsys):
     cfg = Config()
     cfg.data.dataset, cfg.data.input_size = "lsp", INPUT_SIZE
     cfg.model.depth, cfg.model.width, cfg.model.deconv_filters = 18, 16, 32
