@@ -1,5 +1,5 @@
-"""fedpose command line: train, run, compare, eval, predict, score, data, bench, flower-demo,
-flower-sim, flower-config.
+"""fedpose command line: train, run, compare, eval, predict, export, score, data, bench,
+flower-demo, flower-sim, flower-config.
 
 Argument parsing and printing live here; the library raises exceptions and returns values.
 """
