@@ -368,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, choices=list(DATASETS))
     p.add_argument("--root", required=True, help="dataset folder (images)")
     p.add_argument("--ann", default=None, help="annotation file (mpii, coco)")
-    p.add_argument("--pred", required=True, help="JSON: image file name -> [[x, y], ...]")
+    p.add_argument("--pred", required=True, help="JSON: image file name -> [[x, y], ...]; "
+                                                 "coco: or a COCO keypoint results list")
     p.add_argument("--headboxes", default=None, help="mpii: gt_valid.mat")
     p.add_argument("--split", default="test", help="lsp: train | test | all")
     p.add_argument("--labels", default="pc", choices=["pc", "oc"], help="lsp labels")
