@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,11 +32,15 @@ from fedpose.model.pose_resnet import PoseResNet
 from fedpose.train import save_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+TEST_DATA = Path(__file__).parent / "data"
 
 
 @pytest.fixture(scope="module")
-def coco_dir(datasets):
-    return datasets / "fixtures" / "coco"
+def coco_dir(request):
+    """The COCO fixture: the repository's copy, else the shared datasets' one."""
+    if (TEST_DATA / "coco").is_dir():
+        return TEST_DATA / "coco"
+    return request.getfixturevalue("datasets") / "fixtures" / "coco"
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -42,9 +44,13 @@ def _busy_model() -> PoseResNet:
 
 
 @pytest.fixture(scope="module")
-def lsp_images(datasets) -> torch.Tensor:
-    """Five LSP test images, cropped and normalised by fedpose's own evaluation pipeline."""
-    records = load_lsp(datasets / "lsp", "test")[:5]
+def lsp_images(request) -> torch.Tensor:
+    """Five LSP images (the repository's copy, else the shared dataset), cropped and normalised
+    by fedpose's own evaluation pipeline."""
+    root = Path(__file__).parent / "data" / "lsp"
+    if not root.is_dir():
+        root = request.getfixturevalue("datasets") / "lsp"
+    records = load_lsp(root, "train")[:5]
     dataset = PoseDataset(records, LSP, input_size=INPUT_SIZE, train=False)
     return torch.stack([dataset[i]["image"] for i in range(len(dataset))])
 
