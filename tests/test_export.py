@@ -50,7 +50,7 @@ def lsp_images(request) -> torch.Tensor:
     root = Path(__file__).parent / "data" / "lsp"
     if not root.is_dir():
         root = request.getfixturevalue("datasets") / "lsp"
-    records = load_lsp(root, "train")[:5]
+    records = load_lsp(root, "all")[:5]
     dataset = PoseDataset(records, LSP, input_size=INPUT_SIZE, train=False)
     return torch.stack([dataset[i]["image"] for i in range(len(dataset))])
 
