@@ -1,5 +1,9 @@
 # Two commands do all set-up: `make demo` (the main job) and `make test`. Both create .venv.
 PYTHON ?= python3
+# Where torch comes from when .venv has none: pip's configured index by default (PyPI gives the
+# CUDA build on Linux x86_64, the CPU build on macOS and Windows); for example
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu picks the CPU build on Linux.
+TORCH_INDEX ?=
 VENV := .venv
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
@@ -7,13 +11,14 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test test-slow lint venv clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# the CPU build of torch first, so no dependency pulls a multi-GB CUDA build
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet torch==2.13.0
+	# torch before the project, so that the build chosen by TORCH_INDEX is the one that stays
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet \
+		torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install --quiet -e '.[dev,dp]'
 	touch $@
 
@@ -22,8 +27,12 @@ venv: $(BIN)/.installed
 demo: venv
 	$(BIN)/fedpose compare configs/demo.toml --methods fedavg,fedprox,fedbn,feddyn,fedaw,fedgh --seeds 0
 
+# test: everything but the tests that start real Flower processes; test-slow: those
 test: venv
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not slow"
+
+test-slow: venv
+	$(BIN)/pytest -m slow
 
 lint: venv
 	$(BIN)/ruff check src tests

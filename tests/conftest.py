@@ -1,22 +1,59 @@
-"""Shared test fixtures. Real data lives in ../shared/datasets beside the project checkout."""
+"""Shared test fixtures.
+
+The tests run from the repository alone: tests/data holds 40 LSP images with their joints in
+LSP's own joints.mat format, and the MPII and COCO format fixtures (tests/data/README.md names
+their sources and licences); synth-arm images are generated. Tests that need the whole of a
+dataset (the 2000-image LSP) take the `datasets` fixture and are skipped unless the environment
+variable FEDPOSE_DATASETS names a folder holding `lsp/` etc.
+"""
 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DATASETS = Path(os.environ.get("FEDPOSE_DATASETS", ROOT.parent / "shared" / "datasets"))
+TEST_DATA = ROOT / "tests" / "data"
+DATASETS_VAR = "FEDPOSE_DATASETS"
+
+# Subprocesses the tests start (Flower SuperLink/SuperNodes, data workers) inherit this; the
+# in-process thread count is set by `one_thread` below, since torch has already read it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
 def datasets() -> Path:
-    if not DATASETS.is_dir():
-        pytest.fail(f"shared datasets not found at {DATASETS} (set FEDPOSE_DATASETS)")
-    return DATASETS
+    """The full datasets (FEDPOSE_DATASETS/lsp, ...): skipped when the variable is unset."""
+    value = os.environ.get(DATASETS_VAR)
+    if not value:
+        pytest.skip(f"needs the full datasets: set {DATASETS_VAR} to a folder holding lsp/")
+    path = Path(value)
+    if not path.is_dir():
+        # set but wrong is a broken setup, not an absent dataset: say so loudly
+        pytest.fail(f"{DATASETS_VAR}={value} is not a folder")
+    return path
+
+
+@pytest.fixture(scope="session")
+def lsp_dir() -> Path:
+    """40 LSP images, im0001-im0040, with joints.mat and joints_OC.mat cut to those columns."""
+    return TEST_DATA / "lsp"
+
+
+@pytest.fixture(scope="session")
+def mpii_dir() -> Path:
+    """5 MPII images and test_mpii.json (SimpleBaseline/HRNet JSON layout), no gt_valid.mat."""
+    return TEST_DATA / "mpii"
+
+
+@pytest.fixture(scope="session")
+def coco_dir() -> Path:
+    """4 COCO val2017 images and test_coco.json (person_keypoints layout)."""
+    return TEST_DATA / "coco"
 
 
 @pytest.fixture(scope="session")
@@ -29,11 +66,31 @@ def synth_dir(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(autouse=True)
 def one_thread():
-    """Tiny models: a second intra-op thread only adds synchronisation, and on a shared 2-core
-    machine a busy core turns every op's barrier into a wait of milliseconds."""
-    threads = torch.get_num_threads()
+    """Every test runs torch on one thread. The test models are tiny: a second intra-op thread
+    only adds synchronisation, and on a shared 2-core machine a busy core turns every op's
+    barrier into a wait of milliseconds. A test that changes the count gets it reset after."""
     torch.set_num_threads(1)
     yield
-    torch.set_num_threads(threads)
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Say how many tests were skipped and why, one line per reason, so that a run without
+    FEDPOSE_DATASETS shows plainly what it did not cover."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    reasons = Counter(_skip_reason(report) for report in skipped)
+    if not reasons:
+        return
+    terminalreporter.section("skipped tests, by reason")
+    for reason, count in reasons.most_common():
+        terminalreporter.write_line(f"{count} skipped: {reason}")
+
+
+def _skip_reason(report) -> str:
+    # a skip's longrepr is (file, line, "Skipped: <reason>")
+    if isinstance(report.longrepr, tuple):
+        return report.longrepr[2].removeprefix("Skipped: ")
+    return str(report.longrepr)

@@ -16,12 +16,17 @@ def _last_line(capsys) -> str:
     return capsys.readouterr().out.strip().splitlines()[-1]
 
 
-def test_score_lsp_ground_truth_is_100_and_offsets_lower_it(datasets, tmp_path, capsys):
-    root = datasets / "lsp"
-    records = load_lsp(root, "test")
+@pytest.mark.parametrize("source", ["tests-data", "full"])
+def test_score_lsp_ground_truth_is_100_and_offsets_lower_it(source, request, tmp_path, capsys):
+    # the 40-image copy has no standard split: score all of it; the full dataset: its test half
+    if source == "full":
+        root, split = request.getfixturevalue("datasets") / "lsp", []
+    else:
+        root, split = request.getfixturevalue("lsp_dir"), ["--split", "all"]
+    records = load_lsp(root, "all" if split else "test")
     pred = {r.record_id: r.joints.tolist() for r in records}
     (tmp_path / "gt.json").write_text(json.dumps(pred))
-    assert main(["score", "--dataset", "lsp", "--root", str(root), "--pred",
+    assert main(["score", "--dataset", "lsp", "--root", str(root), *split, "--pred",
                  str(tmp_path / "gt.json")]) == 0
     assert _last_line(capsys) == "mean PCK: 100.00"
 
@@ -32,12 +37,13 @@ def test_score_lsp_ground_truth_is_100_and_offsets_lower_it(datasets, tmp_path, 
         offset = 0.3 * torso if i < len(records) // 2 else 0.0
         shifted[r.record_id] = (r.joints + [offset, 0]).tolist()
     (tmp_path / "half.json").write_text(json.dumps(shifted))
-    main(["score", "--dataset", "lsp", "--root", str(root), "--pred", str(tmp_path / "half.json")])
+    main(["score", "--dataset", "lsp", "--root", str(root), *split, "--pred",
+          str(tmp_path / "half.json")])
     assert _last_line(capsys) == "mean PCK: 50.00"
 
 
-def test_score_coco_and_missing_prediction(datasets, tmp_path, capsys):
-    root = datasets / "fixtures" / "coco"
+def test_score_coco_and_missing_prediction(coco_dir, tmp_path, capsys):
+    root = coco_dir
     ann = root / "test_coco.json"
     records = load_coco(ann, root)
     per_image: dict[str, list] = {}

@@ -17,11 +17,6 @@ from fedpose.data.records import ARM, COCO, DatasetError, PoseRecord
 
 
 @pytest.fixture(scope="module")
-def coco_dir(datasets):
-    return datasets / "fixtures" / "coco"
-
-
-@pytest.fixture(scope="module")
 def ann(coco_dir):
     return coco_dir / "test_coco.json"
 

@@ -19,13 +19,13 @@ from fedpose.data.records import DatasetError
 
 
 @pytest.fixture
-def lsp_copy(tmp_path, datasets):
+def lsp_copy(tmp_path, lsp_dir):
     """A 3-image LSP folder; returns (root, joints 3x14x3) for the test to break and save."""
     root = tmp_path / "lsp"
     (root / "images").mkdir(parents=True)
     for i in (1, 2, 3):
-        shutil.copy(datasets / "lsp" / "images" / f"im{i:04d}.jpg", root / "images")
-    joints = scipy.io.loadmat(datasets / "lsp" / "joints.mat")["joints"][:, :, :3].copy()
+        shutil.copy(lsp_dir / "images" / f"im{i:04d}.jpg", root / "images")
+    joints = scipy.io.loadmat(lsp_dir / "joints.mat")["joints"][:, :, :3].copy()
     return root, joints
 
 
@@ -126,9 +126,8 @@ def test_lsp_bad_occlusion_flag(lsp_copy):
 
 
 @pytest.fixture
-def mpii(datasets):
-    d = datasets / "fixtures" / "mpii"
-    return d, json.loads((d / "test_mpii.json").read_text())
+def mpii(mpii_dir):
+    return mpii_dir, json.loads((mpii_dir / "test_mpii.json").read_text())
 
 
 def set_joint0(e):
@@ -224,9 +223,8 @@ def test_headboxes_nan(tmp_path):
 
 
 @pytest.fixture
-def coco(datasets):
-    d = datasets / "fixtures" / "coco"
-    return d, json.loads((d / "test_coco.json").read_text())
+def coco(coco_dir):
+    return coco_dir, json.loads((coco_dir / "test_coco.json").read_text())
 
 
 def first(data):

@@ -1,21 +1,36 @@
-"""LSP loader on the real dataset: values are checked against joints.mat read independently."""
+"""LSP loader on real LSP files: values are checked against joints.mat read independently.
+
+Each general test runs on the 40-image copy in tests/data/lsp and again on the full dataset when
+FEDPOSE_DATASETS provides it; the standard 1000/1000 split and whole-dataset counts need the full
+dataset.
+"""
 
 from __future__ import annotations
+
+import filecmp
 
 import numpy as np
 import pytest
 import scipy.io
+from PIL import Image
 
 from fedpose.config import DataConfig
 from fedpose.data import load_split
 from fedpose.data.inspect import inspect_dataset
 from fedpose.data.lsp import load_lsp
-from fedpose.data.records import LSP
+from fedpose.data.records import LSP, DatasetError
+
+FIXTURE_IMAGES = 40
 
 
 @pytest.fixture(scope="module")
-def root(datasets):
+def full_root(datasets):
     return datasets / "lsp"
+
+
+@pytest.fixture(scope="module", params=["tests-data", "full"])
+def root(request, lsp_dir):
+    return lsp_dir if request.param == "tests-data" else request.getfixturevalue("full_root")
 
 
 @pytest.fixture(scope="module")
@@ -28,15 +43,6 @@ def every(root):
     return load_lsp(root, "all")
 
 
-def test_standard_split(root):
-    train, test = load_lsp(root, "train"), load_lsp(root, "test")
-    assert len(train) == 1000 and len(test) == 1000
-    assert [r.record_id for r in train] == [f"im{i:04d}.jpg" for i in range(1, 1001)]
-    assert [r.record_id for r in test] == [f"im{i:04d}.jpg" for i in range(1001, 2001)]
-    assert test[0].image == root / "images" / "im1001.jpg"
-    assert all(r.image.is_file() for r in train[:5] + test[-5:])
-
-
 def test_im0001_joints_are_the_mat_values_shifted_to_zero_based(every, raw):
     r = every[0]
     assert r.record_id == "im0001.jpg"
@@ -47,8 +53,10 @@ def test_im0001_joints_are_the_mat_values_shifted_to_zero_based(every, raw):
     assert r.num_joints == LSP.num_joints
 
 
-def test_every_record_matches_the_mat_file(every, raw):
-    assert len(every) == 2000
+def test_every_record_matches_the_mat_file(root, every, raw):
+    assert len(every) == raw.shape[2]
+    assert [r.record_id for r in every] == [f"im{i:04d}.jpg" for i in range(1, len(every) + 1)]
+    assert every[-1].image == root / "images" / every[-1].record_id
     joints = np.stack([r.joints for r in every], axis=2)  # 14 x 2 x N like the file's rows
     np.testing.assert_allclose(joints, raw[:2].transpose(1, 0, 2) - 1, atol=1e-4)
 
@@ -62,7 +70,7 @@ def test_all_joints_labelled_and_occlusion_kept_as_attribute(every, raw):
 
 
 def test_centre_scale_and_box_come_from_the_joints_box(every):
-    for r in (every[0], every[1234]):
+    for r in (every[0], every[len(every) * 5 // 8]):
         lo, hi = r.joints.min(axis=0), r.joints.max(axis=0)
         np.testing.assert_allclose(r.person_box, [*lo, *hi], atol=1e-4)
         np.testing.assert_allclose(r.center, (lo + hi) / 2, atol=1e-4)
@@ -71,10 +79,15 @@ def test_centre_scale_and_box_come_from_the_joints_box(every):
     assert every[0].scale == pytest.approx(1.25 * (142.34544 - 14.565505) / 200, rel=1e-5)
 
 
-def test_observer_centric_labels_differ_in_756_images(root, every):
+def test_observer_centric_labels_are_read_from_joints_oc(root, every, raw):
     oc = load_lsp(root, "all", labels="oc")
+    raw_oc = scipy.io.loadmat(root / "joints_OC.mat")["joints"]
+    joints = np.stack([r.joints for r in oc], axis=2)
+    np.testing.assert_allclose(joints, raw_oc[:2].transpose(1, 0, 2) - 1, atol=1e-4)
     differing = sum(not np.array_equal(a.joints, b.joints) for a, b in zip(every, oc, strict=True))
-    assert differing == 756
+    assert 0 < differing == sum(
+        not np.array_equal(raw[:2, :, i], raw_oc[:2, :, i]) for i in range(raw.shape[2])
+    )
 
 
 def test_bad_arguments(root):
@@ -84,19 +97,60 @@ def test_bad_arguments(root):
         load_lsp(root, labels="lsp-extended")
 
 
-def test_load_split_and_limits(root):
-    cfg = DataConfig(dataset="lsp", root=str(root), max_test=10)
+def test_inspect_summary(root, raw):
+    n = raw.shape[2]
+    s = inspect_dataset("lsp", root)
+    assert (s["records"], s["images"], s["num_joints"]) == (n, n, 14)
+    assert s["visible_per_joint"] == [n] * 14
+    assert s["occluded_per_joint"] == (raw[2] == 1).sum(axis=1).tolist()
+    widths = [Image.open(root / "images" / f"im{i:04d}.jpg").width for i in range(1, n + 1)]
+    assert (s["image_width"]["min"], s["image_width"]["max"]) == (min(widths), max(widths))
+    assert s["joint_names"] == list(LSP.joints)
+
+
+# ------------------------------------------------------- the 40-image copy and the full dataset
+
+
+def test_the_copy_has_no_standard_split(lsp_dir):
+    assert len(load_lsp(lsp_dir, "all")) == FIXTURE_IMAGES
+    with pytest.raises(DatasetError, match="the standard test split needs 2000 images"):
+        load_lsp(lsp_dir, "test")
+
+
+def test_the_copy_is_the_head_of_the_full_dataset(lsp_dir, full_root):
+    for name in ("joints.mat", "joints_OC.mat"):
+        full = scipy.io.loadmat(full_root / name)["joints"]
+        np.testing.assert_array_equal(
+            scipy.io.loadmat(lsp_dir / name)["joints"], full[:, :, :FIXTURE_IMAGES]
+        )
+    names = [f"im{i:04d}.jpg" for i in range(1, FIXTURE_IMAGES + 1)]
+    match, mismatch, errors = filecmp.cmpfiles(
+        lsp_dir / "images", full_root / "images", names, shallow=False
+    )
+    assert (mismatch, errors) == ([], []) and len(match) == FIXTURE_IMAGES
+
+
+def test_standard_split(full_root):
+    train, test = load_lsp(full_root, "train"), load_lsp(full_root, "test")
+    assert len(train) == 1000 and len(test) == 1000
+    assert [r.record_id for r in train] == [f"im{i:04d}.jpg" for i in range(1, 1001)]
+    assert [r.record_id for r in test] == [f"im{i:04d}.jpg" for i in range(1001, 2001)]
+    assert test[0].image == full_root / "images" / "im1001.jpg"
+    assert all(r.image.is_file() for r in train[:5] + test[-5:])
+
+
+def test_full_dataset_counts(full_root):
+    pc = scipy.io.loadmat(full_root / "joints.mat")["joints"]
+    oc = scipy.io.loadmat(full_root / "joints_OC.mat")["joints"]
+    assert pc.shape == oc.shape == (3, 14, 2000)
+    # the relabelling, mostly left/right swaps, touches 756 images
+    assert sum(not np.array_equal(pc[:2, :, i], oc[:2, :, i]) for i in range(2000)) == 756
+
+
+def test_load_split_and_limits(full_root):
+    cfg = DataConfig(dataset="lsp", root=str(full_root), max_test=10)
     test, skeleton = load_split(cfg, "test")
     assert skeleton is LSP
     assert [r.record_id for r in test] == [f"im{i:04d}.jpg" for i in range(1001, 1011)]
     train, _ = load_split(cfg, "train")
     assert len(train) == 1000
-
-
-def test_inspect_summary(root, raw):
-    s = inspect_dataset("lsp", root)
-    assert (s["records"], s["images"], s["num_joints"]) == (2000, 2000, 14)
-    assert s["visible_per_joint"] == [2000] * 14
-    assert s["occluded_per_joint"] == (raw[2] == 1).sum(axis=1).tolist()
-    assert (s["image_width"]["min"], s["image_width"]["max"]) == (57, 202)
-    assert s["joint_names"] == list(LSP.joints)

@@ -15,11 +15,6 @@ from fedpose.data.records import MPII, DatasetError
 
 
 @pytest.fixture(scope="module")
-def mpii_dir(datasets):
-    return datasets / "fixtures" / "mpii"
-
-
-@pytest.fixture(scope="module")
 def ann(mpii_dir):
     return mpii_dir / "test_mpii.json"
 

@@ -21,7 +21,6 @@ from fedpose.model.loss import JointsMSELoss
 from fedpose.model.pose_resnet import PoseResNet, PretrainedError, build_model, load_pretrained
 from fedpose.model.resnet import ResNet
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.mark.parametrize("depth,width", [(18, 8), (50, 4)])
 def test_output_shapes(depth, width):

@@ -26,7 +26,6 @@ from fedpose.data.transforms import (
 )
 from fedpose.model.decode import get_max_preds, heatmaps_to_image_coords, refine_taylor
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _centroid(a: np.ndarray) -> tuple[float, float]:
     a = a.astype(np.float64)
