@@ -1,10 +1,15 @@
-"""docs/datasets.md works as written: its example files and commands are run verbatim."""
+"""docs/datasets.md and docs/extending.md work as written: their example files and commands are
+run verbatim."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -104,3 +109,88 @@ def test_lsp_extended_error_line_is_what_inspect_prints(tmp_path, monkeypatch, c
 def test_dataset_sections_show_an_inspect_command(name):
     commands = _commands(_sections(DATASETS_DOC)[name])
     assert any(c[:2] == ["data", "inspect"] for c in commands)
+
+
+EXTENDING_DOC = ROOT / "docs" / "extending.md"
+
+
+def _apply_registration(init: Path, snippets: list[str]) -> None:
+    """The three edits of docs/extending.md step 2, placed where the page says."""
+    import_line, names_start, branch = snippets
+    text = init.read_text()
+    lines = text.splitlines(keepends=True)
+    last_import = max(i for i, x in enumerate(lines) if x.startswith("from fedpose.fl.strategies."))
+    lines.insert(last_import + 1, import_line)
+    text = "".join(lines)
+    opening = names_start.splitlines()[0]
+    assert text.count(opening) == 1, f"{init} has no single {opening!r}"
+    text = text.replace(opening + "\n", names_start, 1)
+    final_raise = text.index("    raise ValueError(f\"unknown fed.method")
+    init.write_text(text[:final_raise] + branch + text[final_raise:])
+
+
+def _example_rule() -> tuple[str, str]:
+    """(path, code) of the strategy file docs/extending.md writes."""
+    rule = _blocks(_sections(EXTENDING_DOC)["1. The rule, in one file"])
+    _, code, before = next(b for b in rule if b[0] == "python")
+    return FILE_NAME.search(before).group(1), code
+
+
+def test_extending_example_rule_is_fedavg_with_server_momentum():
+    import torch
+
+    from fedpose.fl.strategies.base import RoundInput
+
+    _, code = _example_rule()
+    namespace: dict = {}
+    exec(compile(code, "fedavgm.py", "exec"), namespace)  # the page's file, as written
+    rule = namespace["FedAvgM"](beta=0.5, server_lr=2.0)
+    d1 = torch.tensor([[1.0, 0.0, 2.0], [3.0, 4.0, 0.0]])
+    d2 = torch.tensor([[0.0, 2.0, 0.0], [2.0, 0.0, 4.0]])
+    counts = torch.tensor([1.0, 3.0], dtype=torch.float64)
+
+    def inputs(deltas, add_to=None):
+        return RoundInput(deltas=deltas, counts=counts, client_ids=[0, 1], num_clients=2,
+                          slices=[("w", 0, 3)], add_to=add_to)
+
+    first = rule.aggregate(inputs(d1), rule.initial_state())
+    mean1 = 0.25 * d1[0] + 0.75 * d1[1]  # n_k / n = 1/4, 3/4
+    torch.testing.assert_close(first.update, 2.0 * mean1)
+    assert first.diagnostics["weights"] == [0.25, 0.75]
+    weights = torch.ones(3)
+    second = rule.aggregate(inputs(d2, add_to=weights), first.state)
+    velocity = 0.5 * mean1 + (0.25 * d2[0] + 0.75 * d2[1])
+    assert second.update is weights  # added in place, as the server asked
+    torch.testing.assert_close(weights, 1.0 + 2.0 * velocity)
+    torch.testing.assert_close(second.state["velocity"], velocity)
+
+
+@pytest.mark.slow
+def test_extending_example_runs_in_fedpose_compare(tmp_path):
+    """SLOW (a fresh interpreter, about 10 s of CPU): the page's strategy file and registration,
+    applied to a copy of the package, and its smoke command: the new rule trains and reports."""
+    sections = _sections(EXTENDING_DOC)
+    target, code = _example_rule()
+    registration = [text for lang, text, _ in _blocks(sections["2. Registered by name"])
+                    if lang == "python"]
+    assert len(registration) == 3
+    smoke = _commands(sections["3. Run it"])[0]
+
+    shutil.copytree(ROOT / "src", tmp_path / "src",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    (tmp_path / target).write_text(code)
+    _apply_registration(tmp_path / "src/fedpose/fl/strategies/__init__.py", registration)
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "src"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "fedpose.cli", *smoke], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+    run_dir = tmp_path / "runs" / "try-fedavgm"
+    assert "fedavgm" in (run_dir / "report.md").read_text()
+    metrics = (run_dir / "fedavgm-s0" / "metrics.jsonl").read_text()
+    rows = [json.loads(x) for x in metrics.splitlines()]
+    assert [r["method"] for r in rows] == ["fedavgm", "fedavgm"]
+    assert all(r["velocity_norm"] > 0 for r in rows)
+    # the copy, not the installed package, ran: the repository's own strategies are untouched
+    assert "fedavgm" not in (ROOT / "src/fedpose/fl/strategies/__init__.py").read_text()
