@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 import scipy.io
 
+from fedpose.cli import main
 from fedpose.config import DataConfig
 from fedpose.data import load_split
 from fedpose.data.mpii import load_mpii, load_mpii_headboxes
@@ -97,6 +99,18 @@ def test_head_boxes_from_gt_valid(tmp_path, ann, mpii_dir, raw):
     np.testing.assert_allclose(boxes[2], [*(head - 20), *(head + 20)], atol=1e-4)
     records = load_mpii(ann, mpii_dir, headboxes=mat)
     np.testing.assert_allclose(np.stack([r.head_box for r in records]), boxes)
+
+
+def test_inspect_checks_head_boxes_against_the_annotations(tmp_path, ann, mpii_dir, raw, capsys):
+    args = ["data", "inspect", "--dataset", "mpii", "--root", str(mpii_dir), "--ann", str(ann),
+            "--headboxes"]
+    assert main([*args, str(write_gt_valid(tmp_path / "gt_valid.mat", raw))]) == 0
+    assert re.search(r"head boxes\s*│\s*5\s*│", capsys.readouterr().out)
+    # the same boxes in another order belong to other people: one error line, exit code 2
+    shuffled = write_gt_valid(tmp_path / "shuffled.mat", raw, order=[4, 0, 1, 2, 3])
+    assert main([*args, str(shuffled)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "shuffled.mat" in err[0]
 
 
 def test_head_boxes_must_match_record_count(tmp_path, ann, mpii_dir, raw):

@@ -194,3 +194,20 @@ def test_extending_example_runs_in_fedpose_compare(tmp_path):
     assert all(r["velocity_norm"] > 0 for r in rows)
     # the copy, not the installed package, ran: the repository's own strategies are untouched
     assert "fedavgm" not in (ROOT / "src/fedpose/fl/strategies/__init__.py").read_text()
+
+
+def test_readme_library_names_exist():
+    """The README's library section: its imports run and the functions it names exist (the
+    snippet itself trains the demo, too long for a test)."""
+    import importlib
+
+    section = _sections(ROOT / "README.md")["Using fedpose as a library"]
+    code = next(text for lang, text, _ in _blocks(section) if lang == "python")
+    imports = [x for x in code.splitlines() if x.startswith(("from ", "import "))]
+    assert len(imports) >= 3
+    exec("\n".join(imports), {})
+    named = re.findall(r"`(fedpose(?:\.\w+)+)\(", section)
+    assert len(named) >= 2
+    for dotted in named:
+        module, _, name = dotted.rpartition(".")
+        assert callable(getattr(importlib.import_module(module), name)), dotted

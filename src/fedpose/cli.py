@@ -202,7 +202,8 @@ def cmd_data_synth_arm(args) -> int:
 def cmd_data_inspect(args) -> int:
     from fedpose.data.inspect import inspect_dataset, summary_tables
 
-    summary = inspect_dataset(args.dataset, args.root, args.ann)
+    summary = inspect_dataset(args.dataset, args.root, args.ann, labels=args.labels,
+                              headboxes=args.headboxes)
     for table in summary_tables(summary):
         console.print(table)
     return 0
@@ -388,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dataset", required=True, choices=list(DATASETS))
     d.add_argument("--root", required=True)
     d.add_argument("--ann", default=None)
+    d.add_argument("--labels", default="pc", choices=["pc", "oc"], help="lsp labels")
+    d.add_argument("--headboxes", default=None, help="mpii: gt_valid.mat, checked against --ann")
     d.set_defaults(func=cmd_data_inspect)
     d = dsub.add_parser("partition", help="print and plot per-client statistics")
     _add_config(d)
