@@ -27,7 +27,8 @@ venv: $(BIN)/.installed
 demo: venv
 	$(BIN)/fedpose compare configs/demo.toml --methods fedavg,fedprox,fedbn,feddyn,fedaw,fedgh --seeds 0
 
-# test: everything but the tests that start real Flower processes; test-slow: those
+# test: everything but the tests marked slow, which start real processes (Flower SuperLink and
+# SuperNodes, a fresh interpreter running a documented example); test-slow: those
 test: venv
 	$(BIN)/pytest -m "not slow"
 
