@@ -250,6 +250,65 @@ def cmd_bench_aggregate(args) -> int:
     return 0
 
 
+def cmd_bench_data(args) -> int:
+    from fedpose.tools.bench_data import DataBenchOptions, bench_data, data_table
+
+    res = bench_data(DataBenchOptions(
+        dataset=args.dataset, root=args.root or _default_root(args.dataset), ann=args.ann,
+        input_size=args.input, workers=args.workers, batch_size=args.batch,
+        samples=args.samples, model=args.model, model_batch=args.model_batch,
+        model_steps=args.steps, device=args.device, compile=args.compile,
+        repeats=args.repeats))
+    table, notes = data_table(res)
+    console.print(table)
+    console.print(notes)
+    print(f"pipeline/model: {res['ratio']:.2f}")
+    return 0
+
+
+def cmd_bench_sim(args) -> int:
+    from fedpose.tools.bench_sim import SimBenchOptions, bench_sim, sim_table
+
+    opts = SimBenchOptions(clients=args.clients, per_round=args.per_round, rounds=args.rounds,
+                           method=args.method, samples_per_client=args.samples,
+                           sizes=args.sizes, workdir=args.workdir)
+    res = bench_sim(opts, progress=lambda row: console.print(
+        f"K = {row['clients']}: {row['round_s']:.2f} s a round"))
+    table, notes = sim_table(res, opts)
+    console.print(table)
+    console.print(notes)
+    print(f"overhead share: {res['overhead_share']:.4f}")
+    return 0
+
+
+def cmd_bench_train(args) -> int:
+    from fedpose.tools.bench_train import TrainBenchOptions, bench_train, train_tables
+
+    opts = TrainBenchOptions(
+        model=args.model, input_size=args.input, device=args.device, dataset=args.dataset,
+        root=args.root or _default_root(args.dataset), ann=args.ann, batch_size=args.batch,
+        workers=args.workers, steps=args.steps, compile=args.compile,
+        peak_tflops=args.peak_tflops, fedgh_clients=args.fedgh_clients,
+        fedgh_params=args.fedgh_params)
+    res = bench_train(opts)
+    table, notes = train_tables(res, opts.dataset)
+    console.print(table)
+    console.print(notes)
+    fedgh = res.get("fedgh")
+    if fedgh and fedgh["fedavg"] and fedgh["fedgh"]:
+        print(f"fedgh/fedavg: {fedgh['fedgh'] / fedgh['fedavg']:.2f}")
+    print(f"img/s: {res['real_img_s']:.1f}")
+    return 0
+
+
+def _default_root(dataset: str) -> str:
+    """The shared datasets folder beside the checkout, where the tests look too."""
+    import os
+
+    base = Path(os.environ.get("FEDPOSE_DATASETS", Path.cwd().parent / "shared" / "datasets"))
+    return str(base / dataset)
+
+
 def cmd_bench_flower(args) -> int:
     from fedpose.tools.flower_bench import (
         bench_command,
@@ -408,6 +467,38 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--params", type=int, default=34_000_000)
     b.add_argument("--repeats", type=int, default=3)
     b.set_defaults(func=cmd_bench_aggregate)
+    b = bsub.add_parser("data", help="data pipeline samples/s vs model training img/s")
+    _add_data_source(b)
+    b.add_argument("--workers", type=int, default=0, help="DataLoader workers (0 = every core)")
+    b.add_argument("--batch", type=int, default=32, help="DataLoader batch size")
+    b.add_argument("--samples", type=int, default=256, help="samples per pipeline pass")
+    b.add_argument("--model-batch", type=int, default=32)
+    b.add_argument("--steps", type=int, default=5, help="timed training steps per pass")
+    b.add_argument("--repeats", type=int, default=2)
+    b.set_defaults(func=cmd_bench_data)
+    b = bsub.add_parser("sim", help="the in-process engine's overhead and memory with many "
+                                    "clients")
+    b.add_argument("--clients", type=int, default=1000)
+    b.add_argument("--per-round", type=int, default=100)
+    b.add_argument("--rounds", type=int, default=3, help="rounds per size (the first warms up)")
+    b.add_argument("--method", default="feddyn")
+    b.add_argument("--samples", type=int, default=4, help="generated images per client")
+    b.add_argument("--sizes", default="10,100,1000",
+                   help="federation sizes K for the table (each at most --clients)")
+    b.add_argument("--workdir", default="runs/bench-sim")
+    b.set_defaults(func=cmd_bench_sim)
+    b = bsub.add_parser("train", help="training img/s with real data loading, share of the "
+                                      "bf16 peak, FedGH's server step on the device")
+    _add_data_source(b)
+    b.add_argument("--batch", type=int, default=64)
+    b.add_argument("--workers", type=int, default=0, help="DataLoader workers (0 = cores - 1)")
+    b.add_argument("--steps", type=int, default=20, help="timed training steps")
+    b.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's dense bf16 peak (default: from a table of known GPUs)")
+    b.add_argument("--fedgh-clients", type=int, default=100)
+    b.add_argument("--fedgh-params", type=int, default=34_000_000,
+                   help="FedGH server step size P (0 = skip)")
+    b.set_defaults(func=cmd_bench_train)
     b = bsub.add_parser("flower", help="the same federation on Flower processes and in-process, "
                                        "timed")
     _add_flower_run(b, rounds=3)
@@ -433,6 +524,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p, required=False)
     p.set_defaults(func=cmd_flower_config)
     return parser
+
+
+def _add_data_source(b: argparse.ArgumentParser) -> None:
+    b.add_argument("--dataset", default="lsp", choices=DATASETS)
+    b.add_argument("--root", default=None,
+                   help="dataset folder (default: $FEDPOSE_DATASETS/<dataset>)")
+    b.add_argument("--ann", default="", help="annotation file (mpii, coco)")
+    b.add_argument("--input", type=int, default=256, help="network input side")
+    b.add_argument("--model", default="pose_resnet50")
+    b.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    b.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
 
 
 def _add_flower_run(p: argparse.ArgumentParser, rounds: int) -> None:

@@ -27,6 +27,7 @@ class DataConfig:
     max_train: int = 0  # 0 = all records
     max_test: int = 0
     workers: int = 0  # DataLoader worker processes
+    cache_mb: int = 1024  # decoded images kept in memory per process (0 = decode every time)
 
 
 @dataclass
@@ -51,6 +52,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = False  # bf16 autocast on CUDA
     channels_last: bool = False
+    compile: bool = False  # torch.compile the model on CUDA
+    threads: int = 0  # CPU intra-op threads; 0 = the cores divided among fedpose's processes
 
 
 @dataclass

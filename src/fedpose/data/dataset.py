@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from fedpose.data.image_cache import ImageCache
 from fedpose.data.records import DatasetError, PoseRecord, Skeleton
 from fedpose.data.transforms import (
     Augmentation,
@@ -24,6 +25,7 @@ from fedpose.data.transforms import (
     gaussian_heatmaps,
     input_to_heatmap,
     load_image,
+    reduction_factor,
     warp_image,
 )
 from fedpose.seeding import augmentation_rng, loader_seed
@@ -39,6 +41,10 @@ class PoseDataset(Dataset):
 
     center and scale are those of the crop taken (scale after augmentation); with train=False
     they are the record's, which is what decoding predictions back to the image needs.
+
+    image_cache: decoded images to reuse across epochs (None: decode on every access).
+    normalize=False gives the image as uint8 (3, S, S) instead, a quarter of the bytes to move to
+    an accelerator, normalised there by `normalize_images` (bit-identical on the CPU).
     """
 
     def __init__(
@@ -50,6 +56,8 @@ class PoseDataset(Dataset):
         train: bool = False,
         seed: int = 0,
         augmentation: Augmentation | None = None,
+        image_cache: ImageCache | None = None,
+        normalize: bool = True,
     ):
         if input_size % HEATMAP_STRIDE:
             raise ValueError(f"input_size must be a multiple of {HEATMAP_STRIDE}, got {input_size}")
@@ -62,9 +70,10 @@ class PoseDataset(Dataset):
         self.seed = seed
         self.epoch = 0
         self.augmentation = augmentation or Augmentation()
+        self.image_cache = image_cache
+        self.normalize = normalize
         self._flip_perm = skeleton.flip_permutation()
-        self._mean = np.array(IMAGENET_MEAN, dtype=np.float32) * 255.0
-        self._inv_std = 1.0 / (np.array(IMAGENET_STD, dtype=np.float32) * 255.0)
+        self._mean, self._inv_std = _normalization()
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -86,22 +95,24 @@ class PoseDataset(Dataset):
             scale *= s
 
         try:
-            with Image.open(rec.image) as image:
-                if flip:
-                    # SimpleBaseline mirrors the whole image and the centre, then crops; fold
-                    # the mirror into the crop matrix instead of copying the image
-                    mirror = flip_matrix(image.width)
-                    mirrored = affine_transform(center, mirror)
-                    m = compose(crop_matrix(mirrored, scale, rotation, self.input_size), mirror)
-                else:
-                    m = crop_matrix(center, scale, rotation, self.input_size)
-                source, m_source = load_image(image, m)
-                crop = warp_image(source, m_source, self.input_size)
+            if self.image_cache is not None:
+                source = self.image_cache.source(rec.image)
+                m = self._crop_matrix(center, scale, rotation, flip, source.width)
+                image, m_image = self.image_cache.load(rec.image, m)
+                crop = warp_image(image, m_image, self.input_size)
+            else:
+                with Image.open(rec.image) as opened:
+                    m = self._crop_matrix(center, scale, rotation, flip, opened.width)
+                    image, m_image = load_image(opened, m)
+                    crop = warp_image(image, m_image, self.input_size)
         except OSError as e:
             raise DatasetError(rec.image, f"cannot read image: {e}", rec.record_id or index) from e
 
-        # numpy for the per-pixel arithmetic: tiny torch ops cost more in dispatch than in work
-        pixels = (np.asarray(crop, dtype=np.float32) - self._mean) * self._inv_std
+        if self.normalize:
+            # numpy for the per-pixel arithmetic: tiny torch ops cost more in dispatch than work
+            pixels = (np.asarray(crop, dtype=np.float32) - self._mean) * self._inv_std
+        else:
+            pixels = np.asarray(crop, dtype=np.uint8)
         tensor = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 
         hm_joints = input_to_heatmap(affine_transform(joints, m), HEATMAP_STRIDE)
@@ -120,6 +131,53 @@ class PoseDataset(Dataset):
         }
 
 
+    def _crop_matrix(self, center: np.ndarray, scale: float, rotation: float, flip: bool,
+                     width: int) -> np.ndarray:
+        if not flip:
+            return crop_matrix(center, scale, rotation, self.input_size)
+        # SimpleBaseline mirrors the whole image and the centre, then crops; fold the mirror
+        # into the crop matrix instead of copying the image
+        mirror = flip_matrix(width)
+        mirrored = affine_transform(center, mirror)
+        return compose(crop_matrix(mirrored, scale, rotation, self.input_size), mirror)
+
+    def warm_cache(self) -> None:
+        """Decode every image this dataset can crop into the image cache, at every JPEG
+        reduction its augmentation can ask for, so that forked loader workers share them."""
+        if self.image_cache is None:
+            return
+        scales = [1.0]
+        if self.train:
+            sf = self.augmentation.scale_factor
+            scales = [1.0 - sf, 1.0 + sf]
+        for index, rec in enumerate(self.records):
+            try:
+                # the reduction grows with the scale, so the extremes bound it
+                factors = [reduction_factor(crop_matrix(rec.center, rec.scale * s, 0.0,
+                                                        self.input_size)) for s in scales]
+                for factor in (1, 2, 4, 8):
+                    if min(factors) <= factor <= max(factors):
+                        self.image_cache.decoded(rec.image, factor)
+            except OSError as e:
+                raise DatasetError(rec.image, f"cannot read image: {e}",
+                                   rec.record_id or index) from e
+
+
+def _normalization() -> tuple[np.ndarray, np.ndarray]:
+    """(mean, 1 / std) per channel in 0..255 pixel units, float32."""
+    mean = np.array(IMAGENET_MEAN, dtype=np.float32) * 255.0
+    inv_std = 1.0 / (np.array(IMAGENET_STD, dtype=np.float32) * 255.0)
+    return mean, inv_std
+
+
+def normalize_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, S, S) -> normalised float32 on the images' device; the same numbers as the
+    dataset's own normalisation (one subtraction, one multiplication, both in float32)."""
+    mean, inv_std = (torch.from_numpy(a).to(images.device).view(1, 3, 1, 1)
+                     for a in _normalization())
+    return (images.float() - mean) * inv_std
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,
@@ -128,12 +186,16 @@ def make_loader(
     epoch: int,
     workers: int = 0,
     drop_last: bool = False,
+    pin_memory: bool = False,
 ) -> DataLoader:
     """A DataLoader whose shuffle order is a function of (seed, epoch) alone.
 
     The augmentation epoch is the dataset's own (PoseDataset.set_epoch), set by the caller: a
     federated client may shuffle by local epoch but augment by global round.
+    pin_memory: page-locked batches, for asynchronous copies to a CUDA device.
     """
+    if workers > 0 and isinstance(dataset, PoseDataset):
+        dataset.warm_cache()  # decoded once here, shared by the forked workers
     generator = torch.Generator()
     generator.manual_seed(loader_seed(seed, epoch))
     return DataLoader(
@@ -143,5 +205,6 @@ def make_loader(
         generator=generator,
         num_workers=workers,
         drop_last=drop_last,
+        pin_memory=pin_memory,
         persistent_workers=False,
     )

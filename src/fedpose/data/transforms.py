@@ -97,6 +97,33 @@ def warp_image(image: Image.Image, m: np.ndarray, output_size: int) -> Image.Ima
     )
 
 
+def reduction_factor(m: np.ndarray) -> int:
+    """The JPEG draft reduction (1, 2, 4 or 8) worth decoding at for a crop with matrix `m`."""
+    # source px per crop px: the linear part's |det| is the area ratio crop / source
+    shrink = 1.0 / math.sqrt(abs(np.linalg.det(m[:, :2])))
+    factor = 1
+    while factor < 8 and shrink >= 2 * factor:
+        factor *= 2
+    return factor
+
+
+def decode_reduced(image: Image.Image, factor: int) -> tuple[Image.Image, np.ndarray | None]:
+    """A freshly opened image as RGB, a JPEG at 1/`factor` size; with the 2x3 map from original
+    to reduced pixels (None when the image was not reduced)."""
+    to_reduced = None
+    if factor > 1 and image.format == "JPEG":
+        w, h = image.size
+        drafted = image.draft("RGB", (max(1, w // factor), max(1, h // factor)))
+        if drafted is not None:
+            _, box = drafted
+            # the reduced image's edge coordinates are the original's divided by the factor
+            sx, sy = box[2] / w, box[3] / h
+            to_reduced = np.array([[sx, 0.0, 0.5 * sx - 0.5], [0.0, sy, 0.5 * sy - 0.5]])
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return image, to_reduced
+
+
 def load_image(source: str | Path | Image.Image, m: np.ndarray) -> tuple[Image.Image, np.ndarray]:
     """Open an image for cropping with `m`; returns (RGB image, matrix adjusted to that image).
 
@@ -107,22 +134,9 @@ def load_image(source: str | Path | Image.Image, m: np.ndarray) -> tuple[Image.I
     reduced image is a better-filtered source than the full one for a bilinear downscale.
     """
     image = source if isinstance(source, Image.Image) else Image.open(source)
-    # source px per crop px: the linear part's |det| is the area ratio crop / source
-    shrink = 1.0 / math.sqrt(abs(np.linalg.det(m[:, :2])))
-    factor = 1
-    while factor < 8 and shrink >= 2 * factor:
-        factor *= 2
-    if factor > 1 and image.format == "JPEG":
-        w, h = image.size
-        drafted = image.draft("RGB", (max(1, w // factor), max(1, h // factor)))
-        if drafted is not None:
-            _, box = drafted
-            # the reduced image's edge coordinates are the original's divided by the factor
-            sx, sy = box[2] / w, box[3] / h
-            to_reduced = np.array([[sx, 0.0, 0.5 * sx - 0.5], [0.0, sy, 0.5 * sy - 0.5]])
-            m = compose(m, invert_affine(to_reduced))
-    if image.mode != "RGB":
-        image = image.convert("RGB")
+    image, to_reduced = decode_reduced(image, reduction_factor(m))
+    if to_reduced is not None:
+        m = compose(m, invert_affine(to_reduced))
     return image, m
 
 
