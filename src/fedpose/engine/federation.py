@@ -11,6 +11,7 @@ import torch
 from fedpose.config import Config
 from fedpose.data import load_split
 from fedpose.data.dataset import PoseDataset
+from fedpose.data.image_cache import ImageCache
 from fedpose.data.partition import partition
 from fedpose.data.records import PoseRecord, Skeleton
 from fedpose.fl.params import ModelLayout, model_layout
@@ -33,6 +34,7 @@ class Federation:
     strategy: Strategy
     device: torch.device
     _datasets: dict[int, PoseDataset] = field(default_factory=dict)
+    image_cache: ImageCache | None = None  # decoded images, shared by every client's dataset
 
     @property
     def client_sizes(self) -> list[int]:
@@ -46,7 +48,8 @@ class Federation:
             records = [self.train_records[i] for i in self.parts[client]]
             d = self.cfg.data
             self._datasets[client] = PoseDataset(records, self.skeleton, d.input_size, d.sigma,
-                                                 train=d.augment, seed=self.cfg.seed)
+                                                 train=d.augment, seed=self.cfg.seed,
+                                                 image_cache=self.image_cache)
         return self._datasets[client]
 
     def evaluate(self, weights: dict[str, torch.Tensor]) -> dict:
@@ -64,7 +67,9 @@ def build_federation(cfg: Config) -> Federation:
         raise ValueError(f"partition made {len(parts)} clients, config says {cfg.fed.num_clients}")
     model, layout, strategy = build_model_and_strategy(cfg, skeleton)
     return Federation(cfg, skeleton, train_records, test_records, parts, model, layout, strategy,
-                      resolve_device(cfg.train.device))
+                      resolve_device(cfg.train.device),
+                      image_cache=ImageCache(cfg.data.cache_mb << 20) if cfg.data.cache_mb > 0
+                      else None)
 
 
 def build_model_and_strategy(cfg: Config, skeleton: Skeleton

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from fedpose.engine.federation import Federation
 from fedpose.fl.client import local_batches, local_train
+from fedpose.fl.client_state import ClientStateStore
 from fedpose.fl.messages import TrainReply, TrainRequest
 
 
@@ -13,13 +14,15 @@ class LocalTransport:
 
     Training lazily at `receive` keeps memory flat and gives the same result as training at
     `send`, because a request carries everything the client needs. A client that raises is
-    reported as a failed reply, never as a crash of the server.
+    reported as a failed reply, never as a crash of the server. Client state lives in files
+    beside the checkpoint, so memory does not grow with the size of the federation.
     """
 
     def __init__(self, federation: Federation):
         self.fed = federation
         self.requests: dict[int, TrainRequest] = {}
-        self.client_states: dict[int, dict] = {}
+        self.client_states = ClientStateStore(federation.cfg.run_dir / "checkpoints"
+                                              / "client_state")
 
     def send(self, request: TrainRequest) -> None:
         self.requests[request.client_id] = request
@@ -31,17 +34,17 @@ class LocalTransport:
             dataset = f.client_dataset(client_id)
             reply, state = local_train(
                 f.model, local_batches(dataset, request, f.cfg), request,
-                self.client_states.get(client_id, {}), f.cfg.train, f.layout, f.device,
+                self.client_states.get(client_id), f.cfg.train, f.layout, f.device,
                 num_samples=len(dataset),
             )
         except Exception as e:  # any client failure must not stop the federation
             return TrainReply(client_id=client_id, version=request.version,
                               error=f"client crashed: {type(e).__name__}: {e}")
-        self.client_states[client_id] = state
+        self.client_states.put(client_id, state)
         return reply
 
     def state_dict(self) -> dict:
-        return {"client_states": self.client_states}
+        return self.client_states.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.client_states = state.get("client_states", {})
+        self.client_states.load_state_dict(state)

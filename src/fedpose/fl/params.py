@@ -75,11 +75,28 @@ def unflatten_add_(state: dict[str, torch.Tensor], layout: ModelLayout, flat: to
 def weighted_average(
     tensors: list[dict[str, torch.Tensor]], names: tuple[str, ...], counts: list[float]
 ) -> dict[str, torch.Tensor]:
-    """n-weighted mean of each named tensor; integer tensors (BN counters) are rounded back."""
+    """n-weighted mean of each named tensor; integer tensors (BN counters) are rounded back.
+
+    Each client's tensors are summed as one flat float64 vector: the same operations, in the
+    same order, per element as tensor by tensor, with a few ops per client instead of a few per
+    client and tensor (a round of 100 clients and 60 BatchNorm tensors: 300 ops, not 18 000).
+    """
+    if not names or not tensors:
+        return {}
     total = float(sum(counts))
+    acc: torch.Tensor | int = 0
+    for c, t in zip(counts, tensors, strict=True):
+        acc = acc + float(c) / total * flatten_float64(t, names)
     out = {}
+    start = 0
     for name in names:
-        acc = sum(float(c) / total * t[name].double() for c, t in zip(counts, tensors, strict=True))
         ref = tensors[0][name]
-        out[name] = acc.round().to(ref.dtype) if not ref.is_floating_point() else acc.to(ref.dtype)
+        part = acc[start:start + ref.numel()].view(ref.shape)
+        start += ref.numel()
+        out[name] = (part.to(ref.dtype, copy=True) if ref.is_floating_point()
+                     else part.round().to(ref.dtype))
     return out
+
+
+def flatten_float64(state: dict[str, torch.Tensor], names: tuple[str, ...]) -> torch.Tensor:
+    return torch.cat([state[n].detach().reshape(-1).double() for n in names])

@@ -88,7 +88,9 @@ def train_flops_per_image(model_cfg: ModelConfig, num_joints: int, input_size: i
     from fedpose.model.pose_resnet import build_model
 
     with torch.device("meta"):
-        model = build_model(model_cfg, num_joints)
+        # eval mode: BatchNorm in training mode refuses a batch of one at 1x1 resolution, and
+        # the convolutions, which are all the FLOPs, cost the same in either mode
+        model = build_model(model_cfg, num_joints).eval()
         x = torch.zeros(1, 3, input_size, input_size)
     counter = FlopCounterMode(display=False)
     with counter:

@@ -1,0 +1,76 @@
+"""Client state on disk: exact round trips, and a resume sees the checkpoint's states."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedpose.fl.client_state import ClientStateStore
+
+
+def _state(value: float) -> dict:
+    return {"dyn_grad": {"w": torch.full((3, 2), value), "b": torch.arange(4.0) * value},
+            "local": {"bn.running_mean": torch.tensor([value]),
+                      "bn.num_batches_tracked": torch.tensor(7)}}
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        a[k].keys() == b[k].keys() and all(torch.equal(a[k][n], b[k][n]) for n in a[k])
+        for k in a)
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_states_round_trip_exactly(tmp_path, on_disk):
+    store = ClientStateStore(tmp_path / "s" if on_disk else None)
+    assert store.get(3) == {}
+    store.put(3, _state(0.1))
+    store.put(5, _state(-2.5))
+    assert _equal(store.get(3), _state(0.1))
+    assert _equal(store.get(5), _state(-2.5))
+    assert len(store) == 2
+    if on_disk:
+        assert store.bytes_in_memory() == 0
+        assert store.bytes_on_disk() > 0
+
+
+def test_stateless_clients_write_nothing(tmp_path):
+    store = ClientStateStore(tmp_path)
+    store.put(1, {})
+    assert len(store) == 0 and not list(tmp_path.glob("*.safetensors"))
+
+
+def test_resume_sees_the_states_of_the_checkpoint(tmp_path):
+    store = ClientStateStore(tmp_path)
+    store.put(0, _state(1.0))
+    store.put(1, _state(2.0))
+    checkpoint = store.state_dict()  # as saved at the end of a round
+    store.put(0, _state(10.0))  # the next round trains client 0 again, then the run dies
+    store.put(2, _state(30.0))
+
+    resumed = ClientStateStore(tmp_path)
+    resumed.load_state_dict(checkpoint)
+    assert _equal(resumed.get(0), _state(1.0))
+    assert _equal(resumed.get(1), _state(2.0))
+    assert resumed.get(2) == {}
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2  # the lost round's files are gone
+
+
+def test_old_generations_are_deleted_once_no_checkpoint_needs_them(tmp_path):
+    store = ClientStateStore(tmp_path)
+    for r in range(5):
+        store.put(0, _state(float(r)))
+        store.state_dict()
+    # the live state and the previous checkpoint's (still on disk until the next one replaces it)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2
+    for r in range(3):  # between checkpoints nothing piles up either
+        store.put(0, _state(float(r)))
+    assert len(list(tmp_path.glob("*.safetensors"))) == 3
+
+
+def test_checkpoint_with_states_in_memory_loads_into_a_disk_store(tmp_path):
+    memory = ClientStateStore()
+    memory.put(4, _state(0.5))
+    disk = ClientStateStore(tmp_path)
+    disk.load_state_dict(memory.state_dict())
+    assert _equal(disk.get(4), _state(0.5))
