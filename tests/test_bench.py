@@ -46,7 +46,7 @@ def test_bench_data_measures_both_sides(synth_dir):
         dataset="synth-arm", root=str(synth_dir), input_size=32, workers=1, batch_size=4,
         samples=8, model="pose_resnet18", model_batch=2, model_steps=1, device="cpu",
         repeats=1))
-    for key in ("per_worker_cold", "per_worker", "loader", "model_img_s"):
+    for key in ("per_worker_uncached", "per_worker_cold", "per_worker", "loader", "model_img_s"):
         assert res[key] > 0 and math.isfinite(res[key])
     assert res["ratio"] == pytest.approx(res["loader"] / res["model_img_s"])
     assert res["cache_mb"] > 0

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fedpose.data.dataset import PoseDataset, make_loader, normalize_images
+from fedpose.data.dataset import PoseDataset, make_epochs_loader, make_loader, normalize_images
 from fedpose.data.image_cache import ImageCache
 from fedpose.data.records import PoseRecord, Skeleton
 
@@ -93,3 +93,22 @@ def test_loader_with_workers_gives_the_same_batches(tmp_path):
     for a, b in zip(forked, inline, strict=True):
         assert torch.equal(a["index"], b["index"])
         assert torch.equal(a["image"], b["image"])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_one_loader_over_epochs_gives_each_epochs_batches(tmp_path, workers):
+    records = _records(tmp_path, n=5)
+    ds = PoseDataset(records, SKELETON, 32, train=True, seed=2, image_cache=ImageCache())
+    plain = PoseDataset(records, SKELETON, 32, train=True, seed=2)
+    joined = list(make_epochs_loader(ds, 2, shuffle=True, seed=4, epochs=range(1, 4),
+                                     workers=workers, drop_last=True))
+    expected = []
+    for epoch in range(1, 4):
+        plain.set_epoch(epoch)
+        expected += list(make_loader(plain, 2, shuffle=True, seed=4, epoch=epoch,
+                                     drop_last=True))
+    assert len(joined) == len(expected) == 3 * 2
+    for a, b in zip(joined, expected, strict=True):
+        assert torch.equal(a["index"], b["index"])
+        assert torch.equal(a["image"], b["image"])
+        assert torch.equal(a["target"], b["target"])

@@ -81,7 +81,10 @@ class PoseDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        """Item `key`, augmented for the current epoch; or key = (epoch, index), as a loader
+        over several epochs asks (its worker processes never see set_epoch)."""
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         index = range(len(self.records))[index]  # wraps negatives, rejects out of range
         rec = self.records[index]
         center = np.asarray(rec.center, dtype=np.float64)
@@ -90,7 +93,7 @@ class PoseDataset(Dataset):
         visibility = np.asarray(rec.visibility, dtype=np.float32)
         rotation, flip = 0.0, False
         if self.train:
-            rng = augmentation_rng(self.seed, self.epoch, index)
+            rng = augmentation_rng(self.seed, epoch, index)
             s, rotation, flip = self.augmentation.draw(rng)
             scale *= s
 
@@ -208,3 +211,60 @@ def make_loader(
         pin_memory=pin_memory,
         persistent_workers=False,
     )
+
+
+def shuffled_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The order in which make_loader's shuffling DataLoader visits n items for (seed, epoch).
+
+    The DataLoader draws its workers' base seed from the generator before the sampler's
+    permutation, so the same draw is made here first (a test holds the two equal).
+    """
+    generator = torch.Generator()
+    generator.manual_seed(loader_seed(seed, epoch))
+    torch.empty((), dtype=torch.int64).random_(generator=generator)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+class EpochBatchSampler:
+    """Batches of (epoch, index) keys for several epochs in a row, each epoch in make_loader's
+    order, so one DataLoader (one set of worker processes) serves a whole training run."""
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, epochs: range,
+                 drop_last: bool = False):
+        self.n, self.batch_size, self.shuffle = n, batch_size, shuffle
+        self.seed, self.epochs, self.drop_last = seed, epochs, drop_last
+
+    def batches_per_epoch(self) -> int:
+        full, rest = divmod(self.n, self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch() * len(self.epochs)
+
+    def __iter__(self):
+        for epoch in self.epochs:
+            order = shuffled_order(self.n, self.seed, epoch) if self.shuffle else range(self.n)
+            for start in range(0, self.n, self.batch_size):
+                chunk = order[start:start + self.batch_size]
+                if len(chunk) < self.batch_size and self.drop_last:
+                    break
+                yield [(epoch, i) for i in chunk]
+
+
+def make_epochs_loader(
+    dataset: PoseDataset,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    epochs: range,
+    workers: int = 0,
+    drop_last: bool = False,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """One DataLoader over `epochs`: the batches make_loader gives epoch by epoch (shuffle order,
+    augmentation), with worker processes started once instead of once per epoch."""
+    if workers > 0:
+        dataset.warm_cache()
+    sampler = EpochBatchSampler(len(dataset), batch_size, shuffle, seed, epochs, drop_last)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
+                      prefetch_factor=4 if workers > 0 else None)

@@ -14,12 +14,13 @@ FedGH (Gram method), each the best of a few repeats after a warm-up.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
 import torch
 
-from fedpose.data.dataset import make_loader
+from fedpose.data.dataset import make_epochs_loader
 from fedpose.model.inference import resolve_device
 from fedpose.model.pose_resnet import build_model
 from fedpose.model.train_step import TrainStep, available_cores, set_cpu_threads
@@ -67,22 +68,20 @@ def real_data_images_per_second(opts: TrainBenchOptions, device: torch.device) -
                      amp=on_cuda, channels_last=on_cuda, compile=opts.compile)
     warmup = opts.warmup * (3 if opts.compile and on_cuda else 1)
     total = warmup + opts.steps
-    done, epoch, images = 0, 0, 0
+    per_epoch = len(dataset) // opts.batch_size
+    loader = make_epochs_loader(dataset, opts.batch_size, shuffle=True, seed=0,
+                                epochs=range(math.ceil(total / per_epoch)), workers=workers,
+                                drop_last=True, pin_memory=on_cuda)
+    images = 0
     t0 = 0.0
-    while done < total:
-        dataset.set_epoch(epoch)
-        loader = make_loader(dataset, opts.batch_size, shuffle=True, seed=0, epoch=epoch,
-                             workers=workers, drop_last=True, pin_memory=on_cuda)
-        for batch in loader:
-            if done == warmup:
-                t0 = now(device)  # the clock starts with a loader already running
-            step(batch)
-            done += 1
-            if done > warmup:
-                images += len(batch["index"])
-            if done == total:
-                break
-        epoch += 1
+    for done, batch in enumerate(loader):
+        if done == warmup:
+            t0 = now(device)  # the clock starts with the loader's workers running
+        if done >= total:
+            break
+        step(batch)
+        if done >= warmup:
+            images += len(batch["index"])
     seconds = now(device) - t0
     # the same step on one resident synthetic batch: the model's own speed, no data loading
     synthetic, batch = synthetic_step(opts.model, dataset.skeleton.num_joints, opts.input_size,
