@@ -65,7 +65,7 @@ def test_bench_train_on_cpu_with_fedgh(synth_dir):
 def test_fedgh_step_on_device_reports_errors_instead_of_raising(monkeypatch):
     from fedpose.fl.strategies import FedGH
 
-    def broken(self, inputs, state):
+    def broken(*_):
         raise RuntimeError("no kernel for this device")
 
     monkeypatch.setattr(FedGH, "aggregate", broken)
@@ -96,7 +96,7 @@ def test_bench_sim_prints_the_overhead_share_last(monkeypatch, capsys):
            "overhead_s": 0.1, "overhead_share": 0.05, "peak_rss": 2**28, "rss_growth": 0,
            "state_clients": 10, "state_memory": 0, "state_disk": 2**20, "params": 1000}
     monkeypatch.setattr("fedpose.tools.bench_sim.bench_sim",
-                        lambda opts, progress=None: {"rows": [row], "overhead_share": 0.05,
-                                                     "method": "feddyn"})
+                        lambda *_, **__: {"rows": [row], "overhead_share": 0.05,
+                                          "method": "feddyn"})
     assert main(["bench", "sim", "--clients", "10", "--sizes", "10"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == "overhead share: 0.0500"

@@ -6,7 +6,7 @@ import torch
 from fedtiny import tiny_config
 
 from fedpose.engine.federation import build_federation
-from fedpose.fl.client import local_batches, local_train
+from fedpose.fl.client import dyn_grad_by_name, local_batches, local_train
 from fedpose.fl.messages import TrainRequest
 
 
@@ -46,4 +46,4 @@ def test_dyn_linear_term_shifts_one_sgd_step_by_lr_times_g(tmp_path, synth_dir):
     first = fed.layout.agg_names[0]
     end = fed.layout.slices[0][2]
     expected = 0.25 - 0.5 * dyn.delta[:end].view(fed.layout.shapes[first])
-    assert torch.allclose(state["dyn_grad"][first], expected)
+    assert torch.allclose(dyn_grad_by_name(state, fed.layout)[first], expected)

@@ -13,15 +13,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fedpose.config import Config, config_from_dict
 from fedpose.data import load_split
-from fedpose.data.dataset import PoseDataset, make_loader
+from fedpose.data.dataset import PoseDataset, make_epochs_loader
+from fedpose.data.image_cache import ImageCache
 from fedpose.data.records import SKELETONS, Skeleton
 from fedpose.metrics.evaluate import evaluate_model
 from fedpose.model.inference import resolve_device
-from fedpose.model.loss import JointsMSELoss
 from fedpose.model.optim import make_optimizer
 from fedpose.model.pose_resnet import PoseResNet, build_model, load_pretrained
+from fedpose.model.train_step import TrainStep
 
 MODEL_FORMAT = "fedpose-model-v1"
+LOSS_READ_EVERY = 16  # training steps between reads of the loss (each read syncs a GPU)
 
 
 def save_model(path: Path, model_weights: dict, cfg: Config, skeleton: Skeleton,
@@ -66,16 +68,18 @@ def train_centralized(cfg: Config, resume: bool = False, console: Console | None
     if cfg.model.pretrained:
         load_pretrained(model, cfg.model.pretrained)
     model.to(device)
-    if cfg.train.channels_last:
-        model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg.train)
+    step = TrainStep(model, optimizer, device, amp=cfg.train.amp,
+                     channels_last=cfg.train.channels_last, compile=cfg.train.compile,
+                     threads=cfg.train.threads, processes=1 + cfg.data.workers)
     epochs = cfg.train.epochs
     # step decay late in training, as SimpleBaseline does
     milestones = sorted({max(1, int(epochs * 0.7)), max(1, int(epochs * 0.9))})
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
+    cache = ImageCache(cfg.data.cache_mb << 20) if cfg.data.cache_mb > 0 else None
     dataset = PoseDataset(train_records, skeleton, cfg.data.input_size, cfg.data.sigma,
-                          train=cfg.data.augment, seed=cfg.seed)
-    criterion = JointsMSELoss(use_target_weight=True)
+                          train=cfg.data.augment, seed=cfg.seed, image_cache=cache,
+                          normalize=device.type == "cpu")
 
     run_dir = cfg.run_dir
     ckpt = run_dir / "checkpoints" / "last.pt"
@@ -93,7 +97,14 @@ def train_centralized(cfg: Config, resume: bool = False, console: Console | None
         metrics_path.unlink(missing_ok=True)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
-    amp = cfg.train.amp and device.type == "cuda"
+    # one loader for every epoch: its worker processes start once
+    loader = make_epochs_loader(dataset, cfg.train.batch_size, shuffle=True, seed=cfg.seed,
+                                epochs=range(start, epochs), workers=cfg.data.workers,
+                                # a trailing batch of one breaks BatchNorm in training mode
+                                drop_last=len(dataset) % cfg.train.batch_size == 1,
+                                pin_memory=device.type == "cuda")
+    per_epoch = loader.batch_sampler.batches_per_epoch()
+    batches = iter(loader)
     record: dict = {}
     t_start = time.perf_counter()
     with Progress(TextColumn("[bold]train[/] epoch {task.fields[epoch]}"), BarColumn(),
@@ -102,28 +113,20 @@ def train_centralized(cfg: Config, resume: bool = False, console: Console | None
         task = bar.add_task("batches", total=None, epoch=start, info="")
         for epoch in range(start, epochs):
             model.train()
-            dataset.set_epoch(epoch)
-            loader = make_loader(dataset, cfg.train.batch_size, shuffle=True, seed=cfg.seed,
-                                 epoch=epoch, workers=cfg.data.workers,
-                                 # a trailing batch of one breaks BatchNorm in training mode
-                                 drop_last=len(dataset) % cfg.train.batch_size == 1)
-            bar.reset(task, total=len(loader), epoch=epoch + 1, info="")
+            bar.reset(task, total=per_epoch, epoch=epoch + 1, info="")
             t0 = time.perf_counter()
             total, n = 0.0, 0
-            for batch in loader:
-                images = batch["image"].to(device, non_blocking=True)
-                if cfg.train.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    out = model(images)
-                loss = criterion(out.float(), batch["target"].to(device),
-                                 batch["target_weight"].to(device))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += float(loss.detach()) * images.shape[0]
-                n += images.shape[0]
-                bar.update(task, advance=1, info=f"loss {total / n:.6f}")
+            pending: list[tuple[torch.Tensor, int]] = []
+            for i in range(per_epoch):
+                batch = next(batches)
+                pending.append((step(batch), len(batch["index"])))
+                # reading a loss waits for the device: do it every few steps, not every step
+                if len(pending) == LOSS_READ_EVERY or i + 1 == per_epoch:
+                    for loss, size in pending:
+                        total += float(loss) * size
+                        n += size
+                    bar.update(task, advance=len(pending), info=f"loss {total / n:.6f}")
+                    pending = []
             scheduler.step()
             seconds = time.perf_counter() - t0
             record = {"epoch": epoch + 1, "train_loss": total / max(n, 1),

@@ -20,8 +20,10 @@ from fedpose.config import Config, TrainConfig
 from fedpose.data.dataset import PoseDataset, make_loader
 from fedpose.fl.messages import CLIENT_RULES, TrainReply, TrainRequest
 from fedpose.fl.params import ModelLayout, flatten
-from fedpose.model.loss import JointsMSELoss
 from fedpose.model.optim import make_optimizer
+from fedpose.model.train_step import TrainStep
+
+DYN_GRAD_FLAT = "flat"  # client_state["dyn_grad"][DYN_GRAD_FLAT]: g_k over layout.agg_names
 
 
 def local_batches(dataset: PoseDataset, request: TrainRequest, cfg: Config) -> Iterator[dict]:
@@ -73,22 +75,19 @@ def local_train(
     model.to(device).train()
     params = dict(model.named_parameters())
     base = {n: state[n].to(device) for n in layout.agg_names}
-    dyn_grad = client_state.get("dyn_grad") if request.rule == "dyn" else None
+    dyn_grad = dyn_grad_by_name(client_state, layout) if request.rule == "dyn" else None
     if dyn_grad is not None:
         dyn_grad = {n: g.to(device) for n, g in dyn_grad.items()}
 
-    optimizer = make_optimizer(model, train)
-    criterion = JointsMSELoss(use_target_weight=True)
-    losses: list[float] = []
-    for batch in batches:
-        loss = criterion(model(batch["image"].to(device)), batch["target"].to(device),
-                         batch["target_weight"].to(device))
-        losses.append(float(loss.detach()))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if request.rule != "plain":
-            _add_regularizer_grads(params, base, dyn_grad, layout, request.coef)
-        optimizer.step()
+    def regularize() -> None:
+        _add_regularizer_grads(params, base, dyn_grad, layout, request.coef)
+
+    step = TrainStep(model, make_optimizer(model, train), device, amp=train.amp,
+                     channels_last=train.channels_last, compile=train.compile,
+                     after_backward=regularize if request.rule != "plain" else None,
+                     threads=train.threads)
+    # losses stay on the device until the end: no wait for the GPU after every step
+    losses = [float(loss) for loss in [step(batch) for batch in batches]]
 
     trained = {n: t.detach().cpu() for n, t in model.state_dict().items()}
     delta = flatten(trained, layout.agg_names) - flatten(request.weights, layout.agg_names)
@@ -106,20 +105,29 @@ def local_train(
     return reply, _next_client_state(client_state, trained, delta, request, layout)
 
 
+def dyn_grad_by_name(client_state: dict, layout: ModelLayout) -> dict[str, torch.Tensor] | None:
+    """FedDyn's g_k per aggregated tensor (views of the flat vector the client keeps), or None
+    before the client's first FedDyn round."""
+    stored = client_state.get("dyn_grad")
+    if not stored:
+        return None
+    flat = stored.get(DYN_GRAD_FLAT)
+    if flat is None:  # kept per tensor, as older checkpoints hold it
+        flat = flatten(stored, layout.agg_names)
+    return {name: flat[start:end].view(layout.shapes[name]) for name, start, end in layout.slices}
+
+
 def _next_client_state(client_state: dict, trained: dict[str, torch.Tensor], delta: torch.Tensor,
                        request: TrainRequest, layout: ModelLayout) -> dict:
     new_state = dict(client_state)
     if layout.local_names:
         new_state["local"] = {n: trained[n].clone() for n in layout.local_names}
     if request.rule == "dyn":
-        # FedDyn's first-order condition: g_k <- g_k - α (w_k - w_t)
-        old = client_state.get("dyn_grad")
-        new_grad = {}
-        for name, start, end in layout.slices:
-            d = delta[start:end].view(layout.shapes[name])
-            prev = old[name] if old is not None else torch.zeros_like(d)
-            new_grad[name] = prev - request.coef * d
-        new_state["dyn_grad"] = new_grad
+        # FedDyn's first-order condition: g_k <- g_k - α (w_k - w_t), kept as one flat vector
+        # (one tensor to store per client, not one per layer)
+        old = dyn_grad_by_name(client_state, layout)
+        prev = flatten(old, layout.agg_names) if old is not None else torch.zeros_like(delta)
+        new_state["dyn_grad"] = {DYN_GRAD_FLAT: prev - request.coef * delta}
     return new_state
 
 

@@ -57,9 +57,11 @@ def set_cpu_threads(requested: int = 0, processes: int = 1) -> int:
 class TrainStep:
     """`step(batch)` trains `model` on one batch and returns the (detached, float32) loss.
 
-    after_backward(model) runs between backward and the optimiser step: the federated client
-    adds its closed-form regulariser gradients there. The returned loss is a tensor on the
-    device, so a caller that does not print it every step never waits for the GPU.
+    after_backward() runs between backward and the optimiser step: the federated client adds
+    its closed-form regulariser gradients there. The returned loss is a tensor on the device, so
+    a caller that does not print it every step never waits for the GPU.
+    threads (train.threads) on the CPU: applied with `set_cpu_threads(threads, processes)`,
+    processes being how many busy processes share the cores; None leaves the threads alone.
     """
 
     def __init__(
@@ -71,9 +73,13 @@ class TrainStep:
         channels_last: bool = False,
         compile: bool = False,
         after_backward: Callable[[], None] | None = None,
+        threads: int | None = None,
+        processes: int = 1,
     ):
         self.device = torch.device(device)
         on_cuda = self.device.type == "cuda"
+        if threads is not None and not on_cuda:
+            set_cpu_threads(threads, processes)
         self.model = model
         self.optimizer = optimizer
         self.amp = amp and on_cuda

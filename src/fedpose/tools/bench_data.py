@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from rich.table import Table
 
 from fedpose.config import DataConfig
 from fedpose.data import load_split
@@ -25,6 +26,7 @@ from fedpose.data.image_cache import ImageCache
 from fedpose.model.inference import resolve_device
 from fedpose.model.pose_resnet import build_model
 from fedpose.model.train_step import TrainStep, available_cores, set_cpu_threads
+from fedpose.tools import ToolError
 from fedpose.tools.machine import device_name, model_config, now, utc_stamp
 
 
@@ -51,7 +53,7 @@ def training_dataset(dataset: str, root: str, input_size: int, ann: str = "",
     cfg = DataConfig(dataset=dataset, root=root, ann=ann, input_size=input_size)
     records, skeleton = load_split(cfg, "train")
     if not records:
-        raise ValueError(f"{root}: no training records")
+        raise ToolError(f"{root}: no training records")
     return PoseDataset(records, skeleton, input_size, cfg.sigma, train=True, seed=0,
                        image_cache=ImageCache(cfg.cache_mb << 20), normalize=normalize)
 
@@ -158,12 +160,8 @@ def bench_data(opts: DataBenchOptions, progress=None) -> dict:
     }
 
 
-def bench_data_main(opts: DataBenchOptions) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    res = bench_data(opts, progress=lambda r, total: console.print(f"pass {r}/{total} done"))
+def data_table(res: dict) -> tuple[Table, str]:
+    """The figures of `bench_data` as a table, and a line on the machine."""
     table = Table(title=f"{res['dataset']} training pipeline at {res['input_size']}x"
                         f"{res['input_size']} ({res['records']} records) vs {res['model']} "
                         f"training on {res['device']}")
@@ -177,9 +175,7 @@ def bench_data_main(opts: DataBenchOptions) -> int:
     table.add_row(f"{res['model']} training, synthetic batch {res['model_batch']}"
                   f"{', bf16' if res['amp'] else ''}{', compiled' if res['compile'] else ''}",
                   f"{res['model_img_s']:.1f}")
-    console.print(table)
-    console.print(f"{res['device_name']}; {res['cpu_threads']} CPU threads for the model; "
-                  f"{res['cache_mb']:.0f} MB of decoded images cached; torch {res['torch']}; "
-                  f"{res['when']}")
-    print(f"pipeline/model: {res['ratio']:.2f}")
-    return 0
+    notes = (f"{res['device_name']}; {res['cpu_threads']} CPU threads for the model; "
+             f"{res['cache_mb']:.0f} MB of decoded images cached; torch {res['torch']}; "
+             f"{res['when']}")
+    return table, notes

@@ -24,7 +24,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from rich.table import Table
+
 from fedpose.config import Config, load_config
+from fedpose.tools import ToolError
 
 
 @dataclass
@@ -111,7 +114,7 @@ def simulate(cfg: Config) -> dict:
     server.run(progress=mark)
     rounds = len(marks) - 1
     if rounds < 1:
-        raise ValueError("bench sim needs at least 2 rounds (the first one warms up)")
+        raise ToolError("bench sim needs at least 2 rounds (the first one warms up)")
     wall, train, evaluation = (marks[-1][i] - marks[0][i] for i in range(3))
     store = transport.client_states
     return {
@@ -153,7 +156,7 @@ def bench_sim(opts: SimBenchOptions, progress=None) -> dict:
 
     sizes = sorted({int(x) for x in opts.sizes.split(",") if x.strip()})
     if not sizes or sizes[0] < 1 or sizes[-1] > opts.clients:
-        raise ValueError(f"--sizes {opts.sizes!r}: each size must be within 1..{opts.clients}")
+        raise ToolError(f"--sizes {opts.sizes!r}: each size must be within 1..{opts.clients}")
     data_dir = Path(opts.workdir) / f"synth-{_images_needed(opts)}-{opts.input_size}"
     if not (data_dir / "annotations.json").exists():
         generate_synth_arm(data_dir, n=_images_needed(opts), seed=0, size=opts.input_size,
@@ -175,15 +178,10 @@ def bench_sim(opts: SimBenchOptions, progress=None) -> dict:
     return {"rows": rows, "overhead_share": rows[-1]["overhead_share"], "method": opts.method}
 
 
-def bench_sim_main(opts: SimBenchOptions) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
+def sim_table(res: dict, opts: SimBenchOptions) -> tuple[Table, str]:
+    """The figures of `bench_sim` as a table, and a line on the model and machine."""
     from fedpose.tools.machine import cpu_name, utc_stamp
 
-    console = Console()
-    res = bench_sim(opts, progress=lambda row: console.print(
-        f"K = {row['clients']}: {row['round_s']:.2f} s a round"))
     mib = 2**20
     table = Table(title=f"{res['method']}: means over rounds 2..{opts.rounds} (round 1 warms "
                         f"up), {opts.samples_per_client} images per client")
@@ -196,7 +194,5 @@ def bench_sim_main(opts: SimBenchOptions) -> int:
                       f"{100 * r['overhead_share']:.1f} %", f"{r['peak_rss'] / mib:.0f}",
                       f"{r['rss_growth'] / mib:.1f}", str(r["state_clients"]),
                       f"{r['state_memory'] / mib:.2f}", f"{r['state_disk'] / mib:.2f}")
-    console.print(table)
-    console.print(f"{res['rows'][0]['params']:,} parameters; {cpu_name()}; {utc_stamp()}")
-    print(f"overhead share: {res['overhead_share']:.4f}")
-    return 0
+    notes = f"{res['rows'][0]['params']:,} parameters; {cpu_name()}; {utc_stamp()}"
+    return table, notes

@@ -19,11 +19,13 @@ import time
 from dataclasses import dataclass
 
 import torch
+from rich.table import Table
 
 from fedpose.data.dataset import make_epochs_loader
 from fedpose.model.inference import resolve_device
 from fedpose.model.pose_resnet import build_model
 from fedpose.model.train_step import TrainStep, available_cores, set_cpu_threads
+from fedpose.tools import ToolError
 from fedpose.tools.bench_data import steps_per_second, synthetic_step, training_dataset
 from fedpose.tools.machine import (
     bf16_peak_tflops,
@@ -59,8 +61,8 @@ def real_data_images_per_second(opts: TrainBenchOptions, device: torch.device) -
     workers = opts.workers or max(1, available_cores() - 1)
     dataset = training_dataset(opts.dataset, opts.root, opts.input_size, opts.ann)
     if len(dataset) < opts.batch_size:
-        raise ValueError(f"{opts.root}: {len(dataset)} training records, fewer than one batch "
-                         f"of {opts.batch_size}")
+        raise ToolError(f"{opts.root}: {len(dataset)} training records, fewer than one batch "
+                        f"of {opts.batch_size}")
     torch.manual_seed(0)
     model = build_model(model_config(opts.model), dataset.skeleton.num_joints).to(device).train()
     on_cuda = device.type == "cuda"
@@ -137,7 +139,7 @@ def fedgh_step_seconds(clients: int, params: int, device: torch.device,
 def bench_train(opts: TrainBenchOptions) -> dict:
     device = resolve_device(opts.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
+        raise ToolError("--device cuda: no CUDA device is available")
     if device.type == "cpu":
         # the loader's workers are busy processes too: the training process gets its share
         set_cpu_threads(0, processes=1 + (opts.workers or max(1, available_cores() - 1)))
@@ -162,12 +164,8 @@ def bench_train(opts: TrainBenchOptions) -> dict:
     return res
 
 
-def bench_train_main(opts: TrainBenchOptions) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    res = bench_train(opts)
+def train_tables(res: dict, dataset: str) -> tuple[Table, str]:
+    """The figures of `bench_train` as a table, and lines on FLOPs, peak, machine and FedGH."""
     mode = ", ".join(x for x in ("bf16" if res["amp"] else "fp32",
                                  "channels_last" if res["amp"] else "",
                                  "torch.compile" if res["compiled"] else "") if x)
@@ -181,26 +179,21 @@ def bench_train_main(opts: TrainBenchOptions) -> int:
     def share(x: float | None) -> str:
         return "unknown" if x is None else f"{100 * x:.1f} %"
 
-    flops = res["train_gflop_per_image"] / 1e3
-    table.add_row(f"{opts.dataset}: {res['records']} records, {res['workers']} loader workers",
-                  f"{res['real_img_s']:.1f}", f"{res['real_img_s'] * flops:.2f}",
+    tflop = res["train_gflop_per_image"] / 1e3
+    table.add_row(f"{dataset}: {res['records']} records, {res['workers']} loader workers",
+                  f"{res['real_img_s']:.1f}", f"{res['real_img_s'] * tflop:.2f}",
                   share(res["real_share"]))
     table.add_row("synthetic batch on the device", f"{res['synthetic_img_s']:.1f}",
-                  f"{res['synthetic_img_s'] * flops:.2f}", share(res["synthetic_share"]))
-    console.print(table)
+                  f"{res['synthetic_img_s'] * tflop:.2f}", share(res["synthetic_share"]))
     peak = "unknown" if res["peak_tflops"] is None else f"{res['peak_tflops']:.0f} TFLOP/s"
-    console.print(f"{res['train_gflop_per_image']:.1f} GFLOP per image per training step; "
-                  f"bf16 peak {peak}; {res['cpu_threads']} CPU threads; torch {res['torch']}; "
-                  f"{res['when']}")
+    lines = [f"{res['train_gflop_per_image']:.1f} GFLOP per image per training step; bf16 peak "
+             f"{peak}; {res['cpu_threads']} CPU threads; torch {res['torch']}; {res['when']}"]
     fedgh = res.get("fedgh")
     if fedgh:
         for name in ("fedavg", "fedgh"):
             seconds = fedgh[name]
             shown = (f"{1e3 * seconds:.1f} ms" if seconds is not None
                      else f"failed: {fedgh[name + '_error']}")
-            console.print(f"{name} server step, K = {fedgh['clients']}, "
-                          f"P = {fedgh['params']:,}: {shown}")
-        if fedgh["fedavg"] and fedgh["fedgh"]:
-            print(f"fedgh/fedavg: {fedgh['fedgh'] / fedgh['fedavg']:.2f}")
-    print(f"img/s: {res['real_img_s']:.1f}")
-    return 0
+            lines.append(f"{name} server step on {res['device']}, K = {fedgh['clients']}, "
+                         f"P = {fedgh['params']:,}: {shown}")
+    return table, "\n".join(lines)
