@@ -143,6 +143,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+APP_THREADS = "1"  # OMP_NUM_THREADS of the Flower processes when the user sets none
+
+
 def flower_env(flwr_home: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update({
@@ -155,6 +158,10 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
         "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
         "PYTHONUNBUFFERED": "1",
     })
+    # a SuperLink, SuperNodes and their app processes share the cores: one intra-op thread each
+    # unless the user says otherwise (two busy processes with two threads on two cores run
+    # several times slower than one)
+    env.setdefault("OMP_NUM_THREADS", APP_THREADS)
     # SuperLink and SuperNodes start flower-superexec / flwr-serverapp from PATH: this
     # interpreter's environment must come first
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
@@ -506,9 +513,16 @@ def compare_engines(cfg: Config, supernodes: int, console: Console, timeout: flo
     flower = run_flower(renamed(cfg, f"{cfg.name}-flower"), supernodes, console, work_dir,
                         timeout=timeout)
     local_cfg = renamed(cfg, f"{cfg.name}-local")
+    # the in-process run computes with as many threads as the ClientApps did (flower_env): a
+    # different count may change the last bits of a convolution's gradient
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", APP_THREADS)))
     console.print("the same federation in-process:")
     t0 = time.monotonic()
-    server = run_federation(local_cfg, console=console, transport_factory=local_transport)
+    try:
+        server = run_federation(local_cfg, console=console, transport_factory=local_transport)
+    finally:
+        torch.set_num_threads(threads)
     local_seconds = time.monotonic() - t0
     return Comparison(max_abs_diff(flower.weights, server.weights), flower, server.weights,
                       local_seconds, local_cfg.run_dir, cfg)
