@@ -60,6 +60,28 @@ def test_bench_train_on_cpu_with_fedgh(synth_dir):
     assert res["real_img_s"] > 0 and res["synthetic_img_s"] > 0
     assert res["peak_tflops"] is None and res["real_share"] is None  # a CPU has no known peak
     assert res["fedgh"]["fedavg"] > 0 and res["fedgh"]["fedgh"] > 0
+    assert res["fedgh"]["gram_gemm"] > 0
+
+
+def test_bench_data_command_prints_the_ratio_last(synth_dir, capsys):
+    assert main(["bench", "data", "--dataset", "synth-arm", "--root", str(synth_dir),
+                 "--input", "32", "--model", "pose_resnet18", "--device", "cpu",
+                 "--workers", "1", "--batch", "4", "--samples", "8", "--model-batch", "2",
+                 "--steps", "1", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "DataLoader with 1 workers" in out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("pipeline/model: ") and float(last.split(": ")[1]) > 0
+
+
+def test_bench_train_without_cuda_is_one_error_line(synth_dir, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert main(["bench", "train", "--dataset", "synth-arm", "--root", str(synth_dir),
+                 "--device", "cuda"]) == 2
+    captured = capsys.readouterr()
+    lines = [x for x in (captured.out + captured.err).splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "cuda" in lines[0]
 
 
 def test_fedgh_step_on_device_reports_errors_instead_of_raising(monkeypatch):

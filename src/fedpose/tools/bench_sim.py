@@ -71,7 +71,8 @@ def _rss_bytes() -> int:
 def simulate(cfg: Config) -> dict:
     """Run one federation; times and memory of its rounds. Meant for a fresh process."""
     from fedpose.engine.federation import build_federation
-    from fedpose.engine.local import LocalTransport, prepare_run_dir
+    from fedpose.engine.local import LocalTransport
+    from fedpose.engine.runner import prepare_run_dir
     from fedpose.fl.messages import TrainReply
     from fedpose.fl.server import FederatedServer
     from fedpose.model.train_step import set_cpu_threads
@@ -144,7 +145,7 @@ def _result_of(child, queue) -> dict:
             row = queue.get(timeout=1.0)
         except queue_module.Empty:
             if not child.is_alive():
-                raise RuntimeError(f"the simulation process died (exit code "
+                raise ToolError(f"the simulation process died (exit code "
                                    f"{child.exitcode})") from None
             continue
         child.join()

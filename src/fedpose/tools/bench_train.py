@@ -131,6 +131,15 @@ def fedgh_step_seconds(clients: int, params: int, device: torch.device,
         except (RuntimeError, TypeError, ValueError) as e:
             out[name] = None
             out[f"{name}_error"] = f"{type(e).__name__}: {e}"
+    # the Gram matrix alone as one float32 GEMM on the device: the floor of FedGH's extra cost
+    best = float("inf")
+    for r in range(repeats + 1):
+        t0 = now(device)
+        torch.mm(deltas, deltas.T)
+        dt = now(device) - t0
+        if r:
+            best = min(best, dt)
+    out["gram_gemm"] = best
     del deltas
     synchronize(device)
     return out
@@ -196,4 +205,6 @@ def train_tables(res: dict, dataset: str) -> tuple[Table, str]:
                      else f"failed: {fedgh[name + '_error']}")
             lines.append(f"{name} server step on {res['device']}, K = {fedgh['clients']}, "
                          f"P = {fedgh['params']:,}: {shown}")
+        lines.append(f"Gram matrix alone as one float32 GEMM on {res['device']}: "
+                     f"{1e3 * fedgh['gram_gemm']:.1f} ms")
     return table, "\n".join(lines)

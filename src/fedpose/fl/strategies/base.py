@@ -67,7 +67,7 @@ def weighted_sum(
     deltas: torch.Tensor, coef: torch.Tensor, add_to: torch.Tensor | None = None
 ) -> torch.Tensor:
     """sum_k coef_k deltas[k] (+ add_to, in place): one matrix-vector product, one pass."""
-    coef = coef.to(deltas.dtype)
+    coef = coef.to(deltas.device, deltas.dtype)  # counts live on the CPU, updates may not
     if add_to is None:
         return torch.mv(deltas.T, coef)
     return torch.addmv(add_to, deltas.T, coef, out=add_to)
