@@ -91,6 +91,7 @@ def local_train(
 
     trained = {n: t.detach().cpu() for n, t in model.state_dict().items()}
     delta = flatten(trained, layout.agg_names) - flatten(request.weights, layout.agg_names)
+    new_state = _next_client_state(client_state, trained, delta, request, layout)
     reply = TrainReply(
         client_id=request.client_id,
         version=request.version,
@@ -102,19 +103,26 @@ def local_train(
         steps=len(losses),
         seconds=time.perf_counter() - started,
     )
-    return reply, _next_client_state(client_state, trained, delta, request, layout)
+    return reply, new_state
 
 
 def dyn_grad_by_name(client_state: dict, layout: ModelLayout) -> dict[str, torch.Tensor] | None:
     """FedDyn's g_k per aggregated tensor (views of the flat vector the client keeps), or None
     before the client's first FedDyn round."""
+    flat = _dyn_grad_flat(client_state, layout)
+    if flat is None:
+        return None
+    return {name: flat[start:end].view(layout.shapes[name]) for name, start, end in layout.slices}
+
+
+def _dyn_grad_flat(client_state: dict, layout: ModelLayout) -> torch.Tensor | None:
     stored = client_state.get("dyn_grad")
     if not stored:
         return None
     flat = stored.get(DYN_GRAD_FLAT)
     if flat is None:  # kept per tensor, as older checkpoints hold it
         flat = flatten(stored, layout.agg_names)
-    return {name: flat[start:end].view(layout.shapes[name]) for name, start, end in layout.slices}
+    return flat
 
 
 def _next_client_state(client_state: dict, trained: dict[str, torch.Tensor], delta: torch.Tensor,
@@ -125,8 +133,9 @@ def _next_client_state(client_state: dict, trained: dict[str, torch.Tensor], del
     if request.rule == "dyn":
         # FedDyn's first-order condition: g_k <- g_k - α (w_k - w_t), kept as one flat vector
         # (one tensor to store per client, not one per layer)
-        old = dyn_grad_by_name(client_state, layout)
-        prev = flatten(old, layout.agg_names) if old is not None else torch.zeros_like(delta)
+        prev = _dyn_grad_flat(client_state, layout)
+        if prev is None:
+            prev = torch.zeros_like(delta)
         new_state["dyn_grad"] = {DYN_GRAD_FLAT: prev - request.coef * delta}
     return new_state
 
