@@ -10,19 +10,12 @@ Resuming must see the states as they were at the checkpoint, while training afte
 them. So a state is never overwritten: each write is a new generation (`<client>.<gen>.
 safetensors`), the checkpoint records the index {client: generation}, and a file is deleted only
 once no checkpoint that may still be on disk refers to it (the last two indexes handed out).
-
-Files are written behind: `put` hands the write to one background thread and returns, so the
-next client trains while the last one's state goes to disk. Until its file is written a state
-stays in memory (at most the clients of a round or so), `get` serves it from there, and
-`state_dict` waits for every write before it names the files.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -56,15 +49,6 @@ def _unpack(packed: dict[str, torch.Tensor], metadata: dict) -> dict[str, dict[s
     return state
 
 
-def _write(path: Path | None, packed: dict[str, torch.Tensor], metadata: dict,
-           delete: Path | None) -> None:
-    # no temporary file: a file cut short by a crash is a generation no index names yet
-    if path is not None:
-        save_file(packed, path, metadata=metadata)
-    if delete is not None:
-        delete.unlink(missing_ok=True)
-
-
 class ClientStateStore:
     """{client id: {key: {tensor name: tensor}}}, in memory (directory=None) or on disk."""
 
@@ -74,12 +58,8 @@ class ClientStateStore:
         self._index: dict[int, int] = {}  # client -> generation of its file
         self._kept: list[dict[int, int]] = []  # indexes handed to checkpoints, newest last
         self._superseded: set[tuple[int, int]] = set()  # old files a kept index still needs
-        self._unwritten: dict[int, tuple[int, dict]] = {}  # client -> (generation, state)
-        self._writes: deque[tuple[int, int, Future]] = deque()
-        self._writer: ThreadPoolExecutor | None = None
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
-            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="client-state")
 
     def __len__(self) -> int:
         return len(self._index) if self.directory is not None else len(self._memory)
@@ -94,10 +74,6 @@ class ClientStateStore:
         generation = self._index.get(client)
         if generation is None:
             return {}
-        self._reap()
-        unwritten = self._unwritten.get(client)
-        if unwritten is not None and unwritten[0] == generation:
-            return unwritten[1]
         path = self._path(client, generation)
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata()
@@ -108,60 +84,34 @@ class ClientStateStore:
         if self.directory is None:
             self._memory[client] = state
             return
-        assert self._writer is not None
-        self._reap()
         old = self._index.get(client)
         packed, metadata = _pack(state)
-        delete = None
+        if packed:
+            generation = 0 if old is None else old + 1
+            # no temporary file: a file cut short by a crash is a generation no index names yet
+            save_file(packed, self._path(client, generation), metadata=metadata)
+            self._index[client] = generation
+        else:  # stateless clients (FedAvg and kin) cost no file at all
+            self._index.pop(client, None)
         if old is not None:
             if any(ix.get(client) == old for ix in self._kept):
                 self._superseded.add((client, old))
             else:
-                delete = self._path(client, old)
-        if packed:
-            generation = 0 if old is None else old + 1
-            self._index[client] = generation
-            self._unwritten[client] = (generation, state)
-            future = self._writer.submit(_write, self._path(client, generation), packed,
-                                         metadata, delete)
-            self._writes.append((client, generation, future))
-        else:  # stateless clients (FedAvg and kin) cost no file at all
-            self._index.pop(client, None)
-            self._unwritten.pop(client, None)
-            if delete is not None:
-                self._writes.append((client, -1, self._writer.submit(_write, None, {}, {},
-                                                                     delete)))
-
-    def _reap(self, wait: bool = False) -> None:
-        """Forget the in-memory copies of states whose files are written (all, with wait)."""
-        while self._writes and (wait or self._writes[0][2].done()):
-            client, generation, future = self._writes.popleft()
-            future.result()  # a failed write surfaces here
-            if self._unwritten.get(client, (None,))[0] == generation:
-                del self._unwritten[client]
-
-    def flush(self) -> None:
-        """Wait until every state handed to `put` is on disk."""
-        self._reap(wait=True)
+                self._path(client, old).unlink(missing_ok=True)
 
     def bytes_in_memory(self) -> int:
-        """Bytes of state held in memory: all of it without a directory, else the states whose
-        files are still being written."""
-        states = [s for _, s in self._unwritten.values()] + list(self._memory.values())
-        return sum(t.numel() * t.element_size() for state in states
+        return sum(t.numel() * t.element_size() for state in self._memory.values()
                    for tensors in state.values() for t in tensors.values())
 
     def bytes_on_disk(self) -> int:
         if self.directory is None:
             return 0
-        self.flush()
         return sum(p.stat().st_size for p in self.directory.glob("*.safetensors"))
 
     def state_dict(self) -> dict:
         """What a checkpoint keeps: the states themselves (in memory) or the index (on disk)."""
         if self.directory is None:
             return {"client_states": self._memory}
-        self.flush()
         index = dict(self._index)
         self._kept = (self._kept + [index])[-2:]
         for client, generation in list(self._superseded):
@@ -175,8 +125,6 @@ class ClientStateStore:
             if self.directory is None:
                 raise ValueError("this checkpoint keeps client states on disk; "
                                  "give the store a directory")
-            self.flush()
-            self._unwritten = {}
             self._index = {int(k): int(v) for k, v in state["client_state_index"].items()}
             self._kept = [dict(self._index)]
             self._superseded = set()
