@@ -85,7 +85,7 @@ def test_train_eval_predict_roundtrip(tmp_path, synth_dir, capsys):
             "-c", "train.epochs=1", "-c", "train.batch_size=8", "-c", "train.flip_test=false"]
     assert main(["train", "configs/demo.toml", *args]) == 0
     trained = _last_line(capsys)
-    model = tmp_path / "t" / "model.pt"
+    model = tmp_path / "t" / "model.safetensors"
     assert model.exists()
     assert main(["eval", str(model)]) == 0
     assert _last_line(capsys) == trained  # same weights, same test split, same number

@@ -106,7 +106,7 @@ def test_metrics_lines_have_the_documented_fields(tmp_path, synth_dir):
         assert len(r["weights"]) == 4
         assert abs(sum(r["weights"]) - 1) < 1e-6
     assert rows[1]["sim_time"] > rows[0]["sim_time"] > 0
-    assert (cfg.run_dir / "checkpoints" / "last.pt").exists()
+    assert (cfg.run_dir / "checkpoints" / "last.safetensors").exists()
 
 
 def test_async_records_staleness_and_weights_it(tmp_path, synth_dir):

@@ -40,16 +40,24 @@ def _add_config(p: argparse.ArgumentParser, required: bool = True) -> None:
                                         "state dict (same as -c model.pretrained=PATH)")
 
 
+def _add_resume(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the last checkpoint (start over when there is none)")
+    p.add_argument("--force", action="store_true",
+                   help="with --resume: accept a checkpoint of another method, seed or config")
+
+
 def _pretrained(path: str) -> str:
     return f"model.pretrained={path}"
 
 
 def cmd_train(args) -> int:
+    from fedpose.model.io import MODEL_FILE
     from fedpose.train import train_centralized
 
     cfg = load_config(args.config, args.overrides)
-    record = train_centralized(cfg, resume=args.resume, console=console)
-    console.print(f"model: {cfg.run_dir / 'model.pt'}")
+    record = train_centralized(cfg, resume=args.resume, console=console, force=args.force)
+    console.print(f"model: {cfg.run_dir / MODEL_FILE}")
     console.print(f"mean PCK: {record.get('pck_mean', float('nan')):.2f}")
     return 0
 
@@ -60,7 +68,7 @@ def cmd_run(args) -> int:
     from fedpose.report.compare import final_eval
 
     cfg = load_config(args.config, args.overrides)
-    run_federation(cfg, resume=args.resume, console=console)
+    run_federation(cfg, resume=args.resume, console=console, force=args.force)
     last = final_eval(read_metrics(cfg.run_dir)) or {}  # the last round is always evaluated
     console.print(f"run directory: {cfg.run_dir}")
     console.print(f"mean PCK: {last.get('pck_mean', float('nan')):.2f}")
@@ -100,8 +108,7 @@ def cmd_compare(args) -> int:
             if args.resume and done:
                 console.print(f"{cfg.name}: finished earlier, kept")
             else:
-                resume = args.resume and (cfg.run_dir / "checkpoints" / "last.pt").exists()
-                run_federation(cfg, resume=resume, console=console)
+                run_federation(cfg, resume=args.resume, console=console)
             runs.setdefault(label, []).append(cfg.run_dir)
     report = build_report(runs, base.run_dir.parent / name, f"fedpose compare: {name}",
                           target_pck=base.fed.target_pck)
@@ -117,7 +124,7 @@ def cmd_eval(args) -> int:
     from fedpose.metrics.evaluate import evaluate_model
     from fedpose.metrics.pck import grouped_table
     from fedpose.model.inference import resolve_device
-    from fedpose.train import load_model
+    from fedpose.model.io import load_model
 
     model, cfg, skeleton = load_model(args.checkpoint)
     apply_overrides(cfg, args.overrides)
@@ -144,8 +151,8 @@ def cmd_eval(args) -> int:
 
 def cmd_predict(args) -> int:
     from fedpose.model.inference import predict_image
+    from fedpose.model.io import load_model
     from fedpose.report.draw import draw_skeleton
-    from fedpose.train import load_model
 
     model, cfg, skeleton = load_model(args.checkpoint)
     joints, confidence = predict_image(model, args.image, cfg.data.input_size, skeleton)
@@ -389,12 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="centralized training and evaluation")
     _add_config(p)
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    _add_resume(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("run", help="one federated run on the in-process engine")
     _add_config(p)
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    _add_resume(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("compare", help="several methods and seeds, then a report")

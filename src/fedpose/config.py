@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import ast
+import math
+import re
 import tomllib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -136,44 +139,68 @@ class Config:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def validate(self) -> Config:
+        """Check every named choice and range; ConfigError names the key, the value and what is
+        allowed. Runs as the config is loaded, before anything is written."""
+        for problem in _checks(self):
+            if problem is not None:
+                raise ConfigError(problem)
+        return self
+
 
 class ConfigError(ValueError):
     pass
 
 
 def _coerce_bool(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
     if isinstance(value, str):
         if value.lower() in ("1", "true", "yes", "on"):
             return True
         if value.lower() in ("0", "false", "no", "off"):
             return False
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    return bool(value)
+    raise ConfigError(f"{key}: expected true or false, got {value!r}")
 
 
 def _coerce(value: Any, current: Any, key: str) -> Any:
+    """`value` as the type of the field's default. Strings (from `-c`) are parsed; other values
+    (from TOML) must already have that type: no silent float -> int or bool -> int."""
     if isinstance(current, bool):
         return _coerce_bool(value, key)
-    if isinstance(current, int) and not isinstance(current, bool):
-        try:
-            return int(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if isinstance(current, int):
+        return _coerce_number(value, int, "an integer", key)
     if isinstance(current, float):
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        return _coerce_number(value, float, "a number", key)
     if isinstance(current, list):
-        if isinstance(value, str):
-            try:
-                value = ast.literal_eval(value)
-            except (ValueError, SyntaxError):
-                raise ConfigError(f"{key}: expected a list like [1, 2], got {value!r}") from None
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return list(value)
-    return str(value)
+        return _coerce_list(value, key)
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _coerce_number(value: Any, kind: type, expected: str, key: str) -> Any:
+    # an int is a fine float (TOML `lr = 1`); a float is never silently an int, a bool never either
+    accepted = (int,) if kind is int else (int, float)
+    if isinstance(value, accepted) and not isinstance(value, bool):
+        return kind(value)
+    if isinstance(value, str):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+
+
+def _coerce_list(value: Any, key: str) -> list:
+    if isinstance(value, str):
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise ConfigError(f"{key}: expected a list like [1, 2], got {value!r}") from None
+    if not isinstance(value, list | tuple):
+        raise ConfigError(f"{key}: expected a list, got {value!r}")
+    return list(value)
 
 
 def _apply(obj: Any, values: dict, prefix: str = "") -> None:
@@ -221,12 +248,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if "name" not in values:
             cfg.name = path.stem
     _apply(cfg, parse_overrides(overrides or []))
+    cfg.validate()
     return cfg
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """Apply `section.key=value` overrides to an existing Config, in place; returns it."""
+    """Apply `section.key=value` overrides to an existing Config, in place, and validate it
+    again; returns it."""
     _apply(cfg, parse_overrides(overrides))
+    cfg.validate()
     return cfg
 
 
@@ -244,4 +274,146 @@ def merge_dicts(base: dict, extra: dict) -> dict:
 def config_from_dict(values: dict) -> Config:
     cfg = Config()
     _apply(cfg, values)
+    cfg.validate()
     return cfg
+
+
+
+# ----------------------------------------------------------------------------- validation
+DATASETS = ("lsp", "mpii", "coco", "synth-arm")
+METHODS = ("fedavg", "fedprox", "fedbn", "feddyn", "fedaw", "fedgh", "fedgh-noproj", "fedgh-noaw")
+DEPTHS = (18, 34, 50, 101, 152)
+OPTIMIZERS = ("adam", "sgd")
+PARTITIONS = ("iid", "attribute", "dirichlet", "quantity")
+MODES = ("sync", "async")
+SELECTIONS = ("random", "deadline", "utility")
+GH_VARIANTS = ("pcgrad", "symmetric")
+GH_ORDERS = ("random", "index")
+GH_METHODS = ("gram", "direct")
+LSP_LABELS = ("pc", "oc")
+# a run name is a relative path of plain parts, so the run stays inside out_dir
+_NAME_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]*")
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> str | None:
+    if value in allowed:
+        return None
+    return f"{key}: {value!r} is not allowed; use one of {', '.join(map(str, allowed))}"
+
+
+def _range(key: str, value: float, low: float | None = None, high: float | None = None,
+           low_open: bool = False, high_open: bool = False) -> str | None:
+    """None when low <(=) value <(=) high and value is finite, else the message saying so."""
+    ok = math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if ok:
+        return None
+    if low is not None and high is not None:
+        allowed = (f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}")
+    elif low is not None:
+        allowed = f"{'>' if low_open else '>='} {low:g}"
+    elif high is not None:
+        allowed = f"{'<' if high_open else '<='} {high:g}"
+    else:
+        allowed = "a finite number"
+    return f"{key}: {value!r} is out of range; allowed: {allowed}"
+
+
+def _run_name(name: str) -> str | None:
+    parts = name.split("/")
+    if name and all(_NAME_PART.fullmatch(p) and p not in (".", "..") for p in parts):
+        return None
+    return (f"name: {name!r} is not a plain run name; use letters, digits and _ . + = - "
+            f"(and / between such parts), so the run stays inside out_dir")
+
+
+def _checks(cfg: Config) -> Iterator[str | None]:
+    d, m, t, f, s = cfg.data, cfg.model, cfg.train, cfg.fed, cfg.system
+    yield _run_name(cfg.name)
+    yield None if cfg.out_dir else "out_dir: must not be empty"
+    yield _range("seed", cfg.seed, 0)
+
+    yield _choice("data.dataset", d.dataset, DATASETS)
+    yield None if d.root else "data.root: must not be empty"
+    yield _choice("data.lsp_labels", d.lsp_labels, LSP_LABELS)
+    yield _range("data.synth_n", d.synth_n, 1)
+    yield _range("data.synth_seed", d.synth_seed, 0)
+    yield _range("data.synth_size", d.synth_size, 16)
+    yield _range("data.test_fraction", d.test_fraction, 0, 1, low_open=True, high_open=True)
+    yield (None if d.input_size >= 32 and d.input_size % 32 == 0 else
+           f"data.input_size: {d.input_size} is not allowed; use a multiple of 32 (the backbone "
+           f"divides it by 32, the heatmaps are a quarter of it)")
+    yield _range("data.sigma", d.sigma, 0, low_open=True)
+    yield _range("data.max_train", d.max_train, 0)
+    yield _range("data.max_test", d.max_test, 0)
+    yield _range("data.workers", d.workers, 0)
+
+    yield _choice("model.depth", m.depth, DEPTHS)
+    yield _range("model.width", m.width, 1)
+    yield _range("model.deconv_filters", m.deconv_filters, 1)
+    yield (None if m.deconv_layers == 3 else
+           f"model.deconv_layers: {m.deconv_layers} is not allowed; use 3 (three stride-2 "
+           f"deconvolutions turn the backbone's 1/32 into heatmaps of 1/4 of the input)")
+
+    yield _choice("train.optimizer", t.optimizer, OPTIMIZERS)
+    yield _range("train.lr", t.lr, 0, low_open=True)
+    yield _range("train.momentum", t.momentum, 0, 1, high_open=True)
+    yield _range("train.weight_decay", t.weight_decay, 0)
+    yield _range("train.batch_size", t.batch_size, 1)
+    yield _range("train.epochs", t.epochs, 1)
+    yield _range("train.eval_every", t.eval_every, 1)
+    yield (None if re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", t.device) else
+           f"train.device: {t.device!r} is not allowed; use auto, cpu, cuda, cuda:N or mps")
+
+    yield _choice("fed.method", f.method, METHODS)
+    yield _range("fed.rounds", f.rounds, 1)
+    yield _range("fed.num_clients", f.num_clients, 1)
+    yield _range("fed.clients_per_round", f.clients_per_round, 0, f.num_clients)
+    yield _range("fed.local_epochs", f.local_epochs, 1)
+    yield _range("fed.local_steps", f.local_steps, 0)
+    yield _choice("fed.partition", f.partition, PARTITIONS)
+    yield None if f.partition_attr else "fed.partition_attr: must not be empty"
+    yield _range("fed.dirichlet_alpha", f.dirichlet_alpha, 0, low_open=True)
+    yield _range("fed.quantity_alpha", f.quantity_alpha, 0, low_open=True)
+    yield _range("fed.eval_every", f.eval_every, 1)
+    yield _range("fed.checkpoint_every", f.checkpoint_every, 1)
+    yield _range("fed.server_lr", f.server_lr, 0, low_open=True)
+    yield _range("fed.prox_mu", f.prox_mu, 0)
+    yield _range("fed.dyn_alpha", f.dyn_alpha, 0)
+    yield _range("fed.aw_alpha", f.aw_alpha, 0)
+    yield _range("fed.gh_tau", f.gh_tau, -1, 1)
+    yield _choice("fed.gh_variant", f.gh_variant, GH_VARIANTS)
+    yield _choice("fed.gh_order", f.gh_order, GH_ORDERS)
+    yield _choice("fed.gh_method", f.gh_method, GH_METHODS)
+    yield _choice("fed.mode", f.mode, MODES)
+    yield _range("fed.concurrency", f.concurrency, 1)
+    yield _range("fed.buffer_size", f.buffer_size, 1)
+    yield _range("fed.staleness_exponent", f.staleness_exponent, 0)
+    yield _choice("fed.selection", f.selection, SELECTIONS)
+    yield _range("fed.deadline", f.deadline, 0)
+    yield _range("fed.utility_explore", f.utility_explore, 0, 1)
+    yield _range("fed.target_pck", f.target_pck, 0, 100)
+
+    yield _range("system.speed", s.speed, 0, low_open=True)
+    yield _range("system.speed_spread", s.speed_spread, 1)
+    yield _range("system.bandwidth", s.bandwidth, 0, low_open=True)
+    yield _range("system.bandwidth_spread", s.bandwidth_spread, 1)
+    yield _range("system.latency", s.latency, 0)
+    yield _range("system.dropout", s.dropout, 0, 1, high_open=True)
+    yield _range("system.availability", s.availability, 0, 1, low_open=True)
+    yield _speeds(s.speeds, f.num_clients)
+
+
+def _speeds(speeds: list, num_clients: int) -> str | None:
+    if not speeds:
+        return None
+    if len(speeds) != num_clients:
+        return (f"system.speeds: {len(speeds)} values for fed.num_clients = {num_clients}; "
+                f"give one per client or none")
+    for i, v in enumerate(speeds):
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
+            return f"system.speeds[{i}]: {v!r} is out of range; allowed: a number > 0"
+    return None

@@ -3,61 +3,32 @@
 from __future__ import annotations
 
 import json
-import os
 import time
-from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedpose.config import Config, config_from_dict
+from fedpose.config import Config
 from fedpose.data import load_split
 from fedpose.data.dataset import PoseDataset, make_epochs_loader
 from fedpose.data.image_cache import ImageCache
-from fedpose.data.records import SKELETONS, Skeleton
 from fedpose.metrics.evaluate import evaluate_model
 from fedpose.model.inference import resolve_device
+from fedpose.model.io import MODEL_FILE, load_checkpoint, run_identity, save_checkpoint, save_model
 from fedpose.model.optim import make_optimizer
-from fedpose.model.pose_resnet import PoseResNet, build_model, load_pretrained
+from fedpose.model.pose_resnet import build_model, load_pretrained
 from fedpose.model.train_step import TrainStep
 
-MODEL_FORMAT = "fedpose-model-v1"
 LOSS_READ_EVERY = 16  # training steps between reads of the loss (each read syncs a GPU)
 
 
-def save_model(path: Path, model_weights: dict, cfg: Config, skeleton: Skeleton,
-               extra: dict | None = None) -> None:
-    """The file `fedpose eval` and `fedpose predict` read: weights + the config that built them."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"format": MODEL_FORMAT, "config": cfg.to_dict(), "skeleton": skeleton.name,
-                "weights": model_weights, **(extra or {})}, tmp)
-    os.replace(tmp, path)
-
-
-def load_model(path: str | Path) -> tuple[PoseResNet, Config, Skeleton]:
-    """Load a model file, a centralized checkpoint or a federated checkpoint."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such checkpoint")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(payload, dict) or "weights" not in payload or "config" not in payload:
-        raise ValueError(f"{path}: not a fedpose checkpoint (no weights/config)")
-    cfg = config_from_dict(payload["config"])
-    skeleton = SKELETONS[payload.get("skeleton") or _skeleton_name(cfg)]
-    model = build_model(cfg.model, skeleton.num_joints)
-    model.load_state_dict(payload["weights"])
-    model.eval()
-    return model, cfg, skeleton
-
-
-def _skeleton_name(cfg: Config) -> str:
-    return cfg.data.dataset
-
-
-def train_centralized(cfg: Config, resume: bool = False, console: Console | None = None) -> dict:
+def train_centralized(cfg: Config, resume: bool = False, console: Console | None = None,
+                      force: bool = False) -> dict:
+    """Train on all data; `resume` continues from the run's checkpoint (`force`: even one written
+    by another method, seed or config)."""
     console = console or Console()
+    cfg.validate()
     device = resolve_device(cfg.train.device)
     train_records, skeleton = load_split(cfg.data, "train")
     test_records, _ = load_split(cfg.data, "test")
@@ -82,11 +53,18 @@ def train_centralized(cfg: Config, resume: bool = False, console: Console | None
                           normalize=device.type == "cpu")
 
     run_dir = cfg.run_dir
-    ckpt = run_dir / "checkpoints" / "last.pt"
+    ckpt_dir = run_dir / "checkpoints"
+    identity = run_identity(cfg.to_dict())
     metrics_path = run_dir / "metrics.jsonl"
     start = 0
-    if resume and ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = None
+    if resume:
+        state, warnings = load_checkpoint(ckpt_dir, {}, identity, force=force)
+        for warning in warnings:
+            console.print(f"warning: {warning}", markup=False, highlight=False)
+        if state is None:
+            console.print("no checkpoint yet: starting over")
+    if state is not None:
         model.load_state_dict(state["weights"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -137,13 +115,13 @@ def train_centralized(cfg: Config, resume: bool = False, console: Console | None
             with metrics_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
             weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-            save_model(ckpt, weights, cfg, skeleton,
-                       {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "epoch": epoch + 1})
+            save_checkpoint(ckpt_dir, {"weights": weights, "optimizer": optimizer.state_dict(),
+                                       "scheduler": scheduler.state_dict(), "epoch": epoch + 1},
+                            identity)
             if "pck_mean" in record:
                 bar.update(task, info=f"loss {record['train_loss']:.6f}  "
                                       f"PCK {record['pck_mean']:.1f}%")
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    save_model(run_dir / "model.pt", weights, cfg, skeleton)
+    save_model(run_dir / MODEL_FILE, weights, cfg, skeleton)
     record["wall_seconds"] = time.perf_counter() - t_start
     return record

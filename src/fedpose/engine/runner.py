@@ -15,13 +15,14 @@ from fedpose.data.partition import client_statistics
 from fedpose.engine.federation import build_federation
 from fedpose.engine.local import LocalTransport
 from fedpose.fl.server import FederatedServer
-from fedpose.train import save_model
+from fedpose.model.io import MODEL_FILE, save_model
 
 
 def prepare_run_dir(cfg: Config, resume: bool) -> Path:
+    """The run's directory with its config.json; a fresh start clears the previous results."""
     run_dir = cfg.run_dir
     if not resume and run_dir.exists():
-        for stale in ("metrics.jsonl", "checkpoints"):
+        for stale in ("metrics.jsonl", "checkpoints", MODEL_FILE):
             p = run_dir / stale
             if p.is_dir():
                 shutil.rmtree(p)
@@ -33,27 +34,35 @@ def prepare_run_dir(cfg: Config, resume: bool) -> Path:
 
 
 def run_federation(cfg: Config, resume: bool = False, console: Console | None = None,
-              transport_factory=None) -> FederatedServer:
+                   transport_factory=None, force: bool = False) -> FederatedServer:
     """Run (or resume) one federated experiment; returns the finished server.
 
     transport_factory(federation) -> Transport: how the server reaches the clients (default: the
     in-process LocalTransport; the Flower ServerApp passes its FlowerTransport).
+    Nothing in the run directory changes until the config, the data and the checkpoint have been
+    checked, so a failed start leaves the previous run as it was. `resume` without a checkpoint
+    starts over; `force` resumes from a checkpoint of another method, seed or config.
     """
     console = console or Console()
+    cfg.validate()
     if transport_factory is None and cfg.fed.dp_epsilon > 0:
         raise ConfigError("fed.dp_epsilon: client-side differential privacy runs on the Flower "
                           "engine only (Flower's LocalDpMod on each SuperNode)")
-    run_dir = prepare_run_dir(cfg, resume)
     federation = build_federation(cfg)
-    stats = client_statistics(federation.train_records, federation.parts)
-    (run_dir / "clients.json").write_text(json.dumps(stats, indent=2, default=str))
     transport = (transport_factory or LocalTransport)(federation)
     server = FederatedServer(cfg, federation.initial_weights(), federation.layout,
                              federation.strategy, transport, federation.client_sizes,
-                             evaluate=federation.evaluate, run_dir=run_dir)
+                             evaluate=federation.evaluate, run_dir=cfg.run_dir)
+    resumed = False
     if resume:
-        server.load_checkpoint()
-        console.print(f"resumed {cfg.name} at round {server.state.round}")
+        resumed, warnings = server.load_checkpoint(force=force)
+        for warning in warnings:
+            console.print(f"warning: {warning}", markup=False, highlight=False)
+        console.print(f"resumed {cfg.name} at round {server.state.round}" if resumed else
+                      f"{cfg.name}: no checkpoint yet, starting over")
+    run_dir = prepare_run_dir(cfg, resumed)
+    stats = client_statistics(federation.train_records, federation.parts)
+    (run_dir / "clients.json").write_text(json.dumps(stats, indent=2, default=str))
     with Progress(TextColumn(f"[bold]{cfg.name}[/] {cfg.fed.method}"), BarColumn(),
                   MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
                   console=console, transient=False) as bar:
@@ -66,5 +75,5 @@ def run_federation(cfg: Config, resume: bool = False, console: Console | None = 
             bar.update(task, completed=done, info=info)
 
         server.run(progress=show)
-    save_model(run_dir / "model.pt", server.weights, cfg, federation.skeleton)
+    save_model(run_dir / MODEL_FILE, server.weights, cfg, federation.skeleton)
     return server

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from fedpose.fl.params import ModelLayout, unflatten_add_, weighted_average
 from fedpose.fl.selection import Selector
 from fedpose.fl.strategies.base import RoundInput, Strategy
 from fedpose.fl.system import SystemModel
+from fedpose.model.io import load_checkpoint, run_identity, save_checkpoint
 from fedpose.seeding import client_seed
 
 
@@ -280,30 +280,22 @@ class FederatedServer:
         return record
 
     # ----------------------------------------------------------------------------- checkpoints
-    def checkpoint_path(self) -> Path:
+    def checkpoint_dir(self) -> Path:
         assert self.run_dir is not None
-        return self.run_dir / "checkpoints" / "last.pt"
+        return self.run_dir / "checkpoints"
 
     def save_checkpoint(self) -> None:
-        path = self.checkpoint_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {
-            "format": "fedpose-federated-v1",
-            "config": self.cfg.to_dict(),
-            "weights": self.weights,
-            "server": self.state,
-            "selector": self.selector.state_dict(),
-            "transport": self.transport.state_dict(),
-        }
-        tmp = path.with_suffix(".tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous checkpoint intact
+        state = {"weights": self.weights, "server": self.state,
+                 "selector": self.selector.state_dict(),
+                 "transport": self.transport.state_dict()}
+        save_checkpoint(self.checkpoint_dir(), state, run_identity(self.cfg.to_dict()))
 
-    def load_checkpoint(self) -> None:
-        path = self.checkpoint_path()
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no checkpoint to resume from")
-        payload = torch.load(path, weights_only=False)
+    def load_checkpoint(self, force: bool = False) -> tuple[bool, list[str]]:
+        """Continue from the run's newest sound checkpoint: (found one, warnings)."""
+        payload, warnings = load_checkpoint(self.checkpoint_dir(), CHECKPOINT_CLASSES,
+                                            run_identity(self.cfg.to_dict()), force=force)
+        if payload is None:
+            return False, warnings
         self.weights = payload["weights"]
         self.state = payload["server"]
         self.selector.load_state_dict(payload["selector"])
@@ -311,14 +303,28 @@ class FederatedServer:
         # metrics written after the checkpoint belong to rounds that will run again
         metrics = self.run_dir / "metrics.jsonl"
         if metrics.exists():
-            keep = [line for line in metrics.read_text().splitlines()
-                    if line.strip() and json.loads(line)["round"] <= self.state.round]
+            keep = [line for line in metrics.read_text(errors="replace").splitlines()
+                    if _round_of(line) is not None and _round_of(line) <= self.state.round]
             metrics.write_text("".join(line + "\n" for line in keep))
         # asynchronous work in flight at the checkpoint is sent again, from the same version
         for job in self.state.pending:
             if not job.dropped:
                 self.transport.send(self._request(job.client_id, job.version, job.seq,
                                                   self.state.snapshots[job.version]))
+        return True, warnings
+
+
+CHECKPOINT_CLASSES = {"ServerState": ServerState, "Pending": Pending, "TrainReply": TrainReply}
+
+
+def _round_of(line: str) -> int | None:
+    """The round of one metrics.jsonl line; None for a line a kill left torn or damaged."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    value = record.get("round") if isinstance(record, dict) else None
+    return value if isinstance(value, int) else None
 
 
 def _finite(x: float | None) -> float | None:

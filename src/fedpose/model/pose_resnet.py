@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file as load_safetensors_file
 from torch import nn
 
 from fedpose.config import ModelConfig
@@ -91,10 +92,23 @@ def load_pretrained(model: ResNet, path: str | Path) -> dict[str, list[str]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: pretrained weights not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for a file that is not a checkpoint
-        raise PretrainedError(f"{path}: not a PyTorch state dict ({type(e).__name__}: {e})") from e
+    if path.suffix == ".safetensors":
+        try:
+            obj = load_safetensors_file(str(path))
+        except Exception as e:
+            raise PretrainedError(f"{path}: not a safetensors file "
+                                  f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    else:
+        try:
+            # weights_only: the unpickler builds tensors and containers only, never runs code
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            text = str(e).strip()
+            why = ("it holds objects other than tensors, which could run code when loaded"
+                   if text.startswith("Weights only load failed") or not text
+                   else text.splitlines()[0])
+            raise PretrainedError(f"{path}: not a PyTorch state dict of plain tensors; "
+                                  f"refused ({type(e).__name__}: {why})") from None
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

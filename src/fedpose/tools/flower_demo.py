@@ -47,7 +47,9 @@ from fedpose.engine.flower_app import (
     run_config_toml,
 )
 from fedpose.engine.runner import prepare_run_dir, run_federation
+from fedpose.fl.server import CHECKPOINT_CLASSES
 from fedpose.metrics.log import read_jsonl
+from fedpose.model.io import MODEL_FILE, checkpoint_paths, read_checkpoint, read_model
 from fedpose.tools import ToolError
 
 CONNECTION = "fedpose-loopback"  # the SuperLink connection name in $FLWR_HOME/config.toml
@@ -405,9 +407,8 @@ def run_flower(cfg: Config, supernodes: int, console: Console, work_dir: Path | 
         started = time.monotonic() - t0
         console.print(f"{supernodes} SuperNodes connected ({started:.1f} s)")
         app_dir = write_app_dir(work_dir / "app", cfg, reply_timeout)
-        # no stale metrics.jsonl to mistake for progress, no stale model.pt for a result
+        # no stale metrics.jsonl to mistake for progress, no stale model file for a result
         prepare_run_dir(cfg, resume=False)
-        (cfg.run_dir / "model.pt").unlink(missing_ok=True)
         t1 = time.monotonic()
         status_row = _follow_run(deployment, app_dir, cfg, console, timeout)
         run_seconds = time.monotonic() - t1
@@ -429,11 +430,14 @@ def run_flower(cfg: Config, supernodes: int, console: Console, work_dir: Path | 
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    """The final model a run wrote: model.pt, else the last checkpoint (same weights)."""
-    for path in (run_dir / "model.pt", run_dir / "checkpoints" / "last.pt"):
-        if path.exists():
-            return torch.load(path, map_location="cpu", weights_only=False)["weights"]
-    raise FlowerDemoError(f"{run_dir}: the run wrote neither model.pt nor a checkpoint")
+    """The final model a run wrote: its model file, else the last checkpoint (same weights)."""
+    model_file = run_dir / MODEL_FILE
+    if model_file.exists():
+        return read_model(model_file)[0]
+    last, _ = checkpoint_paths(run_dir / "checkpoints")
+    if last.exists():
+        return read_checkpoint(last, CHECKPOINT_CLASSES)[0]["weights"]
+    raise FlowerDemoError(f"{run_dir}: the run wrote neither {MODEL_FILE} nor a checkpoint")
 
 
 def _follow_run(deployment: Deployment, app_dir: Path, cfg: Config, console: Console,
