@@ -69,7 +69,8 @@ def test_ranges_name_key_value_and_allowed(override, allowed):
 
 
 @pytest.mark.parametrize("override", ["model.deconv_layers=2", "data.input_size=48",
-                                      "system.speeds=[1, 2]", "system.speeds=[1, 2, 0, 4]"])
+                                      "system.speeds=[1, 2, 0, 4]",
+                                      "system.speeds=[1, 'x']"])
 def test_shapes_the_model_or_federation_cannot_have(override):
     with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
         load_config(None, [override])
@@ -103,7 +104,7 @@ def test_override_types(override):
 
 
 @pytest.mark.parametrize("name", ["../../x", "/tmp/x", "a/../../b", "", ".hidden", "a//b",
-                                  "a b"])
+                                  "a\\b", "x\ty"])
 def test_run_names_stay_inside_out_dir(name):
     with pytest.raises(ConfigError, match="name: .* not a plain run name"):
         load_config(None, [f"name={name}"])

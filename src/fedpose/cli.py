@@ -16,6 +16,7 @@ from rich.table import Table
 from fedpose.config import ConfigError, load_config
 from fedpose.data import DATASETS
 from fedpose.data.records import DatasetError
+from fedpose.fl.server import FederationError
 from fedpose.tools import ToolError
 
 console = Console()
@@ -561,6 +562,9 @@ def main(argv: list[str] | None = None) -> int:
         # no markup (messages hold "[record ...]") and no wrapping
         err_console.print(f"error: {e}", markup=False, highlight=False)
         return 2
+    except FederationError as e:  # the input was fine; the run itself failed
+        err_console.print(f"error: {e}", markup=False, highlight=False)
+        return 1
     except KeyboardInterrupt:
         console.print(f"interrupted: {getattr(args, 'interrupted', RUN_INTERRUPTED)}")
         return 130

@@ -104,6 +104,11 @@ class FedConfig:
     utility_explore: float = 0.1  # share of picks spent exploring rarely seen clients
     # a target PCK for time-to-accuracy reports (0 = none)
     target_pck: float = 0.0
+    # failures: a round in which every selected client fails is run again this many times, then
+    # the run stops with an error (async: the patience is 20 x num_clients x (1 + retries) arrivals)
+    round_retries: int = 0
+    # refuse an update whose L2 norm exceeds this multiple of the recent median norm (0 = off)
+    max_norm_ratio: float = 100.0
 
 
 @dataclass
@@ -119,6 +124,9 @@ class SystemConfig:
     dropout: float = 0.0  # probability a selected client vanishes during a round
     availability: float = 1.0  # probability a client can be selected at all in a round
     speeds: list = field(default_factory=list)  # explicit per-client speeds, overrides the spread
+    # fault injection for tests and drills: kinds among FAULT_KINDS, drawn per (round, client)
+    faults: list = field(default_factory=list)  # e.g. ["exception", "nan"]
+    fault_rate: float = 0.0  # probability that a dispatched client is faulty
 
 
 @dataclass
@@ -291,8 +299,9 @@ GH_VARIANTS = ("pcgrad", "symmetric")
 GH_ORDERS = ("random", "index")
 GH_METHODS = ("gram", "direct")
 LSP_LABELS = ("pc", "oc")
+FAULT_KINDS = ("exception", "nan", "wrong_shape", "exploding_norm", "timeout")
 # a run name is a relative path of plain parts, so the run stays inside out_dir
-_NAME_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]*")
+_NAME_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+= -]*")
 
 
 def _choice(key: str, value: Any, allowed: tuple) -> str | None:
@@ -326,7 +335,7 @@ def _run_name(name: str) -> str | None:
     parts = name.split("/")
     if name and all(_NAME_PART.fullmatch(p) and p not in (".", "..") for p in parts):
         return None
-    return (f"name: {name!r} is not a plain run name; use letters, digits and _ . + = - "
+    return (f"name: {name!r} is not a plain run name; use letters, digits, spaces and _ . + = - "
             f"(and / between such parts), so the run stays inside out_dir")
 
 
@@ -396,6 +405,8 @@ def _checks(cfg: Config) -> Iterator[str | None]:
     yield _range("fed.deadline", f.deadline, 0)
     yield _range("fed.utility_explore", f.utility_explore, 0, 1)
     yield _range("fed.target_pck", f.target_pck, 0, 100)
+    yield _range("fed.round_retries", f.round_retries, 0)
+    yield _range("fed.max_norm_ratio", f.max_norm_ratio, 0)
 
     yield _range("system.speed", s.speed, 0, low_open=True)
     yield _range("system.speed_spread", s.speed_spread, 1)
@@ -404,15 +415,14 @@ def _checks(cfg: Config) -> Iterator[str | None]:
     yield _range("system.latency", s.latency, 0)
     yield _range("system.dropout", s.dropout, 0, 1, high_open=True)
     yield _range("system.availability", s.availability, 0, 1, low_open=True)
-    yield _speeds(s.speeds, f.num_clients)
+    yield _speeds(s.speeds)
+    for kind in s.faults:
+        yield _choice("system.faults", kind, FAULT_KINDS)
+    yield _range("system.fault_rate", s.fault_rate, 0, 1)
 
 
-def _speeds(speeds: list, num_clients: int) -> str | None:
-    if not speeds:
-        return None
-    if len(speeds) != num_clients:
-        return (f"system.speeds: {len(speeds)} values for fed.num_clients = {num_clients}; "
-                f"give one per client or none")
+def _speeds(speeds: list) -> str | None:
+    # the count is checked against fed.num_clients when the federation is built
     for i, v in enumerate(speeds):
         if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
             return f"system.speeds[{i}]: {v!r} is out of range; allowed: a number > 0"

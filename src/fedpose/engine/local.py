@@ -6,6 +6,7 @@ from __future__ import annotations
 from fedpose.engine.federation import Federation
 from fedpose.fl.client import local_batches, local_train
 from fedpose.fl.client_state import ClientStateStore
+from fedpose.fl.faults import FaultPlan
 from fedpose.fl.messages import TrainReply, TrainRequest
 
 
@@ -23,6 +24,7 @@ class LocalTransport:
         self.requests: dict[int, TrainRequest] = {}
         self.client_states = ClientStateStore(federation.cfg.run_dir / "checkpoints"
                                               / "client_state")
+        self.faults = FaultPlan(federation.cfg.system, federation.cfg.seed)
 
     def send(self, request: TrainRequest) -> None:
         self.requests[request.client_id] = request
@@ -32,6 +34,11 @@ class LocalTransport:
         f = self.fed
         try:
             dataset = f.client_dataset(client_id)
+            fault = self.faults.fault(request.round, client_id)
+            if fault:
+                return self.faults.faulty_reply(
+                    fault, request, f.layout.slices[-1][2] if f.layout.agg_names else 0,
+                    {n: request.weights[n].clone() for n in f.layout.avg_names}, len(dataset))
             reply, state = local_train(
                 f.model, local_batches(dataset, request, f.cfg), request,
                 self.client_states.get(client_id), f.cfg.train, f.layout, f.device,

@@ -69,6 +69,9 @@ def run_federation(cfg: Config, resume: bool = False, console: Console | None = 
         task = bar.add_task("rounds", total=cfg.fed.rounds, completed=server.state.round, info="")
 
         def show(done: int, record: dict) -> None:
+            for client, reason in record.get("rejected", {}).items():
+                console.print(f"round {done}: rejected client {client}: {reason}", markup=False,
+                              highlight=False)
             info = f"loss {record['train_loss']:.5f}" if record.get("train_loss") else ""
             if record.get("pck_mean") is not None:
                 info += f"  PCK {record['pck_mean']:.1f}%"

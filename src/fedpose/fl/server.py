@@ -28,6 +28,13 @@ import torch
 from fedpose.config import Config
 from fedpose.fl.messages import TrainReply, TrainRequest
 from fedpose.fl.params import ModelLayout, unflatten_add_, weighted_average
+from fedpose.fl.reply_check import (
+    NORM_HISTORY,
+    norm_problem,
+    norm_reference,
+    structural_problem,
+    update_norm,
+)
 from fedpose.fl.selection import Selector
 from fedpose.fl.strategies.base import RoundInput, Strategy
 from fedpose.fl.system import SystemModel
@@ -67,6 +74,14 @@ class ServerState:
     buffer: list[TrainReply] = field(default_factory=list)
     snapshots: dict[int, dict] = field(default_factory=dict)  # async: versions still in use
     dispatched: int = 0  # async: how many requests have been sent, seeds the next one
+    norms: list[float] = field(default_factory=list)  # recently accepted update norms
+    updates_applied: int = 0  # aggregations that changed the model
+    futile: int = 0  # async: arrivals in a row that brought no usable update
+
+
+class FederationError(RuntimeError):
+    """The federation cannot go on: every client failed, no update can arrive, or the model
+    became non-finite. Nothing untrained or non-finite is saved."""
 
 
 class FederatedServer:
@@ -133,6 +148,15 @@ class FederatedServer:
         if self.layout.avg_names:
             self.weights.update(weighted_average([r.averaged for r in replies],
                                                  self.layout.avg_names, counts.tolist()))
+        bad = [n for n, w in self.weights.items()
+               if w.is_floating_point() and not bool(torch.isfinite(w).all())]
+        if bad:
+            # raised before the round is logged or checkpointed: the last good files stay
+            raise FederationError(
+                f"round {self.state.round + 1}: the aggregated model is not finite ({bad[0]}"
+                f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}; {self.strategy.name}, "
+                f"fed.server_lr = {self.cfg.fed.server_lr}); nothing was written")
+        self.state.updates_applied += 1
         agg_seconds = time.perf_counter() - t0
         self.state.strategy = result.state
         diag = dict(result.diagnostics)
@@ -153,26 +177,18 @@ class FederatedServer:
         while self.state.round < fed.rounds:
             t = self.state.round
             wall0 = time.perf_counter()
-            available = self.system.available(t)
-            selected = self.selector.select(available, t, self.client_sizes, self.expected_time)
-            dropped = [k for k in selected if self.system.drops(t, k)]
-            for k in selected:
-                if k not in dropped:
-                    self.transport.send(self._request(k, t, t, self.weights))
-            replies, rejected = [], {}
-            for k in selected:
-                if k in dropped:
-                    continue
-                reply = self.transport.receive(k)
-                problem = reply.problem()
-                if problem:
-                    rejected[k] = problem
-                else:
-                    replies.append(reply)
-                    self.selector.observe(k, reply.train_loss)
-            times = [self.expected_time(r.client_id) for r in replies]
-            waited = self.timeout() if (dropped or rejected) else 0.0
-            self.state.clock += max(times + [waited, 0.0])
+            for attempt in range(fed.round_retries + 1):
+                selected, dropped, rejected, replies = self._sync_round(t)
+                if replies or not rejected:
+                    break
+                if attempt == fed.round_retries:
+                    first = min(rejected)
+                    raise FederationError(
+                        f"round {t + 1}: every selected client failed "
+                        f"({len(rejected)} rejected, {len(dropped)} dropped out; "
+                        f"{attempt} retries, fed.round_retries); first: client {first}: "
+                        f"{rejected[first]}")
+                self.state.clock += self.timeout()  # the failed attempt's wait
             diag = self.aggregate(replies, [0] * len(replies)) if replies else {
                 "weights": [], "conflict_share": None, "agg_seconds": 0.0}
             self.state.round += 1
@@ -180,7 +196,53 @@ class FederatedServer:
                                wall0)
             if progress:
                 progress(self.state.round, record)
+        self._check_trained()
         return record
+
+    def _sync_round(self, t: int) -> tuple[list[int], list[int], dict[int, str],
+                                           list[TrainReply]]:
+        """Send round t's work, collect and check the replies; advance the clock."""
+        available = self.system.available(t)
+        selected = self.selector.select(available, t, self.client_sizes, self.expected_time)
+        dropped = [k for k in selected if self.system.drops(t, k)]
+        for k in selected:
+            if k not in dropped:
+                self.transport.send(self._request(k, t, t, self.weights))
+        arrived = [self.transport.receive(k) for k in selected if k not in dropped]
+        replies, rejected = self._accept(arrived)
+        for reply in replies:
+            self.selector.observe(reply.client_id, reply.train_loss)
+        times = [self.expected_time(r.client_id) for r in replies]
+        waited = self.timeout() if (dropped or rejected) else 0.0
+        self.state.clock += max(times + [waited, 0.0])
+        return selected, dropped, rejected, replies
+
+    def _accept(self, arrived: list[TrainReply]) -> tuple[list[TrainReply], dict[int, str]]:
+        """Split replies into sound ones and {client: reason} for the refused ones."""
+        rejected: dict[int, str] = {}
+        sound: list[tuple[TrainReply, float]] = []
+        for reply in arrived:
+            problem = structural_problem(reply, self.layout, self.weights)
+            if problem:
+                rejected[reply.client_id] = problem
+            else:
+                sound.append((reply, update_norm(reply)))
+        reference = norm_reference(self.state.norms, [n for _, n in sound])
+        replies = []
+        for reply, norm in sound:
+            problem = norm_problem(norm, reference, self.cfg.fed.max_norm_ratio)
+            if problem:
+                rejected[reply.client_id] = problem
+            else:
+                replies.append(reply)
+                self.state.norms = (self.state.norms + [norm])[-NORM_HISTORY:]
+        return replies, rejected
+
+    def _check_trained(self) -> None:
+        if self.state.updates_applied == 0:
+            raise FederationError(
+                f"no client update arrived in {self.state.round} rounds (every selected client "
+                f"dropped out or failed); the model is untrained and was not saved")
 
     def _run_async(self, progress) -> dict:
         fed = self.cfg.fed
@@ -193,23 +255,32 @@ class FederatedServer:
         selected: list[int] = []
         dropped: list[int] = []
         rejected: dict[int, str] = {}
+        patience = 20 * fed.num_clients * (fed.round_retries + 1)
+        first_failure: str | None = None
         while st.round < fed.rounds:
             if not st.pending:
-                raise RuntimeError("asynchronous mode: no client is available to train")
+                raise FederationError("asynchronous mode: no client is available to train")
             st.pending.sort(key=lambda p: (p.finish, p.client_id))
             job = st.pending.pop(0)
             st.clock = max(st.clock, job.finish)
             selected.append(job.client_id)
             if job.dropped:
                 dropped.append(job.client_id)
+                accepted = []
             else:
-                reply = self.transport.receive(job.client_id)
-                problem = reply.problem()
-                if problem:
-                    rejected[job.client_id] = problem
-                else:
+                accepted, refused = self._accept([self.transport.receive(job.client_id)])
+                rejected.update(refused)
+                for k, why in refused.items():
+                    first_failure = first_failure or f"client {k}: {why}"
+                for reply in accepted:
                     st.buffer.append(reply)
                     self.selector.observe(job.client_id, reply.train_loss)
+            st.futile = 0 if accepted else st.futile + 1
+            if st.futile >= patience:
+                raise FederationError(
+                    f"asynchronous mode: no update can arrive: the last {st.futile} clients all "
+                    f"dropped out or failed (system.dropout = {self.cfg.system.dropout}"
+                    + (f"; first failure: {first_failure})" if first_failure else ")"))
             if len(st.buffer) >= fed.buffer_size:
                 buffer = sorted(st.buffer, key=lambda r: r.client_id)
                 staleness = [st.round - r.version for r in buffer]
@@ -225,6 +296,7 @@ class FederatedServer:
                     progress(st.round, record)
             else:
                 self._fill_async()
+        self._check_trained()
         return record
 
     def _fill_async(self) -> None:

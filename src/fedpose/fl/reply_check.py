@@ -1,0 +1,76 @@
+"""What the server checks before it lets a client's reply touch the global model.
+
+A reply comes from a machine the server does not control: it may be empty, non-finite, of the
+wrong length, shape or dtype, or finite but absurdly large (one update of norm 1e30 ruins every
+later round). Each check returns the reason a reply is refused, or None when it is sound.
+
+The norm check compares an update's L2 norm with a reference: the median norm of recently
+accepted updates, or, before any was accepted, the smallest norm among the candidates at hand (so
+that even a majority of huge updates cannot set its own reference). An update more than
+`max_norm_ratio` times the reference is refused.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from fedpose.fl.messages import TrainReply
+from fedpose.fl.params import ModelLayout
+
+NORM_HISTORY = 32  # accepted update norms the reference is taken over
+
+
+def structural_problem(reply: TrainReply, layout: ModelLayout,
+                       weights: dict[str, torch.Tensor]) -> str | None:
+    """Why the reply cannot be used at all (failure, wrong length/shape/dtype, non-finite)."""
+    if reply.error:
+        return reply.error
+    delta = reply.delta
+    if not isinstance(delta, torch.Tensor):
+        return "no update"
+    expected = layout.slices[-1][2] if layout.agg_names else 0
+    if delta.dtype != torch.float32:
+        return f"update of dtype {delta.dtype}, expected torch.float32"
+    if delta.dim() != 1 or delta.numel() != expected:
+        return f"update of shape {tuple(delta.shape)}, expected ({expected},)"
+    if set(reply.averaged) != set(layout.avg_names):
+        missing = sorted(set(layout.avg_names) - set(reply.averaged))
+        extra = sorted(set(reply.averaged) - set(layout.avg_names))
+        return f"averaged tensors differ from the model's: missing {missing[:3]}, extra {extra[:3]}"
+    for name, t in reply.averaged.items():
+        ref = weights[name]
+        if not isinstance(t, torch.Tensor) or t.shape != ref.shape or t.dtype != ref.dtype:
+            got = (f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor)
+                   else type(t).__name__)
+            return f"{name}: {got}, expected {tuple(ref.shape)} {ref.dtype}"
+    if isinstance(reply.num_samples, bool) or not isinstance(reply.num_samples, int):
+        return f"sample count {reply.num_samples!r} is not an integer"
+    return reply.problem()  # finiteness and sample count
+
+
+def update_norm(reply: TrainReply) -> float:
+    return float(torch.linalg.vector_norm(reply.delta.double()))
+
+
+def norm_reference(history: Sequence[float], candidate_norms: Sequence[float]) -> float | None:
+    """The norm an update is compared with: the (lower) median of the accepted history, else
+    the smallest candidate; None when there is nothing to compare with."""
+    if history:
+        values = sorted(history)
+        return values[(len(values) - 1) // 2]
+    # a client that did not move (norm 0) is no yardstick for the others
+    return min((n for n in candidate_norms if n > 0), default=None)
+
+
+def norm_problem(norm: float, reference: float | None, max_ratio: float) -> str | None:
+    """Why an update's norm is an outlier, or None (also when the check is off: ratio 0)."""
+    if max_ratio <= 0 or reference is None or not math.isfinite(norm):
+        return None
+    # a zero reference (clients that did not move) would make any movement an outlier
+    if reference > 0 and norm > max_ratio * reference:
+        return (f"update norm {norm:.3g} is more than {max_ratio:g} times the reference "
+                f"{reference:.3g} (fed.max_norm_ratio)")
+    return None
