@@ -170,3 +170,18 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
     _same_weights(load_file(str(cut / "model.safetensors")),
                   load_file(str(whole / "model.safetensors")))
     assert _rows(cut) == _rows(whole)
+
+
+def test_centralized_training_resumes_from_its_checkpoint(tmp_path, synth_dir, capsys):
+    def args(name: str, epochs: int) -> list[str]:
+        return ["train", "configs/demo.toml", "-c", f"out_dir={tmp_path}", "-c", f"name={name}",
+                "-c", f"data.root={synth_dir}", "-c", "data.input_size=32", "-c", "model.width=4",
+                "-c", "model.deconv_filters=8", "-c", "train.batch_size=8",
+                "-c", "train.flip_test=false", "-c", f"train.epochs={epochs}"]
+
+    assert main(args("whole", 2)) == 0
+    assert main(args("cut", 1)) == 0
+    assert main([*args("cut", 2), "--resume"]) == 0
+    assert "resumed at epoch 1" in capsys.readouterr().out
+    _same_weights(load_file(str(tmp_path / "cut" / "model.safetensors")),
+                  load_file(str(tmp_path / "whole" / "model.safetensors")))
