@@ -19,7 +19,7 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from fedpose.cli import main
-from fedpose.engine.local import run_local
+from fedpose.engine.runner import run_federation
 from fedpose.model.io import ModelFileError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,16 +38,17 @@ def _same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> Non
 
 
 # ----------------------------------------------------------------------------- in process
-def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, synth_dir, one_thread):
-    whole = run_local(tiny_config(tmp_path, synth_dir, "name=whole", "fed.rounds=3"))
+@pytest.mark.usefixtures("one_thread")
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, synth_dir):
+    whole = run_federation(tiny_config(tmp_path, synth_dir, "name=whole", "fed.rounds=3"))
     cfg = tiny_config(tmp_path, synth_dir, "name=cut", "fed.rounds=2")
-    run_local(cfg)
+    run_federation(cfg)
     last = cfg.run_dir / "checkpoints" / "last.safetensors"
     last.write_bytes(last.read_bytes()[:-100])  # a torn write the rename never hid
     with (cfg.run_dir / "metrics.jsonl").open("a") as f:
         f.write('{"round": 3, "trunc')  # a line a kill cut short
     console = Console(record=True, width=400)
-    resumed = run_local(tiny_config(tmp_path, synth_dir, "name=cut", "fed.rounds=3"),
+    resumed = run_federation(tiny_config(tmp_path, synth_dir, "name=cut", "fed.rounds=3"),
                         resume=True, console=console)
     out = console.export_text()
     assert "warning: " in out and "last.safetensors: damaged" in out
@@ -73,19 +74,21 @@ def test_checkpoint_of_another_run_is_an_error_unless_forced(tmp_path, synth_dir
     assert "resuming despite seed '0'" in capsys.readouterr().out
 
 
-def test_resume_without_a_checkpoint_starts_over(tmp_path, synth_dir, one_thread):
+@pytest.mark.usefixtures("one_thread")
+def test_resume_without_a_checkpoint_starts_over(tmp_path, synth_dir):
     cfg = tiny_config(tmp_path, synth_dir)
-    server = run_local(cfg, resume=True)
+    server = run_federation(cfg, resume=True)
     assert server.state.round == cfg.fed.rounds
 
 
-def test_damaged_checkpoints_both_are_an_error(tmp_path, synth_dir, one_thread):
+@pytest.mark.usefixtures("one_thread")
+def test_damaged_checkpoints_both_are_an_error(tmp_path, synth_dir):
     cfg = tiny_config(tmp_path, synth_dir)
-    run_local(cfg)
+    run_federation(cfg)
     for path in (cfg.run_dir / "checkpoints").iterdir():
         path.write_bytes(b"\x00" * 5)
     with pytest.raises(ModelFileError, match="last.safetensors.*previous.safetensors"):
-        run_local(cfg, resume=True)
+        run_federation(cfg, resume=True)
 
 
 # ----------------------------------------------------------------------------- killed processes

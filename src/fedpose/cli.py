@@ -7,6 +7,7 @@ Argument parsing and printing live here; the library raises exceptions and retur
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -181,6 +182,8 @@ def cmd_score(args) -> int:
     from fedpose.data import FileOptions
     from fedpose.metrics.score_file import score_file, score_table
 
+    if args.alpha is not None and not (math.isfinite(args.alpha) and 0 < args.alpha <= 1):
+        raise ValueError(f"--alpha {args.alpha!r} is out of range; allowed: (0, 1]")
     options = FileOptions(split=args.split, labels=args.labels, headboxes=args.headboxes)
     scored = score_file(args.dataset, args.root, args.pred, args.ann, options, args.alpha)
     console.print(score_table(scored.result, scored.skeleton, scored.num_records, args.alpha))
@@ -211,7 +214,7 @@ def cmd_data_inspect(args) -> int:
     from fedpose.data.inspect import inspect_dataset, summary_tables
 
     summary = inspect_dataset(args.dataset, args.root, args.ann, labels=args.labels,
-                              headboxes=args.headboxes)
+                              headboxes=args.headboxes, decode=not args.quick)
     for table in summary_tables(summary):
         console.print(table)
     return 0
@@ -458,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--ann", default=None)
     d.add_argument("--labels", default="pc", choices=["pc", "oc"], help="lsp labels")
     d.add_argument("--headboxes", default=None, help="mpii: gt_valid.mat, checked against --ann")
+    d.add_argument("--quick", action="store_true",
+                   help="read image headers only instead of decoding every image")
     d.set_defaults(func=cmd_data_inspect)
     d = dsub.add_parser("partition", help="print and plot per-client statistics")
     _add_config(d)

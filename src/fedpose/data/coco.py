@@ -13,7 +13,9 @@ from fedpose.data.records import (
     DatasetError,
     PoseRecord,
     Skeleton,
+    check_geometry,
     check_joints,
+    numbers,
     read_image_size,
     read_json,
 )
@@ -45,12 +47,13 @@ def load_coco(ann_file: str | Path, image_dir: str | Path) -> list[PoseRecord]:
     records: list[PoseRecord] = []
     num_keypoints: int | None = None
     sizes: dict[int, tuple[int, int]] = {}
+    seen_ids: set = set()
     for index, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict):
             raise DatasetError(ann_file, "annotation must be an object", f"annotations[{index}]")
         record_id = f"annotation {ann.get('id', f'#{index}')}"
-        wanted = person_ids is None or ann.get("category_id") in person_ids
-        if ann.get("iscrowd") or not wanted:
+        _check_unique_id(ann_file, ann, index, seen_ids)
+        if ann.get("iscrowd") or not _wanted(ann, person_ids):
             continue
         kps = _keypoints(ann_file, ann.get("keypoints"), record_id)
         if num_keypoints is None:
@@ -77,6 +80,10 @@ def load_coco(ann_file: str | Path, image_dir: str | Path) -> list[PoseRecord]:
         center, scale = (x + w / 2, y + h / 2), max(w, h) * BOX_PADDING / PIXEL_STD
         if "crop" in ann:  # the exact crop of a record written by write_coco (site folders)
             center, scale = _crop(ann_file, ann["crop"], record_id)
+        head_box = _head_box(ann_file, ann.get("head_box"), record_id)
+        check_geometry(np.asarray(center), scale,
+                       {"bbox": np.array([x, y, x + w, y + h]), "head_box": head_box},
+                       sizes[image_id], ann_file, record_id)
         records.append(
             PoseRecord(
                 image=image,
@@ -84,12 +91,14 @@ def load_coco(ann_file: str | Path, image_dir: str | Path) -> list[PoseRecord]:
                 visibility=labelled.astype(np.float32),
                 center=np.array(center, dtype=np.float32),
                 scale=scale,
-                head_box=_head_box(ann_file, ann.get("head_box"), record_id),
+                head_box=head_box,
                 person_box=np.array([x, y, x + w, y + h], dtype=np.float32),
                 attributes=_attributes(ann_file, ann, kps, record_id),
                 record_id=record_id,
             )
         )
+    if not records:
+        raise DatasetError(ann_file, "zero records: no annotation with a labelled keypoint")
     return records
 
 
@@ -140,11 +149,31 @@ def write_coco(
     return out_file
 
 
+def _check_unique_id(ann_file: Path, ann: dict, index: int, seen: set) -> None:
+    if "id" not in ann:
+        return
+    ann_id = ann["id"]
+    if not isinstance(ann_id, int | str) or isinstance(ann_id, bool):
+        raise DatasetError(ann_file, f"id must be a number or text, got {ann_id!r:.40}",
+                           f"annotations[{index}]")
+    if ann_id in seen:
+        raise DatasetError(ann_file, "duplicated annotation id", f"annotation {ann_id}")
+    seen.add(ann_id)
+
+
+def _wanted(ann: dict, person_ids: set | None) -> bool:
+    category = ann.get("category_id")
+    return person_ids is None or (isinstance(category, int | str) and category in person_ids)
+
+
 def _images(ann_file: Path, entries: list) -> dict[object, tuple[str, int | None, int | None]]:
     images = {}
     for index, entry in enumerate(entries):
-        if not isinstance(entry, dict) or not isinstance(entry.get("id"), int | str):
+        if (not isinstance(entry, dict) or not isinstance(entry.get("id"), int | str)
+                or isinstance(entry.get("id"), bool)):
             raise DatasetError(ann_file, "image entry needs an id", f"images[{index}]")
+        if entry["id"] in images:
+            raise DatasetError(ann_file, "duplicated image id", f"image {entry['id']}")
         if not isinstance(entry.get("file_name"), str):
             raise DatasetError(ann_file, "image entry has no file_name", f"image {entry['id']}")
         width, height = entry.get("width"), entry.get("height")
@@ -161,19 +190,19 @@ def _person_category_ids(ann_file: Path, categories: object) -> set | None:
     if not isinstance(categories, list) or not all(isinstance(c, dict) for c in categories):
         raise DatasetError(ann_file, "'categories' must be a list of objects")
     if len(categories) == 1:  # a single-category file (e.g. synth-arm) whatever it is called
-        return {categories[0].get("id")}
-    ids = {c.get("id") for c in categories if c.get("name") == "person"}
+        if not isinstance(categories[0].get("id"), int | str):
+            raise DatasetError(ann_file, "the category needs an id")
+        return {categories[0]["id"]}
+    ids = {c.get("id") for c in categories
+           if c.get("name") == "person" and isinstance(c.get("id"), int | str)}
     if not ids:
         raise DatasetError(ann_file, "several categories and none is named 'person'")
     return ids
 
 
 def _keypoints(ann_file: Path, value: object, record_id: str) -> np.ndarray:
-    try:
-        flat = np.array(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        flat = None
-    if flat is None or flat.ndim != 1 or flat.size == 0 or flat.size % 3:
+    flat = numbers(value, None, "keypoints", ann_file, record_id)
+    if flat.ndim != 1 or flat.size == 0 or flat.size % 3:
         raise DatasetError(ann_file, "keypoints must be a flat list [x, y, v] * K", record_id)
     kps = flat.reshape(-1, 3)
     if not np.isin(kps[:, 2], (0, 1, 2)).all():
@@ -182,10 +211,7 @@ def _keypoints(ann_file: Path, value: object, record_id: str) -> np.ndarray:
 
 
 def _bbox(ann_file: Path, value: object, record_id: str) -> tuple[float, float, float, float]:
-    try:
-        box = np.array(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        box = np.zeros(0)
+    box = numbers(value, None, "bbox", ann_file, record_id)
     if box.shape != (4,) or not np.isfinite(box).all() or box[2] <= 0 or box[3] <= 0:
         problem = f"bbox must be [x, y, w, h] with w, h > 0, got {value!r:.80}"
         raise DatasetError(ann_file, problem, record_id)

@@ -22,12 +22,14 @@ def inspect_dataset(
     *,
     labels: str = "pc",
     headboxes: str | Path | None = None,
+    decode: bool = True,
 ) -> dict:
     """Load every record of a dataset (all splits) and summarise it.
 
     root: the image folder (lsp: the dataset folder; synth-arm: the folder holding
     annotations.json and images/). ann: the annotation file for mpii and coco (synth-arm: optional).
-    Malformed data raises DatasetError, exactly as training would.
+    Malformed data raises DatasetError, exactly as training would. `decode`: decode every image
+    in full (finds truncated and corrupt files; slow on large sets), else read headers only.
     """
     root = Path(root)
     records, skeleton = load_files(dataset, root, ann,
@@ -36,7 +38,7 @@ def inspect_dataset(
     num_joints = records[0].num_joints if records else skeleton.num_joints
     names = list(skeleton.joints) if num_joints == skeleton.num_joints else None
     images = sorted({r.image for r in records})
-    sizes = np.array([read_image_size(p, p) for p in images]).reshape(-1, 2)
+    sizes = np.array([read_image_size(p, p, decode=decode) for p in images]).reshape(-1, 2)
     visible = np.zeros(num_joints, dtype=int)
     occluded = np.zeros(num_joints, dtype=int)
     for r in records:

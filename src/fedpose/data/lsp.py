@@ -39,6 +39,8 @@ def load_lsp(root: str | Path, split: str = "train", labels: str = "pc") -> list
     mat_path = root / LABEL_FILES[labels]
     joints = _read_joints_mat(mat_path)
     n = joints.shape[2]
+    if n == 0:
+        raise DatasetError(mat_path, "zero records: 'joints' holds no person")
     if split == "all":
         indices = range(n)
     elif n != NUM_IMAGES:

@@ -11,7 +11,9 @@ from fedpose.data.records import (
     MPII,
     DatasetError,
     PoseRecord,
+    check_geometry,
     check_joints,
+    numbers,
     read_image_size,
     read_json,
 )
@@ -41,6 +43,8 @@ def load_mpii(
         raise DatasetError(ann_file, "expected a JSON list of person entries")
     sizes: dict[Path, tuple[int, int]] = {}
     records = [_record(ann_file, image_dir, entry, i, sizes) for i, entry in enumerate(entries)]
+    if not records:
+        raise DatasetError(ann_file, "zero records: the list of person entries is empty")
     if headboxes is not None:
         _attach_headboxes(records, Path(headboxes), ann_file)
     return records
@@ -72,6 +76,9 @@ def _record(
         joints = field("joints", (NUM_JOINTS, 2), "joints must be 16 [x, y] pairs")
         vis = field("joints_vis", (NUM_JOINTS,), "joints_vis must be 16 flags")
         joints = joints - 1.0  # 1-based MATLAB pixels
+        if not np.isin(vis, (0, 1)).all():
+            raise DatasetError(ann_file, f"joints_vis flags must be 0 or 1, got {vis.tolist()}",
+                               record_id)
         visibility = (vis > 0).astype(np.float32)
     else:
         joints = np.zeros((NUM_JOINTS, 2))
@@ -81,6 +88,9 @@ def _record(
     if image not in sizes:
         sizes[image] = read_image_size(image, ann_file, record_id)
     check_joints(joints, visibility, sizes[image], ann_file, record_id, MPII.joints)
+    # -1 is the file's "no centre" placeholder
+    check_geometry(None if center[0] == -1 else center - 1.0, scale, {}, sizes[image], ann_file,
+                   record_id)
 
     # SimpleBaseline's adjustment, on the raw 1-based centre: -1 marks "no centre"
     if center[0] != -1:
@@ -101,8 +111,8 @@ def _array(
     value: object, shape: tuple[int, ...], problem: str, path: Path, record: str
 ) -> np.ndarray:
     try:
-        arr = np.array(value, dtype=np.float64)
-    except (TypeError, ValueError):
+        arr = numbers(value, None, problem.split(" ")[0], path, record)
+    except DatasetError:
         raise DatasetError(path, f"{problem}, got {value!r:.80}", record) from None
     if arr.shape != shape:
         got = "x".join(str(d) for d in arr.shape) or "a scalar"
@@ -143,7 +153,9 @@ def _attach_headboxes(records: list[PoseRecord], path: Path, ann_file: Path) -> 
             path, f"has {len(boxes)} head boxes but {ann_file.name} has {len(records)} entries"
         )
     _check_same_order(records, mat, path, ann_file)
-    for record, box in zip(records, boxes, strict=True):
+    for index, (record, box) in enumerate(zip(records, boxes, strict=True)):
+        w, h = read_image_size(record.image, ann_file, record.record_id)
+        check_geometry(None, None, {"head box": box}, (w, h), path, index)
         record.head_box = box
 
 

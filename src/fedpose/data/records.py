@@ -143,29 +143,125 @@ def read_json(path: str | Path) -> object:
     path = Path(path)
     try:
         with path.open("rb") as f:
-            return json.load(f)
+            return json.load(f, object_pairs_hook=_no_duplicate_keys)
     except FileNotFoundError:
         raise DatasetError(path, "file not found") from None
+    except IsADirectoryError:
+        raise DatasetError(path, "is a directory, not a file") from None
     except (OSError, UnicodeDecodeError) as e:
         raise DatasetError(path, f"cannot read file: {e}") from None
     except json.JSONDecodeError as e:
         raise DatasetError(path, f"not valid JSON: {e}") from None
+    except _DuplicateKey as e:
+        raise DatasetError(path, f"key {e.args[0]!r} appears twice in one object") from None
+    except RecursionError:
+        raise DatasetError(path, "JSON nested too deeply") from None
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    # json keeps the last of two equal keys silently; two values for one key is a broken file
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def numbers(value: object, shape: tuple[int, ...] | None, what: str, source: str | Path,
+            record: str | int | None = None) -> np.ndarray:
+    """`value` as a float64 array of `shape` (None: any), refusing anything but JSON numbers.
+
+    numpy would turn "12" into 12.0 and True into 1.0: numbers written as text or flags written as
+    booleans are mistakes in the file, so they are errors, not conversions.
+    """
+    def leaves_ok(v: object, depth: int) -> bool:
+        if isinstance(v, list | tuple):
+            return depth < 4 and all(leaves_ok(x, depth + 1) for x in v)
+        return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)
+
+    if not leaves_ok(value, 0):
+        raise DatasetError(source, f"{what} must be numbers, got {value!r:.80}", record)
+    try:
+        arr = np.array(value, dtype=np.float64)
+    except (TypeError, ValueError):  # ragged nesting
+        raise DatasetError(source, f"{what}: ragged lists, got {value!r:.80}", record) from None
+    if shape is not None and arr.shape != shape:
+        got = "x".join(str(d) for d in arr.shape) or "a scalar"
+        want = "x".join(str(d) for d in shape) or "a scalar"
+        raise DatasetError(source, f"{what} must have shape {want}, got {got}", record)
+    return arr
+
+
+# A crop side (200 px x scale) longer than this many image sides is no person in that image.
+MAX_CROP_IMAGE_SIDES = 4.0
+
+
+def check_geometry(
+    center: np.ndarray | None,
+    scale: float | None,
+    boxes: dict[str, np.ndarray | None],
+    image_size: tuple[int, int],
+    source: str | Path,
+    record: str | int | None = None,
+    tolerance: float = OUTSIDE_TOLERANCE,
+) -> None:
+    """Reject a centre, scale or box (x1, y1, x2, y2) that cannot belong to the real image: a
+    person box of 1e30 would otherwise make every prediction count as correct."""
+    w, h = image_size
+    lo = -tolerance * np.array([w, h])
+    hi = np.array([w - 1, h - 1]) + tolerance * np.array([w, h])
+    for name, box in boxes.items():
+        if box is None:
+            continue
+        b = np.asarray(box, dtype=np.float64)
+        inside = (np.isfinite(b).all() and (b[:2] >= lo).all() and (b[2:] <= hi + 1).all()
+                  and b[2] > b[0] and b[3] > b[1])
+        if not inside:
+            problem = (f"{name} {[round(float(v), 2) for v in b]} is empty or lies outside the "
+                       f"{w}x{h} image")
+            raise DatasetError(source, problem, record)
+    if center is not None:
+        c = np.asarray(center, dtype=np.float64)
+        if not np.isfinite(c).all() or (c < lo).any() or (c > hi).any():
+            problem = f"center {c.tolist()} lies outside the {w}x{h} image"
+            raise DatasetError(source, problem, record)
+    if scale is not None:
+        limit = MAX_CROP_IMAGE_SIDES * max(w, h) / 200.0
+        if not (np.isfinite(scale) and 0 < scale <= limit):
+            problem = (f"scale {scale!r} is absurd for the {w}x{h} image "
+                       f"(allowed: 0 < scale <= {limit:.3g})")
+            raise DatasetError(source, problem, record)
 
 
 def read_image_size(
-    image: str | Path, source: str | Path, record: str | int | None = None
+    image: str | Path, source: str | Path, record: str | int | None = None,
+    decode: bool = False,
 ) -> tuple[int, int]:
-    """(width, height) of an image from its header alone.
+    """(width, height) of an image from its header alone (`decode`: after decoding every pixel,
+    which finds truncated and corrupt files).
 
     A missing or unreadable image is reported against `source`, the annotation file naming it,
     because that is the file a user has to fix.
     """
     try:
         with Image.open(image) as im:
+            if decode:
+                im.load()
+            if im.size[0] <= 0 or im.size[1] <= 0:
+                raise DatasetError(source, f"image {image} has no pixels", record)
             return im.size
     except FileNotFoundError:
         raise DatasetError(source, f"image not found: {image}", record) from None
-    except OSError as e:  # includes PIL's UnidentifiedImageError
+    except IsADirectoryError:
+        raise DatasetError(source, f"image {image} is a directory", record) from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        # OSError includes PIL's UnidentifiedImageError and truncated files; PIL raises
+        # ValueError / SyntaxError for some damaged headers
         raise DatasetError(source, f"cannot read image {image}: {e}", record) from None
 
 

@@ -100,6 +100,8 @@ def pck_counts(
     Counts of disjoint record sets add up: summing them over sites and scoring the sums with
     `score_counts` gives exactly the PCK of all the records together."""
     alpha = skeleton.pck_alpha if alpha is None else float(alpha)
+    if not (np.isfinite(alpha) and 0 < alpha <= 1):
+        raise ValueError(f"PCK threshold alpha {alpha!r} is out of range; allowed: (0, 1]")
     pred = np.asarray(pred, dtype=np.float64)
     if pred.shape != (len(records), skeleton.num_joints, 2):
         raise ValueError(
@@ -149,8 +151,16 @@ def score(
     skeleton: Skeleton,
     alpha: float | None = None,
 ) -> PCKResult:
-    """PCK of predictions (N, J, 2) against the records, with the skeleton's normaliser and mean."""
+    """PCK of predictions (N, J, 2) against the records, with the skeleton's normaliser and mean.
+
+    A set of which no record can be normalised (MPII without head boxes) is an error, not a
+    mean of nan; a site's share of a set (`pck_counts`) may legitimately have none."""
     correct, counted = pck_counts(pred, records, skeleton, alpha)
+    if len(records) and not counted.any() and not pck_normalizers(records, skeleton).any():
+        need = {"head": "head boxes (MPII: gt_valid.mat as --headboxes / data.headboxes)",
+                "bbox": "person boxes", "torso": "both torso joints labelled"}[skeleton.normalizer]
+        raise ValueError(f"none of the {len(records)} records can be scored: "
+                         f"{skeleton.name} PCK needs {need}")
     return score_counts(correct, counted, skeleton, alpha)
 
 

@@ -9,7 +9,6 @@ pycocotools' keypoint AP (fedpose.metrics.coco_ap).
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ import numpy as np
 from rich.table import Table
 
 from fedpose.data import FileOptions, load_files
-from fedpose.data.records import DatasetError, PoseRecord, Skeleton
+from fedpose.data.records import DatasetError, PoseRecord, Skeleton, numbers, read_json
 from fedpose.metrics.coco_ap import (
     has_keypoint_ap,
     image_ids_by_path,
@@ -47,12 +46,7 @@ def match_predictions(pred_file: str | Path, records: list[PoseRecord],
                       num_joints: int) -> np.ndarray:
     """One (J, 2) prediction per record, in record order; raises DatasetError on gaps."""
     pred_file = Path(pred_file)
-    try:
-        preds = json.loads(pred_file.read_text())
-    except FileNotFoundError:
-        raise DatasetError(pred_file, "file not found") from None
-    except json.JSONDecodeError as e:
-        raise DatasetError(pred_file, f"not valid JSON: {e}") from None
+    preds = read_json(pred_file)
     if not isinstance(preds, dict):
         raise DatasetError(pred_file, "expected an object mapping image file name -> joints")
     seen: dict[str, int] = defaultdict(int)
@@ -61,7 +55,9 @@ def match_predictions(pred_file: str | Path, records: list[PoseRecord],
         name = Path(rec.image).name
         if name not in preds:
             raise DatasetError(pred_file, "no prediction for this image", name)
-        arr = np.asarray(preds[name], dtype=np.float64)
+        arr = numbers(preds[name], None, "predicted joints", pred_file, name)
+        if not np.isfinite(arr).all():
+            raise DatasetError(pred_file, "predicted joints must be finite numbers", name)
         if arr.ndim == 2:
             arr = arr[None]
         person = seen[name]
