@@ -170,6 +170,7 @@ def _cases() -> list[tuple[str, int]]:
 
 
 CASES = _cases()
+OUTCOMES: dict[tuple[str, int], int] = {}  # exit code per case, for the final count
 
 
 def test_there_are_at_least_200_cases():
@@ -246,7 +247,7 @@ def test_corrupted_input_gives_one_error_line_or_success(tmp_path, capsys, kind,
             scipy.io.savemat(broken, mat)
             broken.write_bytes(_mutate_bytes(broken.read_bytes(), rng))
         argv = ["data", "inspect", "--dataset", "lsp", "--root", str(root)]
-    _check_contract(argv, broken, capsys)
+    OUTCOMES[(kind, index)] = _check_contract(argv, broken, capsys)
 
 
 def test_uncorrupted_inputs_pass(tmp_path, capsys):
@@ -336,3 +337,12 @@ def test_inspect_decodes_every_image_unless_quick(tmp_path, capsys):
     assert main(argv) == 2
     assert "b.png" in capsys.readouterr().err
     assert main([*argv, "--quick"]) == 0
+
+
+def test_most_corruptions_are_refused():
+    """Runs after the cases above (file order): a loader that accepted everything would pass each
+    case by exiting 0; at least four in five corruptions must be refused."""
+    if len(OUTCOMES) < len(CASES):
+        pytest.skip("needs every fuzz case of this module in the same session")
+    refused = sum(rc == 2 for rc in OUTCOMES.values())
+    assert refused >= 0.8 * len(CASES), f"{refused} of {len(CASES)} corruptions refused"
