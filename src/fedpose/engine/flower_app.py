@@ -100,7 +100,7 @@ from fedpose.metrics.evaluate import evaluate_counts
 from fedpose.metrics.log import read_jsonl
 from fedpose.metrics.pck import score_counts
 from fedpose.model.inference import resolve_device
-from fedpose.train import save_model
+from fedpose.model.io import MODEL_FILE, save_model
 
 CONFIG_KEY = "fedpose-config"
 OVERRIDES_KEY = "fedpose-overrides"
@@ -697,8 +697,11 @@ def run_flower_server(grid: Grid, settings: AppSettings, log=print) -> Federated
                              layout, strategy, transport, transport.client_sizes(),
                              evaluate=evaluate, run_dir=run_dir)
     if settings.resume:
-        server.load_checkpoint()
-        log(f"resumed at round {server.state.round}")
+        resumed, warnings = server.load_checkpoint()
+        for warning in warnings:
+            log(f"warning: {warning}")
+        log(f"resumed at round {server.state.round}" if resumed else
+            "no checkpoint yet: starting over")
 
     def progress(done: int, record: dict) -> None:
         text = f"round {done}/{cfg.fed.rounds}: aggregated {record['aggregated']}"
@@ -711,7 +714,7 @@ def run_flower_server(grid: Grid, settings: AppSettings, log=print) -> Federated
         log(text)
 
     server.run(progress=progress)
-    save_model(run_dir / "model.pt", server.weights, cfg, skeleton)
+    save_model(run_dir / MODEL_FILE, server.weights, cfg, skeleton)
     log(f"finished at round {server.state.round}; run directory {run_dir.resolve()}")
     if cfg.fed.dp_epsilon > 0:
         report = privacy_report(cfg.fed, releases_per_client(read_jsonl(run_dir / "metrics.jsonl")))

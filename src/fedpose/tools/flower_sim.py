@@ -71,8 +71,7 @@ def run_flower_simulation(cfg: Config, supernodes: int, console: Console,
                       f"({started:.1f} s)")
         app_dir = write_app_dir(work_dir / "app", cfg, reply_timeout,
                                 connect_timeout=float(connect_timeout))
-        prepare_run_dir(cfg, resume=False)
-        (cfg.run_dir / "model.pt").unlink(missing_ok=True)
+        prepare_run_dir(cfg, resume=False)  # also removes a stale model file
         t1 = time.monotonic()
         federation = (f"num_supernodes={supernodes} "
                       f"client_resources_num_cpus={cpus_per_client}")
