@@ -97,8 +97,6 @@ def load_coco(ann_file: str | Path, image_dir: str | Path) -> list[PoseRecord]:
                 record_id=record_id,
             )
         )
-    if not records:
-        raise DatasetError(ann_file, "zero records: no annotation with a labelled keypoint")
     return records
 
 

@@ -9,7 +9,7 @@ import numpy as np
 from rich.table import Table
 
 from fedpose.data import FileOptions, load_files
-from fedpose.data.records import PoseRecord, read_image_size
+from fedpose.data.records import DatasetError, PoseRecord, read_image_size
 
 # attributes with more distinct values than this are identifiers, not groups worth counting
 MAX_ATTRIBUTE_VALUES = 20
@@ -34,6 +34,8 @@ def inspect_dataset(
     root = Path(root)
     records, skeleton = load_files(dataset, root, ann,
                                    FileOptions(split="all", labels=labels, headboxes=headboxes))
+    if not records:
+        raise DatasetError(ann or root, "zero records: no annotated person with a labelled joint")
 
     num_joints = records[0].num_joints if records else skeleton.num_joints
     names = list(skeleton.joints) if num_joints == skeleton.num_joints else None

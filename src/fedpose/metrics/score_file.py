@@ -78,6 +78,8 @@ def score_file(dataset: str, root: str | Path, pred_file: str | Path,
     """Score a predictions file against a dataset's labels. alpha: the PCK threshold (None: the
     dataset's standard one)."""
     records, skeleton = load_files(dataset, root, ann, options)
+    if not records:
+        raise DatasetError(ann or root, "zero records: nothing to score")
     ap: dict[str, float] = {}
     if dataset == "coco" and is_results_list(pred_file):
         ground_truth = load_ground_truth(ann)
