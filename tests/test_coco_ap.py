@@ -28,8 +28,8 @@ from fedpose.metrics.coco_ap import (
     predictions_ap,
     rescore,
 )
+from fedpose.model.io import save_model
 from fedpose.model.pose_resnet import PoseResNet
-from fedpose.train import save_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TEST_DATA = Path(__file__).parent / "data"
@@ -231,8 +231,8 @@ def test_eval_of_a_coco_model_prints_ap_beside_pck(tmp_path, capsys, coco_dir, a
     cfg.train.flip_test = False
     torch.manual_seed(0)
     model = PoseResNet(COCO.num_joints, depth=18, width=4, deconv_filters=8)
-    save_model(tmp_path / "model.pt", model.state_dict(), cfg, COCO)
-    assert main(["eval", str(tmp_path / "model.pt"), "-c", f"data.root={coco_dir}",
+    save_model(tmp_path / "model.safetensors", model.state_dict(), cfg, COCO)
+    assert main(["eval", str(tmp_path / "model.safetensors"), "-c", f"data.root={coco_dir}",
                  "-c", f"data.ann={ann}", "-c", f"data.test_ann={ann}"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1].startswith("mean PCK: ")
@@ -248,8 +248,8 @@ def test_eval_of_synth_arm_says_why_there_is_no_ap(tmp_path, capsys, synth_dir):
     cfg.data.dataset, cfg.data.root, cfg.data.input_size = "synth-arm", str(synth_dir), 32
     cfg.model.depth, cfg.model.width, cfg.model.deconv_filters = 18, 4, 8
     model = PoseResNet(ARM.num_joints, depth=18, width=4, deconv_filters=8)
-    save_model(tmp_path / "model.pt", model.state_dict(), cfg, ARM)
-    assert main(["eval", str(tmp_path / "model.pt")]) == 0
+    save_model(tmp_path / "model.safetensors", model.state_dict(), cfg, ARM)
+    assert main(["eval", str(tmp_path / "model.safetensors")]) == 0
     out = capsys.readouterr().out
     assert "keypoint AP: not reported for synth-arm" in out
     assert not any(line.split(":")[0] in AP_NAMES for line in out.splitlines())

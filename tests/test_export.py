@@ -16,8 +16,8 @@ from fedpose.data.dataset import PoseDataset
 from fedpose.data.lsp import load_lsp
 from fedpose.data.records import LSP
 from fedpose.model.export import INPUT_NAME, ONNX_OPSET, export_onnx
+from fedpose.model.io import save_model
 from fedpose.model.pose_resnet import PoseResNet
-from fedpose.train import save_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -81,10 +81,10 @@ def test_export_command_writes_the_model_file_as_onnx(tmp_path, lsp_images, caps
     cfg.data.dataset, cfg.data.input_size = "lsp", INPUT_SIZE
     cfg.model.depth, cfg.model.width, cfg.model.deconv_filters = 18, 16, 32
     model = _busy_model()
-    save_model(tmp_path / "model.pt", model.state_dict(), cfg, LSP)
+    save_model(tmp_path / "model.safetensors", model.state_dict(), cfg, LSP)
 
     out = tmp_path / "deploy" / "pose.onnx"
-    assert main(["export", str(tmp_path / "model.pt"), "--onnx", str(out)]) == 0
+    assert main(["export", str(tmp_path / "model.safetensors"), "--onnx", str(out)]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"wrote {out}"
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     (heatmaps,) = session.run(None, {INPUT_NAME: lsp_images.numpy()})

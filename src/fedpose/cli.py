@@ -167,7 +167,7 @@ def cmd_predict(args) -> int:
 
 def cmd_export(args) -> int:
     from fedpose.model.export import ONNX_OPSET, export_onnx
-    from fedpose.train import load_model
+    from fedpose.model.io import load_model
 
     model, cfg, skeleton = load_model(args.checkpoint)
     size = cfg.data.input_size

@@ -289,7 +289,8 @@ def config_from_dict(values: dict) -> Config:
 
 # ----------------------------------------------------------------------------- validation
 DATASETS = ("lsp", "mpii", "coco", "synth-arm")
-METHODS = ("fedavg", "fedprox", "fedbn", "feddyn", "fedaw", "fedgh", "fedgh-noproj", "fedgh-noaw")
+METHODS = ("fedavg", "fedprox", "fedbn", "feddyn", "fedaw", "fedgh", "fedgh-noproj", "fedgh-noaw",
+           "fedavg-clip", "median", "trimmed-mean")
 DEPTHS = (18, 34, 50, 101, 152)
 OPTIMIZERS = ("adam", "sgd")
 PARTITIONS = ("iid", "attribute", "dirichlet", "quantity")
@@ -393,6 +394,11 @@ def _checks(cfg: Config) -> Iterator[str | None]:
     yield _range("fed.prox_mu", f.prox_mu, 0)
     yield _range("fed.dyn_alpha", f.dyn_alpha, 0)
     yield _range("fed.aw_alpha", f.aw_alpha, 0)
+    yield _range("fed.clip_norm", f.clip_norm, 0, low_open=True)
+    yield _range("fed.trim_ratio", f.trim_ratio, 0, 0.5, high_open=True)
+    yield _range("fed.dp_epsilon", f.dp_epsilon, 0)
+    yield _range("fed.dp_delta", f.dp_delta, 0, 1, high_open=True)
+    yield _range("fed.dp_clip", f.dp_clip, 0, low_open=True)
     yield _range("fed.gh_tau", f.gh_tau, -1, 1)
     yield _choice("fed.gh_variant", f.gh_variant, GH_VARIANTS)
     yield _choice("fed.gh_order", f.gh_order, GH_ORDERS)
