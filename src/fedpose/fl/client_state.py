@@ -58,8 +58,6 @@ class ClientStateStore:
         self._index: dict[int, int] = {}  # client -> generation of its file
         self._kept: list[dict[int, int]] = []  # indexes handed to checkpoints, newest last
         self._superseded: set[tuple[int, int]] = set()  # old files a kept index still needs
-        if self.directory is not None:
-            self.directory.mkdir(parents=True, exist_ok=True)
 
     def __len__(self) -> int:
         return len(self._index) if self.directory is not None else len(self._memory)
@@ -88,6 +86,8 @@ class ClientStateStore:
         packed, metadata = _pack(state)
         if packed:
             generation = 0 if old is None else old + 1
+            # created on first use: building a transport must not touch the run directory
+            self.directory.mkdir(parents=True, exist_ok=True)
             # no temporary file: a file cut short by a crash is a generation no index names yet
             save_file(packed, self._path(client, generation), metadata=metadata)
             self._index[client] = generation
