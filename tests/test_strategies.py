@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedpose.config import FedConfig
-from fedpose.fl.fedgh import harmonize
+from fedpose.fl.harmonize import harmonize
 from fedpose.fl.strategies import STRATEGY_NAMES, build_strategy
 from fedpose.fl.strategies.base import RoundInput
 

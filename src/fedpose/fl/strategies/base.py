@@ -8,16 +8,22 @@ new state, and diagnostics for metrics.jsonl. The update already includes the se
 (`fed.server_lr`): the server adds it as is. Strategies never touch BatchNorm running statistics
 (the server averages those by n_k) and know nothing of transports.
 
-Every strategy ends in one weighted sum over the rows of `deltas` (`weighted_sum`), a single pass
-over the K x P matrix. A caller that passes `add_to` (e.g. the flat global weights) gets that sum
-fused with the addition: `add_to` is updated in place and returned as `Aggregation.update`.
+Every strategy ends in one weighted sum over the rows of `deltas` (`weighted_sum`, fl/gram.py), a
+single pass over the K x P matrix in a fixed order. A caller that passes `add_to` (e.g. the flat
+global weights) gets that sum fused with the addition: `add_to` is updated in place and returned
+as `Aggregation.update`. Given the same updates, every strategy returns the same bits on every
+machine: weights and other scalars are computed in float64 with correctly rounded operations and
+exactly rounded or fixed-order sums, never with a BLAS or a vectorised reduction.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
+
+from fedpose.fl.gram import weighted_sum
 
 
 @dataclass
@@ -57,17 +63,10 @@ class Strategy:
 def sample_weights(counts: torch.Tensor) -> torch.Tensor:
     """n_k / n in float64; equal weights when every count is zero."""
     counts = counts.to(torch.float64)
-    total = float(counts.sum())
+    total = math.fsum(counts.tolist())  # exactly rounded: staleness makes counts fractional
     if total <= 0:
         return torch.full_like(counts, 1.0 / max(len(counts), 1))
     return counts / total
 
 
-def weighted_sum(
-    deltas: torch.Tensor, coef: torch.Tensor, add_to: torch.Tensor | None = None
-) -> torch.Tensor:
-    """sum_k coef_k deltas[k] (+ add_to, in place): one matrix-vector product, one pass."""
-    coef = coef.to(deltas.device, deltas.dtype)  # counts live on the CPU, updates may not
-    if add_to is None:
-        return torch.mv(deltas.T, coef)
-    return torch.addmv(add_to, deltas.T, coef, out=add_to)
+__all__ = ["Aggregation", "RoundInput", "Strategy", "sample_weights", "weighted_sum"]

@@ -9,7 +9,9 @@ With p_k = n_k/n and the FedAvg direction ḡ = Σ_j p_j Δ_j:
     w_{t+1} = w_t + η Σ_k ψ_k Δ_k
 
 The angles come from the Gram matrix G = D Dᵀ (⟨Δ_k, ḡ⟩ = (G p)_k, ‖ḡ‖² = pᵀ G p), so FedAW
-costs one Gram matrix and one weighted sum, and gets the conflict share for free. The state is
+costs one Gram matrix and one weighted sum, and gets the conflict share for free. Everything
+after the Gram matrix is scalar float64 arithmetic with exactly rounded sums (math.fsum) and
+exactly computed acos/exp (fl/gram.py), so ψ has the same bits on every machine. The state is
 JSON-friendly: {"theta": {str(client id): [running mean, rounds seen]}}.
 """
 
@@ -19,7 +21,14 @@ import math
 
 import torch
 
-from fedpose.fl.fedgh import conflict_share, cosine_from_gram, gram_matrix
+from fedpose.fl.gram import (
+    conflict_share,
+    cosine_from_gram,
+    det_acos,
+    det_exp,
+    gram_matrix,
+    gram_record,
+)
 from fedpose.fl.strategies.base import (
     Aggregation,
     RoundInput,
@@ -29,8 +38,8 @@ from fedpose.fl.strategies.base import (
 )
 
 
-def gompertz(theta: torch.Tensor, alpha: float) -> torch.Tensor:
-    return alpha * (1.0 - torch.exp(-torch.exp(-alpha * (theta - 1.0))))
+def gompertz(theta: float, alpha: float) -> float:
+    return alpha * (1.0 - det_exp(-det_exp(-alpha * (theta - 1.0))))
 
 
 def fedadp_weights(
@@ -41,26 +50,32 @@ def fedadp_weights(
     alpha: float = 5.0,
 ) -> tuple[torch.Tensor, dict, list[float]]:
     """ψ (float64), the updated running means, and this round's angles θ_k."""
-    counts = counts.to(torch.float64)
-    p = sample_weights(counts)
-    gp = gram @ p
-    denom = gram.diagonal().clamp_min(0).sqrt() * math.sqrt(max(float(p @ gp), 0.0))
-    cos = torch.where(denom > 0, gp / torch.where(denom > 0, denom, 1.0), 0.0).clamp(-1, 1)
-    theta = torch.arccos(cos)
+    g = gram.to(torch.float64).tolist()
+    n = counts.to(torch.float64).tolist()
+    p = sample_weights(counts).tolist()
+    gp = [math.fsum(gkj * pj for gkj, pj in zip(row, p, strict=True)) for row in g]
+    mean_norm = math.sqrt(max(math.fsum(pk * v for pk, v in zip(p, gp, strict=True)), 0.0))
+    theta = []
+    for k, v in enumerate(gp):
+        denom = math.sqrt(max(g[k][k], 0.0)) * mean_norm
+        cos = min(max(v / denom, -1.0), 1.0) if denom > 0 else 0.0
+        theta.append(det_acos(cos))
     new_state = dict(theta_state)
     smoothed = []
-    for cid, th in zip(client_ids, theta.tolist(), strict=True):
+    for cid, th in zip(client_ids, theta, strict=True):
         mean, seen = new_state.get(str(cid), [0.0, 0])
         seen += 1
         mean += (th - mean) / seen
         new_state[str(cid)] = [mean, seen]
         smoothed.append(mean)
-    f = gompertz(torch.tensor(smoothed, dtype=torch.float64), alpha)
-    if float(counts.sum()) <= 0:
-        counts = torch.ones_like(counts)
+    f = [gompertz(th, alpha) for th in smoothed]
+    if math.fsum(n) <= 0:
+        n = [1.0] * len(n)
     # n_k e^{f_k} normalised; shifting f by its max keeps exp finite for any alpha
-    scores = counts * torch.exp(f - f.max())
-    return scores / scores.sum(), new_state, theta.tolist()
+    top = max(f)
+    scores = [nk * det_exp(fk - top) for nk, fk in zip(n, f, strict=True)]
+    total = math.fsum(scores)
+    return torch.tensor([s / total for s in scores], dtype=torch.float64), new_state, theta
 
 
 class FedAW(Strategy):
@@ -83,5 +98,6 @@ class FedAW(Strategy):
             "weights": psi.tolist(),
             "conflict_share": conflict_share(cosine_from_gram(gram), self.tau),
             "angles": angles,
+            "gram": gram_record(inputs.deltas.shape[1]),
         }
         return Aggregation(update, {**state, "theta": theta_state}, diagnostics)

@@ -37,8 +37,10 @@ class FedDyn(Strategy):
         total = weighted_sum(deltas, torch.ones(k, dtype=torch.float64))  # Σ_k Δ_k
         h = state.get("h")
         h = torch.zeros_like(total) if h is None else h.clone()
-        h.add_(total, alpha=-self.alpha / inputs.num_clients)
-        update = total.mul_(self.server_lr / k).add_(h, alpha=-self.server_lr / self.alpha)
+        # separate multiplies and adds, each rounded once: an add with alpha may be fused into
+        # one multiply-add on some instruction sets and not on others
+        h.sub_(total * (self.alpha / inputs.num_clients))
+        update = total.mul_(self.server_lr / k).sub_(h * (self.server_lr / self.alpha))
         if inputs.add_to is not None:
             update = inputs.add_to.add_(update)
         diagnostics = {"weights": [1.0 / k] * k, "conflict_share": None,

@@ -3,7 +3,8 @@
 Each round, with client updates Δ_k (rows of D) and sample counts n_k:
   1. discrepancy: the pairwise cosine matrix of the Δ_k and the share of pairs with cos < τ;
   2. adaptive weights: FedAW's ψ_k (see fedaw.py);
-  3. projection correction: ĝ_k = PCGrad(Δ_k) (or Zhang et al.'s symmetric rule), see fl/fedgh.py;
+  3. projection correction: ĝ_k = PCGrad(Δ_k) (or Zhang et al.'s symmetric rule), see
+     fl/harmonize.py;
   4. reconstruction: w_{t+1} = w_t + η Σ_k ψ_k ĝ_k.
 Options: per-layer harmonization (each tensor's columns harmonized on their own, same ψ and visit
 order) and rescaling the result to the norm of Σ ψ_k Δ_k (per harmonized group). Ablations:
@@ -11,7 +12,8 @@ order) and rescaling the result to the norm of Σ ψ_k Δ_k (per harmonized grou
 
 Everything except the final weighted sum comes from one Gram matrix per group, so the whole step
 costs one Gram pass plus one FedAvg-like pass over D (method "gram"); method "direct" runs the
-plain vector loop instead (the reference, K² passes).
+plain vector loop instead (the reference, K² passes). The Gram matrices, the K x K arithmetic and
+the weighted sum are bit-reproducible across machines (fl/gram.py).
 """
 
 from __future__ import annotations
@@ -19,16 +21,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from fedpose.fl.fedgh import (
-    check_options,
+from fedpose.fl.gram import (
     conflict_share,
     cosine_from_gram,
+    exact_dot,
     gram_matrix,
-    harmonize,
-    projection_coefficients,
+    gram_record,
+    ordered_sum,
+    weighted_sum,
 )
+from fedpose.fl.harmonize import check_options, harmonize, projection_coefficients
 from fedpose.fl.strategies.base import Aggregation, RoundInput, Strategy, sample_weights
 from fedpose.fl.strategies.fedaw import fedadp_weights
 from fedpose.seeding import fedgh_order_seed
@@ -78,7 +83,8 @@ class FedGH(Strategy):
         seed = fedgh_order_seed(self.seed, rnd)
         groups = column_groups(inputs.slices, p) if self.per_layer else [(0, p)]
         grams = torch.stack([gram_matrix(deltas[:, s:e]) for s, e in groups])  # (G, K, K)
-        gram = grams.sum(0)  # the groups partition the columns: whole-model Gram
+        # the groups partition the columns: their sum (in group order) is the whole-model Gram
+        gram = torch.from_numpy(ordered_sum(grams.numpy(), axis=0))
         cosine = cosine_from_gram(gram)
 
         theta_state = state.get("theta", {})
@@ -99,50 +105,54 @@ class FedGH(Strategy):
             "weights": psi.tolist(),
             "conflict_share": conflict_share(cosine, self.tau),
             "cosine": cosine.tolist(),
+            "gram": gram_record(max((e - s for s, e in groups), default=0)),
         }
         if coef is not None and len(groups) == 1:
             diagnostics["coefficients"] = coef[0].tolist()
         return Aggregation(update, {**state, "theta": theta_state, "round": rnd + 1}, diagnostics)
 
     def _coefficients(self, psi: torch.Tensor, grams: torch.Tensor, seed: int) -> torch.Tensor:
+        g = grams.numpy()
+        w = psi.numpy()
         if self.project:
-            c = projection_coefficients(grams, variant=self.variant, order=self.order, seed=seed)
-            coef = torch.einsum("k,gkj->gj", psi, c)
+            c = projection_coefficients(grams, variant=self.variant, order=self.order,
+                                        seed=seed).numpy()
+            coef = ordered_sum(w[None, :, None] * c, axis=1)  # (ψᵀ C_g)_j, group by group
         else:
-            coef = psi.expand(len(grams), -1).clone()
+            coef = np.broadcast_to(w, (len(g), len(w))).copy()
         if self.rescale:
             # ‖Σ_k c_k Δ_k‖² = cᵀ G c: the norms come from the Gram matrices, not from the data
-            target = torch.einsum("k,gkj,j->g", psi, grams, psi)
-            have = torch.einsum("gk,gkj,gj->g", coef, grams, coef)
-            scale = torch.where(have > 0, (target / torch.where(have > 0, have, 1.0)).sqrt(), 1.0)
+            target = _quadratic_form(g, np.broadcast_to(w, coef.shape))
+            have = _quadratic_form(g, coef)
+            scale = np.where(have > 0, np.sqrt(target / np.where(have > 0, have, 1.0)), 1.0)
             coef = coef * scale[:, None]
-        return coef * self.server_lr
+        return torch.from_numpy(coef * self.server_lr)
 
     @staticmethod
     def _combine(deltas, coef, groups, add_to) -> torch.Tensor:
         if len(groups) == 1:
-            c = coef[0].to(deltas.dtype)
-            if add_to is None:
-                return torch.mv(deltas.T, c)
-            return torch.addmv(add_to, deltas.T, c, out=add_to)
-        out = torch.empty(deltas.shape[1], dtype=deltas.dtype) if add_to is None else add_to
-        for (s, e), c in zip(groups, coef.to(deltas.dtype), strict=True):
-            if add_to is None:
-                torch.mv(deltas[:, s:e].T, c, out=out[s:e])
-            else:
-                torch.addmv(out[s:e], deltas[:, s:e].T, c, out=out[s:e])
+            return weighted_sum(deltas, coef[0], add_to)
+        out = torch.zeros(deltas.shape[1], dtype=deltas.dtype) if add_to is None else add_to
+        for (s, e), c in zip(groups, coef, strict=True):
+            weighted_sum(deltas[:, s:e], c, out[s:e])
         return out
 
     def _direct(self, deltas, psi, grams, groups, seed, add_to) -> torch.Tensor:
-        """The reference path: the vector loop of fl/fedgh.py, group by group."""
+        """The reference path: the vector loop of fl/harmonize.py, group by group."""
         out = torch.zeros(deltas.shape[1], dtype=deltas.dtype)
-        for (s, e), g in zip(groups, grams, strict=True):
+        for (s, e), g in zip(groups, grams.numpy(), strict=True):
             part = harmonize(deltas[:, s:e], psi, variant=self.variant, order=self.order,
                              seed=seed, method="direct")
             scale = self.server_lr
             if self.rescale:
-                target = float(psi @ g @ psi)
-                have = float(part.double().square().sum())
+                target = float(_quadratic_form(g[None], psi.numpy()[None])[0])
+                have = exact_dot(part, part)
                 scale *= math.sqrt(target / have) if have > 0 else 1.0
             out[s:e] = part.mul_(scale)
         return out if add_to is None else add_to.add_(out)
+
+
+def _quadratic_form(grams: np.ndarray, coef: np.ndarray) -> np.ndarray:
+    """c_gᵀ G_g c_g for every group g, summed in a fixed order."""
+    inner = ordered_sum(grams * coef[:, None, :], axis=2)  # (G c)_k
+    return ordered_sum(inner * coef, axis=1)

@@ -25,11 +25,17 @@ one permutation of range(K) per k, for k = 0..K−1 in turn, and visits it skipp
 draws one permutation of the lexicographic pair list.
 
 method "gram" (exact and fast): every ĝ_k lies in span{Δ_1..Δ_K}, ĝ_k = Σ_j C[k,j] Δ_j. The
-Gram matrix G = D Dᵀ is computed once; every inner product the rules need is a bilinear form
-in C and G (⟨ĝ_k, Δ_j⟩ = (C G)[k,j], ⟨ĝ_i, ĝ_j⟩ = C[i] G C[j]ᵀ), so the projections run on
-K x K float64 matrices, and the result is ONE weighted sum (wᵀC) D. Cost: one Gram matrix
-(a single pass over D) + O(K³) scalars + one pass over D. method "direct" is the plain vector
-loop, the reference "gram" must equal.
+Gram matrix G = D Dᵀ is computed once (fl/gram.py); every inner product the rules need is a
+bilinear form in C and G (⟨ĝ_k, Δ_j⟩ = (C G)[k,j], ⟨ĝ_i, ĝ_j⟩ = C[i] G C[j]ᵀ), so the
+projections run on K x K float64 matrices, and the result is ONE weighted sum (wᵀC) D. Cost: one
+Gram matrix (a single pass over D) + O(K³) scalars + one pass over D. The K x K arithmetic uses
+only correctly rounded elementwise operations and sums in a fixed order, so the coefficients,
+like the Gram matrix, have the same bits on every machine.
+
+method "direct" is the plain vector loop, the reference "gram" must equal within rounding (it
+rounds every projected vector to float32, which the Gram method never forms). Its inner products
+are `exact_dot` and its updates a separate multiply and subtract, so it too is reproducible
+across machines, though not bit-equal to "gram".
 """
 
 from __future__ import annotations
@@ -37,20 +43,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fedpose.fl.gram_native import native_gram, native_gram_kernel
+from fedpose.fl.gram import exact_dot, gram_matrix, ordered_sum, weighted_sum
 
 VARIANTS = ("pcgrad", "symmetric")
 ORDERS = ("index", "random")
 METHODS = ("gram", "direct")
 
-# Below this many elements the Gram matrix is computed in float64 (exact enough to serve as a
-# reference, and cheap); above it in float32 blocks summed in float64.
-_SMALL = 1 << 21
-# Columns per block of the batched-GEMM Gram product: enough blocks to share between the cores,
-# each long enough to keep the GEMM efficient.
-_BLOCK = 1 << 16
-# The direct loop's dot products: float32 within blocks of this many terms, float64 across.
-_DOT_BLOCK = 1 << 14
 # Symmetric rule: squared norm, relative to the largest ‖Δ_k‖², below which a harmonized vector
 # is numerically zero.
 _ZERO2 = 1e-10
@@ -63,66 +61,6 @@ def check_options(variant: str, order: str, method: str | None = None) -> None:
         raise ValueError(f"unknown projection order {order!r}; use one of {ORDERS}")
     if method is not None and method not in METHODS:
         raise ValueError(f"unknown harmonization method {method!r}; use one of {METHODS}")
-
-
-# ----------------------------------------------------------------------------------- Gram matrix
-def gram_matrix(deltas: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
-    """G = D Dᵀ as a (K, K) float64 tensor, in one pass over the (K, P) matrix D.
-
-    backend "torch": the columns are cut into blocks viewed as a batch, (B, K, L), and multiplied
-    with one batched GEMM. backend "native": a small C kernel that computes only the upper
-    triangle (see `native_gram_kernel`), about 1.5x faster at K = 16 on a 2-core AVX-512 CPU.
-    "auto" (the default) takes the native kernel when it is available and the input is a large
-    float32 CPU tensor, the exact float64 product for small inputs, and "torch" otherwise.
-    Either way: float32 products within a block of columns, float64 sums across blocks; strided
-    row views (e.g. the columns of one layer) are read in place, without a copy.
-    """
-    if backend not in ("auto", "torch", "native"):
-        raise ValueError(f"unknown Gram backend {backend!r}; use auto, torch or native")
-    k, p = deltas.shape
-    plain = deltas.stride(1) == 1 and deltas.dtype == torch.float32
-    if backend == "auto" and (k * p <= _SMALL or not plain):
-        d = deltas.to(torch.float64)
-        return d @ d.T
-    if backend != "torch" and plain and deltas.device.type == "cpu":
-        kernel = native_gram_kernel()
-        if kernel is not None:
-            return native_gram(kernel, deltas)
-    if backend == "native":
-        raise RuntimeError("the native Gram kernel needs a float32 CPU tensor with unit column "
-                           "stride and a C compiler (see native_gram_kernel)")
-    return _batched_gram(deltas)
-
-
-def _batched_gram(deltas: torch.Tensor) -> torch.Tensor:
-    p = deltas.shape[1]
-    blocks = p // _BLOCK
-    body = blocks * _BLOCK
-    gram = torch.zeros(deltas.shape[0], deltas.shape[0], dtype=torch.float64)
-    if blocks:
-        x = deltas[:, :body].unflatten(1, (blocks, _BLOCK)).transpose(0, 1)  # (B, K, L), a view
-        gram += torch.bmm(x, x.transpose(1, 2)).sum(0, dtype=torch.float64)
-    if body < p:
-        tail = deltas[:, body:]
-        gram += (tail @ tail.T).to(torch.float64)
-    return (gram + gram.T) / 2  # the GEMM may round G_ij and G_ji differently
-
-
-def cosine_from_gram(gram: torch.Tensor) -> torch.Tensor:
-    """Pairwise cosines from a Gram matrix; 0 wherever a vector is zero."""
-    norms = gram.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
-    outer = norms.unsqueeze(-1) * norms.unsqueeze(-2)
-    cos = torch.where(outer > 0, gram / torch.where(outer > 0, outer, 1.0), 0.0)
-    return cos.clamp(-1.0, 1.0)
-
-
-def conflict_share(cosine: torch.Tensor, tau: float = 0.0) -> float:
-    """Share of client pairs i < j with cos(Δ_i, Δ_j) < tau (0.0 with fewer than two clients)."""
-    k = cosine.shape[-1]
-    if k < 2:
-        return 0.0
-    iu = torch.triu_indices(k, k, offset=1)
-    return float((cosine[iu[0], iu[1]] < tau).double().mean())
 
 
 # ----------------------------------------------------------------------------------- visit orders
@@ -191,9 +129,9 @@ def _symmetric_coefficients(g: np.ndarray, pairs: list[tuple[int, int]]) -> np.n
     b = g.copy()  # b = C G, so <ĝ_i, ĝ_j> = b[i] · c[j]
     zero = _ZERO2 * np.diagonal(g, axis1=-2, axis2=-1).max(-1, initial=0.0)
     for i, j in pairs:
-        dot = (b[..., i, :] * c[..., j, :]).sum(-1)
-        ni = (b[..., i, :] * c[..., i, :]).sum(-1)
-        nj = (b[..., j, :] * c[..., j, :]).sum(-1)
+        dot = ordered_sum(b[..., i, :] * c[..., j, :])
+        ni = ordered_sum(b[..., i, :] * c[..., i, :])
+        nj = ordered_sum(b[..., j, :] * c[..., j, :])
         hit = (dot < 0) & (ni > zero) & (nj > zero)
         ai = np.where(hit, dot / np.where(nj > 0, nj, 1.0), 0.0)[..., None]
         aj = np.where(hit, dot / np.where(ni > 0, ni, 1.0), 0.0)[..., None]
@@ -228,56 +166,44 @@ def harmonize(
     if method == "gram":
         if gram is None:
             gram = gram_matrix(deltas)
-        c = projection_coefficients(gram, variant=variant, order=order, seed=seed)
-        coef = (weights @ c).to(deltas.dtype)
-        if add_to is None:
-            return torch.mv(deltas.T, coef)
-        return torch.addmv(add_to, deltas.T, coef, out=add_to)
+        c = projection_coefficients(gram, variant=variant, order=order, seed=seed).numpy()
+        coef = ordered_sum(weights.numpy()[:, None] * c, axis=0)  # (wᵀC)_j in a fixed order
+        return weighted_sum(deltas, torch.from_numpy(coef), add_to)
     if variant == "pcgrad":
         return _direct_pcgrad(deltas, weights, visit_orders(len(deltas), order, seed), add_to)
     return _direct_symmetric(deltas, weights, pair_order(len(deltas), order, seed), add_to)
 
 
-def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
-    """<a, b> with float64 sums across blocks of 16384 terms: a single float32 sum over tens of
-    millions of terms (e.g. a squared norm) drifts by ~1e-5, which the reference must not."""
-    n = a.numel()
-    blocks = n // _DOT_BLOCK
-    if blocks < 2 or not (a.is_contiguous() and b.is_contiguous()):
-        return float(torch.dot(a.double(), b.double()))
-    body = blocks * _DOT_BLOCK
-    total = torch.bmm(a[:body].view(blocks, 1, -1), b[:body].view(blocks, -1, 1)).sum(
-        dtype=torch.float64)
-    if body < n:
-        total += torch.dot(a[body:].double(), b[body:].double())
-    return float(total)
+def _sub_multiple_(g: torch.Tensor, a: float, x: torch.Tensor, tmp: torch.Tensor) -> None:
+    """g −= a · x as a multiply and a subtract, each rounded once (no fused multiply-add)."""
+    torch.mul(x, a, out=tmp)
+    g.sub_(tmp)
 
 
 def _direct_pcgrad(deltas, weights, orders, add_to):
     out = torch.zeros(deltas.shape[1], dtype=deltas.dtype) if add_to is None else add_to
-    norm2 = [_dot(d, d) for d in deltas]
-    g = torch.empty_like(deltas[0])
+    norm2 = [exact_dot(d, d) for d in deltas]
+    g, tmp = torch.empty_like(deltas[0]), torch.empty_like(deltas[0])
     for k, visits in enumerate(orders):
         g.copy_(deltas[k])
         for j in visits:
-            dot = _dot(g, deltas[j])
+            dot = exact_dot(g, deltas[j])
             if dot < 0 and norm2[j] > 0:
-                g.add_(deltas[j], alpha=-dot / norm2[j])
-        out.add_(g, alpha=float(weights[k]))
+                _sub_multiple_(g, dot / norm2[j], deltas[j], tmp)
+        torch.mul(g, float(weights[k]), out=tmp)
+        out.add_(tmp)
     return out
 
 
 def _direct_symmetric(deltas, weights, pairs, add_to):
     g = deltas.clone()
-    zero = _ZERO2 * max((_dot(d, d) for d in deltas), default=0.0)
+    tmp = torch.empty_like(deltas[0])
+    zero = _ZERO2 * max((exact_dot(d, d) for d in deltas), default=0.0)
     for i, j in pairs:
-        dot = _dot(g[i], g[j])
-        ni, nj = _dot(g[i], g[i]), _dot(g[j], g[j])
+        dot = exact_dot(g[i], g[j])
+        ni, nj = exact_dot(g[i], g[i]), exact_dot(g[j], g[j])
         if dot < 0 and ni > zero and nj > zero:
             gi = g[i].clone()
-            g[i].add_(g[j], alpha=-dot / nj)
-            g[j].add_(gi, alpha=-dot / ni)
-    coef = weights.to(deltas.dtype)
-    if add_to is None:
-        return torch.mv(g.T, coef)
-    return torch.addmv(add_to, g.T, coef, out=add_to)
+            _sub_multiple_(g[i], dot / nj, g[j], tmp)
+            _sub_multiple_(g[j], dot / ni, gi, tmp)
+    return weighted_sum(g, weights, add_to)
