@@ -188,3 +188,41 @@ def test_every_strategy_same_bits_on_other_instruction_sets():
     native = _digests_in_child({"OMP_NUM_THREADS": "2"})
     assert portable["digests"] == here
     assert native["digests"] == here
+
+
+@pytest.mark.parametrize("method", ["fedaw", "fedgh"])
+def test_tiny_run_same_final_weights_whatever_the_aggregation_path(
+        tmp_path, synth_dir, monkeypatch, threads, method):
+    """Clients train on one thread in both runs (training itself is not reproducible across
+    thread counts); the server aggregates on 1 thread with the GEMM in one run, on 2 threads
+    with the pairwise path and small blocks in the other."""
+    from fedtiny import tiny_config
+
+    from fedpose.engine.local import run_local
+    from fedpose.fl.server import FederatedServer
+
+    threads(1)
+    real = FederatedServer.aggregate
+
+    def aggregate_with(n: int):
+        def aggregate(self, replies, staleness):
+            torch.set_num_threads(n)
+            try:
+                return real(self, replies, staleness)
+            finally:
+                torch.set_num_threads(1)
+        return aggregate
+
+    first = run_local(tiny_config(tmp_path, synth_dir, "name=gemm", f"fed.method={method}",
+                                  "fed.rounds=3"))
+    monkeypatch.setattr(FederatedServer, "aggregate", aggregate_with(2))
+    pairwise = functools.partial(gram_module.gram_matrix, path="pairwise", block=1000)
+    for module in (fedaw_module, fedgh_module, harmonize_module):
+        monkeypatch.setattr(module, "gram_matrix", pairwise)
+    second = run_local(tiny_config(tmp_path, synth_dir, "name=pairwise", f"fed.method={method}",
+                                   "fed.rounds=3"))
+    assert first.weights.keys() == second.weights.keys()
+    assert all(torch.equal(first.weights[n], second.weights[n]) for n in first.weights)
+    rows = [json.loads(line) for line in
+            (tmp_path / "runs" / "gemm" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["gram"]["path"] == "fixed-point int64" and rows[-1]["gram"]["bits"] >= 15
