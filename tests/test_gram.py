@@ -198,7 +198,7 @@ def test_tiny_run_same_final_weights_whatever_the_aggregation_path(
     with the pairwise path and small blocks in the other."""
     from fedtiny import tiny_config
 
-    from fedpose.engine.local import run_local
+    from fedpose.engine.runner import run_federation
     from fedpose.fl.server import FederatedServer
 
     threads(1)
@@ -213,14 +213,14 @@ def test_tiny_run_same_final_weights_whatever_the_aggregation_path(
                 torch.set_num_threads(1)
         return aggregate
 
-    first = run_local(tiny_config(tmp_path, synth_dir, "name=gemm", f"fed.method={method}",
-                                  "fed.rounds=3"))
+    first = run_federation(tiny_config(tmp_path, synth_dir, "name=gemm",
+                                       f"fed.method={method}", "fed.rounds=3"))
     monkeypatch.setattr(FederatedServer, "aggregate", aggregate_with(2))
     pairwise = functools.partial(gram_module.gram_matrix, path="pairwise", block=1000)
     for module in (fedaw_module, fedgh_module, harmonize_module):
         monkeypatch.setattr(module, "gram_matrix", pairwise)
-    second = run_local(tiny_config(tmp_path, synth_dir, "name=pairwise", f"fed.method={method}",
-                                   "fed.rounds=3"))
+    second = run_federation(tiny_config(tmp_path, synth_dir, "name=pairwise",
+                                        f"fed.method={method}", "fed.rounds=3"))
     assert first.weights.keys() == second.weights.keys()
     assert all(torch.equal(first.weights[n], second.weights[n]) for n in first.weights)
     rows = [json.loads(line) for line in
