@@ -54,14 +54,14 @@ def test_deadline_skips_slow_clients_but_never_stalls():
     assert s.select([1, 3], 0, [1] * 4, times.__getitem__) == [1]  # the fastest of the slow
 
 
-def test_utility_explores_unseen_then_prefers_high_loss_times_size():
+def test_utility_explores_unseen_then_prefers_high_loss_times_samples():
     s = Selector("utility", per_round=2, seed=0, explore=0.0)
     sizes = [100, 100, 400, 100]
     first = s.select([0, 1, 2, 3], 0, sizes, lambda k: 1.0)
     assert len(first) == 2  # all unseen: infinite utility, ties broken by id
     for k, loss in {0: 0.5, 1: 2.0, 2: 0.6, 3: 0.1}.items():
         s.observe(k, loss)
-    # utilities: 0.5*10=5, 2.0*10=20, 0.6*20=12, 0.1*10=1
+    # Oort's |B_k| · sqrt(mean loss²), the squared mean standing in: 50, 200, 240, 10
     assert s.select([0, 1, 2, 3], 1, sizes, lambda k: 1.0) == [1, 2]
     s.observe(3, float("nan"))  # a NaN loss is ignored, not stored
     assert s.last_loss[3] == 0.1

@@ -98,10 +98,15 @@ class FedConfig:
     concurrency: int = 4  # clients training at once in async mode
     buffer_size: int = 2  # M: aggregate once this many updates are buffered
     staleness_exponent: float = 0.5  # a in (1 + s)^-a
+    # FedBuff steps by (1/M) sum s_k delta_k, so a stale buffer moves the model less; true divides
+    # by the sum of the discounts instead (the discount then only reweights the buffer)
+    staleness_renormalise: bool = False
     # dynamic client selection
     selection: str = "random"  # random | deadline | utility
     deadline: float = 0.0  # seconds of simulated round time; 0 = no deadline
-    utility_explore: float = 0.1  # share of picks spent exploring rarely seen clients
+    utility_explore: float = 0.1  # Oort's epsilon: share of picks exploring (>= 1 pick when > 0)
+    utility_round_time: float = 0.0  # Oort's preferred round time T; 0 = median of the candidates
+    utility_penalty: float = 2.0  # Oort's alpha in (T / t_k)^alpha for clients slower than T
     # a target PCK for time-to-accuracy reports (0 = none)
     target_pck: float = 0.0
     # failures: a round in which every selected client fails is run again this many times, then

@@ -19,6 +19,7 @@ from fedpose.model.io import MODEL_FILE, load_checkpoint, run_identity, save_che
 from fedpose.model.optim import make_optimizer
 from fedpose.model.pose_resnet import build_model, load_pretrained
 from fedpose.model.train_step import TrainStep
+from fedpose.provenance import runtime_info
 
 LOSS_READ_EVERY = 16  # training steps between reads of the loss (each read syncs a GPU)
 
@@ -73,7 +74,8 @@ def train_centralized(cfg: Config, resume: bool = False, console: Console | None
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         metrics_path.unlink(missing_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    (run_dir / "config.json").write_text(json.dumps({**cfg.to_dict(), "runtime": runtime_info()},
+                                                       indent=2))
 
     # one loader for every epoch: its worker processes start once
     loader = make_epochs_loader(dataset, cfg.train.batch_size, shuffle=True, seed=cfg.seed,

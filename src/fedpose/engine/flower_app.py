@@ -204,7 +204,9 @@ _AVERAGED = "averaged/"  # name prefix of the averaged tensors in a reply's pack
 def reply_to_content(reply: TrainReply, timing: dict[str, float] | None = None) -> RecordDict:
     content = RecordDict({
         "metrics": MetricRecord({"num-examples": int(reply.num_samples),
-                                 "train-loss": float(reply.train_loss), "steps": int(reply.steps),
+                                 "train-loss": float(reply.train_loss),
+                                 "train-loss-sq": float(reply.train_loss_sq),
+                                 "steps": int(reply.steps),
                                  "seconds": float(reply.seconds), **(timing or {})}),
         "config": ConfigRecord({"client-id": reply.client_id, "version": reply.version,
                                 "error": reply.error or ""}),
@@ -226,6 +228,7 @@ def content_to_reply(content: RecordDict) -> TrainReply:
         averaged={name[len(_AVERAGED):]: t for name, t in update.items()
                   if name.startswith(_AVERAGED)},
         train_loss=float(metrics["train-loss"]),
+        train_loss_sq=float(metrics.get("train-loss-sq", float("nan"))),
         steps=int(metrics["steps"]),
         seconds=float(metrics["seconds"]),
         error=str(cfg["error"]) or None,

@@ -16,6 +16,7 @@ from fedpose.engine.federation import build_federation
 from fedpose.engine.local import LocalTransport
 from fedpose.fl.server import FederatedServer
 from fedpose.model.io import MODEL_FILE, save_model
+from fedpose.provenance import runtime_info
 
 
 def prepare_run_dir(cfg: Config, resume: bool) -> Path:
@@ -29,7 +30,8 @@ def prepare_run_dir(cfg: Config, resume: bool) -> Path:
             elif p.exists():
                 p.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    (run_dir / "config.json").write_text(json.dumps({**cfg.to_dict(), "runtime": runtime_info()},
+                                                   indent=2))
     return run_dir
 
 

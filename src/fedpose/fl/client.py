@@ -100,6 +100,7 @@ def local_train(
         # clones: on the CPU .cpu() aliases the model's buffers, which the next client overwrites
         averaged={n: trained[n].clone() for n in layout.avg_names},
         train_loss=float(np.mean(losses)) if losses else math.nan,
+        train_loss_sq=float(np.mean(np.square(losses))) if losses else math.nan,
         steps=len(losses),
         seconds=time.perf_counter() - started,
     )

@@ -29,6 +29,9 @@ class TrainReply:
     delta: torch.Tensor | None = None  # flat (P,) float32: w_client - w_base over layout.agg_names
     averaged: dict[str, torch.Tensor] = field(default_factory=dict)  # layout.avg_names values
     train_loss: float = float("nan")
+    # mean of the squared batch losses: Oort's statistical utility sqrt(mean loss²) without
+    # keeping per-sample losses
+    train_loss_sq: float = float("nan")
     steps: int = 0
     seconds: float = 0.0  # wall-clock compute time on the client
     error: str | None = None  # set when the client failed; the server drops the reply

@@ -7,10 +7,17 @@ same numbers, and a resumed run continues bit for bit.
 
 Synchronous mode: each round the selected clients train from the current model; the round takes
 as long as its slowest client (or the timeout, when one drops out).
-Asynchronous mode (FedBuff-style): up to `concurrency` clients train at once, each from the
-version it was sent; whenever `buffer_size` updates have arrived the server aggregates them, each
-weighted by (1 + staleness)^−a, and immediately hands the freed slots new work. Arrival order
-follows the simulated clock, so it is reproducible on every transport.
+Asynchronous mode (FedBuff, Nguyen et al. 2022): up to `concurrency` clients train at once, each
+from the version it was sent; whenever `buffer_size` (M) updates have arrived the server
+aggregates them and immediately hands the freed slots new work, to the idle clients that waited
+longest (ties in seeded order) or, under `utility`, by Oort's ranking. Arrival order follows the
+simulated clock, so it is reproducible on every transport. A client that replied twice is in the
+buffer twice, and each reply gets its own weight.
+
+Staleness: reply k counts n_k (1 + s_k)^−a in the strategy's weights, and the strategy's update
+is scaled by Σ n_k (1 + s_k)^−a / Σ n_k. For FedAvg that is FedBuff's step Σ_k (n_k/n) s(τ_k) Δ_k
+((1/M) Σ s(τ_k) Δ_k with equal n_k), not renormalised: a stale buffer moves the model less.
+`fed.staleness_renormalise` drops the scaling. In synchronous rounds every discount is 1.
 """
 
 from __future__ import annotations
@@ -77,6 +84,7 @@ class ServerState:
     norms: list[float] = field(default_factory=list)  # recently accepted update norms
     updates_applied: int = 0  # aggregations that changed the model
     futile: int = 0  # async: arrivals in a row that brought no usable update
+    last_turn: dict[int, int] = field(default_factory=dict)  # async: client -> its last dispatch
 
 
 class FederationError(RuntimeError):
@@ -107,7 +115,7 @@ class FederatedServer:
         fed = cfg.fed
         self.system = SystemModel(cfg.system, fed.num_clients, cfg.seed)
         self.selector = Selector(fed.selection, fed.clients_per_round, cfg.seed, fed.deadline,
-                                 fed.utility_explore)
+                                 fed.utility_explore, fed.utility_round_time, fed.utility_penalty)
         self.state = ServerState(strategy=strategy.initial_state())
         self.model_bytes = sum(t.numel() * t.element_size() for t in weights.values())
 
@@ -137,13 +145,19 @@ class FederatedServer:
         """Apply one aggregation of sound replies (sorted by client id) to the global model."""
         replies = sorted(replies, key=lambda r: r.client_id)
         a = self.cfg.fed.staleness_exponent
-        counts = torch.tensor([r.num_samples * (1.0 + s) ** (-a) for r, s in
-                               zip(replies, staleness, strict=True)], dtype=torch.float64)
+        samples = torch.tensor([float(r.num_samples) for r in replies], dtype=torch.float64)
+        discount = torch.tensor([(1.0 + s) ** (-a) for s in staleness], dtype=torch.float64)
+        counts = samples * discount
+        step = 1.0
+        if not self.cfg.fed.staleness_renormalise and float(samples.sum()) > 0:
+            step = float(counts.sum() / samples.sum())
         deltas = torch.stack([r.delta for r in replies])
         inputs = RoundInput(deltas=deltas, counts=counts, client_ids=[r.client_id for r in replies],
                             num_clients=self.cfg.fed.num_clients, slices=self.layout.slices)
         t0 = time.perf_counter()
         result = self.strategy.aggregate(inputs, self.state.strategy)
+        if step != 1.0:
+            result.update.mul_(step)
         unflatten_add_(self.weights, self.layout, result.update)
         if self.layout.avg_names:
             self.weights.update(weighted_average([r.averaged for r in replies],
@@ -161,6 +175,8 @@ class FederatedServer:
         self.state.strategy = result.state
         diag = dict(result.diagnostics)
         diag["agg_seconds"] = agg_seconds
+        if step != 1.0:
+            diag["staleness_step"] = step
         return diag
 
     # ----------------------------------------------------------------------------- the loops
@@ -211,7 +227,7 @@ class FederatedServer:
         arrived = [self.transport.receive(k) for k in selected if k not in dropped]
         replies, rejected = self._accept(arrived)
         for reply in replies:
-            self.selector.observe(reply.client_id, reply.train_loss)
+            self.selector.observe(reply.client_id, reply.train_loss, reply.train_loss_sq)
         times = [self.expected_time(r.client_id) for r in replies]
         waited = self.timeout() if (dropped or rejected) else 0.0
         self.state.clock += max(times + [waited, 0.0])
@@ -274,7 +290,7 @@ class FederatedServer:
                     first_failure = first_failure or f"client {k}: {why}"
                 for reply in accepted:
                     st.buffer.append(reply)
-                    self.selector.observe(job.client_id, reply.train_loss)
+                    self.selector.observe(job.client_id, reply.train_loss, reply.train_loss_sq)
             st.futile = 0 if accepted else st.futile + 1
             if st.futile >= patience:
                 raise FederationError(
@@ -307,10 +323,11 @@ class FederatedServer:
         if slots > 0:
             idle = [k for k in self.system.available(st.dispatched) if k not in busy]
             picks = self.selector.select(idle, st.dispatched, self.client_sizes,
-                                         self.expected_time)[:slots]
+                                         self.expected_time, m=slots, last_turn=st.last_turn)
             for k in picks:
                 seq = st.dispatched
                 st.dispatched += 1
+                st.last_turn[k] = seq
                 dropped = self.system.drops(seq, k)
                 finish = st.clock + (self.timeout() if dropped else self.expected_time(k))
                 st.pending.append(Pending(k, st.round, seq, finish, dropped))

@@ -13,6 +13,11 @@ costs one Gram matrix and one weighted sum, and gets the conflict share for free
 after the Gram matrix is scalar float64 arithmetic with exactly rounded sums (math.fsum) and
 exactly computed acos/exp (fl/gram.py), so ψ has the same bits on every machine. The state is
 JSON-friendly: {"theta": {str(client id): [running mean, rounds seen]}}.
+
+One weight per reply: an asynchronous buffer can hold several replies of one client. Each reply
+keeps its own row (its own Δ_k and n_k), but the running mean advances once per aggregation, by
+the mean of that client's angles in it, and every reply of the client uses the resulting θ̃_k. So
+equal replies get equal weights, and the order of replies inside a buffer does not matter.
 """
 
 from __future__ import annotations
@@ -60,14 +65,16 @@ def fedadp_weights(
         denom = math.sqrt(max(g[k][k], 0.0)) * mean_norm
         cos = min(max(v / denom, -1.0), 1.0) if denom > 0 else 0.0
         theta.append(det_acos(cos))
-    new_state = dict(theta_state)
-    smoothed = []
+    angles: dict[str, list[float]] = {}
     for cid, th in zip(client_ids, theta, strict=True):
-        mean, seen = new_state.get(str(cid), [0.0, 0])
+        angles.setdefault(str(cid), []).append(th)
+    new_state = dict(theta_state)
+    for key, values in angles.items():
+        mean, seen = new_state.get(key, [0.0, 0])
         seen += 1
-        mean += (th - mean) / seen
-        new_state[str(cid)] = [mean, seen]
-        smoothed.append(mean)
+        mean += (math.fsum(values) / len(values) - mean) / seen
+        new_state[key] = [mean, seen]
+    smoothed = [new_state[str(cid)][0] for cid in client_ids]
     f = [gompertz(th, alpha) for th in smoothed]
     if math.fsum(n) <= 0:
         n = [1.0] * len(n)
