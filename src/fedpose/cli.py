@@ -1,5 +1,5 @@
-"""fedpose command line: train, run, compare, eval, predict, export, score, data, bench,
-flower-demo, flower-sim, flower-config.
+"""fedpose command line: train, run, compare, report, eval, predict, export, score, data,
+bench, flower-demo, flower-sim, flower-config.
 
 Argument parsing and printing live here; the library raises exceptions and returns values.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
 import sys
 from pathlib import Path
 
@@ -93,30 +94,86 @@ def _variants(args) -> list[tuple[str, list[str]]]:
 
 
 def cmd_compare(args) -> int:
+    from fedpose.engine.parallel import Job, run_jobs
     from fedpose.engine.runner import run_federation
     from fedpose.metrics.log import read_metrics
-    from fedpose.report.compare import build_report
+    from fedpose.report.experiment import load_arms, write_report
 
     base = load_config(args.config, args.overrides)
     name = args.name or base.name
-    seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
-    runs: dict[str, list[Path]] = {}
+    seeds = _seeds(args.seeds)
+    run_dirs: list[Path] = []
+    jobs: list[Job] = []
     for label, sets in _variants(args):
         for seed in seeds:
-            cfg = load_config(args.config, args.overrides + sets + [
-                f"seed={seed}", f"name={name}/{label}-s{seed}"])
+            run_sets = args.overrides + sets + [f"seed={seed}", f"name={name}/{label}-s{seed}"]
+            cfg = load_config(args.config, run_sets)
+            run_dirs.append(cfg.run_dir)
             rows = read_metrics(cfg.run_dir)
-            done = rows and rows[-1]["round"] >= cfg.fed.rounds
-            if args.resume and done:
+            if args.resume and rows and rows[-1]["round"] >= cfg.fed.rounds:
                 console.print(f"{cfg.name}: finished earlier, kept")
+                continue
+            # a run killed before its first checkpoint resumes by starting over
+            resume = args.resume
+            if args.jobs > 1:
+                cli_args = ["run", args.config, *(a for x in run_sets for a in ("-c", x))]
+                jobs.append(Job(cfg.name, cli_args + (["--resume"] if resume else []),
+                                cfg.run_dir.parent / f"{label}-s{seed}.log"))
             else:
-                run_federation(cfg, resume=args.resume, console=console)
-            runs.setdefault(label, []).append(cfg.run_dir)
-    report = build_report(runs, base.run_dir.parent / name, f"fedpose compare: {name}",
-                          target_pck=base.fed.target_pck)
-    console.print(report.read_text().split("![")[0])
+                run_federation(cfg, resume=resume, console=console)
+    if jobs:
+        console.print(f"{len(jobs)} runs in {min(args.jobs, len(jobs))} processes, one thread "
+                      "each; logs beside the run directories")
+
+        def done(job: Job, code: int, seconds: float) -> None:
+            state = "done" if code == 0 else f"FAILED (exit {code}, see {job.log})"
+            console.print(f"{job.name}: {state} in {seconds:.0f} s")
+
+        codes = run_jobs(jobs, args.jobs, done)
+        failed = [n for n, c in codes.items() if c != 0]
+        if failed:
+            err_console.print(f"error: {len(failed)} run(s) failed: {', '.join(failed)}",
+                              markup=False, highlight=False)
+            return 1
+    arms = load_arms(run_dirs)
+    command = args.command_line
+    report = write_report(arms, base.run_dir.parent / name, f"fedpose compare: {name}",
+                          baselines=tuple(_split(args.baselines)), command=command,
+                          produced_by=command, target_pck=base.fed.target_pck)
+    console.print(report.read_text().split("## Curves")[0], markup=False, highlight=False)
     console.print(f"report: {report}")
     return 0
+
+
+def cmd_report(args) -> int:
+    from fedpose.report.experiment import load_arms, write_report
+
+    arms = load_arms([Path(p) for p in args.runs])
+    notes = Path(args.notes).read_text() if args.notes else ""
+    report = write_report(arms, Path(args.out), args.title,
+                          baselines=tuple(_split(args.baselines)),
+                          command=args.command_line,
+                          produced_by=args.produced_by or "", notes=notes,
+                          target_pck=args.target_pck)
+    console.print(report.read_text().split("## Curves")[0], markup=False, highlight=False)
+    console.print(f"report: {report}")
+    return 0
+
+
+def _split(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _seeds(text: str) -> list[int]:
+    """'0,1,2' or '0-9' (or a mix: '0-4,7')."""
+    seeds: list[int] = []
+    for part in _split(str(text)):
+        lo, dash, hi = part.partition("-")
+        try:
+            seeds += list(range(int(lo), int(hi) + 1)) if dash else [int(part)]
+        except ValueError:
+            raise ConfigError(f"--seeds {text!r}: expected e.g. 0,1,2 or 0-9") from None
+    return seeds
 
 
 def cmd_eval(args) -> int:
@@ -413,10 +470,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=METHODS)
     p.add_argument("--variant", action="append", default=[], metavar="LABEL:KEY=VALUE;...",
                    help="compare named config variants instead of --methods (repeatable)")
-    p.add_argument("--seeds", default="0")
+    p.add_argument("--seeds", default="0", help="paired seeds: 0,1,2 or 0-9")
     p.add_argument("--name", default=None, help="report name (default: the config's name)")
     p.add_argument("--resume", action="store_true", help="keep finished runs, resume the rest")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="run N seeds/methods at once in worker processes (OMP_NUM_THREADS=1)")
+    p.add_argument("--baselines", default="fedavg,fedaw",
+                   help="labels that paired differences are taken against")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("report", help="regenerate a comparison report from run directories")
+    p.add_argument("runs", nargs="+", metavar="RUNS_DIR",
+                   help="run directories, or folders of LABEL-s<seed> run directories")
+    p.add_argument("--out", required=True, help="output folder, or a .md file name")
+    p.add_argument("--title", default="fedpose comparison")
+    p.add_argument("--baselines", default="fedavg,fedaw",
+                   help="labels that paired differences are taken against")
+    p.add_argument("--produced-by", default="", help="the command that made the runs")
+    p.add_argument("--notes", default=None, help="a markdown file inserted after the setting")
+    p.add_argument("--target-pck", type=float, default=0.0,
+                   help="add time-to-target-PCK columns (simulated seconds)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on its dataset's test split")
     p.add_argument("checkpoint")
@@ -560,6 +634,8 @@ def _add_flower_run(p: argparse.ArgumentParser, rounds: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # reports name the command that wrote them
+    args.command_line = shlex.join(["fedpose", *(sys.argv[1:] if argv is None else argv)])
     try:
         return args.func(args)
     except (DatasetError, ConfigError, ToolError, OSError, ValueError) as e:

@@ -1,0 +1,330 @@
+"""A comparison report regenerated from run directories: what `fedpose compare` and
+`fedpose report` write.
+
+Runs are grouped into arms by their directory name (`LABEL-s<seed>`; the seed comes from the
+run's config.json). Each run is scored by the tail mean of stats.py; the report gives per-joint
+tables (mean ± std over seeds), paired differences to the baseline arms with 95 % intervals, and
+curves with seed bands. Runs that stopped before their configured rounds are listed, not scored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from fedpose.metrics.log import read_metrics
+from fedpose.report.stats import (
+    TAIL,
+    mean_std,
+    paired_difference,
+    tail_mean,
+    tail_rows,
+    tail_window,
+)
+
+_SEED_SUFFIX = re.compile(r"^(?P<label>.+)-s(?P<seed>\d+)$")
+
+
+@dataclass
+class Run:
+    path: Path
+    label: str
+    seed: int
+    config: dict
+    rows: list[dict]
+
+    @property
+    def total_rounds(self) -> int:
+        return int(self.config.get("fed", {}).get("rounds", 0)) or self.last_round
+
+    @property
+    def last_round(self) -> int:
+        return max((r["round"] for r in self.rows), default=0)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.rows) and self.last_round >= self.total_rounds
+
+
+@dataclass
+class Arm:
+    label: str
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def complete_runs(self) -> list[Run]:
+        return sorted((r for r in self.runs if r.complete), key=lambda r: r.seed)
+
+    def scores(self, key: str = "pck_mean") -> dict[int, float]:
+        out = {}
+        for run in self.complete_runs:
+            value = tail_mean(run.rows, run.total_rounds, key)
+            if value is not None:
+                out[run.seed] = value
+        return out
+
+    def joint_scores(self, joint: str) -> list[float]:
+        values = []
+        for run in self.complete_runs:
+            picked = [r["pck_per_joint"][joint] for r in tail_rows(run.rows, run.total_rounds)
+                      if joint in (r.get("pck_per_joint") or {})]
+            if picked:
+                values.append(float(np.mean(picked)))
+        return values
+
+
+def _run_dirs(path: Path) -> list[Path]:
+    if (path / "metrics.jsonl").exists():
+        return [path]
+    return sorted(p for p in path.iterdir() if p.is_dir() and (p / "metrics.jsonl").exists())
+
+
+def load_arms(paths: list[Path]) -> dict[str, Arm]:
+    """Arms by label, from run directories or folders of run directories, in first-seen order."""
+    arms: dict[str, Arm] = {}
+    for path in paths:
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: no such run directory")
+        dirs = _run_dirs(path)
+        if not dirs:
+            raise FileNotFoundError(f"{path}: no run directories (metrics.jsonl) inside")
+        for d in dirs:
+            config_path = d / "config.json"
+            config = json.loads(config_path.read_text()) if config_path.exists() else {}
+            m = _SEED_SUFFIX.match(d.name)
+            label = m["label"] if m else d.name
+            seed = int(config.get("seed", m["seed"] if m else 0))
+            arms.setdefault(label, Arm(label)).runs.append(Run(d, label, seed, config,
+                                                               read_metrics(d)))
+    return arms
+
+
+# ----------------------------------------------------------------------------------- the report
+def _pm(mean: float, std: float, digits: int = 2) -> str:
+    if math.isnan(mean):
+        return "–"
+    if math.isnan(std):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _signed(x: float) -> str:
+    return "–" if math.isnan(x) else f"{x:+.2f}"
+
+
+def _setting(arms: dict[str, Arm]) -> list[str]:
+    runs = [r for a in arms.values() for r in a.runs]
+    cfg = runs[0].config if runs else {}
+    if not cfg:
+        return []
+    d, m, f, t = (cfg.get(k, {}) for k in ("data", "model", "fed", "train"))
+    work = (f"{f.get('local_steps')} local batches of {t.get('batch_size')}"
+            if f.get("local_steps") else f"{f.get('local_epochs')} local epoch(s)")
+    partition = f.get("partition")
+    if partition in ("attribute", "dirichlet"):
+        partition += f" by {f.get('partition_attr')}"
+    if partition == "dirichlet":
+        partition += f" (α = {f.get('dirichlet_alpha')})"
+    runtime = cfg.get("runtime", {})
+    lines = [f"Setting: {d.get('dataset')} ({d.get('root')}), {f.get('num_clients')} clients "
+             f"split {partition}, {f.get('mode')} mode, PoseResNet-{m.get('depth')} width "
+             f"{m.get('width')} at {d.get('input_size')}×{d.get('input_size')}, {work} per round, "
+             f"{f.get('rounds')} rounds, evaluated every {f.get('eval_every')} round(s)."]
+    if runtime:
+        lines.append(f"Runtime (first run's config.json): {runtime.get('torch_threads')} torch "
+                     f"thread(s), Gram path {runtime.get('gram_path')}, torch "
+                     f"{runtime.get('torch')}, {runtime.get('machine')}.")
+    return lines
+
+
+def write_report(arms: dict[str, Arm], out_dir: Path, title: str, *,
+                 baselines: tuple[str, ...] = ("fedavg", "fedaw"), command: str = "",
+                 produced_by: str = "", commit: str | None = None, notes: str = "",
+                 target_pck: float = 0.0) -> Path:
+    """Write report.md (or the name out_dir ends in, when it ends in .md), PNG curves beside it
+    and summary.json; returns the markdown path."""
+    out_dir = Path(out_dir)
+    md_path = out_dir if out_dir.suffix == ".md" else out_dir / "report.md"
+    out_dir = md_path.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prefix = "" if md_path.name == "report.md" else md_path.stem + "_"
+    commits = sorted({r.config.get("runtime", {}).get("commit") or "" for a in arms.values()
+                      for r in a.runs} - {""})
+    commit_text = commit or (", ".join(commits) if commits else "not recorded")
+
+    lines = [f"# {title}", ""]
+    if produced_by:
+        lines.append(f"Runs made by: `{produced_by}`  ")
+    if command:
+        lines.append(f"Report made by: `{command}`  ")
+    lines.append(f"Code: commit {commit_text}")
+    lines.append("")
+    lines += _setting(arms)
+    total = max((r.total_rounds for a in arms.values() for r in a.runs), default=0)
+    first, last = tail_window(total) if total else (0, 0)
+    lines += ["", "Score of a run, fixed in advance: the mean PCK over its evaluations in the "
+              f"last {TAIL:.0%} of its rounds (rounds {first}–{last} of {total}), never the best "
+              "round. Seeds are paired: the same seed gives every method the same partition, "
+              "data order and initial model.", ""]
+    if notes:
+        lines += [notes, ""]
+
+    joints = _joints(arms)
+    lines += ["## PCK per joint (mean ± std over seeds)", "",
+              "| " + " | ".join(["method", "seeds", *joints, "mean PCK"]) + " |",
+              "|---" * (len(joints) + 3) + "|"]
+    summary: dict = {"metric": f"mean PCK over the evaluations in rounds {first}-{last}",
+                     "arms": {}, "differences": {}}
+    for label, arm in arms.items():
+        scores = arm.scores()
+        mean, std = mean_std(list(scores.values()))
+        per_joint = [_pm(*mean_std(arm.joint_scores(j))) for j in joints]
+        lines.append(f"| {label} | {len(scores)} | " + " | ".join(per_joint)
+                     + f" | {_pm(mean, std)} |")
+        summary["arms"][label] = {"seeds": sorted(scores), "scores": scores, "mean": mean,
+                                  "std": std}
+
+    lines += _differences(arms, baselines, summary)
+    if target_pck > 0:
+        lines += _time_to_target(arms, target_pck)
+    lines += _figures(arms, out_dir, prefix)
+
+    incomplete = [r for a in arms.values() for r in a.runs if not r.complete]
+    lines += ["", "## Runs", ""]
+    for label, arm in arms.items():
+        seeds = ", ".join(str(r.seed) for r in arm.complete_runs) or "none"
+        lines.append(f"- {label}: seeds {seeds} ({arm.runs[0].path.parent})")
+    for r in incomplete:
+        lines.append(f"- not scored, stopped at round {r.last_round} of {r.total_rounds}: "
+                     f"{r.path.name}")
+    lines.append("")
+    md_path.write_text("\n".join(lines))
+    (out_dir / f"{prefix}summary.json").write_text(json.dumps(summary, indent=2))
+    return md_path
+
+
+def _joints(arms: dict[str, Arm]) -> list[str]:
+    for arm in arms.values():
+        for run in arm.complete_runs:
+            for row in reversed(run.rows):
+                if row.get("pck_per_joint"):
+                    return list(row["pck_per_joint"])
+    return []
+
+
+def _differences(arms: dict[str, Arm], baselines: tuple[str, ...], summary: dict) -> list[str]:
+    refs = [b for b in baselines if b in arms]
+    if not refs:
+        return []
+    lines = ["", "## Paired differences in mean PCK (points, 95 % interval, paired t over seeds)",
+             "", "A difference is resolved when its interval excludes zero; otherwise the seeds "
+             "do not tell the two methods apart.", "",
+             "| method − baseline | seeds | mean difference | std of differences | 95 % interval "
+             "| resolved |", "|---|---|---|---|---|---|"]
+    for ref in refs:
+        for label, arm in arms.items():
+            if label == ref:
+                continue
+            diff = paired_difference(arm.scores(), arms[ref].scores())
+            if diff is None:
+                continue
+            interval = ("–" if math.isnan(diff.low)
+                        else f"[{diff.low:+.2f}, {diff.high:+.2f}]")
+            lines.append(f"| {label} − {ref} | {diff.n} | {_signed(diff.mean)} | "
+                         f"{'–' if math.isnan(diff.std) else f'{diff.std:.2f}'} | {interval} | "
+                         f"{'yes' if diff.resolved else 'no'} |")
+            summary["differences"][f"{label}-{ref}"] = {
+                "n": diff.n, "mean": diff.mean, "std": diff.std, "low": diff.low,
+                "high": diff.high, "resolved": diff.resolved}
+    return lines
+
+
+def _time_to_target(arms: dict[str, Arm], target: float) -> list[str]:
+    lines = ["", f"## Time to PCK ≥ {target:g} % (simulated seconds and rounds; mean ± std over "
+             "the seeds that reached it)", "",
+             "| method | reached | simulated time | rounds | simulated time at the end |",
+             "|---|---|---|---|---|"]
+    for label, arm in arms.items():
+        times, rounds, ends = [], [], []
+        for run in arm.complete_runs:
+            hit = next((r for r in run.rows if (r.get("pck_mean") or -1) >= target), None)
+            if hit is not None:
+                times.append(hit.get("sim_time", math.nan))
+                rounds.append(hit["round"])
+            ends.append(run.rows[-1].get("sim_time", math.nan))
+        lines.append(f"| {label} | {len(times)}/{len(arm.complete_runs)} | "
+                     f"{_pm(*mean_std(times), digits=1)} | {_pm(*mean_std(rounds), digits=1)} | "
+                     f"{_pm(*mean_std(ends), digits=1)} |")
+    return lines
+
+
+# ----------------------------------------------------------------------------------- figures
+_CURVES = (
+    ("pck_vs_round", "pck_mean", "PCK (%)", "PCK of the global model"),
+    ("heatmap_acc_vs_round", "heatmap_acc", "heatmap accuracy (%)", "heatmap accuracy"),
+    ("conflict_share_vs_round", "conflict_share", "share of conflicting update pairs",
+     "share of client-update pairs with negative cosine"),
+    ("train_loss_vs_round", "train_loss", "training loss", "clients' mean training loss"),
+)
+
+
+def _figures(arms: dict[str, Arm], out_dir: Path, prefix: str) -> list[str]:
+    lines = ["", "## Curves (mean over seeds, band: ± one std across seeds; thin: single seeds)",
+             ""]
+    missing = []
+    for name, key, ylabel, what in _CURVES:
+        file = f"{prefix}{name}.png"
+        if _band_plot(arms, key, ylabel, out_dir / file):
+            lines += [f"{what}:", "", f"![{what}]({file})", ""]
+        else:
+            missing.append(what)
+    if missing:
+        lines.append("Not recorded in these runs' metrics.jsonl: " + ", ".join(missing) + ".")
+    return lines
+
+
+def _band_plot(arms: dict[str, Arm], key: str, ylabel: str, path: Path) -> bool:
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    drew = False
+    for i, (label, arm) in enumerate(arms.items()):
+        curves = {}
+        for run in arm.complete_runs:
+            pts = {r["round"]: r[key] for r in run.rows if r.get(key) is not None}
+            if pts:
+                curves[run.seed] = pts
+        if not curves:
+            continue
+        drew = True
+        color = f"C{i % 10}"
+        rounds = sorted(set.intersection(*(set(c) for c in curves.values())))
+        for c in curves.values():
+            xs = sorted(c)
+            ax.plot(xs, [c[x] for x in xs], color=color, alpha=0.15, linewidth=0.7)
+        if rounds:
+            values = np.array([[c[x] for x in rounds] for c in curves.values()], dtype=float)
+            mean = values.mean(0)
+            ax.plot(rounds, mean, color=color, linewidth=2, label=f"{label} ({len(curves)} seeds)")
+            if len(curves) > 1:
+                std = values.std(0, ddof=1)
+                ax.fill_between(rounds, mean - std, mean + std, color=color, alpha=0.2)
+    if not drew:
+        plt.close(fig)
+        return False
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -1,0 +1,147 @@
+"""The comparison statistic, paired intervals, `fedpose report` and `fedpose compare --jobs`."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from scipy import stats
+
+from fedpose.cli import main
+from fedpose.report.experiment import load_arms, write_report
+from fedpose.report.stats import paired_difference, tail_mean, tail_window
+
+
+# ------------------------------------------------------------------------------- statistics
+def test_tail_window_is_the_last_fifth_of_the_rounds():
+    assert tail_window(40) == (33, 40)
+    assert tail_window(10) == (9, 10)
+    assert tail_window(8) == (7, 8)
+    assert tail_window(3) == (3, 3)
+
+
+def test_tail_mean_never_takes_the_best_round():
+    rows = [{"round": r, "pck_mean": v} for r, v in
+            enumerate([10, 30, 90, 40, 41, 42, 43, 44, 50, 60], start=1)]
+    rows.insert(3, {"round": 3, "train_loss": 1.0})  # rows without an evaluation are skipped
+    assert tail_mean(rows, 10) == pytest.approx(55.0)
+    only_early = [{"round": 2, "pck_mean": 70.0}, {"round": 9}]
+    assert tail_mean(only_early, 10) == 70.0  # no evaluation inside: the last one
+
+
+def test_paired_interval_matches_scipys_paired_t():
+    a = {0: 71.0, 1: 74.5, 2: 69.0, 3: 73.2, 4: 70.1}
+    b = {0: 70.0, 1: 71.0, 2: 70.5, 3: 70.0, 4: 69.9, 9: 50.0}  # seed 9 has no partner
+    diff = paired_difference(a, b)
+    seeds = sorted(a)
+    ref = stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).confidence_interval(0.95)
+    assert diff.n == 5
+    assert diff.mean == pytest.approx(sum(a[s] - b[s] for s in seeds) / 5)
+    assert (diff.low, diff.high) == pytest.approx((ref.low, ref.high))
+    assert diff.resolved == (ref.low > 0 or ref.high < 0)
+
+
+def test_paired_interval_by_hand():
+    diff = paired_difference({0: 1.0, 1: 2.0, 2: 3.0}, {0: 0.0, 1: 0.0, 2: 0.0})
+    half = 4.302652729911275 / math.sqrt(3)  # t(0.975, 2) · sd / √n with sd = 1
+    assert (diff.mean, diff.std) == pytest.approx((2.0, 1.0))
+    assert (diff.low, diff.high) == pytest.approx((2.0 - half, 2.0 + half))
+    assert not diff.resolved
+    one = paired_difference({0: 1.0}, {0: 0.0})
+    assert one.n == 1 and math.isnan(one.low) and not one.resolved
+    assert paired_difference({0: 1.0}, {1: 0.0}) is None
+
+
+# ------------------------------------------------------------------------------- fedpose report
+def _fake_run(root: Path, label: str, seed: int, finals: list[float], rounds: int = 10,
+              stop: int | None = None, conflict: float | None = 0.3) -> None:
+    d = root / f"{label}-s{seed}"
+    d.mkdir(parents=True)
+    cfg = {"seed": seed, "name": f"x/{label}-s{seed}",
+           "data": {"dataset": "synth-arm", "root": "data", "input_size": 64},
+           "model": {"depth": 18, "width": 16},
+           "train": {"batch_size": 32},
+           "fed": {"rounds": rounds, "num_clients": 4, "partition": "attribute",
+                   "partition_attr": "view", "mode": "sync", "local_steps": 8, "eval_every": 1},
+           "runtime": {"torch_threads": 1, "gram_path": "torch", "torch": "2", "machine": "x",
+                       "commit": "abc123"}}
+    (d / "config.json").write_text(json.dumps(cfg))
+    rows = []
+    for r in range(1, (stop or rounds) + 1):
+        value = finals[r - rounds - 1] if r > rounds - len(finals) else 20.0 + r
+        rows.append({"round": r, "pck_mean": value, "train_loss": 1.0 / r,
+                     "conflict_share": conflict,
+                     "pck_per_joint": {"shoulder": value + 10, "elbow": value,
+                                       "wrist": value - 10}})
+    (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
+
+
+def _experiment(root: Path) -> Path:
+    runs = root / "exp"
+    for seed, (avg, gh) in enumerate([(60.0, 62.0), (58.0, 61.0), (61.0, 62.5), (59.0, 60.0)]):
+        _fake_run(runs, "fedavg", seed, [avg - 1, avg + 1], conflict=None)
+        _fake_run(runs, "fedgh", seed, [gh, gh])
+    _fake_run(runs, "fedgh", 7, [99.0], stop=5)  # stopped early: listed, not scored
+    return runs
+
+
+def test_report_tables_differences_and_bands(tmp_path):
+    arms = load_arms([_experiment(tmp_path)])
+    assert list(arms) == ["fedavg", "fedgh"]
+    assert arms["fedgh"].scores() == {0: 62.0, 1: 61.0, 2: 62.5, 3: 60.0}
+    md = write_report(arms, tmp_path / "out", "t", command="fedpose report exp",
+                      produced_by="fedpose compare cfg.toml")
+    text = md.read_text()
+    assert "| fedgh | 4 | 71.38 ± 1.11 | 61.38 ± 1.11 | 51.38 ± 1.11 | 61.38 ± 1.11 |" in text
+    diffs = [2.0, 3.0, 1.5, 1.0]
+    ref = stats.ttest_1samp(diffs, 0.0).confidence_interval(0.95)
+    interval = f"[{ref.low:+.2f}, {ref.high:+.2f}]"
+    assert f"| fedgh − fedavg | 4 | +1.88 | 0.85 | {interval} | yes |" in text
+    assert "rounds 9–10 of 10" in text
+    assert "not scored, stopped at round 5 of 10: fedgh-s7" in text
+    assert "commit abc123" in text and "`fedpose compare cfg.toml`" in text
+    assert "Not recorded in these runs' metrics.jsonl: heatmap accuracy" in text
+    for png in ("pck_vs_round.png", "conflict_share_vs_round.png", "train_loss_vs_round.png"):
+        assert (tmp_path / "out" / png).stat().st_size > 1000
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["differences"]["fedgh-fedavg"]["resolved"] is True
+
+
+def test_report_command(tmp_path):
+    runs = _experiment(tmp_path)
+    out = tmp_path / "results" / "README.md"
+    assert main(["report", str(runs), "--out", str(out), "--title", "Synthetic"]) == 0
+    text = out.read_text()
+    assert text.startswith("# Synthetic")
+    assert f"Report made by: `fedpose report {runs} --out {out} --title Synthetic`" in text
+    assert (out.parent / "README_pck_vs_round.png").exists()
+
+
+def test_report_of_a_missing_folder_is_one_error_line(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nope"), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "nope" in err[0]
+
+
+# ------------------------------------------------------------------------------- compare --jobs
+def test_compare_runs_seeds_in_single_thread_processes(tmp_path, synth_dir):
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text('name = "tiny"\n')
+    sets = [f"out_dir={tmp_path / 'runs'}", "data.dataset=synth-arm", f"data.root={synth_dir}",
+            "data.input_size=32", "data.test_fraction=0.25", "model.width=4",
+            "model.deconv_filters=8", "train.batch_size=8", "train.flip_test=false",
+            "fed.rounds=1", "fed.local_steps=1"]
+    args = ["compare", str(cfg), "--methods", "fedavg", "--seeds", "0-1", "--jobs", "2"]
+    for s in sets:
+        args += ["-c", s]
+    assert main(args) == 0
+    for seed in (0, 1):
+        run = tmp_path / "runs" / "tiny" / f"fedavg-s{seed}"
+        assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["round"] == 1
+        config = json.loads((run / "config.json").read_text())
+        assert config["seed"] == seed
+        assert config["runtime"]["torch_threads"] == 1  # the worker ran single-threaded
+    report = (tmp_path / "runs" / "tiny" / "report.md").read_text()
+    assert "| fedavg | 2 |" in report
