@@ -208,12 +208,14 @@ def test_sites_train_like_the_in_process_engine_and_evaluate_federated(tmp_path,
     # two arrays per state dict: a request is the RecordDict, its two records, few objects
     assert grid.objects_sent / (2 * 3 * 3) < 12
     # the report shows each site's PCK
-    from fedpose.report.compare import build_report
+    from fedpose.report.experiment import load_arms, write_report
 
-    report = build_report({"fedavg": [flower_cfg.run_dir]}, tmp_path / "report", "t").read_text()
-    site_row = [line for line in report.splitlines() if line.startswith("| fedavg | ")][-1]
+    arms = load_arms([flower_cfg.run_dir])
+    (label,) = arms
+    report = write_report(arms, tmp_path / "report", "t").read_text()
+    site_row = [line for line in report.splitlines() if line.startswith(f"| {label} | ")][-1]
     assert "Per-site PCK" in report
-    assert site_row == "| fedavg | " + " | ".join(
+    assert site_row == f"| {label} | " + " | ".join(
         f"{rows[-1]['site_pck'][k]:.2f}" for k in ("0", "1", "2")) + " |"
 
 

@@ -71,7 +71,7 @@ def _fake_run(root: Path, label: str, seed: int, finals: list[float], rounds: in
     rows = []
     for r in range(1, (stop or rounds) + 1):
         value = finals[r - rounds - 1] if r > rounds - len(finals) else 20.0 + r
-        rows.append({"round": r, "pck_mean": value, "train_loss": 1.0 / r,
+        rows.append({"round": r, "pck_mean": value, "train_loss": 1.0 / r, "sim_time": 2.0 * r,
                      "conflict_share": conflict,
                      "pck_per_joint": {"shoulder": value + 10, "elbow": value,
                                        "wrist": value - 10}})
@@ -107,6 +107,12 @@ def test_report_tables_differences_and_bands(tmp_path):
         assert (tmp_path / "out" / png).stat().st_size > 1000
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["differences"]["fedgh-fedavg"]["resolved"] is True
+
+
+def test_report_time_to_target(tmp_path):
+    md = write_report(load_arms([_experiment(tmp_path)]), tmp_path / "out", "t", target_pck=55.0)
+    # fedavg first reaches 55 % at round 9 on every seed: simulated time 18 s
+    assert "| fedavg | 4/4 | 18.0 ± 0.0 | 9.0 ± 0.0 | 20.0 ± 0.0 |" in md.read_text()
 
 
 def test_report_command(tmp_path):

@@ -197,6 +197,7 @@ def write_report(arms: dict[str, Arm], out_dir: Path, title: str, *,
     lines += _differences(arms, baselines, summary)
     if target_pck > 0:
         lines += _time_to_target(arms, target_pck)
+    lines += _site_table(arms)
     lines += _figures(arms, out_dir, prefix)
 
     incomplete = [r for a in arms.values() for r in a.runs if not r.complete]
@@ -265,6 +266,34 @@ def _time_to_target(arms: dict[str, Arm], target: float) -> list[str]:
         lines.append(f"| {label} | {len(times)}/{len(arm.complete_runs)} | "
                      f"{_pm(*mean_std(times), digits=1)} | {_pm(*mean_std(rounds), digits=1)} | "
                      f"{_pm(*mean_std(ends), digits=1)} |")
+    return lines
+
+
+def _site_table(arms: dict[str, Arm]) -> list[str]:
+    """Each site's own PCK (runs evaluated federated: every site scores its own test records),
+    scored like the mean PCK; nothing for centrally evaluated runs."""
+    per_arm: dict[str, dict[str, list[float]]] = {}
+    for label, arm in arms.items():
+        values: dict[str, list[float]] = {}
+        for run in arm.complete_runs:
+            picked = [r["site_pck"] for r in tail_rows(run.rows, run.total_rounds)
+                      if r.get("site_pck")]
+            for site in sorted({k for p in picked for k in p}):
+                scores = [p[site] for p in picked if p.get(site) is not None]
+                if scores:
+                    values.setdefault(site, []).append(float(np.mean(scores)))
+        per_arm[label] = values
+    sites = sorted({k for v in per_arm.values() for k in v}, key=int)
+    if not sites:
+        return []
+    lines = ["", "## Per-site PCK (federated evaluation: each site scores its own test records; "
+             "the mean PCK above sums their counts)", "",
+             "| method | " + " | ".join(f"site {k}" for k in sites) + " |",
+             "|---" * (len(sites) + 1) + "|"]
+    for label, values in per_arm.items():
+        if values:
+            cells = [_pm(*mean_std(values.get(k, []))) for k in sites]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 
 
