@@ -25,7 +25,7 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed
 
 demo: venv
-	$(BIN)/fedpose compare configs/demo.toml --methods fedavg,fedprox,fedbn,feddyn,fedaw,fedgh --seeds 0
+	$(BIN)/fedpose compare configs/demo.toml --methods fedaw,fedgh --seeds 0-2 --jobs 2
 
 # test: everything but the tests marked slow, which start real processes (Flower SuperLink and
 # SuperNodes, a fresh interpreter running a documented example); test-slow: those
