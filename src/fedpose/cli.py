@@ -104,8 +104,9 @@ def cmd_compare(args) -> int:
     seeds = _seeds(args.seeds)
     run_dirs: list[Path] = []
     jobs: list[Job] = []
-    for label, sets in _variants(args):
-        for seed in seeds:
+    # seed-major: each seed's paired set of runs completes before the next seed starts
+    for seed in seeds:
+        for label, sets in _variants(args):
             run_sets = args.overrides + sets + [f"seed={seed}", f"name={name}/{label}-s{seed}"]
             cfg = load_config(args.config, run_sets)
             run_dirs.append(cfg.run_dir)
