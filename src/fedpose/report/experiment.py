@@ -342,7 +342,8 @@ def _band_plot(arms: dict[str, Arm], key: str, ylabel: str, path: Path) -> bool:
         if rounds:
             values = np.array([[c[x] for x in rounds] for c in curves.values()], dtype=float)
             mean = values.mean(0)
-            ax.plot(rounds, mean, color=color, linewidth=2, label=f"{label} ({len(curves)} seeds)")
+            seeds = f"{len(curves)} seed" + ("s" if len(curves) > 1 else "")
+            ax.plot(rounds, mean, color=color, linewidth=2, label=f"{label} ({seeds})")
             if len(curves) > 1:
                 std = values.std(0, ddof=1)
                 ax.fill_between(rounds, mean - std, mean + std, color=color, alpha=0.2)
