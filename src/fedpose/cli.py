@@ -154,7 +154,7 @@ def cmd_report(args) -> int:
     report = write_report(arms, Path(args.out), args.title,
                           baselines=tuple(_split(args.baselines)),
                           command=args.command_line,
-                          produced_by=args.produced_by or "", notes=notes,
+                          produced_by=args.produced_by or "", notes=notes, commit=args.commit,
                           target_pck=args.target_pck)
     console.print(report.read_text().split("## Curves")[0], markup=False, highlight=False)
     console.print(f"report: {report}")
@@ -489,6 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="labels that paired differences are taken against")
     p.add_argument("--produced-by", default="", help="the command that made the runs")
     p.add_argument("--notes", default=None, help="a markdown file inserted after the setting")
+    p.add_argument("--commit", default=None,
+                   help="the code version, for runs whose config.json does not record it")
     p.add_argument("--target-pck", type=float, default=0.0,
                    help="add time-to-target-PCK columns (simulated seconds)")
     p.set_defaults(func=cmd_report)

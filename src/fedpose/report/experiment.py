@@ -247,6 +247,8 @@ def _differences(arms: dict[str, Arm], baselines: tuple[str, ...], summary: dict
             summary["differences"][f"{label}-{ref}"] = {
                 "n": diff.n, "mean": diff.mean, "std": diff.std, "low": diff.low,
                 "high": diff.high, "resolved": diff.resolved}
+    if lines[-1].startswith("|---"):
+        lines += ["", "No finished run has a baseline run of the same seed: nothing to compare."]
     return lines
 
 
