@@ -19,7 +19,7 @@ def test_config_json_records_threads_and_gram_path(tmp_path):
             runtime = json.loads((prepare_run_dir(cfg, resume=False) / "config.json")
                                  .read_text())["runtime"]
             assert runtime["torch_threads"] == n
-            assert runtime["gram_path"] in ("native", "torch")
+            assert runtime["gram_path"] == "fixed-point int64"
             assert runtime["torch"] == torch.__version__
     finally:
         torch.set_num_threads(threads)

@@ -1,7 +1,8 @@
 """What a run's numbers depend on besides its config: code version, thread count, Gram path.
 
-Aggregation results are bit-reproducible only for the same code, CPU family and thread count, so
-every run directory records them beside the resolved config (`config.json`, key "runtime").
+A whole run is bit-reproducible only for the same code, CPU family and thread count (aggregation
+alone is, on every machine), so every run directory records them beside the resolved config
+(`config.json`, key "runtime").
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import subprocess
 from pathlib import Path
 
 import torch
+
+from fedpose.fl.gram import gram_record
 
 
 def git_commit(path: Path | None = None) -> str | None:
@@ -28,12 +31,9 @@ def git_commit(path: Path | None = None) -> str | None:
 
 
 def gram_path() -> str:
-    """Which code computes large Gram matrices in this process (the code's own report)."""
-    try:
-        from fedpose.fl.gram_native import native_gram_kernel
-    except ImportError:
-        return "torch"
-    return "native" if native_gram_kernel() is not None else "torch"
+    """How Gram matrices are computed (fl/gram.py): exact on a fixed-point grid, so the same
+    bits on every BLAS, instruction set and thread count."""
+    return gram_record(1)["path"]
 
 
 def runtime_info() -> dict:
