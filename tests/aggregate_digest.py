@@ -30,7 +30,7 @@ CASES = {
 def _uniform(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
     """Uniform in [-1, 1) on a grid of 2^-20: drawn as integers, which every instruction set
     draws alike (the float samplers use vectorised log/sin/cos that do not)."""
-    return torch.randint(-2**20, 2**20, shape, generator=gen).float() * 2.0**-20
+    return torch.randint(-(2**20), 2**20, shape, generator=gen).float() * 2.0**-20
 
 
 def client_updates(k: int = 6, p: int = 400_003, seed: int = 0) -> RoundInput:
@@ -44,8 +44,13 @@ def client_updates(k: int = 6, p: int = 400_003, seed: int = 0) -> RoundInput:
     deltas[2, :50] *= 40.0
     counts = torch.tensor([30.0, 55.0, 12.5, 80.0, 41.0, 23.0], dtype=torch.float64)[:k]
     cut = p // 3
-    return RoundInput(deltas=deltas, counts=counts, client_ids=[3, 5, 8, 9, 11, 12][:k],
-                      num_clients=12, slices=[("a", 0, cut), ("b", cut, p)])
+    return RoundInput(
+        deltas=deltas,
+        counts=counts,
+        client_ids=[3, 5, 8, 9, 11, 12][:k],
+        num_clients=12,
+        slices=[("a", 0, cut), ("b", cut, p)],
+    )
 
 
 def start_weights(p: int = 400_003) -> torch.Tensor:
@@ -72,10 +77,18 @@ def aggregates(rounds: int = 2, names: tuple[str, ...] = tuple(CASES)) -> dict[s
 
 
 def digests() -> dict[str, str]:
-    return {name: hashlib.sha256(w.numpy().tobytes()).hexdigest()
-            for name, w in aggregates().items()}
+    return {
+        name: hashlib.sha256(w.numpy().tobytes()).hexdigest() for name, w in aggregates().items()
+    }
 
 
 if __name__ == "__main__":
-    print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(),
-                      "threads": torch.get_num_threads(), "digests": digests()}))
+    print(
+        json.dumps(
+            {
+                "capability": torch.backends.cpu.get_cpu_capability(),
+                "threads": torch.get_num_threads(),
+                "digests": digests(),
+            }
+        )
+    )

@@ -8,13 +8,29 @@ from fedpose.config import Config, load_config
 
 
 def tiny_config(tmp_path: Path, data_dir: Path, *overrides: str) -> Config:
-    return load_config(None, [
-        "name=tiny", f"out_dir={tmp_path / 'runs'}",
-        "data.dataset=synth-arm", f"data.root={data_dir}", "data.synth_n=48", "data.synth_size=64",
-        "data.input_size=32", "data.test_fraction=0.25",
-        "model.depth=18", "model.width=4", "model.deconv_filters=8",
-        "train.batch_size=8", "train.lr=0.01", "train.flip_test=false",
-        "fed.rounds=2", "fed.num_clients=4", "fed.partition=attribute", "fed.partition_attr=view",
-        "fed.local_steps=2", "fed.eval_every=1",
-        *overrides,
-    ])
+    return load_config(
+        None,
+        [
+            "name=tiny",
+            f"out_dir={tmp_path / 'runs'}",
+            "data.dataset=synth-arm",
+            f"data.root={data_dir}",
+            "data.synth_n=48",
+            "data.synth_size=64",
+            "data.input_size=32",
+            "data.test_fraction=0.25",
+            "model.depth=18",
+            "model.width=4",
+            "model.deconv_filters=8",
+            "train.batch_size=8",
+            "train.lr=0.01",
+            "train.flip_test=false",
+            "fed.rounds=2",
+            "fed.num_clients=4",
+            "fed.partition=attribute",
+            "fed.partition_attr=view",
+            "fed.local_steps=2",
+            "fed.eval_every=1",
+            *overrides,
+        ],
+    )

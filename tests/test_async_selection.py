@@ -40,9 +40,14 @@ class FixedTransport:
 
     def receive(self, client_id: int) -> TrainReply:
         request = self.requests.pop(client_id)
-        return TrainReply(client_id=client_id, version=request.version, num_samples=self.samples,
-                          delta=self.deltas[client_id].clone(), train_loss=1.0 + client_id,
-                          train_loss_sq=(1.0 + client_id) ** 2)
+        return TrainReply(
+            client_id=client_id,
+            version=request.version,
+            num_samples=self.samples,
+            delta=self.deltas[client_id].clone(),
+            train_loss=1.0 + client_id,
+            train_loss_sq=(1.0 + client_id) ** 2,
+        )
 
     def state_dict(self) -> dict:
         return {}
@@ -52,19 +57,34 @@ class FixedTransport:
 
 
 def _server(*overrides: str, strategy=None, num_clients: int = 4) -> FederatedServer:
-    cfg = load_config(None, [f"fed.num_clients={num_clients}", "fed.local_steps=1",
-                             "train.batch_size=10", *overrides])
+    cfg = load_config(
+        None,
+        [f"fed.num_clients={num_clients}", "fed.local_steps=1", "train.batch_size=10", *overrides],
+    )
     deltas = {k: torch.full((P,), 0.01 * (k + 1)) for k in range(num_clients)}
-    return FederatedServer(cfg, {"w": torch.zeros(P)}, LAYOUT, strategy or FedAvg(),
-                           FixedTransport(deltas), [10] * num_clients)
+    return FederatedServer(
+        cfg,
+        {"w": torch.zeros(P)},
+        LAYOUT,
+        strategy or FedAvg(),
+        FixedTransport(deltas),
+        [10] * num_clients,
+    )
 
 
 # ------------------------------------------------------------------------------- async dispatch
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_async_dispatch_gives_every_idle_client_its_turn(dropout):
     # 3 of 4 clients at work, speeds over 10x: lowest-ids-first dispatch never reaches client 3
-    server = _server("fed.mode=async", "fed.concurrency=3", "fed.buffer_size=2", "fed.rounds=30",
-                     "system.speed_spread=10", f"system.dropout={dropout}", "system.speed=1")
+    server = _server(
+        "fed.mode=async",
+        "fed.concurrency=3",
+        "fed.buffer_size=2",
+        "fed.rounds=30",
+        "system.speed_spread=10",
+        f"system.dropout={dropout}",
+        "system.speed=1",
+    )
     server.run()
     dispatched = Counter(job for job in server.transport.sent)
     assert set(dispatched) == {0, 1, 2, 3}, dispatched
@@ -76,8 +96,13 @@ def test_async_dispatch_gives_every_idle_client_its_turn(dropout):
 def test_async_dispatch_order_is_seeded_not_by_id():
     firsts = set()
     for seed in range(8):
-        server = _server("fed.mode=async", "fed.concurrency=1", "fed.buffer_size=1",
-                         "fed.rounds=1", f"seed={seed}")
+        server = _server(
+            "fed.mode=async",
+            "fed.concurrency=1",
+            "fed.buffer_size=1",
+            "fed.rounds=1",
+            f"seed={seed}",
+        )
         server.run()
         firsts.add(server.transport.sent[0])
     assert len(firsts) > 1  # the first turn is not always client 0
@@ -109,8 +134,13 @@ def test_same_client_twice_in_a_buffer_gets_one_weight_per_reply():
 @pytest.mark.parametrize("strategy", [FedAW(), FedGH(order="index")])
 def test_duplicate_replies_weigh_alike_in_fedaw_and_fedgh(strategy):
     d = torch.tensor([[1.0, 0.0, 0.5], [1.0, 0.0, 0.5], [0.0, 1.0, -0.2]])
-    inputs = RoundInput(deltas=d, counts=torch.tensor([5.0, 5.0, 5.0], dtype=torch.float64),
-                        client_ids=[0, 0, 1], num_clients=2, slices=[("w", 0, 3)])
+    inputs = RoundInput(
+        deltas=d,
+        counts=torch.tensor([5.0, 5.0, 5.0], dtype=torch.float64),
+        client_ids=[0, 0, 1],
+        num_clients=2,
+        slices=[("w", 0, 3)],
+    )
     state = {**strategy.initial_state(), "theta": {"0": [0.1, 2], "1": [0.9, 2]}}
     result = strategy.aggregate(inputs, state)
     w = result.diagnostics["weights"]
@@ -120,9 +150,16 @@ def test_duplicate_replies_weigh_alike_in_fedaw_and_fedgh(strategy):
 
 # ------------------------------------------------------------------------------- staleness
 def _replies(staleness_versions: list[tuple[int, int]]) -> list[TrainReply]:
-    return [TrainReply(client_id=k, version=v, num_samples=10 * (k + 1),
-                       delta=torch.full((P,), float(k + 1)), train_loss=1.0)
-            for k, v in staleness_versions]
+    return [
+        TrainReply(
+            client_id=k,
+            version=v,
+            num_samples=10 * (k + 1),
+            delta=torch.full((P,), float(k + 1)),
+            train_loss=1.0,
+        )
+        for k, v in staleness_versions
+    ]
 
 
 def test_staleness_weights_follow_fedbuff_without_renormalising():
@@ -193,14 +230,14 @@ def test_oort_picks_probabilistically_among_near_top_candidates():
     s = Selector("utility", per_round=2, seed=0, explore=0.0)
     for k in range(6):
         s.observe(k, 1.0 + 0.01 * k, (1.0 + 0.01 * k) ** 2)  # utilities within 5 %
-    picks = {tuple(sorted(s.select(list(range(6)), r, [1] * 6, lambda k: 1.0)))
-             for r in range(30)}
+    picks = {tuple(sorted(s.select(list(range(6)), r, [1] * 6, lambda k: 1.0))) for r in range(30)}
     assert len(picks) > 1  # not always the two largest
     far = Selector("utility", per_round=2, seed=0, explore=0.0)
     for k in range(6):
-        far.observe(k, 10.0 ** k, 100.0 ** k)  # far apart: the top two only
-    assert {tuple(sorted(far.select(list(range(6)), r, [1] * 6, lambda k: 1.0)))
-            for r in range(30)} == {(4, 5)}
+        far.observe(k, 10.0**k, 100.0**k)  # far apart: the top two only
+    assert {
+        tuple(sorted(far.select(list(range(6)), r, [1] * 6, lambda k: 1.0))) for r in range(30)
+    } == {(4, 5)}
 
 
 def test_unseen_clients_come_first_under_utility():

@@ -41,10 +41,21 @@ def test_model_names_and_flops():
 
 
 def test_bench_data_measures_both_sides(synth_dir):
-    res = bench_data(DataBenchOptions(
-        dataset="synth-arm", root=str(synth_dir), input_size=32, workers=1, batch_size=4,
-        samples=8, model="pose_resnet18", model_batch=2, model_steps=1, device="cpu",
-        repeats=1))
+    res = bench_data(
+        DataBenchOptions(
+            dataset="synth-arm",
+            root=str(synth_dir),
+            input_size=32,
+            workers=1,
+            batch_size=4,
+            samples=8,
+            model="pose_resnet18",
+            model_batch=2,
+            model_steps=1,
+            device="cpu",
+            repeats=1,
+        )
+    )
     for key in ("per_worker_uncached", "per_worker_cold", "per_worker", "loader", "model_img_s"):
         assert res[key] > 0 and math.isfinite(res[key])
     assert res["ratio"] == pytest.approx(res["loader"] / res["model_img_s"])
@@ -52,10 +63,22 @@ def test_bench_data_measures_both_sides(synth_dir):
 
 
 def test_bench_train_on_cpu_with_fedgh(synth_dir):
-    res = bench_train(TrainBenchOptions(
-        model="pose_resnet18", input_size=32, device="cpu", dataset="synth-arm",
-        root=str(synth_dir), batch_size=4, workers=1, steps=2, warmup=1,
-        fedgh_clients=4, fedgh_params=5000, fedgh_repeats=1))
+    res = bench_train(
+        TrainBenchOptions(
+            model="pose_resnet18",
+            input_size=32,
+            device="cpu",
+            dataset="synth-arm",
+            root=str(synth_dir),
+            batch_size=4,
+            workers=1,
+            steps=2,
+            warmup=1,
+            fedgh_clients=4,
+            fedgh_params=5000,
+            fedgh_repeats=1,
+        )
+    )
     assert res["real_img_s"] > 0 and res["synthetic_img_s"] > 0
     assert res["peak_tflops"] is None and res["real_share"] is None  # a CPU has no known peak
     assert res["fedgh"]["fedavg"] > 0 and res["fedgh"]["fedgh"] > 0
@@ -63,10 +86,37 @@ def test_bench_train_on_cpu_with_fedgh(synth_dir):
 
 
 def test_bench_data_command_prints_the_ratio_last(synth_dir, capsys):
-    assert main(["bench", "data", "--dataset", "synth-arm", "--root", str(synth_dir),
-                 "--input", "32", "--model", "pose_resnet18", "--device", "cpu",
-                 "--workers", "1", "--batch", "4", "--samples", "8", "--model-batch", "2",
-                 "--steps", "1", "--repeats", "1"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "data",
+                "--dataset",
+                "synth-arm",
+                "--root",
+                str(synth_dir),
+                "--input",
+                "32",
+                "--model",
+                "pose_resnet18",
+                "--device",
+                "cpu",
+                "--workers",
+                "1",
+                "--batch",
+                "4",
+                "--samples",
+                "8",
+                "--model-batch",
+                "2",
+                "--steps",
+                "1",
+                "--repeats",
+                "1",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "DataLoader with 1 workers" in out
     last = out.strip().splitlines()[-1]
@@ -76,8 +126,21 @@ def test_bench_data_command_prints_the_ratio_last(synth_dir, capsys):
 def test_bench_train_without_cuda_is_one_error_line(synth_dir, capsys):
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
-    assert main(["bench", "train", "--dataset", "synth-arm", "--root", str(synth_dir),
-                 "--device", "cuda"]) == 2
+    assert (
+        main(
+            [
+                "bench",
+                "train",
+                "--dataset",
+                "synth-arm",
+                "--root",
+                str(synth_dir),
+                "--device",
+                "cuda",
+            ]
+        )
+        == 2
+    )
     captured = capsys.readouterr()
     lines = [x for x in (captured.out + captured.err).splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "cuda" in lines[0]
@@ -98,8 +161,9 @@ def test_fedgh_step_on_device_reports_errors_instead_of_raising(monkeypatch):
 def test_bench_sim_smoke(tmp_path):
     from fedpose.tools.bench_sim import SimBenchOptions, bench_sim
 
-    opts = SimBenchOptions(clients=12, per_round=3, rounds=3, samples_per_client=2,
-                           sizes="12", workdir=str(tmp_path))
+    opts = SimBenchOptions(
+        clients=12, per_round=3, rounds=3, samples_per_client=2, sizes="12", workdir=str(tmp_path)
+    )
     rows = bench_sim(opts)["rows"]
     assert [r["clients"] for r in rows] == [12]
     for row in rows:
@@ -113,11 +177,24 @@ def test_bench_sim_smoke(tmp_path):
 
 
 def test_bench_sim_prints_the_overhead_share_last(monkeypatch, capsys):
-    row = {"clients": 10, "per_round": 10, "round_s": 2.0, "train_s": 1.8, "eval_s": 0.1,
-           "overhead_s": 0.1, "overhead_share": 0.05, "peak_rss": 2**28, "rss_growth": 0,
-           "state_clients": 10, "state_memory": 0, "state_disk": 2**20, "params": 1000}
-    monkeypatch.setattr("fedpose.tools.bench_sim.bench_sim",
-                        lambda *_, **__: {"rows": [row], "overhead_share": 0.05,
-                                          "method": "feddyn"})
+    row = {
+        "clients": 10,
+        "per_round": 10,
+        "round_s": 2.0,
+        "train_s": 1.8,
+        "eval_s": 0.1,
+        "overhead_s": 0.1,
+        "overhead_share": 0.05,
+        "peak_rss": 2**28,
+        "rss_growth": 0,
+        "state_clients": 10,
+        "state_memory": 0,
+        "state_disk": 2**20,
+        "params": 1000,
+    }
+    monkeypatch.setattr(
+        "fedpose.tools.bench_sim.bench_sim",
+        lambda *_, **__: {"rows": [row], "overhead_share": 0.05, "method": "feddyn"},
+    )
     assert main(["bench", "sim", "--clients", "10", "--sizes", "10"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == "overhead share: 0.0500"

@@ -26,8 +26,21 @@ def test_score_lsp_ground_truth_is_100_and_offsets_lower_it(source, request, tmp
     records = load_lsp(root, "all" if split else "test")
     pred = {r.record_id: r.joints.tolist() for r in records}
     (tmp_path / "gt.json").write_text(json.dumps(pred))
-    assert main(["score", "--dataset", "lsp", "--root", str(root), *split, "--pred",
-                 str(tmp_path / "gt.json")]) == 0
+    assert (
+        main(
+            [
+                "score",
+                "--dataset",
+                "lsp",
+                "--root",
+                str(root),
+                *split,
+                "--pred",
+                str(tmp_path / "gt.json"),
+            ]
+        )
+        == 0
+    )
     assert _last_line(capsys) == "mean PCK: 100.00"
 
     # move every joint of the first half of the images 0.3 torso lengths away: those miss
@@ -37,8 +50,18 @@ def test_score_lsp_ground_truth_is_100_and_offsets_lower_it(source, request, tmp
         offset = 0.3 * torso if i < len(records) // 2 else 0.0
         shifted[r.record_id] = (r.joints + [offset, 0]).tolist()
     (tmp_path / "half.json").write_text(json.dumps(shifted))
-    main(["score", "--dataset", "lsp", "--root", str(root), *split, "--pred",
-          str(tmp_path / "half.json")])
+    main(
+        [
+            "score",
+            "--dataset",
+            "lsp",
+            "--root",
+            str(root),
+            *split,
+            "--pred",
+            str(tmp_path / "half.json"),
+        ]
+    )
     assert _last_line(capsys) == "mean PCK: 50.00"
 
 
@@ -50,22 +73,60 @@ def test_score_coco_and_missing_prediction(coco_dir, tmp_path, capsys):
     for r in records:
         per_image.setdefault(r.image.name, []).append(r.joints.tolist())
     (tmp_path / "p.json").write_text(json.dumps(per_image))
-    assert main(["score", "--dataset", "coco", "--root", str(root), "--ann", str(ann),
-                 "--pred", str(tmp_path / "p.json")]) == 0
+    assert (
+        main(
+            [
+                "score",
+                "--dataset",
+                "coco",
+                "--root",
+                str(root),
+                "--ann",
+                str(ann),
+                "--pred",
+                str(tmp_path / "p.json"),
+            ]
+        )
+        == 0
+    )
     assert _last_line(capsys) == "mean PCK: 100.00"
     first = records[0].image.name
     del per_image[first]
     (tmp_path / "p.json").write_text(json.dumps(per_image))
-    assert main(["score", "--dataset", "coco", "--root", str(root), "--ann", str(ann),
-                 "--pred", str(tmp_path / "p.json")]) == 2
+    assert (
+        main(
+            [
+                "score",
+                "--dataset",
+                "coco",
+                "--root",
+                str(root),
+                "--ann",
+                str(ann),
+                "--pred",
+                str(tmp_path / "p.json"),
+            ]
+        )
+        == 2
+    )
     out = capsys.readouterr()
     assert f"p.json [record {first}]: no prediction for this image" in out.err
 
 
 def test_inspect_malformed_is_one_error_line(tmp_path, capsys):
     (tmp_path / "bad.json").write_text("{not json")
-    code = main(["data", "inspect", "--dataset", "coco", "--root", str(tmp_path),
-                 "--ann", str(tmp_path / "bad.json")])
+    code = main(
+        [
+            "data",
+            "inspect",
+            "--dataset",
+            "coco",
+            "--root",
+            str(tmp_path),
+            "--ann",
+            str(tmp_path / "bad.json"),
+        ]
+    )
     assert code == 2
     out = capsys.readouterr()
     lines = [x for x in (out.out + out.err).splitlines() if x.strip()]
@@ -80,9 +141,26 @@ def test_unknown_config_key_is_a_clear_error(tmp_path, capsys):
 
 
 def test_train_eval_predict_roundtrip(tmp_path, synth_dir, capsys):
-    args = ["-c", f"out_dir={tmp_path}", "-c", "name=t", "-c", f"data.root={synth_dir}",
-            "-c", "data.input_size=32", "-c", "model.width=4", "-c", "model.deconv_filters=8",
-            "-c", "train.epochs=1", "-c", "train.batch_size=8", "-c", "train.flip_test=false"]
+    args = [
+        "-c",
+        f"out_dir={tmp_path}",
+        "-c",
+        "name=t",
+        "-c",
+        f"data.root={synth_dir}",
+        "-c",
+        "data.input_size=32",
+        "-c",
+        "model.width=4",
+        "-c",
+        "model.deconv_filters=8",
+        "-c",
+        "train.epochs=1",
+        "-c",
+        "train.batch_size=8",
+        "-c",
+        "train.flip_test=false",
+    ]
     assert main(["train", "configs/demo.toml", *args]) == 0
     trained = _last_line(capsys)
     model = tmp_path / "t" / "model.safetensors"

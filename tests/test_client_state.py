@@ -9,15 +9,19 @@ from fedpose.fl.client_state import ClientStateStore
 
 
 def _state(value: float) -> dict:
-    return {"dyn_grad": {"w": torch.full((3, 2), value), "b": torch.arange(4.0) * value},
-            "local": {"bn.running_mean": torch.tensor([value]),
-                      "bn.num_batches_tracked": torch.tensor(7)}}
+    return {
+        "dyn_grad": {"w": torch.full((3, 2), value), "b": torch.arange(4.0) * value},
+        "local": {
+            "bn.running_mean": torch.tensor([value]),
+            "bn.num_batches_tracked": torch.tensor(7),
+        },
+    }
 
 
 def _equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(
-        a[k].keys() == b[k].keys() and all(torch.equal(a[k][n], b[k][n]) for n in a[k])
-        for k in a)
+        a[k].keys() == b[k].keys() and all(torch.equal(a[k][n], b[k][n]) for n in a[k]) for k in a
+    )
 
 
 @pytest.mark.parametrize("on_disk", [False, True])

@@ -58,11 +58,25 @@ def _people(gt: dict) -> list[dict]:
 
 
 def _score(capsys, coco_dir, ann, pred) -> tuple[int, dict[str, str]]:
-    code = main(["score", "--dataset", "coco", "--root", str(coco_dir), "--ann", str(ann),
-                 "--pred", str(pred)])
+    code = main(
+        [
+            "score",
+            "--dataset",
+            "coco",
+            "--root",
+            str(coco_dir),
+            "--ann",
+            str(ann),
+            "--pred",
+            str(pred),
+        ]
+    )
     out = capsys.readouterr().out
-    lines = dict(line.split(": ", 1) for line in out.splitlines()
-                 if line.split(":")[0] in (*AP_NAMES, "mean PCK"))
+    lines = dict(
+        line.split(": ", 1)
+        for line in out.splitlines()
+        if line.split(":")[0] in (*AP_NAMES, "mean PCK")
+    )
     return code, lines
 
 
@@ -78,8 +92,15 @@ def _pycocotools(ann, results_file) -> np.ndarray:
 
 
 def test_ground_truth_as_results_scores_ap_1(tmp_path, capsys, coco_dir, ann, gt):
-    results = [{"image_id": a["image_id"], "category_id": a["category_id"],
-                "keypoints": a["keypoints"], "score": 1.0} for a in _people(gt)]
+    results = [
+        {
+            "image_id": a["image_id"],
+            "category_id": a["category_id"],
+            "keypoints": a["keypoints"],
+            "score": 1.0,
+        }
+        for a in _people(gt)
+    ]
     (tmp_path / "res.json").write_text(json.dumps(results))
     code, lines = _score(capsys, coco_dir, ann, tmp_path / "res.json")
     assert code == 0
@@ -96,8 +117,14 @@ def test_perturbed_results_give_pycocotools_values(tmp_path, capsys, coco_dir, a
         kps = np.array(a["keypoints"], dtype=np.float64).reshape(-1, 3)
         # a different error per person, so OKS spreads over the AP thresholds
         kps[:, :2] += rng.normal(0.0, 1.5 * (i % 5), size=(len(kps), 2))
-        results.append({"image_id": a["image_id"], "category_id": 1,
-                        "keypoints": kps.reshape(-1).tolist(), "score": float(rng.uniform())})
+        results.append(
+            {
+                "image_id": a["image_id"],
+                "category_id": 1,
+                "keypoints": kps.reshape(-1).tolist(),
+                "score": float(rng.uniform()),
+            }
+        )
     path = tmp_path / "res.json"
     path.write_text(json.dumps(results))
     expected = _pycocotools(ann, path)
@@ -134,12 +161,25 @@ def test_one_oks_worked_by_hand():
     ground_truth = {
         "images": [{"id": 1, "file_name": "a.jpg", "width": 640, "height": 480}],
         "categories": [{"id": 1, "name": "person", "keypoints": list(COCO.joints)}],
-        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "area": area,
-                         "bbox": [90.0, 40.0, 180.0, 130.0], "num_keypoints": 16,
-                         "keypoints": np.column_stack([truth, flags]).reshape(-1).tolist()}],
+        "annotations": [
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 1,
+                "iscrowd": 0,
+                "area": area,
+                "bbox": [90.0, 40.0, 180.0, 130.0],
+                "num_keypoints": 16,
+                "keypoints": np.column_stack([truth, flags]).reshape(-1).tolist(),
+            }
+        ],
     }
-    result = {"image_id": 1, "category_id": 1, "score": 0.9,
-              "keypoints": np.column_stack([pred, np.ones(17)]).reshape(-1).tolist()}
+    result = {
+        "image_id": 1,
+        "category_id": 1,
+        "score": 0.9,
+        "keypoints": np.column_stack([pred, np.ones(17)]).reshape(-1).tolist(),
+    }
     ap = keypoint_ap(ground_truth, [result])
     assert ap["AP"] == pytest.approx(0.5)
     assert ap["AP50"] == pytest.approx(1.0) and ap["AP75"] == 0.0
@@ -161,8 +201,15 @@ def test_rescoring_and_oks_nms():
 
 def test_results_are_matched_to_people_for_pck(tmp_path, capsys, coco_dir, ann, gt):
     people = _people(gt)
-    results = [{"image_id": a["image_id"], "category_id": 1, "keypoints": a["keypoints"],
-                "score": 0.5 + 0.01 * i} for i, a in enumerate(people)]
+    results = [
+        {
+            "image_id": a["image_id"],
+            "category_id": 1,
+            "keypoints": a["keypoints"],
+            "score": 0.5 + 0.01 * i,
+        }
+        for i, a in enumerate(people)
+    ]
     path = tmp_path / "res.json"
     path.write_text(json.dumps(results[::-1]))  # any order
     assert _score(capsys, coco_dir, ann, path)[1]["mean PCK"] == "100.00"
@@ -196,26 +243,53 @@ def test_gt_predictions_with_confidence_score_ap_1(coco_dir, ann):
     assert ap["AP"] == pytest.approx(1.0) and ap["AR"] == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize(("content", "problem"), [
-    ([], "no results in the file"),
-    ([{"image_id": 785, "category_id": 1, "keypoints": [0] * 51}], "missing score"),
-    ([{"image_id": 1, "category_id": 1, "keypoints": [0] * 51, "score": 1}],
-     "image_id 1 is not in the annotation file"),
-    ([{"image_id": 785, "category_id": 7, "keypoints": [0] * 51, "score": 1}],
-     "category_id 7 is not in the annotation file"),
-    ([{"image_id": 785, "category_id": 1, "keypoints": [0] * 50, "score": 1}],
-     "keypoints must be 51 finite numbers"),
-    ([{"image_id": 785, "category_id": 1, "keypoints": [float("nan")] * 51, "score": 1}],
-     "keypoints must be 51 finite numbers"),
-    ([{"image_id": 785, "category_id": 1, "keypoints": [0] * 51, "score": "high"}],
-     "score must be a finite number"),
-    (["not an object"], "a result must be an object"),
-])
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ([], "no results in the file"),
+        ([{"image_id": 785, "category_id": 1, "keypoints": [0] * 51}], "missing score"),
+        (
+            [{"image_id": 1, "category_id": 1, "keypoints": [0] * 51, "score": 1}],
+            "image_id 1 is not in the annotation file",
+        ),
+        (
+            [{"image_id": 785, "category_id": 7, "keypoints": [0] * 51, "score": 1}],
+            "category_id 7 is not in the annotation file",
+        ),
+        (
+            [{"image_id": 785, "category_id": 1, "keypoints": [0] * 50, "score": 1}],
+            "keypoints must be 51 finite numbers",
+        ),
+        (
+            [{"image_id": 785, "category_id": 1, "keypoints": [float("nan")] * 51, "score": 1}],
+            "keypoints must be 51 finite numbers",
+        ),
+        (
+            [{"image_id": 785, "category_id": 1, "keypoints": [0] * 51, "score": "high"}],
+            "score must be a finite number",
+        ),
+        (["not an object"], "a result must be an object"),
+    ],
+)
 def test_bad_results_file_is_one_error_line(tmp_path, capsys, coco_dir, ann, content, problem):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(content))
-    assert main(["score", "--dataset", "coco", "--root", str(coco_dir), "--ann", str(ann),
-                 "--pred", str(path)]) == 2
+    assert (
+        main(
+            [
+                "score",
+                "--dataset",
+                "coco",
+                "--root",
+                str(coco_dir),
+                "--ann",
+                str(ann),
+                "--pred",
+                str(path),
+            ]
+        )
+        == 2
+    )
     out = capsys.readouterr()
     lines = [x for x in (out.out + out.err).splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), lines
@@ -232,11 +306,24 @@ def test_eval_of_a_coco_model_prints_ap_beside_pck(tmp_path, capsys, coco_dir, a
     torch.manual_seed(0)
     model = PoseResNet(COCO.num_joints, depth=18, width=4, deconv_filters=8)
     save_model(tmp_path / "model.safetensors", model.state_dict(), cfg, COCO)
-    assert main(["eval", str(tmp_path / "model.safetensors"), "-c", f"data.root={coco_dir}",
-                 "-c", f"data.ann={ann}", "-c", f"data.test_ann={ann}"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(tmp_path / "model.safetensors"),
+                "-c",
+                f"data.root={coco_dir}",
+                "-c",
+                f"data.ann={ann}",
+                "-c",
+                f"data.test_ann={ann}",
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1].startswith("mean PCK: ")
-    printed = [line.split(": ") for line in lines[-1 - len(AP_NAMES):-1]]
+    printed = [line.split(": ") for line in lines[-1 - len(AP_NAMES) : -1]]
     assert [name for name, _ in printed] == list(AP_NAMES)
     assert all(0.0 <= float(value) <= 1.0 for _, value in printed)
 
@@ -263,8 +350,11 @@ def test_own_data_without_area_ids_or_categories(tmp_path, capsys, coco_dir, gt)
             del a[key]
     ann = tmp_path / "own.json"
     ann.write_text(json.dumps(own))
-    results = [{"image_id": a["image_id"], "category_id": 1, "keypoints": a["keypoints"],
-                "score": 1.0} for a in own["annotations"] if any(a["keypoints"][2::3])]
+    results = [
+        {"image_id": a["image_id"], "category_id": 1, "keypoints": a["keypoints"], "score": 1.0}
+        for a in own["annotations"]
+        if any(a["keypoints"][2::3])
+    ]
     (tmp_path / "res.json").write_text(json.dumps(results))
     code, lines = _score(capsys, coco_dir, ann, tmp_path / "res.json")
     assert code == 0 and lines["AP"] == "1.000" and lines["mean PCK"] == "100.00"

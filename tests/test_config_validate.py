@@ -13,20 +13,23 @@ from fedpose.config import METHODS, ConfigError, config_from_dict, load_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize(("override", "allowed"), [
-    ("fed.method=fedgh2", "fedavg"),
-    ("train.optimizer=adamw", "adam, sgd"),
-    ("fed.partition=random", "iid, attribute, dirichlet, quantity"),
-    ("fed.mode=semi", "sync, async"),
-    ("fed.selection=oort", "random, deadline, utility"),
-    ("fed.gh_variant=mgda", "pcgrad, symmetric"),
-    ("fed.gh_order=sorted", "random, index"),
-    ("fed.gh_method=svd", "gram, direct"),
-    ("data.dataset=h36m", "lsp, mpii, coco, synth-arm"),
-    ("data.lsp_labels=xx", "pc, oc"),
-    ("model.depth=20", "18, 34, 50, 101, 152"),
-    ("train.device=tpu", "auto, cpu, cuda"),
-])
+@pytest.mark.parametrize(
+    ("override", "allowed"),
+    [
+        ("fed.method=fedgh2", "fedavg"),
+        ("train.optimizer=adamw", "adam, sgd"),
+        ("fed.partition=random", "iid, attribute, dirichlet, quantity"),
+        ("fed.mode=semi", "sync, async"),
+        ("fed.selection=oort", "random, deadline, utility"),
+        ("fed.gh_variant=mgda", "pcgrad, symmetric"),
+        ("fed.gh_order=sorted", "random, index"),
+        ("fed.gh_method=svd", "gram, direct"),
+        ("data.dataset=h36m", "lsp, mpii, coco, synth-arm"),
+        ("data.lsp_labels=xx", "pc, oc"),
+        ("model.depth=20", "18, 34, 50, 101, 152"),
+        ("train.device=tpu", "auto, cpu, cuda"),
+    ],
+)
 def test_named_choices_name_key_value_and_allowed(override, allowed):
     key, value = override.split("=")
     with pytest.raises(ConfigError) as e:
@@ -37,27 +40,30 @@ def test_named_choices_name_key_value_and_allowed(override, allowed):
     assert allowed in message
 
 
-@pytest.mark.parametrize(("override", "allowed"), [
-    ("train.lr=-1", "> 0"),
-    ("train.lr=0", "> 0"),
-    ("train.lr=nan", "> 0"),
-    ("fed.rounds=0", ">= 1"),
-    ("system.dropout=1", "[0, 1)"),
-    ("system.dropout=-0.1", "[0, 1)"),
-    ("system.availability=0", "(0, 1]"),
-    ("fed.server_lr=nan", "> 0"),
-    ("fed.server_lr=inf", "> 0"),
-    ("fed.clients_per_round=5", "[0, 4]"),
-    ("fed.num_clients=0", ">= 1"),
-    ("train.batch_size=0", ">= 1"),
-    ("train.momentum=1", "[0, 1)"),
-    ("data.test_fraction=1", "(0, 1)"),
-    ("fed.gh_tau=2", "[-1, 1]"),
-    ("fed.buffer_size=0", ">= 1"),
-    ("fed.dirichlet_alpha=0", "> 0"),
-    ("data.sigma=-2", "> 0"),
-    ("seed=-1", ">= 0"),
-])
+@pytest.mark.parametrize(
+    ("override", "allowed"),
+    [
+        ("train.lr=-1", "> 0"),
+        ("train.lr=0", "> 0"),
+        ("train.lr=nan", "> 0"),
+        ("fed.rounds=0", ">= 1"),
+        ("system.dropout=1", "[0, 1)"),
+        ("system.dropout=-0.1", "[0, 1)"),
+        ("system.availability=0", "(0, 1]"),
+        ("fed.server_lr=nan", "> 0"),
+        ("fed.server_lr=inf", "> 0"),
+        ("fed.clients_per_round=5", "[0, 4]"),
+        ("fed.num_clients=0", ">= 1"),
+        ("train.batch_size=0", ">= 1"),
+        ("train.momentum=1", "[0, 1)"),
+        ("data.test_fraction=1", "(0, 1)"),
+        ("fed.gh_tau=2", "[-1, 1]"),
+        ("fed.buffer_size=0", ">= 1"),
+        ("fed.dirichlet_alpha=0", "> 0"),
+        ("data.sigma=-2", "> 0"),
+        ("seed=-1", ">= 0"),
+    ],
+)
 def test_ranges_name_key_value_and_allowed(override, allowed):
     key, value = override.split("=")
     with pytest.raises(ConfigError) as e:
@@ -68,23 +74,32 @@ def test_ranges_name_key_value_and_allowed(override, allowed):
     assert allowed in message, message
 
 
-@pytest.mark.parametrize("override", ["model.deconv_layers=2", "data.input_size=48",
-                                      "system.speeds=[1, 2, 0, 4]",
-                                      "system.speeds=[1, 'x']"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "model.deconv_layers=2",
+        "data.input_size=48",
+        "system.speeds=[1, 2, 0, 4]",
+        "system.speeds=[1, 'x']",
+    ],
+)
 def test_shapes_the_model_or_federation_cannot_have(override):
     with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
         load_config(None, [override])
 
 
-@pytest.mark.parametrize(("toml", "message"), [
-    ("[fed]\nrounds = 1.7\n", "fed.rounds: expected an integer, got 1.7"),
-    ("[fed]\nrounds = true\n", "fed.rounds: expected an integer, got True"),
-    ("[train]\nlr = true\n", "train.lr: expected a number, got True"),
-    ("[data]\naugment = 1\n", "data.augment: expected true or false, got 1"),
-    ("[fed]\nmethod = 3\n", "fed.method: expected a string, got 3"),
-    ("[system]\nspeeds = 5\n", "system.speeds: expected a list, got 5"),
-    ("[fed]\nrounds = \"3\"\n", None),  # a quoted number is still an integer written as text
-])
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("[fed]\nrounds = 1.7\n", "fed.rounds: expected an integer, got 1.7"),
+        ("[fed]\nrounds = true\n", "fed.rounds: expected an integer, got True"),
+        ("[train]\nlr = true\n", "train.lr: expected a number, got True"),
+        ("[data]\naugment = 1\n", "data.augment: expected true or false, got 1"),
+        ("[fed]\nmethod = 3\n", "fed.method: expected a string, got 3"),
+        ("[system]\nspeeds = 5\n", "system.speeds: expected a list, got 5"),
+        ('[fed]\nrounds = "3"\n', None),  # a quoted number is still an integer written as text
+    ],
+)
 def test_toml_types_are_never_converted_silently(tmp_path, toml, message):
     path = tmp_path / "c.toml"
     path.write_text(toml)
@@ -96,15 +111,17 @@ def test_toml_types_are_never_converted_silently(tmp_path, toml, message):
     assert str(e.value) == message
 
 
-@pytest.mark.parametrize("override", ["fed.rounds=1.7", "fed.rounds=ten", "data.augment=maybe",
-                                      "train.lr=fast"])
+@pytest.mark.parametrize(
+    "override", ["fed.rounds=1.7", "fed.rounds=ten", "data.augment=maybe", "train.lr=fast"]
+)
 def test_override_types(override):
     with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
         load_config(None, [override])
 
 
-@pytest.mark.parametrize("name", ["../../x", "/tmp/x", "a/../../b", "", ".hidden", "a//b",
-                                  "a\\b", "x\ty"])
+@pytest.mark.parametrize(
+    "name", ["../../x", "/tmp/x", "a/../../b", "", ".hidden", "a//b", "a\\b", "x\ty"]
+)
 def test_run_names_stay_inside_out_dir(name):
     with pytest.raises(ConfigError, match="name: .* not a plain run name"):
         load_config(None, [f"name={name}"])
@@ -132,18 +149,46 @@ def test_methods_are_the_strategies():
 
 
 def _snapshot(run_dir: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
-            if p.is_file()}
+    return {
+        str(p.relative_to(run_dir)): p.read_bytes()
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file()
+    }
 
 
-@pytest.mark.parametrize("bad", [["-c", "fed.method=fedgh2"], ["-c", "data.dataset=lsp",
-                                                               "-c", "data.root=/no/such/lsp"],
-                                 ["-c", "name=../t"]])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["-c", "fed.method=fedgh2"],
+        ["-c", "data.dataset=lsp", "-c", "data.root=/no/such/lsp"],
+        ["-c", "name=../t"],
+    ],
+)
 def test_a_failed_start_leaves_the_previous_run_as_it_was(tmp_path, synth_dir, capsys, bad):
-    args = ["-c", f"out_dir={tmp_path / 'runs'}", "-c", "name=t", "-c", f"data.root={synth_dir}",
-            "-c", "data.input_size=32", "-c", "model.width=4", "-c", "model.deconv_filters=8",
-            "-c", "train.batch_size=8", "-c", "train.flip_test=false", "-c", "fed.rounds=1",
-            "-c", "fed.local_steps=1", "-c", "fed.num_clients=2"]
+    args = [
+        "-c",
+        f"out_dir={tmp_path / 'runs'}",
+        "-c",
+        "name=t",
+        "-c",
+        f"data.root={synth_dir}",
+        "-c",
+        "data.input_size=32",
+        "-c",
+        "model.width=4",
+        "-c",
+        "model.deconv_filters=8",
+        "-c",
+        "train.batch_size=8",
+        "-c",
+        "train.flip_test=false",
+        "-c",
+        "fed.rounds=1",
+        "-c",
+        "fed.local_steps=1",
+        "-c",
+        "fed.num_clients=2",
+    ]
     assert main(["run", "configs/demo.toml", *args]) == 0
     run_dir = tmp_path / "runs" / "t"
     before = _snapshot(run_dir)

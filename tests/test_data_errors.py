@@ -330,8 +330,10 @@ def test_inspect_reports_one_error_line_and_exit_code_2(tmp_path, coco, capsys):
     data["annotations"][0]["keypoints"][0] = 5000
     path = tmp_path / "a_rather_long_annotation_file_name_that_would_wrap.json"
     path.write_text(json.dumps(data))
-    assert main(["data", "inspect", "--dataset", "coco", "--root", str(image_dir),
-                 "--ann", str(path)]) == 2
+    assert (
+        main(["data", "inspect", "--dataset", "coco", "--root", str(image_dir), "--ann", str(path)])
+        == 2
+    )
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1
     assert lines[0].startswith(f"error: {path} [record 000000000785.jpg#442619]: ")
@@ -339,8 +341,10 @@ def test_inspect_reports_one_error_line_and_exit_code_2(tmp_path, coco, capsys):
 
 def test_inspect_succeeds_on_valid_data(coco, capsys):
     ann = coco[0] / "test_coco.json"
-    assert main(["data", "inspect", "--dataset", "coco", "--root", str(coco[0]),
-                 "--ann", str(ann)]) == 0
+    assert (
+        main(["data", "inspect", "--dataset", "coco", "--root", str(coco[0]), "--ann", str(ann)])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "labelled joints" in out and "r_ankle" in out
 

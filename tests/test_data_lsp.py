@@ -85,8 +85,10 @@ def test_observer_centric_labels_are_read_from_joints_oc(root, every, raw):
     joints = np.stack([r.joints for r in oc], axis=2)
     np.testing.assert_allclose(joints, raw_oc[:2].transpose(1, 0, 2) - 1, atol=1e-4)
     differing = sum(not np.array_equal(a.joints, b.joints) for a, b in zip(every, oc, strict=True))
-    assert 0 < differing == sum(
-        not np.array_equal(raw[:2, :, i], raw_oc[:2, :, i]) for i in range(raw.shape[2])
+    assert (
+        0
+        < differing
+        == sum(not np.array_equal(raw[:2, :, i], raw_oc[:2, :, i]) for i in range(raw.shape[2]))
     )
 
 

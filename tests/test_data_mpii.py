@@ -102,8 +102,17 @@ def test_head_boxes_from_gt_valid(tmp_path, ann, mpii_dir, raw):
 
 
 def test_inspect_checks_head_boxes_against_the_annotations(tmp_path, ann, mpii_dir, raw, capsys):
-    args = ["data", "inspect", "--dataset", "mpii", "--root", str(mpii_dir), "--ann", str(ann),
-            "--headboxes"]
+    args = [
+        "data",
+        "inspect",
+        "--dataset",
+        "mpii",
+        "--root",
+        str(mpii_dir),
+        "--ann",
+        str(ann),
+        "--headboxes",
+    ]
     assert main([*args, str(write_gt_valid(tmp_path / "gt_valid.mat", raw))]) == 0
     assert re.search(r"head boxes\s*│\s*5\s*│", capsys.readouterr().out)
     # the same boxes in another order belong to other people: one error line, exit code 2

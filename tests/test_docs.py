@@ -104,8 +104,9 @@ def test_lsp_extended_error_line_is_what_inspect_prints(tmp_path, monkeypatch, c
     assert capsys.readouterr().err == quoted
 
 
-@pytest.mark.parametrize("name", ["LSP (Leeds Sports Pose)", "MPII Human Pose",
-                                  "COCO person keypoints"])
+@pytest.mark.parametrize(
+    "name", ["LSP (Leeds Sports Pose)", "MPII Human Pose", "COCO person keypoints"]
+)
 def test_dataset_sections_show_an_inspect_command(name):
     commands = _commands(_sections(DATASETS_DOC)[name])
     assert any(c[:2] == ["data", "inspect"] for c in commands)
@@ -125,7 +126,7 @@ def _apply_registration(init: Path, snippets: list[str]) -> None:
     opening = names_start.splitlines()[0]
     assert text.count(opening) == 1, f"{init} has no single {opening!r}"
     text = text.replace(opening + "\n", names_start, 1)
-    final_raise = text.index("    raise ValueError(f\"unknown fed.method")
+    final_raise = text.index('    raise ValueError(f"unknown fed.method')
     init.write_text(text[:final_raise] + branch + text[final_raise:])
 
 
@@ -150,8 +151,14 @@ def test_extending_example_rule_is_fedavg_with_server_momentum():
     counts = torch.tensor([1.0, 3.0], dtype=torch.float64)
 
     def inputs(deltas, add_to=None):
-        return RoundInput(deltas=deltas, counts=counts, client_ids=[0, 1], num_clients=2,
-                          slices=[("w", 0, 3)], add_to=add_to)
+        return RoundInput(
+            deltas=deltas,
+            counts=counts,
+            client_ids=[0, 1],
+            num_clients=2,
+            slices=[("w", 0, 3)],
+            add_to=add_to,
+        )
 
     first = rule.aggregate(inputs(d1), rule.initial_state())
     mean1 = 0.25 * d1[0] + 0.75 * d1[1]  # n_k / n = 1/4, 3/4
@@ -171,19 +178,27 @@ def test_extending_example_runs_in_fedpose_compare(tmp_path):
     applied to a copy of the package, and its smoke command: the new rule trains and reports."""
     sections = _sections(EXTENDING_DOC)
     target, code = _example_rule()
-    registration = [text for lang, text, _ in _blocks(sections["2. Registered by name"])
-                    if lang == "python"]
+    registration = [
+        text for lang, text, _ in _blocks(sections["2. Registered by name"]) if lang == "python"
+    ]
     assert len(registration) == 3
     smoke = _commands(sections["3. Run it"])[0]
 
-    shutil.copytree(ROOT / "src", tmp_path / "src",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    shutil.copytree(
+        ROOT / "src", tmp_path / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+    )
     (tmp_path / target).write_text(code)
     _apply_registration(tmp_path / "src/fedpose/fl/strategies/__init__.py", registration)
     (tmp_path / "configs").symlink_to(ROOT / "configs")
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "src"), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "fedpose.cli", *smoke], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "fedpose.cli", *smoke],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
     run_dir = tmp_path / "runs" / "try-fedavgm"

@@ -34,8 +34,14 @@ def layout_and_weights():
 
 def _reply(layout, weights, **changes) -> TrainReply:
     size = layout.slices[-1][2]
-    reply = TrainReply(client_id=0, version=0, num_samples=5, delta=torch.zeros(size),
-                       averaged={n: weights[n].clone() for n in layout.avg_names}, train_loss=0.1)
+    reply = TrainReply(
+        client_id=0,
+        version=0,
+        num_samples=5,
+        delta=torch.zeros(size),
+        averaged={n: weights[n].clone() for n in layout.avg_names},
+        train_loss=0.1,
+    )
     for key, value in changes.items():
         setattr(reply, key, value)
     return reply
@@ -46,25 +52,41 @@ def test_sound_reply_passes(layout_and_weights):
     assert structural_problem(_reply(layout, weights), layout, weights) is None
 
 
-@pytest.mark.parametrize(("change", "reason"), [
-    (lambda n, w, lay: {"delta": torch.zeros(n - 1)}, "shape"),
-    (lambda n, w, lay: {"delta": torch.zeros(n + 7)}, "shape"),
-    (lambda n, w, lay: {"delta": torch.zeros(2, n // 2)}, "shape"),
-    (lambda n, w, lay: {"delta": torch.zeros(n, dtype=torch.float64)}, "dtype"),
-    (lambda n, w, lay: {"delta": torch.zeros(n, dtype=torch.int32)}, "dtype"),
-    (lambda n, w, lay: {"delta": None}, "no update"),
-    (lambda n, w, lay: {"delta": [0.0] * n}, "no update"),
-    (lambda n, w, lay: {"delta": torch.full((n,), float("inf"))}, "non-finite"),
-    (lambda n, w, lay: {"averaged": {}}, "missing"),
-    (lambda n, w, lay: {"averaged": {**{k: w[k] for k in lay.avg_names}, "extra": w[
-        lay.avg_names[0]]}}, "extra"),
-    (lambda n, w, lay: {"averaged": {k: w[k].double() if w[k].is_floating_point() else w[k]
-                                     for k in lay.avg_names}}, "float64"),
-    (lambda n, w, lay: {"averaged": {k: w[k].reshape(-1)[:1] for k in lay.avg_names}}, "expected"),
-    (lambda n, w, lay: {"num_samples": 0}, "no training samples"),
-    (lambda n, w, lay: {"num_samples": 2.5}, "not an integer"),
-    (lambda n, w, lay: {"error": "client crashed: boom"}, "boom"),
-])
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (lambda n, w, lay: {"delta": torch.zeros(n - 1)}, "shape"),
+        (lambda n, w, lay: {"delta": torch.zeros(n + 7)}, "shape"),
+        (lambda n, w, lay: {"delta": torch.zeros(2, n // 2)}, "shape"),
+        (lambda n, w, lay: {"delta": torch.zeros(n, dtype=torch.float64)}, "dtype"),
+        (lambda n, w, lay: {"delta": torch.zeros(n, dtype=torch.int32)}, "dtype"),
+        (lambda n, w, lay: {"delta": None}, "no update"),
+        (lambda n, w, lay: {"delta": [0.0] * n}, "no update"),
+        (lambda n, w, lay: {"delta": torch.full((n,), float("inf"))}, "non-finite"),
+        (lambda n, w, lay: {"averaged": {}}, "missing"),
+        (
+            lambda n, w, lay: {
+                "averaged": {**{k: w[k] for k in lay.avg_names}, "extra": w[lay.avg_names[0]]}
+            },
+            "extra",
+        ),
+        (
+            lambda n, w, lay: {
+                "averaged": {
+                    k: w[k].double() if w[k].is_floating_point() else w[k] for k in lay.avg_names
+                }
+            },
+            "float64",
+        ),
+        (
+            lambda n, w, lay: {"averaged": {k: w[k].reshape(-1)[:1] for k in lay.avg_names}},
+            "expected",
+        ),
+        (lambda n, w, lay: {"num_samples": 0}, "no training samples"),
+        (lambda n, w, lay: {"num_samples": 2.5}, "not an integer"),
+        (lambda n, w, lay: {"error": "client crashed: boom"}, "boom"),
+    ],
+)
 def test_malformed_replies_are_refused_with_a_reason(layout_and_weights, change, reason):
     layout, weights = layout_and_weights
     reply = _reply(layout, weights, **change(layout.slices[-1][2], weights, layout))
@@ -87,8 +109,9 @@ def test_fault_plan_is_seeded_and_has_the_rate():
     cfg = load_config(None, [f"system.faults={ALL_FAULTS}", "system.fault_rate=0.3"])
     plan = FaultPlan(cfg.system, seed=3)
     draws = [plan.fault(r, k) for r in range(400) for k in range(5)]
-    assert draws == [FaultPlan(cfg.system, seed=3).fault(r, k) for r in range(400)
-                     for k in range(5)]
+    assert draws == [
+        FaultPlan(cfg.system, seed=3).fault(r, k) for r in range(400) for k in range(5)
+    ]
     share = sum(d is not None for d in draws) / len(draws)
     assert 0.26 < share < 0.34
     assert {d for d in draws if d} == set(FAULT_KINDS)
@@ -113,10 +136,21 @@ class OmittingTransport(LocalTransport):
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("method", ["fedavg", "fedgh"])
 def test_30_percent_faulty_clients_equal_a_run_that_omitted_them(tmp_path, synth_dir, method):
-    sets = [f"fed.method={method}", "fed.rounds=10", "fed.local_steps=1", "fed.eval_every=10",
-            "seed=6"]  # 12 of 40 (30 %) faulty, all five kinds, never a whole round
-    faulty_cfg = tiny_config(tmp_path, synth_dir, "name=faulty", *sets,
-                             f"system.faults={ALL_FAULTS}", "system.fault_rate=0.3")
+    sets = [
+        f"fed.method={method}",
+        "fed.rounds=10",
+        "fed.local_steps=1",
+        "fed.eval_every=10",
+        "seed=6",
+    ]  # 12 of 40 (30 %) faulty, all five kinds, never a whole round
+    faulty_cfg = tiny_config(
+        tmp_path,
+        synth_dir,
+        "name=faulty",
+        *sets,
+        f"system.faults={ALL_FAULTS}",
+        "system.fault_rate=0.3",
+    )
     plan = FaultPlan(faulty_cfg.system, faulty_cfg.seed)
     faulty = {(r, k): plan.fault(r, k) for r in range(10) for k in range(4) if plan.fault(r, k)}
     assert 8 <= len(faulty) <= 16 and set(faulty.values()) == set(FAULT_KINDS)
@@ -140,25 +174,73 @@ def test_30_percent_faulty_clients_equal_a_run_that_omitted_them(tmp_path, synth
 
 
 def _cli_args(tmp_path, synth_dir) -> list[str]:
-    return ["-c", f"out_dir={tmp_path / 'runs'}", "-c", "name=t", "-c", f"data.root={synth_dir}",
-            "-c", "data.input_size=32", "-c", "model.width=4", "-c", "model.deconv_filters=8",
-            "-c", "train.batch_size=8", "-c", "train.flip_test=false", "-c", "fed.rounds=2",
-            "-c", "fed.local_steps=1", "-c", "fed.num_clients=2"]
+    return [
+        "-c",
+        f"out_dir={tmp_path / 'runs'}",
+        "-c",
+        "name=t",
+        "-c",
+        f"data.root={synth_dir}",
+        "-c",
+        "data.input_size=32",
+        "-c",
+        "model.width=4",
+        "-c",
+        "model.deconv_filters=8",
+        "-c",
+        "train.batch_size=8",
+        "-c",
+        "train.flip_test=false",
+        "-c",
+        "fed.rounds=2",
+        "-c",
+        "fed.local_steps=1",
+        "-c",
+        "fed.num_clients=2",
+    ]
 
 
 def test_console_shows_rejected_clients_with_the_reason(tmp_path, synth_dir, capsys):
-    assert main(["run", "configs/demo.toml", *_cli_args(tmp_path, synth_dir),
-                 "-c", 'system.faults=["nan"]', "-c", "system.fault_rate=0.5", "-c", "seed=2",
-                 "-c", "fed.rounds=1"]) == 0  # seed 2: client 1 faulty, client 0 sound
+    assert (
+        main(
+            [
+                "run",
+                "configs/demo.toml",
+                *_cli_args(tmp_path, synth_dir),
+                "-c",
+                'system.faults=["nan"]',
+                "-c",
+                "system.fault_rate=0.5",
+                "-c",
+                "seed=2",
+                "-c",
+                "fed.rounds=1",
+            ]
+        )
+        == 0
+    )  # seed 2: client 1 faulty, client 0 sound
     out = capsys.readouterr().out
     assert "rejected client" in out and "non-finite values in the update" in out
 
 
 @pytest.mark.parametrize("retries", [0, 2])
 def test_a_round_where_every_client_fails_stops_with_exit_1(tmp_path, synth_dir, capsys, retries):
-    assert main(["run", "configs/demo.toml", *_cli_args(tmp_path, synth_dir),
-                 "-c", 'system.faults=["exception"]', "-c", "system.fault_rate=1",
-                 "-c", f"fed.round_retries={retries}"]) == 1
+    assert (
+        main(
+            [
+                "run",
+                "configs/demo.toml",
+                *_cli_args(tmp_path, synth_dir),
+                "-c",
+                'system.faults=["exception"]',
+                "-c",
+                "system.fault_rate=1",
+                "-c",
+                f"fed.round_retries={retries}",
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: round 1: every selected client failed")
     assert f"{retries} retries" in err[0]
@@ -167,8 +249,20 @@ def test_a_round_where_every_client_fails_stops_with_exit_1(tmp_path, synth_dir,
 
 
 def test_a_non_finite_global_model_is_never_written(tmp_path, synth_dir, capsys):
-    assert main(["run", "configs/demo.toml", *_cli_args(tmp_path, synth_dir),
-                 "-c", "fed.method=fedavg", "-c", "fed.server_lr=1e300"]) == 1
+    assert (
+        main(
+            [
+                "run",
+                "configs/demo.toml",
+                *_cli_args(tmp_path, synth_dir),
+                "-c",
+                "fed.method=fedavg",
+                "-c",
+                "fed.server_lr=1e300",
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "the aggregated model is not finite" in err[0], err
     run_dir = tmp_path / "runs" / "t"
@@ -187,17 +281,31 @@ def test_async_mode_ends_when_no_update_can_arrive(tmp_path, synth_dir):
     cfg = tiny_config(tmp_path, synth_dir, "fed.mode=async", "system.dropout=0.999999")
     with pytest.raises(FederationError, match="asynchronous mode: no update can arrive"):
         run_federation(cfg)
-    cfg = tiny_config(tmp_path, synth_dir, "name=t2", "fed.mode=async",
-                      'system.faults=["exception"]', "system.fault_rate=1")
+    cfg = tiny_config(
+        tmp_path,
+        synth_dir,
+        "name=t2",
+        "fed.mode=async",
+        'system.faults=["exception"]',
+        "system.fault_rate=1",
+    )
     with pytest.raises(FederationError, match="first failure: client .*InjectedFault"):
         run_federation(cfg)
 
 
 @pytest.mark.usefixtures("one_thread")
 def test_async_mode_with_faulty_clients_completes(tmp_path, synth_dir):
-    cfg = tiny_config(tmp_path, synth_dir, "fed.mode=async", "fed.rounds=4",
-                      f"system.faults={ALL_FAULTS}", "system.fault_rate=0.3", "fed.local_steps=1")
+    cfg = tiny_config(
+        tmp_path,
+        synth_dir,
+        "fed.mode=async",
+        "fed.rounds=4",
+        f"system.faults={ALL_FAULTS}",
+        "system.fault_rate=0.3",
+        "fed.local_steps=1",
+    )
     server = run_federation(cfg)
     assert server.state.round == 4
-    assert all(bool(torch.isfinite(t).all()) for t in server.weights.values()
-               if t.is_floating_point())
+    assert all(
+        bool(torch.isfinite(t).all()) for t in server.weights.values() if t.is_floating_point()
+    )

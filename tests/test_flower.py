@@ -38,8 +38,9 @@ from fedpose.tools.flower_demo import compare_engines, demo_config, write_app_di
 
 def _net() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(4 * 6 * 6, 5))
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)
+    )
 
 
 def _over_the_wire(content: RecordDict) -> RecordDict:
@@ -62,8 +63,10 @@ def test_state_dict_round_trips_exactly():
     state["extra.nan"] = torch.tensor([float("nan"), float("inf"), -0.0])
     state["extra.strided"] = torch.randn(4, 6).t()  # not contiguous
 
-    for back in (record_to_state(state_to_record(state)),
-                 record_to_state(_over_the_wire(RecordDict({"w": state_to_record(state)}))["w"])):
+    for back in (
+        record_to_state(state_to_record(state)),
+        record_to_state(_over_the_wire(RecordDict({"w": state_to_record(state)}))["w"]),
+    ):
         assert list(back) == list(state)
         for name, t in state.items():
             assert back[name].dtype == t.dtype, name
@@ -80,18 +83,27 @@ def test_request_and_reply_survive_the_wire():
     assert (got.client_id, got.version, got.round, got.seed) == (3, 7, 9, 2**32 - 1)
     assert all(torch.equal(got.weights[k], state[k]) for k in state)
 
-    reply = TrainReply(client_id=3, version=7, num_samples=40, delta=torch.randn(11),
-                       averaged={"bn.num_batches_tracked": torch.tensor(5),
-                                 "bn.running_mean": torch.randn(4)},
-                       train_loss=0.125, steps=2, seconds=1.5)
+    reply = TrainReply(
+        client_id=3,
+        version=7,
+        num_samples=40,
+        delta=torch.randn(11),
+        averaged={"bn.num_batches_tracked": torch.tensor(5), "bn.running_mean": torch.randn(4)},
+        train_loss=0.125,
+        steps=2,
+        seconds=1.5,
+    )
     got = content_to_reply(_over_the_wire(reply_to_content(reply, {"handler-seconds": 2.0})))
     assert got.problem() is None
     assert torch.equal(got.delta, reply.delta)
     assert all(torch.equal(got.averaged[k], reply.averaged[k]) for k in reply.averaged)
     assert (got.num_samples, got.train_loss, got.steps, got.seconds) == (40, 0.125, 2, 1.5)
 
-    failed = content_to_reply(_over_the_wire(reply_to_content(
-        TrainReply(client_id=1, version=0, error="client crashed: boom"))))
+    failed = content_to_reply(
+        _over_the_wire(
+            reply_to_content(TrainReply(client_id=1, version=0, error="client crashed: boom"))
+        )
+    )
     assert failed.problem() == "client crashed: boom"
     assert failed.delta is None
 
@@ -99,8 +111,10 @@ def test_request_and_reply_survive_the_wire():
 def test_client_state_lives_in_context_state():
     store = RecordDict()
     store["some-mod"] = MetricRecord({"x": 1.0})  # other users of context.state are left alone
-    state = {"local": {"bn.running_var": torch.rand(4), "bn.num_batches_tracked": torch.tensor(3)},
-             "dyn_grad": {"w": torch.randn(2, 3)}}
+    state = {
+        "local": {"bn.running_var": torch.rand(4), "bn.num_batches_tracked": torch.tensor(3)},
+        "dyn_grad": {"w": torch.randn(2, 3)},
+    }
     client_state_to_records(state, store)
     back = records_to_client_state(_over_the_wire(store))
     assert back.keys() == state.keys()
@@ -111,9 +125,13 @@ def test_client_state_lives_in_context_state():
 def test_run_config_carries_the_whole_config(tmp_path):
     cfg = Config()
     cfg.fed.method, cfg.fed.rounds, cfg.system.speeds = "fedbn", 7, [1.0, 2.5]
-    settings = settings_from_run_config({"fedpose-config": json.dumps(cfg.to_dict()),
-                                         "fedpose-overrides": "fed.rounds=3 name='a b'",
-                                         "reply-timeout": 5.0})
+    settings = settings_from_run_config(
+        {
+            "fedpose-config": json.dumps(cfg.to_dict()),
+            "fedpose-overrides": "fed.rounds=3 name='a b'",
+            "reply-timeout": 5.0,
+        }
+    )
     assert settings.config.fed.method == "fedbn"
     assert settings.config.system.speeds == [1.0, 2.5]
     assert (settings.config.fed.rounds, settings.config.name) == (3, "a b")
@@ -155,18 +173,31 @@ def test_fedavg_equals_flower_fedavg(monkeypatch):
 
     cfg = Config()
     cfg.fed.method, cfg.fed.num_clients = "fedavg", len(counts)
-    server = FederatedServer(cfg, base, layout, build_strategy(cfg.fed), transport=None,
-                             client_sizes=counts)
-    replies = [TrainReply(client_id=k, version=0, num_samples=n,
-                          delta=flatten(w, layout.agg_names) - flatten(base, layout.agg_names),
-                          averaged={name: w[name] for name in layout.avg_names})
-               for k, (w, n) in enumerate(zip(clients, counts, strict=True))]
+    server = FederatedServer(
+        cfg, base, layout, build_strategy(cfg.fed), transport=None, client_sizes=counts
+    )
+    replies = [
+        TrainReply(
+            client_id=k,
+            version=0,
+            num_samples=n,
+            delta=flatten(w, layout.agg_names) - flatten(base, layout.agg_names),
+            averaged={name: w[name] for name in layout.avg_names},
+        )
+        for k, (w, n) in enumerate(zip(clients, counts, strict=True))
+    ]
     server.aggregate(replies, [0] * len(replies))
 
-    messages = [Message(RecordDict({"arrays": state_to_record(w),
-                                    "metrics": MetricRecord({"num-examples": n})}),
-                        dst_node_id=k + 1, message_type="train")
-                for k, (w, n) in enumerate(zip(clients, counts, strict=True))]
+    messages = [
+        Message(
+            RecordDict(
+                {"arrays": state_to_record(w), "metrics": MetricRecord({"num-examples": n})}
+            ),
+            dst_node_id=k + 1,
+            message_type="train",
+        )
+        for k, (w, n) in enumerate(zip(clients, counts, strict=True))
+    ]
     arrays, _ = FedAvg().aggregate_train(1, messages)
     flower = {name: torch.from_numpy(np.asarray(a.numpy())) for name, a in arrays.items()}
 
@@ -203,8 +234,12 @@ def _running_with_home(flwr_home: Path) -> list[int]:
 def test_flower_processes_match_the_in_process_engine(tmp_path):
     """SLOW (about 30-60 s): a real flower-superlink and 2 flower-supernode processes on
     loopback run 2 rounds of FedGH; the final model equals the in-process engine's."""
-    cfg = demo_config(None, supernodes=2, rounds=2, overrides=[
-        f"out_dir={tmp_path / 'runs'}", f"data.root={tmp_path / 'synth-arm'}"])
+    cfg = demo_config(
+        None,
+        supernodes=2,
+        rounds=2,
+        overrides=[f"out_dir={tmp_path / 'runs'}", f"data.root={tmp_path / 'synth-arm'}"],
+    )
     work = tmp_path / "flower"
     try:
         result = compare_engines(cfg, 2, Console(width=100), timeout=240, work_dir=work)
@@ -215,9 +250,14 @@ def test_flower_processes_match_the_in_process_engine(tmp_path):
     rows = {}
     for engine, run_dir in (("flower", result.flower.run_dir), ("local", result.local_run_dir)):
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-        rows[engine] = [{k: v for k, v in json.loads(x).items()
-                         if k not in ("wall_seconds", "agg_seconds", "site_pck",
-                                      "site_test_samples")} for x in lines]
+        rows[engine] = [
+            {
+                k: v
+                for k, v in json.loads(x).items()
+                if k not in ("wall_seconds", "agg_seconds", "site_pck", "site_test_samples")
+            }
+            for x in lines
+        ]
     assert [r["round"] for r in rows["flower"]] == [1, 2]
     assert [r["aggregated"] for r in rows["flower"]] == [[0, 1], [0, 1]]
     # Same initial model, same seeded batches, the same CPU kernels with the same thread count,

@@ -42,23 +42,31 @@ def _task_identity(monkeypatch):
 
 def _request() -> Message:
     weights = {"w": torch.randn(P), "bn.running_var": torch.rand(4) + 0.5}
-    content = request_to_content(TrainRequest(client_id=0, version=3, round=3, weights=weights,
-                                              seed=1))
+    content = request_to_content(
+        TrainRequest(client_id=0, version=3, round=3, weights=weights, seed=1)
+    )
     return Message(content, dst_node_id=1, message_type="train")
 
 
 def _app(delta: torch.Tensor, averaged: dict):
     def handler(msg: Message, _context: Context) -> Message:
-        reply = TrainReply(client_id=0, version=3, num_samples=12, delta=delta.clone(),
-                           averaged=averaged, train_loss=0.5, steps=2)
+        reply = TrainReply(
+            client_id=0,
+            version=3,
+            num_samples=12,
+            delta=delta.clone(),
+            averaged=averaged,
+            train_loss=0.5,
+            steps=2,
+        )
         return Message(reply_to_content(reply), reply_to=msg)
+
     return handler
 
 
 def _context(fed: FedConfig) -> Context:
     run_config = {"fedpose-config": json.dumps({"fed": asdict(fed)})}
-    return Context(run_id=1, node_id=1, node_config={}, state=RecordDict(),
-                   run_config=run_config)
+    return Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=run_config)
 
 
 def _private(msg: Message, app, fed: FedConfig) -> Message:
@@ -105,15 +113,20 @@ def test_noise_is_fresh_and_off_means_untouched():
 
 def test_failed_client_releases_nothing():
     def crashed(msg: Message, _context: Context) -> Message:
-        return Message(reply_to_content(TrainReply(client_id=0, version=3, error="boom")),
-                       reply_to=msg)
+        return Message(
+            reply_to_content(TrainReply(client_id=0, version=3, error="boom")), reply_to=msg
+        )
+
     out = _private(_request(), crashed, _fed())
     assert content_to_reply(out.content).error == "boom"
 
 
 def test_privacy_report():
-    rows = [{"selected": [0, 1, 2], "dropped": [2]}, {"selected": [0, 2], "dropped": []},
-            {"selected": [0], "dropped": []}]
+    rows = [
+        {"selected": [0, 1, 2], "dropped": [2]},
+        {"selected": [0, 2], "dropped": []},
+        {"selected": [0], "dropped": []},
+    ]
     releases = releases_per_client(rows)
     assert releases == {0: 3, 1: 1, 2: 1}
     fed = _fed(dp_epsilon=0.5)

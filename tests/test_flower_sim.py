@@ -20,12 +20,17 @@ def test_eight_virtual_supernodes_match_the_in_process_engine(tmp_path):
     """SLOW (about 1-2 min on 2 cores): a simulation SuperLink, 8 virtual SuperNodes, 2 rounds
     of FedGH; final weights and metrics equal the in-process engine's bit for bit."""
     pytest.importorskip("ray")
-    cfg = demo_config(None, supernodes=8, rounds=2, overrides=[
-        f"out_dir={tmp_path / 'runs'}", f"data.root={tmp_path / 'synth-arm'}"])
+    cfg = demo_config(
+        None,
+        supernodes=8,
+        rounds=2,
+        overrides=[f"out_dir={tmp_path / 'runs'}", f"data.root={tmp_path / 'synth-arm'}"],
+    )
     work = tmp_path / "flower"
     try:
-        result = run_flower_simulation(renamed(cfg, "sim"), 8, Console(width=100), work,
-                                       timeout=600)
+        result = run_flower_simulation(
+            renamed(cfg, "sim"), 8, Console(width=100), work, timeout=600
+        )
     finally:
         assert _running_with_home(work / "flwr-home") == [], "Flower processes left running"
     assert result.flower.status["status"] == "finished:completed"
@@ -37,8 +42,13 @@ def test_eight_virtual_supernodes_match_the_in_process_engine(tmp_path):
     rows = {}
     for engine in ("sim", "local"):
         lines = (tmp_path / "runs" / engine / "metrics.jsonl").read_text().splitlines()
-        rows[engine] = [{k: v for k, v in json.loads(x).items()
-                         if k not in ("wall_seconds", "agg_seconds", "site_pck",
-                                      "site_test_samples")} for x in lines]
+        rows[engine] = [
+            {
+                k: v
+                for k, v in json.loads(x).items()
+                if k not in ("wall_seconds", "agg_seconds", "site_pck", "site_test_samples")
+            }
+            for x in lines
+        ]
     assert [r["aggregated"] for r in rows["sim"]] == [list(range(8))] * 2
     assert rows["sim"] == rows["local"]

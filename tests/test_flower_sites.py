@@ -39,8 +39,9 @@ from fedpose.engine.runner import run_federation
 
 def _over_the_wire(content: RecordDict) -> RecordDict:
     objects = get_all_nested_objects(content)
-    return inflate_object_from_contents(content.object_id,
-                                        {oid: obj.deflate() for oid, obj in objects.items()})
+    return inflate_object_from_contents(
+        content.object_id, {oid: obj.deflate() for oid, obj in objects.items()}
+    )
 
 
 class LoopbackGrid:
@@ -48,9 +49,15 @@ class LoopbackGrid:
 
     def __init__(self, node_configs: list[dict], run_config: dict):
         self.contexts = {
-            1000 + i: Context(run_id=1, node_id=1000 + i, node_config=dict(nc),
-                              state=RecordDict(), run_config=dict(run_config))
-            for i, nc in enumerate(node_configs)}
+            1000 + i: Context(
+                run_id=1,
+                node_id=1000 + i,
+                node_config=dict(nc),
+                state=RecordDict(),
+                run_config=dict(run_config),
+            )
+            for i, nc in enumerate(node_configs)
+        }
         self.replies: dict[str, Message] = {}
         self.objects_sent = 0
 
@@ -62,8 +69,11 @@ class LoopbackGrid:
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
             self.objects_sent += len(get_all_nested_objects(msg.content))
-            received = Message(_over_the_wire(msg.content), dst_node_id=msg.metadata.dst_node_id,
-                               message_type=msg.metadata.message_type)
+            received = Message(
+                _over_the_wire(msg.content),
+                dst_node_id=msg.metadata.dst_node_id,
+                message_type=msg.metadata.message_type,
+            )
             received.metadata.__dict__["_message_id"] = msg.metadata.message_id
             # the Deployment Engine starts a fresh ClientApp process for every message
             flower_app._client_sides.clear()
@@ -92,39 +102,61 @@ def task_identity(monkeypatch):
 
 
 def _tiny(tmp_path: Path, *overrides: str):
-    return tiny_config(tmp_path, tmp_path / "synth", "fed.num_clients=3",
-                       "fed.partition=dirichlet", "fed.dirichlet_alpha=1.0", *overrides)
+    return tiny_config(
+        tmp_path,
+        tmp_path / "synth",
+        "fed.num_clients=3",
+        "fed.partition=dirichlet",
+        "fed.dirichlet_alpha=1.0",
+        *overrides,
+    )
 
 
 def _site_configs(sites: Path, n: int) -> list[dict]:
-    return [{"data-root": str(sites / name), "dataset": "coco", "ann": "train.json",
-             "test-ann": "test.json"} for name in site_folder_names(n)]
+    return [
+        {
+            "data-root": str(sites / name),
+            "dataset": "coco",
+            "ann": "train.json",
+            "test-ann": "test.json",
+        }
+        for name in site_folder_names(n)
+    ]
 
 
 def _run_sites(cfg, node_configs: list[dict], **settings):
     run_config = flower_app.DEFAULT_RUN_CONFIG | {"fedpose-config": json.dumps(cfg.to_dict())}
     grid = LoopbackGrid(node_configs, run_config)
     logs: list[str] = []
-    server = run_flower_server(grid, AppSettings(cfg, connect_timeout=5.0, reply_timeout=60.0,
-                                                 **settings), logs.append)
+    server = run_flower_server(
+        grid, AppSettings(cfg, connect_timeout=5.0, reply_timeout=60.0, **settings), logs.append
+    )
     rows = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     return server, rows, logs, grid
 
 
 # ----------------------------------------------------------------------------- transport
 def test_packed_state_is_exact_and_two_arrays():
-    state = {"w": torch.randn(3, 4), "b.num_batches_tracked": torch.tensor(2**40),
-             "h": torch.randn(5, dtype=torch.float64), "f16": torch.randn(7).half(),
-             "flag": torch.tensor([True, False, True]), "empty": torch.zeros(0, 3),
-             "t": torch.randn(4, 6).t(), "nan": torch.tensor([float("nan"), -0.0, float("inf")])}
+    state = {
+        "w": torch.randn(3, 4),
+        "b.num_batches_tracked": torch.tensor(2**40),
+        "h": torch.randn(5, dtype=torch.float64),
+        "f16": torch.randn(7).half(),
+        "flag": torch.tensor([True, False, True]),
+        "empty": torch.zeros(0, 3),
+        "t": torch.randn(4, 6).t(),
+        "nan": torch.tensor([float("nan"), -0.0, float("inf")]),
+    }
     record = pack_state(state)
     assert len(record) == 2
     back = record_to_state(_over_the_wire(RecordDict({"w": record}))["w"])
     assert list(back) == list(state)
     for name, t in state.items():
         assert back[name].dtype == t.dtype and back[name].shape == t.shape, name
-        assert torch.equal(back[name].view(-1).view(torch.uint8) if t.numel() else back[name],
-                           t.contiguous().view(-1).view(torch.uint8) if t.numel() else t), name
+        assert torch.equal(
+            back[name].view(-1).view(torch.uint8) if t.numel() else back[name],
+            t.contiguous().view(-1).view(torch.uint8) if t.numel() else t,
+        ), name
     back["w"].add_(1)  # writable
 
 
@@ -155,17 +187,35 @@ def test_split_sites_hold_exactly_the_partition(tmp_path):
 
 def test_data_split_command_and_inspect(tmp_path, capsys):
     cfg_file = tmp_path / "c.toml"
-    cfg_file.write_text(f'[data]\ndataset = "synth-arm"\nroot = "{tmp_path / "synth"}"\n'
-                        'synth_n = 32\nsynth_size = 64\n[fed]\nnum_clients = 2\n'
-                        'partition = "iid"\n')
+    cfg_file.write_text(
+        f'[data]\ndataset = "synth-arm"\nroot = "{tmp_path / "synth"}"\n'
+        "synth_n = 32\nsynth_size = 64\n[fed]\nnum_clients = 2\n"
+        'partition = "iid"\n'
+    )
     assert main(["data", "split", str(cfg_file), str(tmp_path / "out")]) == 0
-    assert main(["data", "inspect", "--dataset", "coco", "--root", str(tmp_path / "out/site0"),
-                 "--ann", str(tmp_path / "out/site0/train.json")]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "inspect",
+                "--dataset",
+                "coco",
+                "--root",
+                str(tmp_path / "out/site0"),
+                "--ann",
+                str(tmp_path / "out/site0/train.json"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "2 site folders" in out and "labelled joints" in out
     for site in ("site0", "site1"):
         assert {p.name for p in (tmp_path / "out" / site).iterdir()} == {
-            "images", "train.json", "test.json"}
+            "images",
+            "train.json",
+            "test.json",
+        }
     images = sorted(p.name for p in (tmp_path / "out").glob("site*/images/**/*.*"))
     assert len(images) == 32 and len(set(images)) == 32  # every image at exactly one site
 
@@ -187,8 +237,13 @@ def test_sites_train_like_the_in_process_engine_and_evaluate_federated(tmp_path,
     local_rows = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
 
     # the server's data root does not exist: it loads no data
-    flower_cfg = _tiny(tmp_path, "fed.rounds=2", "fed.method=fedavg", "name=flower",
-                       f"data.root={tmp_path / 'nowhere'}")
+    flower_cfg = _tiny(
+        tmp_path,
+        "fed.rounds=2",
+        "fed.method=fedavg",
+        "name=flower",
+        f"data.root={tmp_path / 'nowhere'}",
+    )
     server, rows, _, grid = _run_sites(flower_cfg, _site_configs(tmp_path / "sites", 3))
     assert not (tmp_path / "nowhere").exists()
     for name, t in local.weights.items():
@@ -215,23 +270,31 @@ def test_sites_train_like_the_in_process_engine_and_evaluate_federated(tmp_path,
     report = write_report(arms, tmp_path / "report", "t").read_text()
     site_row = [line for line in report.splitlines() if line.startswith(f"| {label} | ")][-1]
     assert "Per-site PCK" in report
-    assert site_row == f"| {label} | " + " | ".join(
-        f"{rows[-1]['site_pck'][k]:.2f}" for k in ("0", "1", "2")) + " |"
+    assert (
+        site_row
+        == f"| {label} | "
+        + " | ".join(f"{rows[-1]['site_pck'][k]:.2f}" for k in ("0", "1", "2"))
+        + " |"
+    )
 
 
 def test_federated_counts_add_up_to_central_evaluation(tmp_path):
     cfg = _tiny(tmp_path)
     fed = build_federation(cfg)
     torch.manual_seed(3)
-    weights = {n: t + 0.01 * torch.randn_like(t) if t.is_floating_point() else t
-               for n, t in fed.initial_weights().items()}
+    weights = {
+        n: t + 0.01 * torch.randn_like(t) if t.is_floating_point() else t
+        for n, t in fed.initial_weights().items()
+    }
     evaluations = []
     for k, part in enumerate(evaluation_partition(fed.test_records, cfg)):
         records = [fed.test_records[i] for i in part]
-        correct, counted = flower_app.count_correct(fed.model, weights, records, fed.skeleton,
-                                                    cfg, fed.device)
-        content = _over_the_wire(evaluation_to_content(SiteEvaluation(k, len(records), correct,
-                                                                      counted)))
+        correct, counted = flower_app.count_correct(
+            fed.model, weights, records, fed.skeleton, cfg, fed.device
+        )
+        content = _over_the_wire(
+            evaluation_to_content(SiteEvaluation(k, len(records), correct, counted))
+        )
         evaluations.append(content_to_evaluation(content))
     central = fed.evaluate(weights)
     federated = federated_metrics(evaluations, fed.skeleton)
@@ -277,7 +340,7 @@ def test_site_whose_test_file_vanishes_reports_an_error(tmp_path):
 # through PYTHONPATH: an audit hook writes every path the process opens to <dir>/<pid>.log.
 # Python's "open" audit event covers open(), io.open and os.open, so PIL, json and numpy reads
 # are all seen; reads from C extensions that bypass Python's file API would not be.
-OPEN_LOGGER = '''
+OPEN_LOGGER = """
 import os, sys
 _dir = os.environ.get("FEDPOSE_OPEN_LOG")
 if _dir:
@@ -287,7 +350,7 @@ if _dir:
         if event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
             os.write(_fd, os.fsencode(os.path.abspath(os.fsdecode(args[0]))) + b"\\n")
     sys.addaudithook(_log_open)
-'''
+"""
 
 
 def _opened(log_dir: Path) -> set[str]:
@@ -318,17 +381,32 @@ def test_three_sites_on_real_flower_processes(tmp_path):
     envs = []
     for d in logs:
         d.mkdir()
-        envs.append({"FEDPOSE_OPEN_LOG": str(d),
-                     "PYTHONPATH": os.pathsep.join(filter(None, [
-                         str(hook), os.environ.get("PYTHONPATH", "")]))})
-    node_configs = [f'data-root="{folder}" dataset="coco" ann="train.json" '
-                    f'test-ann="test.json"' for folder in sites]
-    server_cfg = _tiny(tmp_path, "fed.rounds=2", "name=sites-flower",
-                       f"data.root={tmp_path / 'no-such-folder'}")
+        envs.append(
+            {
+                "FEDPOSE_OPEN_LOG": str(d),
+                "PYTHONPATH": os.pathsep.join(
+                    filter(None, [str(hook), os.environ.get("PYTHONPATH", "")])
+                ),
+            }
+        )
+    node_configs = [
+        f'data-root="{folder}" dataset="coco" ann="train.json" test-ann="test.json"'
+        for folder in sites
+    ]
+    server_cfg = _tiny(
+        tmp_path, "fed.rounds=2", "name=sites-flower", f"data.root={tmp_path / 'no-such-folder'}"
+    )
     work = tmp_path / "flower"
     try:
-        result = run_flower(server_cfg, 3, Console(width=100), work, timeout=300,
-                            node_configs=node_configs, envs=envs)
+        result = run_flower(
+            server_cfg,
+            3,
+            Console(width=100),
+            work,
+            timeout=300,
+            node_configs=node_configs,
+            envs=envs,
+        )
     finally:
         assert _running_with_home(work / "flwr-home") == [], "Flower processes left running"
     assert result.status["status"] == "finished:completed"
@@ -403,8 +481,9 @@ def test_site_node_config_errors_name_the_problem(tmp_path):
     with pytest.raises(ConfigError, match="test_ann"):
         load_site({"data-root": str(tmp_path), "test_ann": "x.json"}, cfg.data, ARM)
     with pytest.raises(DatasetError, match="no-such.json"):
-        load_site({"data-root": str(tmp_path), "dataset": "coco", "ann": "no-such.json"},
-                  cfg.data, ARM)
+        load_site(
+            {"data-root": str(tmp_path), "dataset": "coco", "ann": "no-such.json"}, cfg.data, ARM
+        )
 
 
 @pytest.mark.usefixtures("task_identity")

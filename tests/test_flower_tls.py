@@ -34,8 +34,10 @@ from fedpose.tools.flower_demo import (
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("openssl") is None or shutil.which("ssh-keygen") is None,
-                       reason="needs openssl and ssh-keygen"),
+    pytest.mark.skipif(
+        shutil.which("openssl") is None or shutil.which("ssh-keygen") is None,
+        reason="needs openssl and ssh-keygen",
+    ),
 ]
 REFUSED_NODE_LIMIT_S = 90.0
 
@@ -48,18 +50,85 @@ def make_certificates(folder: Path) -> dict[str, Path]:
     """A throw-away CA, a server certificate for 127.0.0.1/localhost signed by it, and two
     ECDSA P-384 SuperNode key pairs (one to register, one nobody registers)."""
     folder.mkdir(parents=True, exist_ok=True)
-    _sh("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key",
-        "-out", "ca.crt", "-days", "1", "-subj", "/CN=fedpose test CA", cwd=folder)
-    _sh("openssl", "req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key",
-        "-out", "server.csr", "-subj", "/CN=localhost", cwd=folder)
+    _sh(
+        "openssl",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=fedpose test CA",
+        cwd=folder,
+    )
+    _sh(
+        "openssl",
+        "req",
+        "-new",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+        cwd=folder,
+    )
     (folder / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    _sh("openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-        "-CAcreateserial", "-out", "server.pem", "-days", "1", "-extfile", "san.cnf", cwd=folder)
+    _sh(
+        "openssl",
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "san.cnf",
+        cwd=folder,
+    )
     for name in ("registered", "unknown"):
-        _sh("ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-C", name, "-f", name,
-            cwd=folder)
-    return {name: folder / name for name in ("ca.crt", "server.pem", "server.key",
-                                             "registered", "registered.pub", "unknown")}
+        _sh(
+            "ssh-keygen",
+            "-q",
+            "-t",
+            "ecdsa",
+            "-b",
+            "384",
+            "-N",
+            "",
+            "-C",
+            name,
+            "-f",
+            name,
+            cwd=folder,
+        )
+    return {
+        name: folder / name
+        for name in (
+            "ca.crt",
+            "server.pem",
+            "server.key",
+            "registered",
+            "registered.pub",
+            "unknown",
+        )
+    }
 
 
 def _wait_exit(popen: subprocess.Popen, limit: float) -> int | None:
@@ -72,9 +141,19 @@ def _wait_exit(popen: subprocess.Popen, limit: float) -> int | None:
 def test_tls_and_supernode_authentication(tmp_path):
     """SLOW (about 30-60 s on an idle machine)."""
     t0 = time.monotonic()
-    cfg = demo_config(None, supernodes=1, rounds=1, overrides=[
-        f"out_dir={tmp_path / 'runs'}", f"data.root={tmp_path / 'synth-arm'}",
-        "fed.method=fedavg", "name=tls", "fed.dp_epsilon=0.5", "fed.dp_clip=0.01"])
+    cfg = demo_config(
+        None,
+        supernodes=1,
+        rounds=1,
+        overrides=[
+            f"out_dir={tmp_path / 'runs'}",
+            f"data.root={tmp_path / 'synth-arm'}",
+            "fed.method=fedavg",
+            "name=tls",
+            "fed.dp_epsilon=0.5",
+            "fed.dp_clip=0.01",
+        ],
+    )
     build_federation(cfg)  # the data set exists before any process starts
     certs = make_certificates(tmp_path / "certs")
     deployment = Deployment(tmp_path / "flower", Console(quiet=True))
@@ -84,36 +163,84 @@ def test_tls_and_supernode_authentication(tmp_path):
         f'[superlink]\ndefault = "{CONNECTION}"\n\n'
         f'[superlink.{CONNECTION}]\naddress = "{address}"\n'
         f'root-certificates = "{certs["ca.crt"]}"\n\n'
-        f'[superlink.plaintext]\naddress = "{address}"\ninsecure = true\n')
-    node_args = ["flower-supernode", "--superlink", address,
-                 "--node-config", "partition-id=0 num-partitions=1"]
+        f'[superlink.plaintext]\naddress = "{address}"\ninsecure = true\n'
+    )
+    node_args = [
+        "flower-supernode",
+        "--superlink",
+        address,
+        "--node-config",
+        "partition-id=0 num-partitions=1",
+    ]
     refused = []
     try:
-        link = deployment.start("superlink", [
-            "flower-superlink", "--host", "127.0.0.1", "--port", str(port),
-            "--ssl-ca-certfile", str(certs["ca.crt"]), "--ssl-certfile", str(certs["server.pem"]),
-            "--ssl-keyfile", str(certs["server.key"]), "--enable-supernode-auth"])
+        link = deployment.start(
+            "superlink",
+            [
+                "flower-superlink",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--ssl-ca-certfile",
+                str(certs["ca.crt"]),
+                "--ssl-certfile",
+                str(certs["server.pem"]),
+                "--ssl-keyfile",
+                str(certs["server.key"]),
+                "--enable-supernode-auth",
+            ],
+        )
         deadline = time.monotonic() + 60
         while not _listening(port):
             deployment.check_alive()
             assert time.monotonic() < deadline, f"SuperLink not listening; see {link.log}"
             time.sleep(0.1)
 
-        registered = deployment.flwr("supernode", "register", str(certs["registered.pub"]),
-                                     CONNECTION)
+        registered = deployment.flwr(
+            "supernode", "register", str(certs["registered.pub"]), CONNECTION
+        )
         assert registered.returncode == 0, registered.stdout + registered.stderr
 
-        good = deployment.start("supernode-registered", [
-            *node_args, "--port", str(free_port()), "--root-certificates", str(certs["ca.crt"]),
-            "--auth-supernode-private-key", str(certs["registered"])])
-        unknown = deployment.start("supernode-unknown", [
-            *node_args, "--port", str(free_port()), "--root-certificates", str(certs["ca.crt"]),
-            "--auth-supernode-private-key", str(certs["unknown"])])
+        good = deployment.start(
+            "supernode-registered",
+            [
+                *node_args,
+                "--port",
+                str(free_port()),
+                "--root-certificates",
+                str(certs["ca.crt"]),
+                "--auth-supernode-private-key",
+                str(certs["registered"]),
+            ],
+        )
+        unknown = deployment.start(
+            "supernode-unknown",
+            [
+                *node_args,
+                "--port",
+                str(free_port()),
+                "--root-certificates",
+                str(certs["ca.crt"]),
+                "--auth-supernode-private-key",
+                str(certs["unknown"]),
+            ],
+        )
         # plaintext (Flower itself will not send a SuperNode key without TLS, so none is given:
         # the log shows whether it failed at the connection or at authentication)
-        plaintext = deployment.start("supernode-plaintext", [
-            *node_args, "--port", str(free_port()), "--insecure", "--max-retries", "1",
-            "--max-wait-time", "10"])
+        plaintext = deployment.start(
+            "supernode-plaintext",
+            [
+                *node_args,
+                "--port",
+                str(free_port()),
+                "--insecure",
+                "--max-retries",
+                "1",
+                "--max-wait-time",
+                "10",
+            ],
+        )
 
         # the refused two exit on their own; the run's liveness checks must not count them
         refused = [unknown, plaintext]

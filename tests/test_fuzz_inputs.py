@@ -40,22 +40,42 @@ def _coco(root: Path) -> dict:
         kps = []
         for _ in range(17):
             kps += [float(rng.uniform(5, W - 5)), float(rng.uniform(5, H - 5)), 2]
-        anns.append({"id": i + 1, "image_id": i % 3 + 1, "category_id": 1, "iscrowd": 0,
-                     "num_keypoints": 17, "keypoints": kps, "bbox": [4.0, 3.0, 50.0, 40.0]})
-    return {"images": [{"id": i + 1, "file_name": n, "width": W, "height": H}
-                       for i, n in enumerate(names)],
-            "annotations": anns,
-            "categories": [{"id": 1, "name": "person", "keypoints": [f"k{j}" for j in range(17)]}]}
+        anns.append(
+            {
+                "id": i + 1,
+                "image_id": i % 3 + 1,
+                "category_id": 1,
+                "iscrowd": 0,
+                "num_keypoints": 17,
+                "keypoints": kps,
+                "bbox": [4.0, 3.0, 50.0, 40.0],
+            }
+        )
+    return {
+        "images": [
+            {"id": i + 1, "file_name": n, "width": W, "height": H} for i, n in enumerate(names)
+        ],
+        "annotations": anns,
+        "categories": [{"id": 1, "name": "person", "keypoints": [f"k{j}" for j in range(17)]}],
+    }
 
 
 def _mpii(root: Path) -> list:
     names = ["m1.png", "m2.png", "m3.png"]
     _images(root, names)
     rng = np.random.default_rng(2)
-    return [{"image": n, "center": [32.0, 20.0], "scale": 0.2,
-             "joints": [[float(rng.uniform(5, W - 5)), float(rng.uniform(5, H - 5))]
-                        for _ in range(16)],
-             "joints_vis": [1] * 16} for n in names]
+    return [
+        {
+            "image": n,
+            "center": [32.0, 20.0],
+            "scale": 0.2,
+            "joints": [
+                [float(rng.uniform(5, W - 5)), float(rng.uniform(5, H - 5))] for _ in range(16)
+            ],
+            "joints_vis": [1] * 16,
+        }
+        for n in names
+    ]
 
 
 def _headboxes(n: int) -> dict:
@@ -94,11 +114,26 @@ def _dumps(tree) -> str:
 
 
 VALUES: list[Callable[[object], object]] = [
-    lambda v: None, lambda v: "x", lambda v: str(v)[:20], lambda v: True, lambda v: [],
-    lambda v: {}, lambda v: float("nan"), lambda v: float("inf"), lambda v: -float("inf"),
-    lambda v: 1e30, lambda v: -1e30, lambda v: -1, lambda v: 0, lambda v: 3,
-    lambda v: [v, v], lambda v: [[v]], lambda v: DEEP, lambda v: list(range(1000)),
-    lambda v: {"a": v}, lambda v: 2.5,
+    lambda v: None,
+    lambda v: "x",
+    lambda v: str(v)[:20],
+    lambda v: True,
+    lambda v: [],
+    lambda v: {},
+    lambda v: float("nan"),
+    lambda v: float("inf"),
+    lambda v: -float("inf"),
+    lambda v: 1e30,
+    lambda v: -1e30,
+    lambda v: -1,
+    lambda v: 0,
+    lambda v: 3,
+    lambda v: [v, v],
+    lambda v: [[v]],
+    lambda v: DEEP,
+    lambda v: list(range(1000)),
+    lambda v: {"a": v},
+    lambda v: 2.5,
 ]
 
 
@@ -163,9 +198,17 @@ def _mutate_mat(mat: dict, rng: random.Random) -> dict:
 
 # ----------------------------------------------------------------------------- the cases
 def _cases() -> list[tuple[str, int]]:
-    per_kind = {"coco-json": 70, "coco-bytes": 12, "mpii-json": 45, "mpii-bytes": 8,
-                "headboxes-mat": 16, "lsp-mat": 22, "mat-bytes": 10, "image": 16,
-                "pred-json": 20}
+    per_kind = {
+        "coco-json": 70,
+        "coco-bytes": 12,
+        "mpii-json": 45,
+        "mpii-bytes": 8,
+        "headboxes-mat": 16,
+        "lsp-mat": 22,
+        "mat-bytes": 10,
+        "image": 16,
+        "pred-json": 20,
+    }
     return [(kind, i) for kind, n in per_kind.items() for i in range(n)]
 
 
@@ -217,8 +260,17 @@ def test_corrupted_input_gives_one_error_line_or_success(tmp_path, capsys, kind,
                 preds.setdefault(name, []).append(kps)
             broken = tmp_path / "pred.json"
             broken.write_text(_dumps(_mutate_tree(preds, rng)))
-            argv = ["score", "--dataset", "coco", "--root", str(root), "--ann", str(ann),
-                    "--pred", str(broken)]
+            argv = [
+                "score",
+                "--dataset",
+                "coco",
+                "--root",
+                str(root),
+                "--ann",
+                str(ann),
+                "--pred",
+                str(broken),
+            ]
     elif kind.startswith("mpii") or kind == "headboxes-mat":
         root = tmp_path / "mpii"
         entries = _mpii(root)
@@ -235,8 +287,19 @@ def test_corrupted_input_gives_one_error_line_or_success(tmp_path, capsys, kind,
             scipy.io.savemat(broken, _mutate_mat(_headboxes(len(entries)), rng))
             preds = {e["image"]: e["joints"] for e in entries}
             (tmp_path / "pred.json").write_text(json.dumps(preds))
-            argv = ["score", "--dataset", "mpii", "--root", str(root), "--ann", str(ann),
-                    "--headboxes", str(broken), "--pred", str(tmp_path / "pred.json")]
+            argv = [
+                "score",
+                "--dataset",
+                "mpii",
+                "--root",
+                str(root),
+                "--ann",
+                str(ann),
+                "--headboxes",
+                str(broken),
+                "--pred",
+                str(tmp_path / "pred.json"),
+            ]
     else:
         root = tmp_path / "lsp"
         mat = _lsp(root)
@@ -255,34 +318,68 @@ def test_uncorrupted_inputs_pass(tmp_path, capsys):
     root = tmp_path / "coco"
     ann = tmp_path / "person_keypoints.json"
     ann.write_text(json.dumps(_coco(root)))
-    assert main(["data", "inspect", "--dataset", "coco", "--root", str(root), "--ann",
-                 str(ann)]) == 0
+    assert (
+        main(["data", "inspect", "--dataset", "coco", "--root", str(root), "--ann", str(ann)]) == 0
+    )
     mroot = tmp_path / "mpii"
     entries = _mpii(mroot)
     (tmp_path / "train.json").write_text(json.dumps(entries))
     scipy.io.savemat(tmp_path / "gt_valid.mat", _headboxes(len(entries)))
     (tmp_path / "pred.json").write_text(json.dumps({e["image"]: e["joints"] for e in entries}))
-    assert main(["score", "--dataset", "mpii", "--root", str(mroot), "--ann",
-                 str(tmp_path / "train.json"), "--headboxes", str(tmp_path / "gt_valid.mat"),
-                 "--pred", str(tmp_path / "pred.json")]) == 0
+    assert (
+        main(
+            [
+                "score",
+                "--dataset",
+                "mpii",
+                "--root",
+                str(mroot),
+                "--ann",
+                str(tmp_path / "train.json"),
+                "--headboxes",
+                str(tmp_path / "gt_valid.mat"),
+                "--pred",
+                str(tmp_path / "pred.json"),
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.strip().splitlines()[-1] == "mean PCK: 100.00"
     lroot = tmp_path / "lsp"
     scipy.io.savemat(lroot / "joints.mat", _lsp(lroot))
     assert main(["data", "inspect", "--dataset", "lsp", "--root", str(lroot)]) == 0
 
 
-@pytest.mark.parametrize(("argv_tail", "message"), [
-    (["--alpha", "1e9"], "--alpha 1000000000.0 is out of range; allowed: (0, 1]"),
-    (["--alpha", "0"], "--alpha 0.0 is out of range"),
-    (["--alpha", "nan"], "--alpha nan is out of range"),
-])
+@pytest.mark.parametrize(
+    ("argv_tail", "message"),
+    [
+        (["--alpha", "1e9"], "--alpha 1000000000.0 is out of range; allowed: (0, 1]"),
+        (["--alpha", "0"], "--alpha 0.0 is out of range"),
+        (["--alpha", "nan"], "--alpha nan is out of range"),
+    ],
+)
 def test_score_alpha_outside_0_1_is_refused(tmp_path, capsys, argv_tail, message):
     root = tmp_path / "coco"
     ann = tmp_path / "person_keypoints.json"
     ann.write_text(json.dumps(_coco(root)))
     (tmp_path / "p.json").write_text("{}")
-    assert main(["score", "--dataset", "coco", "--root", str(root), "--ann", str(ann),
-                 "--pred", str(tmp_path / "p.json"), *argv_tail]) == 2
+    assert (
+        main(
+            [
+                "score",
+                "--dataset",
+                "coco",
+                "--root",
+                str(root),
+                "--ann",
+                str(ann),
+                "--pred",
+                str(tmp_path / "p.json"),
+                *argv_tail,
+            ]
+        )
+        == 2
+    )
     assert message in capsys.readouterr().err
 
 
@@ -291,8 +388,22 @@ def test_mpii_pckh_without_head_boxes_is_an_error(tmp_path, capsys):
     entries = _mpii(root)
     (tmp_path / "train.json").write_text(json.dumps(entries))
     (tmp_path / "pred.json").write_text(json.dumps({e["image"]: e["joints"] for e in entries}))
-    assert main(["score", "--dataset", "mpii", "--root", str(root), "--ann",
-                 str(tmp_path / "train.json"), "--pred", str(tmp_path / "pred.json")]) == 2
+    assert (
+        main(
+            [
+                "score",
+                "--dataset",
+                "mpii",
+                "--root",
+                str(root),
+                "--ann",
+                str(tmp_path / "train.json"),
+                "--pred",
+                str(tmp_path / "pred.json"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs head boxes" in err[0]
 
@@ -303,27 +414,32 @@ def test_absurd_coco_box_cannot_make_wrong_predictions_score_100(tmp_path, capsy
     data["annotations"][0]["bbox"] = [0, 0, 1e30, 1e30]
     ann = tmp_path / "person_keypoints.json"
     ann.write_text(json.dumps(data))
-    assert main(["data", "inspect", "--dataset", "coco", "--root", str(root), "--ann",
-                 str(ann)]) == 2
+    assert (
+        main(["data", "inspect", "--dataset", "coco", "--root", str(root), "--ann", str(ann)]) == 2
+    )
     err_line = capsys.readouterr().err.strip()
     assert "bbox" in err_line and "outside the 64x48 image" in err_line
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    (lambda d: d["annotations"].append(dict(d["annotations"][0])), "duplicated annotation id"),
-    (lambda d: d["images"].append(dict(d["images"][0])), "duplicated image id"),
-    (lambda d: d["annotations"][0].update(bbox=["4", "3", "50", "40"]), "bbox must be numbers"),
-    (lambda d: d["annotations"][0]["keypoints"].__setitem__(2, 3), "flags v must be 0, 1 or 2"),
-    (lambda d: d.update(annotations=[]), "zero records"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: d["annotations"].append(dict(d["annotations"][0])), "duplicated annotation id"),
+        (lambda d: d["images"].append(dict(d["images"][0])), "duplicated image id"),
+        (lambda d: d["annotations"][0].update(bbox=["4", "3", "50", "40"]), "bbox must be numbers"),
+        (lambda d: d["annotations"][0]["keypoints"].__setitem__(2, 3), "flags v must be 0, 1 or 2"),
+        (lambda d: d.update(annotations=[]), "zero records"),
+    ],
+)
 def test_coco_absurd_values(tmp_path, capsys, change, message):
     root = tmp_path / "coco"
     data = _coco(root)
     change(data)
     ann = tmp_path / "person_keypoints.json"
     ann.write_text(json.dumps(data))
-    assert main(["data", "inspect", "--dataset", "coco", "--root", str(root), "--ann",
-                 str(ann)]) == 2
+    assert (
+        main(["data", "inspect", "--dataset", "coco", "--root", str(root), "--ann", str(ann)]) == 2
+    )
     assert message in capsys.readouterr().err
 
 

@@ -69,8 +69,15 @@ def test_gram_is_the_exact_gram_of_the_rounded_updates():
         e = math.frexp(top)[1] if top > 0 else 0
         # exact rationals; round() of a Fraction rounds half to even, like the IEEE default
         rows.append(([round(Fraction(x) * Fraction(2) ** (b - e)) for x in row], e))
-    expected = [[float(sum(x * y for x, y in zip(qi, qj, strict=True))
-                       * Fraction(2) ** (ei + ej - 2 * b)) for qj, ej in rows] for qi, ei in rows]
+    expected = [
+        [
+            float(
+                sum(x * y for x, y in zip(qi, qj, strict=True)) * Fraction(2) ** (ei + ej - 2 * b)
+            )
+            for qj, ej in rows
+        ]
+        for qi, ei in rows
+    ]
     for path in ("gemm", "pairwise"):
         assert gram_matrix(d, path=path).tolist() == expected
 
@@ -88,8 +95,12 @@ def test_gram_same_bits_for_every_block_path_and_thread_count(threads):
     assert torch.equal(results[0], results[0].T)
     ref = d.double() @ d.double().T
     scale = ref.diagonal().sqrt()
-    assert float(((results[0] - ref) / (scale[:, None] * scale[None, :]).clamp_min(1e-300))
-                 .abs().max()) < 1e-6
+    assert (
+        float(
+            ((results[0] - ref) / (scale[:, None] * scale[None, :]).clamp_min(1e-300)).abs().max()
+        )
+        < 1e-6
+    )
 
 
 def test_gram_of_a_strided_view_equals_the_gram_of_its_copy():
@@ -143,15 +154,17 @@ def test_every_strategy_same_bits_across_gram_paths_blocks_and_threads(threads, 
     threads(1)
     reference = aggregates()
     threads(2)
-    assert {n: torch.equal(w, reference[n]) for n, w in aggregates().items()} == \
-        dict.fromkeys(reference, True)
+    assert {n: torch.equal(w, reference[n]) for n, w in aggregates().items()} == dict.fromkeys(
+        reference, True
+    )
     pairwise = functools.partial(gram_module.gram_matrix, path="pairwise", block=20_000)
     for module in (fedaw_module, fedgh_module, harmonize_module):
         monkeypatch.setattr(module, "gram_matrix", pairwise)
     # the direct loop computes no Gram matrix
     uses_gram = tuple(n for n in reference if n not in ("fedavg", "feddyn", "fedgh-direct"))
-    assert {n: torch.equal(w, reference[n]) for n, w in aggregates(names=uses_gram).items()} == \
-        dict.fromkeys(uses_gram, True)
+    assert {
+        n: torch.equal(w, reference[n]) for n, w in aggregates(names=uses_gram).items()
+    } == dict.fromkeys(uses_gram, True)
 
 
 def test_gram_fedgh_equals_direct_fedgh_within_rounding():
@@ -165,8 +178,14 @@ def _digests_in_child(env: dict[str, str]) -> dict:
     src = str(Path(fedpose.__file__).resolve().parents[1])
     tests = str(Path(__file__).resolve().parent)
     full = {**os.environ, **env, "PYTHONPATH": os.pathsep.join([src, tests])}
-    out = subprocess.run([sys.executable, str(Path(tests) / "aggregate_digest.py")], env=full,
-                         capture_output=True, text=True, timeout=300, check=True)
+    out = subprocess.run(
+        [sys.executable, str(Path(tests) / "aggregate_digest.py")],
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     return json.loads(out.stdout)
 
 
@@ -183,8 +202,10 @@ _PORTABLE = {
 
 
 def test_every_strategy_same_bits_on_other_instruction_sets():
-    here = {name: __import__("hashlib").sha256(w.numpy().tobytes()).hexdigest()
-            for name, w in aggregates().items()}
+    here = {
+        name: __import__("hashlib").sha256(w.numpy().tobytes()).hexdigest()
+        for name, w in aggregates().items()
+    }
     portable = _digests_in_child(_PORTABLE)
     assert portable["capability"] == "DEFAULT"
     native = _digests_in_child({"OMP_NUM_THREADS": "2"})
@@ -194,7 +215,8 @@ def test_every_strategy_same_bits_on_other_instruction_sets():
 
 @pytest.mark.parametrize("method", ["fedaw", "fedgh"])
 def test_tiny_run_same_final_weights_whatever_the_aggregation_path(
-        tmp_path, synth_dir, monkeypatch, threads, method):
+    tmp_path, synth_dir, monkeypatch, threads, method
+):
     """Clients train on one thread in both runs (training itself is not reproducible across
     thread counts); the server aggregates on 1 thread with the GEMM in one run, on 2 threads
     with the pairwise path and small blocks in the other."""
@@ -213,18 +235,23 @@ def test_tiny_run_same_final_weights_whatever_the_aggregation_path(
                 return real(self, replies, staleness)
             finally:
                 torch.set_num_threads(1)
+
         return aggregate
 
-    first = run_federation(tiny_config(tmp_path, synth_dir, "name=gemm",
-                                       f"fed.method={method}", "fed.rounds=3"))
+    first = run_federation(
+        tiny_config(tmp_path, synth_dir, "name=gemm", f"fed.method={method}", "fed.rounds=3")
+    )
     monkeypatch.setattr(FederatedServer, "aggregate", aggregate_with(2))
     pairwise = functools.partial(gram_module.gram_matrix, path="pairwise", block=1000)
     for module in (fedaw_module, fedgh_module, harmonize_module):
         monkeypatch.setattr(module, "gram_matrix", pairwise)
-    second = run_federation(tiny_config(tmp_path, synth_dir, "name=pairwise",
-                                        f"fed.method={method}", "fed.rounds=3"))
+    second = run_federation(
+        tiny_config(tmp_path, synth_dir, "name=pairwise", f"fed.method={method}", "fed.rounds=3")
+    )
     assert first.weights.keys() == second.weights.keys()
     assert all(torch.equal(first.weights[n], second.weights[n]) for n in first.weights)
-    rows = [json.loads(line) for line in
-            (tmp_path / "runs" / "gemm" / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line)
+        for line in (tmp_path / "runs" / "gemm" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert rows[-1]["gram"]["path"] == "fixed-point int64" and rows[-1]["gram"]["bits"] >= 15

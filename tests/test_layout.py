@@ -46,8 +46,11 @@ def test_imports_point_one_way(room):
 
 
 def test_only_the_cli_parses_arguments():
-    users = [str(p.relative_to(PACKAGE)) for p in sorted(PACKAGE.rglob("*.py"))
-             if "argparse" in _modules(p)]
+    users = [
+        str(p.relative_to(PACKAGE))
+        for p in sorted(PACKAGE.rglob("*.py"))
+        if "argparse" in _modules(p)
+    ]
     assert users == ["cli.py"]
 
 

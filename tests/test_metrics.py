@@ -26,10 +26,15 @@ GOLDEN = Path(__file__).parent / "golden" / "mmpose_pck_accuracy.json"
 def _record(joints, visibility=None, head_box=None, person_box=None) -> PoseRecord:
     joints = np.asarray(joints, dtype=np.float32)
     vis = np.ones(len(joints), np.float32) if visibility is None else np.asarray(visibility, float)
-    return PoseRecord(image=Path("x.jpg"), joints=joints, visibility=vis,
-                      center=np.zeros(2, np.float32), scale=1.0,
-                      head_box=None if head_box is None else np.asarray(head_box, float),
-                      person_box=None if person_box is None else np.asarray(person_box, float))
+    return PoseRecord(
+        image=Path("x.jpg"),
+        joints=joints,
+        visibility=vis,
+        center=np.zeros(2, np.float32),
+        scale=1.0,
+        head_box=None if head_box is None else np.asarray(head_box, float),
+        person_box=None if person_box is None else np.asarray(person_box, float),
+    )
 
 
 def test_pck_hand_computed():
@@ -120,21 +125,37 @@ def test_score_checks_shape():
 
 def _result(skeleton: Skeleton, values: dict[str, float]) -> PCKResult:
     per_joint = {j: values.get(j, 50.0) for j in skeleton.joints}
-    return PCKResult(per_joint=per_joint, mean=42.0, counts={j: 1 for j in skeleton.joints},
-                     alpha=skeleton.pck_alpha, normalizer=skeleton.normalizer)
+    return PCKResult(
+        per_joint=per_joint,
+        mean=42.0,
+        counts={j: 1 for j in skeleton.joints},
+        alpha=skeleton.pck_alpha,
+        normalizer=skeleton.normalizer,
+    )
 
 
 def test_grouped_tables():
-    lsp = dict(grouped_table(_result(LSP, {"neck": 80, "head_top": 60, "l_wrist": 10,
-                                           "r_wrist": 30}), LSP))
+    lsp = dict(
+        grouped_table(_result(LSP, {"neck": 80, "head_top": 60, "l_wrist": 10, "r_wrist": 30}), LSP)
+    )
     assert list(lsp) == ["Head", "Shoulder", "Elbow", "Wrist", "Hip", "Knee", "Ankle", "Mean"]
     assert lsp["Head"] == 70 and lsp["Wrist"] == 20 and lsp["Mean"] == 42
     mpii = dict(grouped_table(_result(MPII, {"upper_neck": 0, "head_top": 90}), MPII))
     assert list(mpii) == ["Head", "Shoulder", "Elbow", "Wrist", "Hip", "Knee", "Ankle", "Mean"]
     assert mpii["Head"] == 90  # official: head_top alone
     coco = [name for name, _ in grouped_table(_result(COCO, {}), COCO)]
-    assert coco == ["Nose", "Eye", "Ear", "Shoulder", "Elbow", "Wrist", "Hip", "Knee", "Ankle",
-                    "Mean"]
+    assert coco == [
+        "Nose",
+        "Eye",
+        "Ear",
+        "Shoulder",
+        "Elbow",
+        "Wrist",
+        "Hip",
+        "Knee",
+        "Ankle",
+        "Mean",
+    ]
     arm = [name for name, _ in grouped_table(_result(ARM, {}), ARM)]
     assert arm == ["Shoulder", "Elbow", "Wrist", "Mean"]
 
@@ -164,18 +185,21 @@ def _peaks(points: np.ndarray, size: tuple[int, int] = (16, 16)) -> np.ndarray:
 
 def test_heatmap_accuracy_simplebaseline():
     # 16x16 maps: normaliser 1.6 px, so correct when the argmax is less than 0.8 px away
-    target = _peaks(np.array([[[5, 5], [8, 8], [1, 9], [-1, -1]],
-                              [[5, 5], [8, 8], [10, 10], [4, 4]]]))
-    output = _peaks(np.array([[[5, 5], [8, 9], [1, 9], [4, 4]],
-                              [[5, 5], [8, 8], [11, 11], [4, 4]]]))
+    target = _peaks(
+        np.array([[[5, 5], [8, 8], [1, 9], [-1, -1]], [[5, 5], [8, 8], [10, 10], [4, 4]]])
+    )
+    output = _peaks(
+        np.array([[[5, 5], [8, 9], [1, 9], [4, 4]], [[5, 5], [8, 8], [11, 11], [4, 4]]])
+    )
     acc, avg, cnt = heatmap_accuracy(output, target)
     # joint 2: sample 0 has target x = 1, which SimpleBaseline takes for "no target";
     # joint 3: sample 0 has no target at all
     np.testing.assert_allclose(acc, [1.0, 0.5, 0.0, 1.0])
     assert cnt == 4 and avg == pytest.approx(0.625)
     # torch tensors work the same; a joint with no target anywhere is -1
-    acc, avg, cnt = heatmap_accuracy(torch.from_numpy(output), torch.zeros_like(
-        torch.from_numpy(target)))
+    acc, avg, cnt = heatmap_accuracy(
+        torch.from_numpy(output), torch.zeros_like(torch.from_numpy(target))
+    )
     np.testing.assert_array_equal(acc, [-1, -1, -1, -1])
     assert cnt == 0 and avg == 0
     # a looser threshold, and a mask
@@ -198,8 +222,9 @@ def test_heatmap_accuracy_matches_mmpose_golden():
             normalize = None
             if res["normalize"] == "custom":
                 normalize = np.array(group["custom_normalize"])
-            acc, avg, cnt = heatmap_accuracy(output, target, thr=res["thr"], normalize=normalize,
-                                             mask=mask, convention="mmpose")
+            acc, avg, cnt = heatmap_accuracy(
+                output, target, thr=res["thr"], normalize=normalize, mask=mask, convention="mmpose"
+            )
             np.testing.assert_allclose(acc, res["acc"], atol=1e-12)
             assert avg == pytest.approx(res["avg_acc"], abs=1e-12)
             assert cnt == res["cnt"]
@@ -208,7 +233,10 @@ def test_heatmap_accuracy_matches_mmpose_golden():
     # mmpose's defaults: thr 0.05 and normalise by (H, W)
     group = data["groups"][0]
     res = next(r for r in group["results"] if r["thr"] == 0.05 and r["normalize"] == "default")
-    acc, _, _ = heatmap_accuracy(np.array(group["output"], np.float32),
-                                 np.array(group["target"], np.float32),
-                                 mask=np.array(group["mask"], bool), convention="mmpose")
+    acc, _, _ = heatmap_accuracy(
+        np.array(group["output"], np.float32),
+        np.array(group["target"], np.float32),
+        mask=np.array(group["mask"], bool),
+        convention="mmpose",
+    )
     np.testing.assert_allclose(acc, res["acc"])

@@ -34,14 +34,24 @@ def test_output_shapes(depth, width):
 
 def test_torchvision_parameter_names():
     r18 = ResNet(18, width=8).state_dict()
-    for key in ("conv1.weight", "bn1.running_mean", "layer1.0.conv1.weight",
-                "layer1.1.bn2.bias", "layer2.0.downsample.0.weight",
-                "layer2.0.downsample.1.running_var", "layer4.1.conv2.weight"):
+    for key in (
+        "conv1.weight",
+        "bn1.running_mean",
+        "layer1.0.conv1.weight",
+        "layer1.1.bn2.bias",
+        "layer2.0.downsample.0.weight",
+        "layer2.0.downsample.1.running_var",
+        "layer4.1.conv2.weight",
+    ):
         assert key in r18, key
     assert "layer1.0.downsample.0.weight" not in r18  # stride 1, same width: no projection
     r50 = ResNet(50, width=4).state_dict()
-    for key in ("layer1.0.conv3.weight", "layer1.0.downsample.0.weight",
-                "layer3.5.bn3.num_batches_tracked", "layer4.2.conv1.weight"):
+    for key in (
+        "layer1.0.conv3.weight",
+        "layer1.0.downsample.0.weight",
+        "layer3.5.bn3.num_batches_tracked",
+        "layer4.2.conv1.weight",
+    ):
         assert key in r50, key
     # torchvision's resnet18 / resnet50 state dicts have 122 / 320 keys, 2 of them fc.*
     assert len(r18) == 120 and len(r50) == 318
@@ -53,9 +63,14 @@ def test_torchvision_parameter_names():
 
 def test_pose_resnet_names_match_simplebaseline():
     keys = PoseResNet(3, depth=18, width=8, deconv_filters=16).state_dict()
-    for key in ("deconv_layers.0.weight", "deconv_layers.1.running_mean",
-                "deconv_layers.3.weight", "deconv_layers.7.bias", "final_layer.weight",
-                "final_layer.bias"):
+    for key in (
+        "deconv_layers.0.weight",
+        "deconv_layers.1.running_mean",
+        "deconv_layers.3.weight",
+        "deconv_layers.7.bias",
+        "final_layer.weight",
+        "final_layer.bias",
+    ):
         assert key in keys, key
     assert keys["deconv_layers.0.weight"].shape == (64, 16, 4, 4)
 
@@ -134,17 +149,20 @@ def test_joints_mse_loss():
     weight = torch.ones(4, 3, 1)
     assert float(crit(target.clone(), target, weight)) == 0
     output = torch.rand(4, 3, 8, 8)
-    torch.testing.assert_close(crit(output, target, weight),
-                               _reference_sb_loss(output, target, weight))
+    torch.testing.assert_close(
+        crit(output, target, weight), _reference_sb_loss(output, target, weight)
+    )
     # a zero weight removes the joint's error entirely
     weight[:, 1] = 0
     noisy = output.clone()
     noisy[:, 1] += 100
     torch.testing.assert_close(crit(noisy, target, weight), crit(output, target, weight))
-    torch.testing.assert_close(crit(output, target, weight),
-                               _reference_sb_loss(output, target, weight))
+    torch.testing.assert_close(
+        crit(output, target, weight), _reference_sb_loss(output, target, weight)
+    )
     assert float(JointsMSELoss(False)(output, target)) == pytest.approx(
-        0.5 * float(((output - target) ** 2).mean()))
+        0.5 * float(((output - target) ** 2).mean())
+    )
 
 
 def test_get_max_preds_and_quarter_shift():
@@ -205,17 +223,22 @@ def test_predict_records_shape_and_mode(tmp_path):
 
     path = tmp_path / "a.png"
     Image.new("RGB", (90, 70), (30, 90, 200)).save(path)
-    records = [PoseRecord(image=path, joints=np.zeros((3, 2), np.float32),
-                          visibility=np.ones(3, np.float32),
-                          center=np.array([45.0, 35.0], np.float32), scale=0.4)
-               for _ in range(5)]
+    records = [
+        PoseRecord(
+            image=path,
+            joints=np.zeros((3, 2), np.float32),
+            visibility=np.ones(3, np.float32),
+            center=np.array([45.0, 35.0], np.float32),
+            scale=0.4,
+        )
+        for _ in range(5)
+    ]
     model = PoseResNet(3, depth=18, width=8, deconv_filters=16)
     model.train()
     from rich.progress import Progress
 
     with Progress(disable=True) as progress:
-        pred = predict_records(model, records, ARM, input_size=64, batch_size=2,
-                               progress=progress)
+        pred = predict_records(model, records, ARM, input_size=64, batch_size=2, progress=progress)
         assert progress.tasks[0].completed == 5
     assert pred.shape == (5, 3, 2)
     assert model.training  # restored

@@ -34,10 +34,17 @@ def _arm_records(n: int = 200, seed: int = 0) -> list[PoseRecord]:
         view = VIEWS[i % 4]
         posture = "extended" if rng.random() < 0.5 else "upright"
         joints = rng.uniform(0, 128, (3, 2)).astype(np.float32)
-        records.append(PoseRecord(
-            image=f"{i:06d}.png", joints=joints, visibility=np.ones(3, np.float32),
-            center=joints.mean(0), scale=0.5, record_id=str(i),
-            attributes={"view": view, "posture": posture, "facing": f"f-{view}"}))
+        records.append(
+            PoseRecord(
+                image=f"{i:06d}.png",
+                joints=joints,
+                visibility=np.ones(3, np.float32),
+                center=joints.mean(0),
+                scale=0.5,
+                record_id=str(i),
+                attributes={"view": view, "posture": posture, "facing": f"f-{view}"},
+            )
+        )
     return records
 
 
@@ -92,10 +99,12 @@ def test_dirichlet_cover_determinism_and_skew():
     _assert_cover(parts, len(RECORDS), 6)
     assert parts == dirichlet(RECORDS, "view", 6, alpha=0.5, seed=3)
     assert parts != dirichlet(RECORDS, "view", 6, alpha=0.5, seed=4)
-    small = np.mean([_mean_max_share(dirichlet(RECORDS, "view", 4, 0.05, s), labels)
-                     for s in range(5)])
-    large = np.mean([_mean_max_share(dirichlet(RECORDS, "view", 4, 100.0, s), labels)
-                     for s in range(5)])
+    small = np.mean(
+        [_mean_max_share(dirichlet(RECORDS, "view", 4, 0.05, s), labels) for s in range(5)]
+    )
+    large = np.mean(
+        [_mean_max_share(dirichlet(RECORDS, "view", 4, 100.0, s), labels) for s in range(5)]
+    )
     assert small > large + 0.3 and large < 0.4
 
 
@@ -114,11 +123,20 @@ def test_dirichlet_over_pose_clusters():
 
 def test_normalized_poses_scale_free_and_fills_unlabelled():
     a = _arm_records(2)
-    b = PoseRecord(image="x", joints=a[0].joints * 3 + 7, visibility=np.ones(3, np.float32),
-                   center=np.zeros(2, np.float32), scale=1.0)
-    hidden = PoseRecord(image="y", joints=a[1].joints.copy(),
-                        visibility=np.array([1, 1, 0], np.float32),
-                        center=np.zeros(2, np.float32), scale=1.0)
+    b = PoseRecord(
+        image="x",
+        joints=a[0].joints * 3 + 7,
+        visibility=np.ones(3, np.float32),
+        center=np.zeros(2, np.float32),
+        scale=1.0,
+    )
+    hidden = PoseRecord(
+        image="y",
+        joints=a[1].joints.copy(),
+        visibility=np.array([1, 1, 0], np.float32),
+        center=np.zeros(2, np.float32),
+        scale=1.0,
+    )
     x = normalized_poses([a[0], b, hidden])
     np.testing.assert_allclose(x[0], x[1], atol=1e-5)
     assert np.isfinite(x).all()
@@ -135,8 +153,9 @@ def test_facing_derived_from_shoulders():
         joints[3] = (l_x, 150)  # l_hip
         vis = np.zeros(14, np.float32)
         vis[[2, 3, 8, 9]] = 1
-        return PoseRecord(image="p", joints=joints, visibility=vis,
-                          center=np.zeros(2, np.float32), scale=1.0)
+        return PoseRecord(
+            image="p", joints=joints, visibility=vis, center=np.zeros(2, np.float32), scale=1.0
+        )
 
     people = [person(40, 100), person(100, 40), person(70, 75)]
     assert record_labels(people, "facing", skeleton=LSP) == ["toward", "away", "profile"]
@@ -144,8 +163,15 @@ def test_facing_derived_from_shoulders():
     # synth-arm records carry the attribute
     assert record_labels(RECORDS[:2], "facing", skeleton=ARM) == ["f-anterior", "f-posterior"]
     with pytest.raises(ValueError, match="l_shoulder"):
-        no_view = [PoseRecord(image="a", joints=np.zeros((3, 2), np.float32),
-                              visibility=np.ones(3, np.float32), center=np.zeros(2), scale=1.0)]
+        no_view = [
+            PoseRecord(
+                image="a",
+                joints=np.zeros((3, 2), np.float32),
+                visibility=np.ones(3, np.float32),
+                center=np.zeros(2),
+                scale=1.0,
+            )
+        ]
         record_labels(no_view, "facing", skeleton=ARM)
 
 
@@ -159,13 +185,16 @@ def test_quantity_skew_sizes_vary():
     assert [len(p) for p in tiny] == [1] * 10
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: iid(3, 4, 0), "only 3 records"),
-    (lambda: iid(3, 0, 0), "at least 1"),
-    (lambda: quantity_skew(10, 2, 0.0, 0), "alpha must be > 0"),
-    (lambda: dirichlet(RECORDS, "view", 4, -1.0, 0), "alpha must be > 0"),
-    (lambda: partition(RECORDS, FedConfig(partition="zipf"), 0), "unknown fed.partition"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: iid(3, 4, 0), "only 3 records"),
+        (lambda: iid(3, 0, 0), "at least 1"),
+        (lambda: quantity_skew(10, 2, 0.0, 0), "alpha must be > 0"),
+        (lambda: dirichlet(RECORDS, "view", 4, -1.0, 0), "alpha must be > 0"),
+        (lambda: partition(RECORDS, FedConfig(partition="zipf"), 0), "unknown fed.partition"),
+    ],
+)
 def test_clear_errors(call, message):
     with pytest.raises(ValueError, match=message):
         call()
@@ -200,8 +229,17 @@ def test_partition_main_writes_files(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(fedpose.data, "load_split", fake_load_split, raising=False)
     cfg = tmp_path / "exp.toml"
     cfg.write_text('[fed]\nnum_clients = 3\npartition = "dirichlet"\n')
-    rc = main(["data", "partition", str(cfg), "-c", f"out_dir={tmp_path / 'runs'}",
-               "-c", "fed.dirichlet_alpha=0.2"])
+    rc = main(
+        [
+            "data",
+            "partition",
+            str(cfg),
+            "-c",
+            f"out_dir={tmp_path / 'runs'}",
+            "-c",
+            "fed.dirichlet_alpha=0.2",
+        ]
+    )
     assert rc == 0
     run_dir = tmp_path / "runs" / "exp"
     data = json.loads((run_dir / "partition.json").read_text())
@@ -211,7 +249,18 @@ def test_partition_main_writes_files(tmp_path, monkeypatch, capsys):
     assert (run_dir / "partition.png").exists()
     assert "partition.json" in capsys.readouterr().out
 
-    rc = main(["data", "partition", str(cfg), "-c", f"out_dir={tmp_path / 'runs'}",
-               "-c", "fed.partition=attribute", "-c", "fed.num_clients=5"])
+    rc = main(
+        [
+            "data",
+            "partition",
+            str(cfg),
+            "-c",
+            f"out_dir={tmp_path / 'runs'}",
+            "-c",
+            "fed.partition=attribute",
+            "-c",
+            "fed.num_clients=5",
+        ]
+    )
     assert rc == 2
     assert "5 clients" in capsys.readouterr().err

@@ -29,9 +29,15 @@ def _records(tmp_path, n: int = 6) -> list[PoseRecord]:
         path = tmp_path / (f"im{i}.png" if i == n - 1 else f"im{i}.jpg")
         image.save(path)
         joints = rng.uniform([0.3 * w, 0.3 * h], [0.7 * w, 0.7 * h], (3, 2)).astype(np.float32)
-        records.append(PoseRecord(image=path, joints=joints, visibility=np.ones(3, np.float32),
-                                  center=np.array([w / 2, h / 2], np.float32),
-                                  scale=0.9 * min(w, h) / 200.0))
+        records.append(
+            PoseRecord(
+                image=path,
+                joints=joints,
+                visibility=np.ones(3, np.float32),
+                center=np.array([w / 2, h / 2], np.float32),
+                scale=0.9 * min(w, h) / 200.0,
+            )
+        )
     return records
 
 
@@ -41,8 +47,9 @@ def test_cached_and_uint8_items_equal_plain_items(tmp_path, input_size):
     plain = PoseDataset(records, SKELETON, input_size, train=True, seed=5)
     cache = ImageCache()
     cached = PoseDataset(records, SKELETON, input_size, train=True, seed=5, image_cache=cache)
-    raw = PoseDataset(records, SKELETON, input_size, train=True, seed=5, image_cache=cache,
-                      normalize=False)
+    raw = PoseDataset(
+        records, SKELETON, input_size, train=True, seed=5, image_cache=cache, normalize=False
+    )
     cached.warm_cache()
     decodes = cache.misses
     assert decodes >= len(records)
@@ -100,13 +107,15 @@ def test_one_loader_over_epochs_gives_each_epochs_batches(tmp_path, workers):
     records = _records(tmp_path, n=5)
     ds = PoseDataset(records, SKELETON, 32, train=True, seed=2, image_cache=ImageCache())
     plain = PoseDataset(records, SKELETON, 32, train=True, seed=2)
-    joined = list(make_epochs_loader(ds, 2, shuffle=True, seed=4, epochs=range(1, 4),
-                                     workers=workers, drop_last=True))
+    joined = list(
+        make_epochs_loader(
+            ds, 2, shuffle=True, seed=4, epochs=range(1, 4), workers=workers, drop_last=True
+        )
+    )
     expected = []
     for epoch in range(1, 4):
         plain.set_epoch(epoch)
-        expected += list(make_loader(plain, 2, shuffle=True, seed=4, epoch=epoch,
-                                     drop_last=True))
+        expected += list(make_loader(plain, 2, shuffle=True, seed=4, epoch=epoch, drop_last=True))
     assert len(joined) == len(expected) == 3 * 2
     for a, b in zip(joined, expected, strict=True):
         assert torch.equal(a["index"], b["index"])

@@ -23,8 +23,10 @@ def test_tail_window_is_the_last_fifth_of_the_rounds():
 
 
 def test_tail_mean_never_takes_the_best_round():
-    rows = [{"round": r, "pck_mean": v} for r, v in
-            enumerate([10, 30, 90, 40, 41, 42, 43, 44, 50, 60], start=1)]
+    rows = [
+        {"round": r, "pck_mean": v}
+        for r, v in enumerate([10, 30, 90, 40, 41, 42, 43, 44, 50, 60], start=1)
+    ]
     rows.insert(3, {"round": 3, "train_loss": 1.0})  # rows without an evaluation are skipped
     assert tail_mean(rows, 10) == pytest.approx(55.0)
     only_early = [{"round": 2, "pck_mean": 70.0}, {"round": 9}]
@@ -55,26 +57,54 @@ def test_paired_interval_by_hand():
 
 
 # ------------------------------------------------------------------------------- fedpose report
-def _fake_run(root: Path, label: str, seed: int, finals: list[float], rounds: int = 10,
-              stop: int | None = None, conflict: float | None = 0.3) -> None:
+def _fake_run(
+    root: Path,
+    label: str,
+    seed: int,
+    finals: list[float],
+    rounds: int = 10,
+    stop: int | None = None,
+    conflict: float | None = 0.3,
+) -> None:
     d = root / f"{label}-s{seed}"
     d.mkdir(parents=True)
-    cfg = {"seed": seed, "name": f"x/{label}-s{seed}",
-           "data": {"dataset": "synth-arm", "root": "data", "input_size": 64},
-           "model": {"depth": 18, "width": 16},
-           "train": {"batch_size": 32},
-           "fed": {"rounds": rounds, "num_clients": 4, "partition": "attribute",
-                   "partition_attr": "view", "mode": "sync", "local_steps": 8, "eval_every": 1},
-           "runtime": {"torch_threads": 1, "gram_path": "torch", "torch": "2", "machine": "x",
-                       "commit": "abc123"}}
+    cfg = {
+        "seed": seed,
+        "name": f"x/{label}-s{seed}",
+        "data": {"dataset": "synth-arm", "root": "data", "input_size": 64},
+        "model": {"depth": 18, "width": 16},
+        "train": {"batch_size": 32},
+        "fed": {
+            "rounds": rounds,
+            "num_clients": 4,
+            "partition": "attribute",
+            "partition_attr": "view",
+            "mode": "sync",
+            "local_steps": 8,
+            "eval_every": 1,
+        },
+        "runtime": {
+            "torch_threads": 1,
+            "gram_path": "torch",
+            "torch": "2",
+            "machine": "x",
+            "commit": "abc123",
+        },
+    }
     (d / "config.json").write_text(json.dumps(cfg))
     rows = []
     for r in range(1, (stop or rounds) + 1):
         value = finals[r - rounds - 1] if r > rounds - len(finals) else 20.0 + r
-        rows.append({"round": r, "pck_mean": value, "train_loss": 1.0 / r, "sim_time": 2.0 * r,
-                     "conflict_share": conflict,
-                     "pck_per_joint": {"shoulder": value + 10, "elbow": value,
-                                       "wrist": value - 10}})
+        rows.append(
+            {
+                "round": r,
+                "pck_mean": value,
+                "train_loss": 1.0 / r,
+                "sim_time": 2.0 * r,
+                "conflict_share": conflict,
+                "pck_per_joint": {"shoulder": value + 10, "elbow": value, "wrist": value - 10},
+            }
+        )
     (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
 
 
@@ -91,8 +121,13 @@ def test_report_tables_differences_and_bands(tmp_path):
     arms = load_arms([_experiment(tmp_path)])
     assert list(arms) == ["fedavg", "fedgh"]
     assert arms["fedgh"].scores() == {0: 62.0, 1: 61.0, 2: 62.5, 3: 60.0}
-    md = write_report(arms, tmp_path / "out", "t", command="fedpose report exp",
-                      produced_by="fedpose compare cfg.toml")
+    md = write_report(
+        arms,
+        tmp_path / "out",
+        "t",
+        command="fedpose report exp",
+        produced_by="fedpose compare cfg.toml",
+    )
     text = md.read_text()
     assert "| fedgh | 4 | 71.38 ± 1.11 | 61.38 ± 1.11 | 51.38 ± 1.11 | 61.38 ± 1.11 |" in text
     diffs = [2.0, 3.0, 1.5, 1.0]
@@ -135,10 +170,19 @@ def test_report_of_a_missing_folder_is_one_error_line(tmp_path, capsys):
 def test_compare_runs_seeds_in_single_thread_processes(tmp_path, synth_dir):
     cfg = tmp_path / "tiny.toml"
     cfg.write_text('name = "tiny"\n')
-    sets = [f"out_dir={tmp_path / 'runs'}", "data.dataset=synth-arm", f"data.root={synth_dir}",
-            "data.input_size=32", "data.test_fraction=0.25", "model.width=4",
-            "model.deconv_filters=8", "train.batch_size=8", "train.flip_test=false",
-            "fed.rounds=1", "fed.local_steps=1"]
+    sets = [
+        f"out_dir={tmp_path / 'runs'}",
+        "data.dataset=synth-arm",
+        f"data.root={synth_dir}",
+        "data.input_size=32",
+        "data.test_fraction=0.25",
+        "model.width=4",
+        "model.deconv_filters=8",
+        "train.batch_size=8",
+        "train.flip_test=false",
+        "fed.rounds=1",
+        "fed.local_steps=1",
+    ]
     args = ["compare", str(cfg), "--methods", "fedavg", "--seeds", "0-1", "--jobs", "2"]
     for s in sets:
         args += ["-c", s]

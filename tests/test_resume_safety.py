@@ -48,8 +48,9 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, synth_di
     with (cfg.run_dir / "metrics.jsonl").open("a") as f:
         f.write('{"round": 3, "trunc')  # a line a kill cut short
     console = Console(record=True, width=400)
-    resumed = run_federation(tiny_config(tmp_path, synth_dir, "name=cut", "fed.rounds=3"),
-                        resume=True, console=console)
+    resumed = run_federation(
+        tiny_config(tmp_path, synth_dir, "name=cut", "fed.rounds=3"), resume=True, console=console
+    )
     out = console.export_text()
     assert "warning: " in out and "last.safetensors: damaged" in out
     assert "resumed cut at round 1" in out
@@ -58,19 +59,54 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, synth_di
 
 
 def test_checkpoint_of_another_run_is_an_error_unless_forced(tmp_path, synth_dir, capsys):
-    args = ["-c", f"out_dir={tmp_path / 'runs'}", "-c", "name=t", "-c", f"data.root={synth_dir}",
-            "-c", "data.input_size=32", "-c", "model.width=4", "-c", "model.deconv_filters=8",
-            "-c", "train.batch_size=8", "-c", "train.flip_test=false", "-c", "fed.rounds=1",
-            "-c", "fed.local_steps=1", "-c", "fed.num_clients=2"]
+    args = [
+        "-c",
+        f"out_dir={tmp_path / 'runs'}",
+        "-c",
+        "name=t",
+        "-c",
+        f"data.root={synth_dir}",
+        "-c",
+        "data.input_size=32",
+        "-c",
+        "model.width=4",
+        "-c",
+        "model.deconv_filters=8",
+        "-c",
+        "train.batch_size=8",
+        "-c",
+        "train.flip_test=false",
+        "-c",
+        "fed.rounds=1",
+        "-c",
+        "fed.local_steps=1",
+        "-c",
+        "fed.num_clients=2",
+    ]
     assert main(["run", "configs/demo.toml", *args]) == 0
     capsys.readouterr()
     for other in (["-c", "seed=5"], ["-c", "fed.method=fedavg"], ["-c", "train.lr=0.5"]):
-        assert main(["run", "configs/demo.toml", *args, *other, "-c", "fed.rounds=2",
-                     "--resume"]) == 2
+        assert (
+            main(["run", "configs/demo.toml", *args, *other, "-c", "fed.rounds=2", "--resume"]) == 2
+        )
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "written by another run" in err[0] and "--force" in err[0]
-    assert main(["run", "configs/demo.toml", *args, "-c", "seed=5", "-c", "fed.rounds=2",
-                 "--resume", "--force"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "configs/demo.toml",
+                *args,
+                "-c",
+                "seed=5",
+                "-c",
+                "fed.rounds=2",
+                "--resume",
+                "--force",
+            ]
+        )
+        == 0
+    )
     assert "resuming despite seed '0'" in capsys.readouterr().out
 
 
@@ -122,14 +158,26 @@ KILLER = textwrap.dedent('''
 ''')
 
 
-def _run(args: list[str], tmp_path: Path, env: dict | None = None,
-         kill_after: float | None = None) -> int:
+def _run(
+    args: list[str], tmp_path: Path, env: dict | None = None, kill_after: float | None = None
+) -> int:
     script = tmp_path / "killer.py"
     script.write_text(KILLER)
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1",
-                "KILL_AT_WRITE": "0", "KILL_MODE": "none", **(env or {})}
-    proc = subprocess.Popen([sys.executable, str(script), *args], env=full_env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    full_env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT / "src"),
+        "OMP_NUM_THREADS": "1",
+        "KILL_AT_WRITE": "0",
+        "KILL_MODE": "none",
+        **(env or {}),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, str(script), *args],
+        env=full_env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     if kill_after is not None:
         try:
             proc.wait(timeout=kill_after)
@@ -142,15 +190,42 @@ def _run(args: list[str], tmp_path: Path, env: dict | None = None,
 
 @pytest.mark.slow  # ~8 fedpose processes per mode: minutes on a busy 2-core machine
 @pytest.mark.parametrize("mode", ["sync", "async"])
-def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path, synth_dir,
-                                                                           mode):
+def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(
+    tmp_path, synth_dir, mode
+):
     def args(name: str) -> list[str]:
-        return ["run", "configs/demo.toml", "-c", f"out_dir={tmp_path / 'runs'}",
-                "-c", f"name={name}", "-c", f"data.root={synth_dir}", "-c", "data.input_size=32",
-                "-c", "model.width=4", "-c", "model.deconv_filters=8", "-c", "train.batch_size=8",
-                "-c", "train.flip_test=false", "-c", "fed.rounds=6", "-c", "fed.local_steps=2",
-                "-c", "fed.num_clients=4", "-c", f"fed.mode={mode}", "-c", "fed.method=fedgh",
-                "-c", "fed.eval_every=3"]
+        return [
+            "run",
+            "configs/demo.toml",
+            "-c",
+            f"out_dir={tmp_path / 'runs'}",
+            "-c",
+            f"name={name}",
+            "-c",
+            f"data.root={synth_dir}",
+            "-c",
+            "data.input_size=32",
+            "-c",
+            "model.width=4",
+            "-c",
+            "model.deconv_filters=8",
+            "-c",
+            "train.batch_size=8",
+            "-c",
+            "train.flip_test=false",
+            "-c",
+            "fed.rounds=6",
+            "-c",
+            "fed.local_steps=2",
+            "-c",
+            "fed.num_clients=4",
+            "-c",
+            f"fed.mode={mode}",
+            "-c",
+            "fed.method=fedgh",
+            "-c",
+            "fed.eval_every=3",
+        ]
 
     assert _run(args("whole"), tmp_path) == 0
     killed = -signal.SIGKILL
@@ -158,11 +233,15 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
     assert _run(args("cut"), tmp_path, {"KILL_AT_WRITE": "1", "KILL_MODE": "partial"}) == killed
     assert not (tmp_path / "runs" / "cut" / "checkpoints" / "last.safetensors").exists()
     # the new checkpoint written to its temporary file, not yet renamed
-    assert _run([*args("cut"), "--resume"], tmp_path,
-                {"KILL_AT_WRITE": "3", "KILL_MODE": "full"}) == killed
+    assert (
+        _run([*args("cut"), "--resume"], tmp_path, {"KILL_AT_WRITE": "3", "KILL_MODE": "full"})
+        == killed
+    )
     # between moving the old checkpoint aside and renaming the new one into place
-    assert _run([*args("cut"), "--resume"], tmp_path,
-                {"KILL_AT_WRITE": "2", "KILL_MODE": "between"}) == killed
+    assert (
+        _run([*args("cut"), "--resume"], tmp_path, {"KILL_AT_WRITE": "2", "KILL_MODE": "between"})
+        == killed
+    )
     # at random moments
     rng = random.Random(10)
     for _ in range(2):
@@ -170,21 +249,42 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
     assert _run([*args("cut"), "--resume"], tmp_path) == 0
 
     whole, cut = tmp_path / "runs" / "whole", tmp_path / "runs" / "cut"
-    _same_weights(load_file(str(cut / "model.safetensors")),
-                  load_file(str(whole / "model.safetensors")))
+    _same_weights(
+        load_file(str(cut / "model.safetensors")), load_file(str(whole / "model.safetensors"))
+    )
     assert _rows(cut) == _rows(whole)
 
 
 def test_centralized_training_resumes_from_its_checkpoint(tmp_path, synth_dir, capsys):
     def args(name: str, epochs: int) -> list[str]:
-        return ["train", "configs/demo.toml", "-c", f"out_dir={tmp_path}", "-c", f"name={name}",
-                "-c", f"data.root={synth_dir}", "-c", "data.input_size=32", "-c", "model.width=4",
-                "-c", "model.deconv_filters=8", "-c", "train.batch_size=8",
-                "-c", "train.flip_test=false", "-c", f"train.epochs={epochs}"]
+        return [
+            "train",
+            "configs/demo.toml",
+            "-c",
+            f"out_dir={tmp_path}",
+            "-c",
+            f"name={name}",
+            "-c",
+            f"data.root={synth_dir}",
+            "-c",
+            "data.input_size=32",
+            "-c",
+            "model.width=4",
+            "-c",
+            "model.deconv_filters=8",
+            "-c",
+            "train.batch_size=8",
+            "-c",
+            "train.flip_test=false",
+            "-c",
+            f"train.epochs={epochs}",
+        ]
 
     assert main(args("whole", 2)) == 0
     assert main(args("cut", 1)) == 0
     assert main([*args("cut", 2), "--resume"]) == 0
     assert "resumed at epoch 1" in capsys.readouterr().out
-    _same_weights(load_file(str(tmp_path / "cut" / "model.safetensors")),
-                  load_file(str(tmp_path / "whole" / "model.safetensors")))
+    _same_weights(
+        load_file(str(tmp_path / "cut" / "model.safetensors")),
+        load_file(str(tmp_path / "whole" / "model.safetensors")),
+    )

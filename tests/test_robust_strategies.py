@@ -18,9 +18,14 @@ def _inputs(deltas, counts=None, add_to=None) -> RoundInput:
     deltas = torch.as_tensor(deltas, dtype=torch.float32)
     k, p = deltas.shape
     counts = torch.ones(k) if counts is None else counts
-    return RoundInput(deltas=deltas, counts=torch.as_tensor(counts, dtype=torch.float64),
-                      client_ids=list(range(k)), num_clients=k, slices=[("w", 0, p)],
-                      add_to=add_to)
+    return RoundInput(
+        deltas=deltas,
+        counts=torch.as_tensor(counts, dtype=torch.float64),
+        client_ids=list(range(k)),
+        num_clients=k,
+        slices=[("w", 0, p)],
+        add_to=add_to,
+    )
 
 
 def _honest(k: int = 6, p: int = 200, seed: int = 0) -> torch.Tensor:
@@ -87,8 +92,9 @@ def test_clipping_bounds_every_update_norm():
     assert torch.allclose(result.update.double(), (p[:, None] * clipped).sum(0), atol=1e-6)
     assert result.diagnostics["clipped"] == int((norms > clip).sum())
     # the boosted client moves the model by at most its weight times the clipping norm
-    without = strategy.aggregate(_inputs(torch.cat([deltas[:2], deltas[3:]]),
-                                         torch.cat([counts[:2], counts[3:]])), {}).update
+    without = strategy.aggregate(
+        _inputs(torch.cat([deltas[:2], deltas[3:]]), torch.cat([counts[:2], counts[3:]])), {}
+    ).update
     rescaled = without.double() * float(counts.sum() - counts[2]) / float(counts.sum())
     assert float((result.update.double() - rescaled).norm()) <= float(p[2]) * clip * (1 + 1e-5)
 
@@ -130,8 +136,14 @@ def test_shares_show_who_was_cut():
 
 @pytest.mark.parametrize("method", ["fedavg-clip", "median", "trimmed-mean"])
 def test_robust_methods_run_a_federation(tmp_path, synth_dir, method):
-    cfg = tiny_config(tmp_path, synth_dir, f"fed.method={method}", "fed.rounds=1",
-                      "fed.clip_norm=0.05", "fed.trim_ratio=0.25")
+    cfg = tiny_config(
+        tmp_path,
+        synth_dir,
+        f"fed.method={method}",
+        "fed.rounds=1",
+        "fed.clip_norm=0.05",
+        "fed.trim_ratio=0.25",
+    )
     server = run_federation(cfg)
     assert all(torch.isfinite(t).all() for t in server.weights.values() if t.is_floating_point())
     (row,) = read_jsonl(cfg.run_dir / "metrics.jsonl")

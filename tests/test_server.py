@@ -29,13 +29,21 @@ def test_same_seed_same_numbers(tmp_path, synth_dir):
     assert not _weights_equal(a.weights, c.weights)
 
 
-@pytest.mark.parametrize("extra", [
-    ("fed.method=fedgh",),
-    ("fed.method=feddyn",),
-    ("fed.method=fedbn",),
-    ("fed.method=fedgh", "fed.mode=async", "fed.concurrency=3", "fed.buffer_size=2",
-     "system.speed_spread=10"),
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ("fed.method=fedgh",),
+        ("fed.method=feddyn",),
+        ("fed.method=fedbn",),
+        (
+            "fed.method=fedgh",
+            "fed.mode=async",
+            "fed.concurrency=3",
+            "fed.buffer_size=2",
+            "system.speed_spread=10",
+        ),
+    ],
+)
 def test_resume_is_bit_exact(tmp_path, synth_dir, extra):
     full = run_federation(tiny_config(tmp_path, synth_dir, "name=full", "fed.rounds=4", *extra))
     run_federation(tiny_config(tmp_path, synth_dir, "name=half", "fed.rounds=2", *extra))
@@ -45,8 +53,10 @@ def test_resume_is_bit_exact(tmp_path, synth_dir, extra):
     assert _weights_equal(full.weights, resumed.weights)
     drop = ("wall_seconds", "agg_seconds")
     strip = [{k: v for k, v in r.items() if k not in drop} for r in _metrics(cfg)]
-    ref = [{k: v for k, v in r.items() if k not in drop}
-           for r in _metrics(tiny_config(tmp_path, synth_dir, "name=full"))]
+    ref = [
+        {k: v for k, v in r.items() if k not in drop}
+        for r in _metrics(tiny_config(tmp_path, synth_dir, "name=full"))
+    ]
     assert strip == ref
 
 
@@ -99,8 +109,18 @@ def test_metrics_lines_have_the_documented_fields(tmp_path, synth_dir):
     rows = _metrics(cfg)
     assert [r["round"] for r in rows] == [1, 2]
     for r in rows:
-        for key in ("round", "method", "selected", "train_loss", "conflict_share", "weights",
-                    "agg_seconds", "sim_time", "pck_mean", "pck_per_joint"):
+        for key in (
+            "round",
+            "method",
+            "selected",
+            "train_loss",
+            "conflict_share",
+            "weights",
+            "agg_seconds",
+            "sim_time",
+            "pck_mean",
+            "pck_per_joint",
+        ):
             assert key in r, key
         assert r["selected"] == [0, 1, 2, 3]
         assert len(r["weights"]) == 4
@@ -110,9 +130,18 @@ def test_metrics_lines_have_the_documented_fields(tmp_path, synth_dir):
 
 
 def test_async_records_staleness_and_weights_it(tmp_path, synth_dir):
-    cfg = tiny_config(tmp_path, synth_dir, "name=async", "fed.mode=async", "fed.method=fedavg",
-                      "fed.concurrency=4", "fed.buffer_size=2", "fed.rounds=4",
-                      "fed.staleness_exponent=1.0", "system.speeds=[400, 100, 50, 25]")
+    cfg = tiny_config(
+        tmp_path,
+        synth_dir,
+        "name=async",
+        "fed.mode=async",
+        "fed.method=fedavg",
+        "fed.concurrency=4",
+        "fed.buffer_size=2",
+        "fed.rounds=4",
+        "fed.staleness_exponent=1.0",
+        "system.speeds=[400, 100, 50, 25]",
+    )
     run_federation(cfg)
     rows = _metrics(cfg)
     assert len(rows) == 4
@@ -120,8 +149,7 @@ def test_async_records_staleness_and_weights_it(tmp_path, synth_dir):
     assert any(s > 0 for r in rows for s in r["staleness"])
     # the fastest client (0) comes back first: the first buffer holds it
     assert 0 in rows[0]["aggregated"]
-    sizes = {c["client"]: c["size"] for c in
-             json.loads((cfg.run_dir / "clients.json").read_text())}
+    sizes = {c["client"]: c["size"] for c in json.loads((cfg.run_dir / "clients.json").read_text())}
     for r in rows:
         # FedAvg over the buffer: weights proportional to n_k (1 + s)^-1
         raw = [sizes[k] / (1 + s) for k, s in zip(r["aggregated"], r["staleness"], strict=True)]
@@ -148,16 +176,23 @@ class _Recording(LocalTransport):
 
     def receive(self, client_id: int) -> TrainReply:
         reply = super().receive(client_id)
-        _Recording.seen.append(TrainReply(
-            client_id=reply.client_id, version=reply.version, num_samples=reply.num_samples,
-            delta=reply.delta.clone(), averaged={n: t.clone() for n, t in reply.averaged.items()}))
+        _Recording.seen.append(
+            TrainReply(
+                client_id=reply.client_id,
+                version=reply.version,
+                num_samples=reply.num_samples,
+                delta=reply.delta.clone(),
+                averaged={n: t.clone() for n, t in reply.averaged.items()},
+            )
+        )
         return reply
 
 
 def test_server_averages_each_clients_own_batchnorm_statistics(tmp_path, synth_dir):
     _Recording.seen = []
-    cfg = tiny_config(tmp_path, synth_dir, "name=bn", "fed.method=fedavg", "fed.rounds=1",
-                      "data.max_test=1")
+    cfg = tiny_config(
+        tmp_path, synth_dir, "name=bn", "fed.method=fedavg", "fed.rounds=1", "data.max_test=1"
+    )
     server = run_federation(cfg, transport_factory=_Recording)
     replies = _Recording.seen
     assert len(replies) == 4

@@ -213,10 +213,16 @@ def test_fedgh_diagnostics():
 
 def test_build_strategy_names():
     expected = {
-        "fedavg": ("plain", False), "fedprox": ("prox", False), "fedbn": ("plain", True),
-        "feddyn": ("dyn", False), "fedaw": ("plain", False), "fedgh": ("plain", False),
-        "fedgh-noproj": ("plain", False), "fedgh-noaw": ("plain", False),
-        "fedavg-clip": ("plain", False), "median": ("plain", False),
+        "fedavg": ("plain", False),
+        "fedprox": ("prox", False),
+        "fedbn": ("plain", True),
+        "feddyn": ("dyn", False),
+        "fedaw": ("plain", False),
+        "fedgh": ("plain", False),
+        "fedgh-noproj": ("plain", False),
+        "fedgh-noaw": ("plain", False),
+        "fedavg-clip": ("plain", False),
+        "median": ("plain", False),
         "trimmed-mean": ("plain", False),
     }
     assert set(expected) == set(STRATEGY_NAMES)

@@ -30,8 +30,9 @@ def test_same_seed_same_bytes(sets):
     assert a.name == "annotations.json"
     assert a.read_bytes() == b.read_bytes()
     for name in ("000000.png", "000007.png", f"{N - 1:06d}.png"):
-        assert (a.parent / "images" / name).read_bytes() == \
-            (b.parent / "images" / name).read_bytes()
+        assert (a.parent / "images" / name).read_bytes() == (
+            b.parent / "images" / name
+        ).read_bytes()
 
 
 def test_other_seed_differs(sets):
@@ -110,9 +111,9 @@ def test_bad_arguments(tmp_path):
 
 def test_worker_processes_give_the_same_files(tmp_path):
     serial = generate_synth_arm(tmp_path / "s", n=128, seed=2, size=32, progress=False)
-    pooled = generate_synth_arm(tmp_path / "p", n=128, seed=2, size=32, progress=False,
-                                workers=2)
+    pooled = generate_synth_arm(tmp_path / "p", n=128, seed=2, size=32, progress=False, workers=2)
     assert serial.read_bytes() == pooled.read_bytes()
     for name in ("000000.png", "000127.png"):
-        assert (serial.parent / "images" / name).read_bytes() == \
-            (pooled.parent / "images" / name).read_bytes()
+        assert (serial.parent / "images" / name).read_bytes() == (
+            pooled.parent / "images" / name
+        ).read_bytes()

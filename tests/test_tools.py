@@ -47,10 +47,29 @@ def test_bench_flower_smoke(tmp_path, capsys):
     """SLOW (about a minute): `fedpose bench flower` on real Flower processes, FedProx, so the
     client rule and its coefficient travel in the Flower messages; both engines must agree."""
     out = tmp_path / "flower.md"
-    assert main(["bench", "flower", "--supernodes", "2", "--rounds", "1",
-                 "-c", f"out_dir={tmp_path / 'runs'}", "-c", f"data.root={tmp_path / 'synth'}",
-                 "-c", "fed.method=fedprox", "-c", "fed.prox_mu=0.5",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "flower",
+                "--supernodes",
+                "2",
+                "--rounds",
+                "1",
+                "-c",
+                f"out_dir={tmp_path / 'runs'}",
+                "-c",
+                f"data.root={tmp_path / 'synth'}",
+                "-c",
+                "fed.method=fedprox",
+                "-c",
+                "fed.prox_mu=0.5",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("flower/in-process run time: ") and float(last.split(": ")[1]) > 0
     report = out.read_text()

@@ -42,8 +42,9 @@ def test_crop_matrix_maps_centre_to_middle_and_inverts():
     pts = np.random.default_rng(0).uniform(-50, 300, size=(20, 2))
     back = affine_transform(affine_transform(pts, m), invert_affine(m))
     np.testing.assert_allclose(back, pts, atol=1e-9)
-    np.testing.assert_allclose(crop_to_image(affine_transform(pts, m), (120, 80), 1.5, 64, 25.0),
-                               pts, atol=1e-9)
+    np.testing.assert_allclose(
+        crop_to_image(affine_transform(pts, m), (120, 80), 1.5, 64, 25.0), pts, atol=1e-9
+    )
 
 
 def test_rotation_is_counter_clockwise_on_screen():
@@ -87,8 +88,9 @@ def test_heatmap_stride_convention():
     m_in = crop_matrix((100.0, 50.0), 0.7, 10.0, 64)
     m_hm = crop_matrix((100.0, 50.0), 0.7, 10.0, 16)
     p = np.array([[90.0, 61.0], [130.0, 20.0]])
-    np.testing.assert_allclose(input_to_heatmap(affine_transform(p, m_in), 4),
-                               affine_transform(p, m_hm), atol=1e-9)
+    np.testing.assert_allclose(
+        input_to_heatmap(affine_transform(p, m_in), 4), affine_transform(p, m_hm), atol=1e-9
+    )
 
 
 def test_gaussian_targets_and_weights():
@@ -151,8 +153,7 @@ def test_flip_joints_mirrors_about_image_centre():
     out, vis = flip_joints(joints, np.array([1.0, 0.0, 1.0]), 10, [(0, 1)])
     np.testing.assert_allclose(out, [[0.0, 2.0], [9.0, 1.0], [4.5, 3.0]])
     np.testing.assert_array_equal(vis, [0.0, 1.0, 1.0])
-    np.testing.assert_allclose(compose(flip_matrix(10), flip_matrix(10)),
-                               [[1, 0, 0], [0, 1, 0]])
+    np.testing.assert_allclose(compose(flip_matrix(10), flip_matrix(10)), [[1, 0, 0], [0, 1, 0]])
 
 
 # --- the dataset: colour-coded joints must sit under their own target peaks ---
@@ -169,8 +170,13 @@ def _toy_record(tmp_path, name="toy.png", size=(160, 120)) -> PoseRecord:
         draw.ellipse((x - 4, y - 4, x + 4, y + 4), fill=col)
     path = tmp_path / name
     img.save(path)
-    return PoseRecord(image=path, joints=joints, visibility=np.ones(4, np.float32),
-                      center=np.array([80.0, 60.0], np.float32), scale=0.9)
+    return PoseRecord(
+        image=path,
+        joints=joints,
+        visibility=np.ones(4, np.float32),
+        center=np.array([80.0, 60.0], np.float32),
+        scale=0.9,
+    )
 
 
 def _colour_at_peaks(item: dict) -> list[int]:
@@ -215,8 +221,9 @@ def test_dataset_eval_item(tmp_path):
     np.testing.assert_allclose(item["center"].numpy(), [80, 60])
     assert float(item["scale"]) == pytest.approx(0.9)
     # decoding the targets with the item's centre and scale gives back the joints
-    coords = heatmaps_to_image_coords(item["target"][None], item["center"][None],
-                                      item["scale"][None], 64, refine="taylor")[0]
+    coords = heatmaps_to_image_coords(
+        item["target"][None], item["center"][None], item["scale"][None], 64, refine="taylor"
+    )[0]
     np.testing.assert_allclose(coords[[0, 1, 3]], record.joints[[0, 1, 3]], atol=1e-3)
     # grey at the centre normalises to (128/255 - mean) / std; beyond the image it is black
     assert float(item["image"][0, 0, 0]) == pytest.approx(-0.485 / 0.229, abs=1e-4)

@@ -13,10 +13,28 @@ from safetensors import safe_open
 
 from fedpose.cli import main
 
-TINY = ["-c", "name=t", "-c", "data.input_size=32", "-c", "model.width=4",
-        "-c", "model.deconv_filters=8", "-c", "train.batch_size=8", "-c", "train.flip_test=false",
-        "-c", "fed.rounds=1", "-c", "fed.local_steps=1", "-c", "fed.num_clients=2",
-        "-c", "train.epochs=1"]
+TINY = [
+    "-c",
+    "name=t",
+    "-c",
+    "data.input_size=32",
+    "-c",
+    "model.width=4",
+    "-c",
+    "model.deconv_filters=8",
+    "-c",
+    "train.batch_size=8",
+    "-c",
+    "train.flip_test=false",
+    "-c",
+    "fed.rounds=1",
+    "-c",
+    "fed.local_steps=1",
+    "-c",
+    "fed.num_clients=2",
+    "-c",
+    "train.epochs=1",
+]
 
 
 class Payload:
@@ -52,13 +70,15 @@ def _args(tmp_path: Path, synth_dir: Path) -> list[str]:
 
 @pytest.mark.parametrize("zipped", [True, False], ids=["torch-zip", "raw-pickle"])
 @pytest.mark.parametrize("command", ["eval", "predict"])
-def test_pickled_model_file_is_refused_and_never_runs(tmp_path, synth_dir, capsys, zipped,
-                                                      command):
+def test_pickled_model_file_is_refused_and_never_runs(tmp_path, synth_dir, capsys, zipped, command):
     marker = tmp_path / "payload-ran"
     model = _plant(tmp_path / "model.pt", marker, zipped)
     image = sorted((synth_dir / "images").iterdir())[0]
-    argv = ["eval", str(model)] if command == "eval" else [
-        "predict", str(model), str(image), "--out", str(tmp_path / "p.png")]
+    argv = (
+        ["eval", str(model)]
+        if command == "eval"
+        else ["predict", str(model), str(image), "--out", str(tmp_path / "p.png")]
+    )
     assert main(argv) == 2
     line = _one_error_line(capsys)
     assert "model.pt" in line and "pickle" in line
@@ -67,8 +87,7 @@ def test_pickled_model_file_is_refused_and_never_runs(tmp_path, synth_dir, capsy
 
 @pytest.mark.parametrize("name", ["last.pt", "last.safetensors", "previous.safetensors"])
 @pytest.mark.parametrize("command", ["run", "train"])
-def test_pickled_checkpoint_is_refused_and_never_runs(tmp_path, synth_dir, capsys, name,
-                                                      command):
+def test_pickled_checkpoint_is_refused_and_never_runs(tmp_path, synth_dir, capsys, name, command):
     marker = tmp_path / "payload-ran"
     ckpt_dir = tmp_path / "runs" / "t" / "checkpoints"
     _plant(ckpt_dir / name, marker)
@@ -83,8 +102,10 @@ def test_pickled_checkpoint_is_refused_and_never_runs(tmp_path, synth_dir, capsy
 def test_pickled_pretrained_weights_are_refused_and_never_run(tmp_path, synth_dir, capsys):
     marker = tmp_path / "payload-ran"
     evil = _plant(tmp_path / "resnet18.pth", marker)
-    assert main(["train", "configs/demo.toml", *_args(tmp_path, synth_dir),
-                 "--pretrained", str(evil)]) == 2
+    assert (
+        main(["train", "configs/demo.toml", *_args(tmp_path, synth_dir), "--pretrained", str(evil)])
+        == 2
+    )
     line = _one_error_line(capsys)
     assert "resnet18.pth" in line
     assert not marker.exists()

@@ -21,10 +21,14 @@ def _per_tensor(tensors, names, counts):
 def test_flat_average_equals_the_per_tensor_sum_bit_for_bit():
     gen = torch.Generator().manual_seed(0)
     names = ("bn.running_mean", "bn.num_batches_tracked", "bn2.running_var")
-    tensors = [{"bn.running_mean": torch.randn(7, 3, generator=gen),
-                "bn.num_batches_tracked": torch.randint(0, 100, (), generator=gen),
-                "bn2.running_var": torch.rand(5, generator=gen, dtype=torch.float64)}
-               for _ in range(13)]
+    tensors = [
+        {
+            "bn.running_mean": torch.randn(7, 3, generator=gen),
+            "bn.num_batches_tracked": torch.randint(0, 100, (), generator=gen),
+            "bn2.running_var": torch.rand(5, generator=gen, dtype=torch.float64),
+        }
+        for _ in range(13)
+    ]
     counts = [float(x) for x in torch.randint(1, 50, (13,), generator=gen)]
     flat = weighted_average(tensors, names, counts)
     reference = _per_tensor(tensors, names, counts)

@@ -29,25 +29,45 @@ RUN_INTERRUPTED = "the last checkpoint is kept; rerun with --resume"
 FLOWER_INTERRUPTED = "every Flower process was stopped"
 
 
-def _add_overrides(p: argparse.ArgumentParser,
-                   help_text: str = "override a config value, e.g. -c fed.rounds=5") -> None:
-    p.add_argument("-c", "--set", dest="overrides", action="append", default=[],
-                   metavar="KEY=VALUE", help=help_text)
+def _add_overrides(
+    p: argparse.ArgumentParser, help_text: str = "override a config value, e.g. -c fed.rounds=5"
+) -> None:
+    p.add_argument(
+        "-c",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=help_text,
+    )
 
 
 def _add_config(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("config", nargs=None if required else "?", help="TOML config file")
     _add_overrides(p)
-    p.add_argument("--pretrained", type=_pretrained, dest="overrides", action="append",
-                   metavar="PATH", help="start the backbone from a torchvision-format ResNet "
-                                        "state dict (same as -c model.pretrained=PATH)")
+    p.add_argument(
+        "--pretrained",
+        type=_pretrained,
+        dest="overrides",
+        action="append",
+        metavar="PATH",
+        help="start the backbone from a torchvision-format ResNet "
+        "state dict (same as -c model.pretrained=PATH)",
+    )
 
 
 def _add_resume(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the last checkpoint (start over when there is none)")
-    p.add_argument("--force", action="store_true",
-                   help="with --resume: accept a checkpoint of another method, seed or config")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the last checkpoint (start over when there is none)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="with --resume: accept a checkpoint of another method, seed or config",
+    )
 
 
 def _pretrained(path: str) -> str:
@@ -82,8 +102,9 @@ def _variants(args) -> list[tuple[str, list[str]]]:
     """(label, overrides) per compared variant: --variant LABEL:key=value;key=value, or one
     variant per --methods entry."""
     if not args.variant:
-        return [(m.strip(), [f"fed.method={m.strip()}"])
-                for m in args.methods.split(",") if m.strip()]
+        return [
+            (m.strip(), [f"fed.method={m.strip()}"]) for m in args.methods.split(",") if m.strip()
+        ]
     out = []
     for spec in args.variant:
         label, _, sets = spec.partition(":")
@@ -118,13 +139,20 @@ def cmd_compare(args) -> int:
             resume = args.resume
             if args.jobs > 1:
                 cli_args = ["run", args.config, *(a for x in run_sets for a in ("-c", x))]
-                jobs.append(Job(cfg.name, cli_args + (["--resume"] if resume else []),
-                                cfg.run_dir.parent / f"{label}-s{seed}.log"))
+                jobs.append(
+                    Job(
+                        cfg.name,
+                        cli_args + (["--resume"] if resume else []),
+                        cfg.run_dir.parent / f"{label}-s{seed}.log",
+                    )
+                )
             else:
                 run_federation(cfg, resume=resume, console=console)
     if jobs:
-        console.print(f"{len(jobs)} runs in {min(args.jobs, len(jobs))} processes, one thread "
-                      "each; logs beside the run directories")
+        console.print(
+            f"{len(jobs)} runs in {min(args.jobs, len(jobs))} processes, one thread "
+            "each; logs beside the run directories"
+        )
 
         def done(job: Job, code: int, seconds: float) -> None:
             state = "done" if code == 0 else f"FAILED (exit {code}, see {job.log})"
@@ -133,14 +161,23 @@ def cmd_compare(args) -> int:
         codes = run_jobs(jobs, args.jobs, done)
         failed = [n for n, c in codes.items() if c != 0]
         if failed:
-            err_console.print(f"error: {len(failed)} run(s) failed: {', '.join(failed)}",
-                              markup=False, highlight=False)
+            err_console.print(
+                f"error: {len(failed)} run(s) failed: {', '.join(failed)}",
+                markup=False,
+                highlight=False,
+            )
             return 1
     arms = load_arms(run_dirs)
     command = args.command_line
-    report = write_report(arms, base.run_dir.parent / name, f"fedpose compare: {name}",
-                          baselines=tuple(_split(args.baselines)), command=command,
-                          produced_by=command, target_pck=base.fed.target_pck)
+    report = write_report(
+        arms,
+        base.run_dir.parent / name,
+        f"fedpose compare: {name}",
+        baselines=tuple(_split(args.baselines)),
+        command=command,
+        produced_by=command,
+        target_pck=base.fed.target_pck,
+    )
     console.print(report.read_text().split("## Curves")[0], markup=False, highlight=False)
     console.print(f"report: {report}")
     return 0
@@ -151,11 +188,17 @@ def cmd_report(args) -> int:
 
     arms = load_arms([Path(p) for p in args.runs])
     notes = Path(args.notes).read_text() if args.notes else ""
-    report = write_report(arms, Path(args.out), args.title,
-                          baselines=tuple(_split(args.baselines)),
-                          command=args.command_line,
-                          produced_by=args.produced_by or "", notes=notes, commit=args.commit,
-                          target_pck=args.target_pck)
+    report = write_report(
+        arms,
+        Path(args.out),
+        args.title,
+        baselines=tuple(_split(args.baselines)),
+        command=args.command_line,
+        produced_by=args.produced_by or "",
+        notes=notes,
+        commit=args.commit,
+        target_pck=args.target_pck,
+    )
     console.print(report.read_text().split("## Curves")[0], markup=False, highlight=False)
     console.print(f"report: {report}")
     return 0
@@ -230,8 +273,10 @@ def cmd_export(args) -> int:
     model, cfg, skeleton = load_model(args.checkpoint)
     size = cfg.data.input_size
     out = export_onnx(model, size, args.onnx, skeleton)
-    console.print(f"image: batch x 3 x {size} x {size} -> heatmaps: batch x "
-                  f"{skeleton.num_joints} x {size // 4} x {size // 4}, ONNX opset {ONNX_OPSET}")
+    console.print(
+        f"image: batch x 3 x {size} x {size} -> heatmaps: batch x "
+        f"{skeleton.num_joints} x {size // 4} x {size // 4}, ONNX opset {ONNX_OPSET}"
+    )
     print(f"wrote {out}")
     return 0
 
@@ -256,8 +301,10 @@ def _print_keypoint_ap(ap: dict[str, float], dataset: str) -> None:
     for name, value in ap.items():
         print(f"{name}: {value:.3f}")
     if not ap and dataset == "synth-arm":
-        console.print("keypoint AP: not reported for synth-arm (COCO's OKS constants exist for "
-                      "its 17 keypoints only)")
+        console.print(
+            "keypoint AP: not reported for synth-arm (COCO's OKS constants exist for "
+            "its 17 keypoints only)"
+        )
 
 
 def cmd_data_synth_arm(args) -> int:
@@ -271,8 +318,14 @@ def cmd_data_synth_arm(args) -> int:
 def cmd_data_inspect(args) -> int:
     from fedpose.data.inspect import inspect_dataset, summary_tables
 
-    summary = inspect_dataset(args.dataset, args.root, args.ann, labels=args.labels,
-                              headboxes=args.headboxes, decode=not args.quick)
+    summary = inspect_dataset(
+        args.dataset,
+        args.root,
+        args.ann,
+        labels=args.labels,
+        headboxes=args.headboxes,
+        decode=not args.quick,
+    )
     for table in summary_tables(summary):
         console.print(table)
     return 0
@@ -300,11 +353,19 @@ def cmd_data_split(args) -> int:
         table.add_row(str(site.folder), str(site.train), str(site.test))
     console.print(table)
     first = sites[0].folder
-    console.print(f"check one: fedpose data inspect --dataset coco --root {first} "
-                  f"--ann {first / TRAIN_FILE}", markup=False, highlight=False, soft_wrap=True)
-    console.print(f"serve one: flower-supernode ... --node-config 'data-root=\"{first}\" "
-                  f'dataset="coco" ann="{TRAIN_FILE}" test-ann="{TEST_FILE}"\'',
-                  markup=False, highlight=False, soft_wrap=True)
+    console.print(
+        f"check one: fedpose data inspect --dataset coco --root {first} --ann {first / TRAIN_FILE}",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+    console.print(
+        f'serve one: flower-supernode ... --node-config \'data-root="{first}" '
+        f'dataset="coco" ann="{TRAIN_FILE}" test-ann="{TEST_FILE}"\'',
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
     return 0
 
 
@@ -322,12 +383,23 @@ def cmd_bench_aggregate(args) -> int:
 def cmd_bench_data(args) -> int:
     from fedpose.tools.bench_data import DataBenchOptions, bench_data, data_table
 
-    res = bench_data(DataBenchOptions(
-        dataset=args.dataset, root=args.root or _default_root(args.dataset), ann=args.ann,
-        input_size=args.input, workers=args.workers, batch_size=args.batch,
-        samples=args.samples, model=args.model, model_batch=args.model_batch,
-        model_steps=args.steps, device=args.device, compile=args.compile,
-        repeats=args.repeats))
+    res = bench_data(
+        DataBenchOptions(
+            dataset=args.dataset,
+            root=args.root or _default_root(args.dataset),
+            ann=args.ann,
+            input_size=args.input,
+            workers=args.workers,
+            batch_size=args.batch,
+            samples=args.samples,
+            model=args.model,
+            model_batch=args.model_batch,
+            model_steps=args.steps,
+            device=args.device,
+            compile=args.compile,
+            repeats=args.repeats,
+        )
+    )
     table, notes = data_table(res)
     console.print(table)
     console.print(notes)
@@ -338,11 +410,19 @@ def cmd_bench_data(args) -> int:
 def cmd_bench_sim(args) -> int:
     from fedpose.tools.bench_sim import SimBenchOptions, bench_sim, sim_table
 
-    opts = SimBenchOptions(clients=args.clients, per_round=args.per_round, rounds=args.rounds,
-                           method=args.method, samples_per_client=args.samples,
-                           sizes=args.sizes, workdir=args.workdir)
-    res = bench_sim(opts, progress=lambda row: console.print(
-        f"K = {row['clients']}: {row['round_s']:.2f} s a round"))
+    opts = SimBenchOptions(
+        clients=args.clients,
+        per_round=args.per_round,
+        rounds=args.rounds,
+        method=args.method,
+        samples_per_client=args.samples,
+        sizes=args.sizes,
+        workdir=args.workdir,
+    )
+    res = bench_sim(
+        opts,
+        progress=lambda row: console.print(f"K = {row['clients']}: {row['round_s']:.2f} s a round"),
+    )
     table, notes = sim_table(res, opts)
     console.print(table)
     console.print(notes)
@@ -354,11 +434,20 @@ def cmd_bench_train(args) -> int:
     from fedpose.tools.bench_train import TrainBenchOptions, bench_train, train_tables
 
     opts = TrainBenchOptions(
-        model=args.model, input_size=args.input, device=args.device, dataset=args.dataset,
-        root=args.root or _default_root(args.dataset), ann=args.ann, batch_size=args.batch,
-        workers=args.workers, steps=args.steps, compile=args.compile,
-        peak_tflops=args.peak_tflops, fedgh_clients=args.fedgh_clients,
-        fedgh_params=args.fedgh_params)
+        model=args.model,
+        input_size=args.input,
+        device=args.device,
+        dataset=args.dataset,
+        root=args.root or _default_root(args.dataset),
+        ann=args.ann,
+        batch_size=args.batch,
+        workers=args.workers,
+        steps=args.steps,
+        compile=args.compile,
+        peak_tflops=args.peak_tflops,
+        fedgh_clients=args.fedgh_clients,
+        fedgh_params=args.fedgh_params,
+    )
     res = bench_train(opts)
     table, notes = train_tables(res, opts.dataset)
     console.print(table)
@@ -389,12 +478,10 @@ def cmd_bench_flower(args) -> int:
 
     console.print(f"Flower vs in-process: {args.supernodes} SuperNodes, {args.rounds} rounds")
     with terminate_on_sigterm():
-        bench = run_flower_bench(args.config, args.supernodes, args.rounds, args.overrides,
-                                 console)
+        bench = run_flower_bench(args.config, args.supernodes, args.rounds, args.overrides, console)
     console.print(summary_table(bench))
     if args.out:
-        command = bench_command(args.config, args.supernodes, args.rounds, args.overrides,
-                                args.out)
+        command = bench_command(args.config, args.supernodes, args.rounds, args.overrides, args.out)
         console.print(f"wrote {write_report(bench, command, args.out)}")
     print(f"flower/in-process run time: {bench.summary['ratio_run']:.2f}")
     return 0
@@ -409,13 +496,17 @@ def cmd_flower_demo(args) -> int:
     )
 
     cfg = demo_config(args.config, args.supernodes, args.rounds, args.overrides)
-    console.print(f"[bold]{cfg.name}[/]: {cfg.fed.method} on {cfg.data.dataset}, "
-                  f"{args.supernodes} SuperNodes, {args.rounds} rounds; runs in {cfg.out_dir}")
+    console.print(
+        f"[bold]{cfg.name}[/]: {cfg.fed.method} on {cfg.data.dataset}, "
+        f"{args.supernodes} SuperNodes, {args.rounds} rounds; runs in {cfg.out_dir}"
+    )
     with terminate_on_sigterm():
         result = compare_engines(cfg, args.supernodes, console)
     f = result.flower
-    console.print(f"Flower: {f.seconds['start']:.1f} s to start, {f.seconds['run']:.1f} s run; "
-                  f"in-process: {result.local_seconds:.1f} s")
+    console.print(
+        f"Flower: {f.seconds['start']:.1f} s to start, {f.seconds['run']:.1f} s run; "
+        f"in-process: {result.local_seconds:.1f} s"
+    )
     console.print(f"runs: {f.run_dir}  {result.local_run_dir}")
     if result.max_diff <= AGREEMENT:
         console.print(f"the engines agree (tolerance {AGREEMENT:g})")
@@ -430,17 +521,25 @@ def cmd_flower_sim(args) -> int:
     from fedpose.tools.flower_sim import run_flower_simulation
 
     cfg = demo_config(args.config, args.supernodes, args.rounds, args.overrides)
-    console.print(f"[bold]{cfg.name}[/]: {cfg.fed.method} on {cfg.data.dataset}, "
-                  f"{args.supernodes} virtual SuperNodes, {args.rounds} rounds; runs in "
-                  f"{cfg.out_dir}")
+    console.print(
+        f"[bold]{cfg.name}[/]: {cfg.fed.method} on {cfg.data.dataset}, "
+        f"{args.supernodes} virtual SuperNodes, {args.rounds} rounds; runs in "
+        f"{cfg.out_dir}"
+    )
     with terminate_on_sigterm():
-        result = run_flower_simulation(cfg, args.supernodes, console,
-                                       cpus_per_client=args.cpus_per_client,
-                                       connect_timeout=args.connect_timeout)
+        result = run_flower_simulation(
+            cfg,
+            args.supernodes,
+            console,
+            cpus_per_client=args.cpus_per_client,
+            connect_timeout=args.connect_timeout,
+        )
     f = result.flower
-    console.print(f"Flower simulation: {f.seconds['start']:.1f} s to start, "
-                  f"{f.seconds['run']:.1f} s run, peak memory "
-                  f"{result.peak_rss_bytes / 2**20:.0f} MiB (SuperLink process tree)")
+    console.print(
+        f"Flower simulation: {f.seconds['start']:.1f} s to start, "
+        f"{f.seconds['run']:.1f} s run, peak memory "
+        f"{result.peak_rss_bytes / 2**20:.0f} MiB (SuperLink process tree)"
+    )
     console.print(f"run directory: {f.run_dir}")
     return 0
 
@@ -469,30 +568,57 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="several methods and seeds, then a report")
     _add_config(p)
     p.add_argument("--methods", default=METHODS)
-    p.add_argument("--variant", action="append", default=[], metavar="LABEL:KEY=VALUE;...",
-                   help="compare named config variants instead of --methods (repeatable)")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL:KEY=VALUE;...",
+        help="compare named config variants instead of --methods (repeatable)",
+    )
     p.add_argument("--seeds", default="0", help="paired seeds: 0,1,2 or 0-9")
     p.add_argument("--name", default=None, help="report name (default: the config's name)")
     p.add_argument("--resume", action="store_true", help="keep finished runs, resume the rest")
-    p.add_argument("--jobs", type=int, default=1, metavar="N",
-                   help="run N seeds/methods at once in worker processes (OMP_NUM_THREADS=1)")
-    p.add_argument("--baselines", default="fedavg,fedaw",
-                   help="labels that paired differences are taken against")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N seeds/methods at once in worker processes (OMP_NUM_THREADS=1)",
+    )
+    p.add_argument(
+        "--baselines",
+        default="fedavg,fedaw",
+        help="labels that paired differences are taken against",
+    )
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("report", help="regenerate a comparison report from run directories")
-    p.add_argument("runs", nargs="+", metavar="RUNS_DIR",
-                   help="run directories, or folders of LABEL-s<seed> run directories")
+    p.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUNS_DIR",
+        help="run directories, or folders of LABEL-s<seed> run directories",
+    )
     p.add_argument("--out", required=True, help="output folder, or a .md file name")
     p.add_argument("--title", default="fedpose comparison")
-    p.add_argument("--baselines", default="fedavg,fedaw",
-                   help="labels that paired differences are taken against")
+    p.add_argument(
+        "--baselines",
+        default="fedavg,fedaw",
+        help="labels that paired differences are taken against",
+    )
     p.add_argument("--produced-by", default="", help="the command that made the runs")
     p.add_argument("--notes", default=None, help="a markdown file inserted after the setting")
-    p.add_argument("--commit", default=None,
-                   help="the code version, for runs whose config.json does not record it")
-    p.add_argument("--target-pck", type=float, default=0.0,
-                   help="add time-to-target-PCK columns (simulated seconds)")
+    p.add_argument(
+        "--commit",
+        default=None,
+        help="the code version, for runs whose config.json does not record it",
+    )
+    p.add_argument(
+        "--target-pck",
+        type=float,
+        default=0.0,
+        help="add time-to-target-PCK columns (simulated seconds)",
+    )
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on its dataset's test split")
@@ -516,8 +642,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, choices=list(DATASETS))
     p.add_argument("--root", required=True, help="dataset folder (images)")
     p.add_argument("--ann", default=None, help="annotation file (mpii, coco)")
-    p.add_argument("--pred", required=True, help="JSON: image file name -> [[x, y], ...]; "
-                                                 "coco: or a COCO keypoint results list")
+    p.add_argument(
+        "--pred",
+        required=True,
+        help="JSON: image file name -> [[x, y], ...]; coco: or a COCO keypoint results list",
+    )
     p.add_argument("--headboxes", default=None, help="mpii: gt_valid.mat")
     p.add_argument("--split", default="test", help="lsp: train | test | all")
     p.add_argument("--labels", default="pc", choices=["pc", "oc"], help="lsp labels")
@@ -538,14 +667,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--ann", default=None)
     d.add_argument("--labels", default="pc", choices=["pc", "oc"], help="lsp labels")
     d.add_argument("--headboxes", default=None, help="mpii: gt_valid.mat, checked against --ann")
-    d.add_argument("--quick", action="store_true",
-                   help="read image headers only instead of decoding every image")
+    d.add_argument(
+        "--quick",
+        action="store_true",
+        help="read image headers only instead of decoding every image",
+    )
     d.set_defaults(func=cmd_data_inspect)
     d = dsub.add_parser("partition", help="print and plot per-client statistics")
     _add_config(d)
     d.set_defaults(func=cmd_data_partition)
-    d = dsub.add_parser("split", help="write one COCO-format folder per client of the "
-                                      "partition (images, train.json, test.json)")
+    d = dsub.add_parser(
+        "split",
+        help="write one COCO-format folder per client of the "
+        "partition (images, train.json, test.json)",
+    )
     _add_config(d)
     d.add_argument("out_dir", help="where the site folders site0, site1, ... go")
     d.set_defaults(func=cmd_data_split)
@@ -566,31 +701,42 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=5, help="timed training steps per pass")
     b.add_argument("--repeats", type=int, default=2)
     b.set_defaults(func=cmd_bench_data)
-    b = bsub.add_parser("sim", help="the in-process engine's overhead and memory with many "
-                                    "clients")
+    b = bsub.add_parser("sim", help="the in-process engine's overhead and memory with many clients")
     b.add_argument("--clients", type=int, default=1000)
     b.add_argument("--per-round", type=int, default=100)
     b.add_argument("--rounds", type=int, default=3, help="rounds per size (the first warms up)")
     b.add_argument("--method", default="feddyn")
     b.add_argument("--samples", type=int, default=4, help="generated images per client")
-    b.add_argument("--sizes", default="10,100,1000",
-                   help="federation sizes K for the table (each at most --clients)")
+    b.add_argument(
+        "--sizes",
+        default="10,100,1000",
+        help="federation sizes K for the table (each at most --clients)",
+    )
     b.add_argument("--workdir", default="runs/bench-sim")
     b.set_defaults(func=cmd_bench_sim)
-    b = bsub.add_parser("train", help="training img/s with real data loading, share of the "
-                                      "bf16 peak, FedGH's server step on the device")
+    b = bsub.add_parser(
+        "train",
+        help="training img/s with real data loading, share of the "
+        "bf16 peak, FedGH's server step on the device",
+    )
     _add_data_source(b)
     b.add_argument("--batch", type=int, default=64)
     b.add_argument("--workers", type=int, default=0, help="DataLoader workers (0 = cores - 1)")
     b.add_argument("--steps", type=int, default=20, help="timed training steps")
-    b.add_argument("--peak-tflops", type=float, default=None,
-                   help="the device's dense bf16 peak (default: from a table of known GPUs)")
+    b.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the device's dense bf16 peak (default: from a table of known GPUs)",
+    )
     b.add_argument("--fedgh-clients", type=int, default=100)
-    b.add_argument("--fedgh-params", type=int, default=34_000_000,
-                   help="FedGH server step size P (0 = skip)")
+    b.add_argument(
+        "--fedgh-params", type=int, default=34_000_000, help="FedGH server step size P (0 = skip)"
+    )
     b.set_defaults(func=cmd_bench_train)
-    b = bsub.add_parser("flower", help="the same federation on Flower processes and in-process, "
-                                       "timed")
+    b = bsub.add_parser(
+        "flower", help="the same federation on Flower processes and in-process, timed"
+    )
     _add_flower_run(b, rounds=3)
     b.add_argument("--out", default=None, help="write the figures as markdown here")
     b.set_defaults(func=cmd_bench_flower, interrupted=FLOWER_INTERRUPTED)
@@ -599,18 +745,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_flower_run(p, rounds=2)
     p.set_defaults(func=cmd_flower_demo, interrupted=FLOWER_INTERRUPTED)
 
-    p = sub.add_parser("flower-sim", help="the federation on Flower's Simulation Engine "
-                                          "(virtual SuperNodes, Ray)")
+    p = sub.add_parser(
+        "flower-sim", help="the federation on Flower's Simulation Engine (virtual SuperNodes, Ray)"
+    )
     _add_flower_run(p, rounds=2)
-    p.add_argument("--cpus-per-client", type=int, default=1,
-                   help="CPU cores Ray reserves per ClientApp (how many train at once)")
-    p.add_argument("--connect-timeout", type=float, default=600.0,
-                   help="seconds the ServerApp waits at start for every virtual SuperNode "
-                        "to answer (each answer is one ClientApp call)")
+    p.add_argument(
+        "--cpus-per-client",
+        type=int,
+        default=1,
+        help="CPU cores Ray reserves per ClientApp (how many train at once)",
+    )
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=600.0,
+        help="seconds the ServerApp waits at start for every virtual SuperNode "
+        "to answer (each answer is one ClientApp call)",
+    )
     p.set_defaults(func=cmd_flower_sim, interrupted=FLOWER_INTERRUPTED)
 
-    p = sub.add_parser("flower-config", help="print a `flwr run --run-config` file that carries "
-                                             "a fedpose config")
+    p = sub.add_parser(
+        "flower-config", help="print a `flwr run --run-config` file that carries a fedpose config"
+    )
     _add_config(p, required=False)
     p.set_defaults(func=cmd_flower_config)
     return parser
@@ -618,8 +774,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_data_source(b: argparse.ArgumentParser) -> None:
     b.add_argument("--dataset", default="lsp", choices=DATASETS)
-    b.add_argument("--root", default=None,
-                   help="dataset folder (default: $FEDPOSE_DATASETS/<dataset>)")
+    b.add_argument(
+        "--root", default=None, help="dataset folder (default: $FEDPOSE_DATASETS/<dataset>)"
+    )
     b.add_argument("--ann", default="", help="annotation file (mpii, coco)")
     b.add_argument("--input", type=int, default=256, help="network input side")
     b.add_argument("--model", default="pose_resnet50")
@@ -628,8 +785,12 @@ def _add_data_source(b: argparse.ArgumentParser) -> None:
 
 
 def _add_flower_run(p: argparse.ArgumentParser, rounds: int) -> None:
-    p.add_argument("config", nargs="?", default=None,
-                   help="TOML config file (default: a tiny synth-arm federation)")
+    p.add_argument(
+        "config",
+        nargs="?",
+        default=None,
+        help="TOML config file (default: a tiny synth-arm federation)",
+    )
     p.add_argument("--supernodes", type=int, default=2)
     p.add_argument("--rounds", type=int, default=rounds)
     _add_overrides(p)

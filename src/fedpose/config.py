@@ -291,11 +291,21 @@ def config_from_dict(values: dict) -> Config:
     return cfg
 
 
-
 # ----------------------------------------------------------------------------- validation
 DATASETS = ("lsp", "mpii", "coco", "synth-arm")
-METHODS = ("fedavg", "fedprox", "fedbn", "feddyn", "fedaw", "fedgh", "fedgh-noproj", "fedgh-noaw",
-           "fedavg-clip", "median", "trimmed-mean")
+METHODS = (
+    "fedavg",
+    "fedprox",
+    "fedbn",
+    "feddyn",
+    "fedaw",
+    "fedgh",
+    "fedgh-noproj",
+    "fedgh-noaw",
+    "fedavg-clip",
+    "median",
+    "trimmed-mean",
+)
 DEPTHS = (18, 34, 50, 101, 152)
 OPTIMIZERS = ("adam", "sgd")
 PARTITIONS = ("iid", "attribute", "dirichlet", "quantity")
@@ -316,8 +326,14 @@ def _choice(key: str, value: Any, allowed: tuple) -> str | None:
     return f"{key}: {value!r} is not allowed; use one of {', '.join(map(str, allowed))}"
 
 
-def _range(key: str, value: float, low: float | None = None, high: float | None = None,
-           low_open: bool = False, high_open: bool = False) -> str | None:
+def _range(
+    key: str,
+    value: float,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> str | None:
     """None when low <(=) value <(=) high and value is finite, else the message saying so."""
     ok = math.isfinite(value)
     if ok and low is not None:
@@ -327,7 +343,7 @@ def _range(key: str, value: float, low: float | None = None, high: float | None 
     if ok:
         return None
     if low is not None and high is not None:
-        allowed = (f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}")
+        allowed = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
     elif low is not None:
         allowed = f"{'>' if low_open else '>='} {low:g}"
     elif high is not None:
@@ -341,8 +357,10 @@ def _run_name(name: str) -> str | None:
     parts = name.split("/")
     if name and all(_NAME_PART.fullmatch(p) and p not in (".", "..") for p in parts):
         return None
-    return (f"name: {name!r} is not a plain run name; use letters, digits, spaces and _ . + = - "
-            f"(and / between such parts), so the run stays inside out_dir")
+    return (
+        f"name: {name!r} is not a plain run name; use letters, digits, spaces and _ . + = - "
+        f"(and / between such parts), so the run stays inside out_dir"
+    )
 
 
 def _checks(cfg: Config) -> Iterator[str | None]:
@@ -358,9 +376,12 @@ def _checks(cfg: Config) -> Iterator[str | None]:
     yield _range("data.synth_seed", d.synth_seed, 0)
     yield _range("data.synth_size", d.synth_size, 16)
     yield _range("data.test_fraction", d.test_fraction, 0, 1, low_open=True, high_open=True)
-    yield (None if d.input_size >= 32 and d.input_size % 32 == 0 else
-           f"data.input_size: {d.input_size} is not allowed; use a multiple of 32 (the backbone "
-           f"divides it by 32, the heatmaps are a quarter of it)")
+    yield (
+        None
+        if d.input_size >= 32 and d.input_size % 32 == 0
+        else f"data.input_size: {d.input_size} is not allowed; use a multiple of 32 (the backbone "
+        f"divides it by 32, the heatmaps are a quarter of it)"
+    )
     yield _range("data.sigma", d.sigma, 0, low_open=True)
     yield _range("data.max_train", d.max_train, 0)
     yield _range("data.max_test", d.max_test, 0)
@@ -369,9 +390,12 @@ def _checks(cfg: Config) -> Iterator[str | None]:
     yield _choice("model.depth", m.depth, DEPTHS)
     yield _range("model.width", m.width, 1)
     yield _range("model.deconv_filters", m.deconv_filters, 1)
-    yield (None if m.deconv_layers == 3 else
-           f"model.deconv_layers: {m.deconv_layers} is not allowed; use 3 (three stride-2 "
-           f"deconvolutions turn the backbone's 1/32 into heatmaps of 1/4 of the input)")
+    yield (
+        None
+        if m.deconv_layers == 3
+        else f"model.deconv_layers: {m.deconv_layers} is not allowed; use 3 (three stride-2 "
+        f"deconvolutions turn the backbone's 1/32 into heatmaps of 1/4 of the input)"
+    )
 
     yield _choice("train.optimizer", t.optimizer, OPTIMIZERS)
     yield _range("train.lr", t.lr, 0, low_open=True)
@@ -380,8 +404,11 @@ def _checks(cfg: Config) -> Iterator[str | None]:
     yield _range("train.batch_size", t.batch_size, 1)
     yield _range("train.epochs", t.epochs, 1)
     yield _range("train.eval_every", t.eval_every, 1)
-    yield (None if re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", t.device) else
-           f"train.device: {t.device!r} is not allowed; use auto, cpu, cuda, cuda:N or mps")
+    yield (
+        None
+        if re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", t.device)
+        else f"train.device: {t.device!r} is not allowed; use auto, cpu, cuda, cuda:N or mps"
+    )
 
     yield _choice("fed.method", f.method, METHODS)
     yield _range("fed.rounds", f.rounds, 1)

@@ -24,8 +24,9 @@ from fedpose.provenance import runtime_info
 LOSS_READ_EVERY = 16  # training steps between reads of the loss (each read syncs a GPU)
 
 
-def train_centralized(cfg: Config, resume: bool = False, console: Console | None = None,
-                      force: bool = False) -> dict:
+def train_centralized(
+    cfg: Config, resume: bool = False, console: Console | None = None, force: bool = False
+) -> dict:
     """Train on all data; `resume` continues from the run's checkpoint (`force`: even one written
     by another method, seed or config)."""
     console = console or Console()
@@ -33,25 +34,41 @@ def train_centralized(cfg: Config, resume: bool = False, console: Console | None
     device = resolve_device(cfg.train.device)
     train_records, skeleton = load_split(cfg.data, "train")
     test_records, _ = load_split(cfg.data, "test")
-    console.print(f"{cfg.data.dataset}: {len(train_records)} train, {len(test_records)} test "
-                  f"records, {skeleton.num_joints} joints; device {device}")
+    console.print(
+        f"{cfg.data.dataset}: {len(train_records)} train, {len(test_records)} test "
+        f"records, {skeleton.num_joints} joints; device {device}"
+    )
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, skeleton.num_joints)
     if cfg.model.pretrained:
         load_pretrained(model, cfg.model.pretrained)
     model.to(device)
     optimizer = make_optimizer(model, cfg.train)
-    step = TrainStep(model, optimizer, device, amp=cfg.train.amp,
-                     channels_last=cfg.train.channels_last, compile=cfg.train.compile,
-                     threads=cfg.train.threads, processes=1 + cfg.data.workers)
+    step = TrainStep(
+        model,
+        optimizer,
+        device,
+        amp=cfg.train.amp,
+        channels_last=cfg.train.channels_last,
+        compile=cfg.train.compile,
+        threads=cfg.train.threads,
+        processes=1 + cfg.data.workers,
+    )
     epochs = cfg.train.epochs
     # step decay late in training, as SimpleBaseline does
     milestones = sorted({max(1, int(epochs * 0.7)), max(1, int(epochs * 0.9))})
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
     cache = ImageCache(cfg.data.cache_mb << 20) if cfg.data.cache_mb > 0 else None
-    dataset = PoseDataset(train_records, skeleton, cfg.data.input_size, cfg.data.sigma,
-                          train=cfg.data.augment, seed=cfg.seed, image_cache=cache,
-                          normalize=device.type == "cpu")
+    dataset = PoseDataset(
+        train_records,
+        skeleton,
+        cfg.data.input_size,
+        cfg.data.sigma,
+        train=cfg.data.augment,
+        seed=cfg.seed,
+        image_cache=cache,
+        normalize=device.type == "cpu",
+    )
 
     run_dir = cfg.run_dir
     ckpt_dir = run_dir / "checkpoints"
@@ -74,22 +91,34 @@ def train_centralized(cfg: Config, resume: bool = False, console: Console | None
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         metrics_path.unlink(missing_ok=True)
-    (run_dir / "config.json").write_text(json.dumps({**cfg.to_dict(), "runtime": runtime_info()},
-                                                       indent=2))
+    (run_dir / "config.json").write_text(
+        json.dumps({**cfg.to_dict(), "runtime": runtime_info()}, indent=2)
+    )
 
     # one loader for every epoch: its worker processes start once
-    loader = make_epochs_loader(dataset, cfg.train.batch_size, shuffle=True, seed=cfg.seed,
-                                epochs=range(start, epochs), workers=cfg.data.workers,
-                                # a trailing batch of one breaks BatchNorm in training mode
-                                drop_last=len(dataset) % cfg.train.batch_size == 1,
-                                pin_memory=device.type == "cuda")
+    loader = make_epochs_loader(
+        dataset,
+        cfg.train.batch_size,
+        shuffle=True,
+        seed=cfg.seed,
+        epochs=range(start, epochs),
+        workers=cfg.data.workers,
+        # a trailing batch of one breaks BatchNorm in training mode
+        drop_last=len(dataset) % cfg.train.batch_size == 1,
+        pin_memory=device.type == "cuda",
+    )
     per_epoch = loader.batch_sampler.batches_per_epoch()
     batches = iter(loader)
     record: dict = {}
     t_start = time.perf_counter()
-    with Progress(TextColumn("[bold]train[/] epoch {task.fields[epoch]}"), BarColumn(),
-                  MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
-                  console=console) as bar:
+    with Progress(
+        TextColumn("[bold]train[/] epoch {task.fields[epoch]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
         task = bar.add_task("batches", total=None, epoch=start, info="")
         for epoch in range(start, epochs):
             model.train()
@@ -109,20 +138,32 @@ def train_centralized(cfg: Config, resume: bool = False, console: Console | None
                     pending = []
             scheduler.step()
             seconds = time.perf_counter() - t0
-            record = {"epoch": epoch + 1, "train_loss": total / max(n, 1),
-                      "epoch_seconds": seconds, "img_per_s": n / seconds}
+            record = {
+                "epoch": epoch + 1,
+                "train_loss": total / max(n, 1),
+                "epoch_seconds": seconds,
+                "img_per_s": n / seconds,
+            }
             if (epoch + 1) % max(cfg.train.eval_every, 1) == 0 or epoch + 1 == epochs:
                 ev = evaluate_model(model, test_records, skeleton, cfg, device)
                 record.update(pck_mean=ev["pck_mean"], pck_per_joint=ev["pck_per_joint"])
             with metrics_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
             weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-            save_checkpoint(ckpt_dir, {"weights": weights, "optimizer": optimizer.state_dict(),
-                                       "scheduler": scheduler.state_dict(), "epoch": epoch + 1},
-                            identity)
+            save_checkpoint(
+                ckpt_dir,
+                {
+                    "weights": weights,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "epoch": epoch + 1,
+                },
+                identity,
+            )
             if "pck_mean" in record:
-                bar.update(task, info=f"loss {record['train_loss']:.6f}  "
-                                      f"PCK {record['pck_mean']:.1f}%")
+                bar.update(
+                    task, info=f"loss {record['train_loss']:.6f}  PCK {record['pck_mean']:.1f}%"
+                )
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     save_model(run_dir / MODEL_FILE, weights, cfg, skeleton)
     record["wall_seconds"] = time.perf_counter() - t_start

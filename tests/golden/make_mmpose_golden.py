@@ -56,16 +56,21 @@ def load_pose_pck_accuracy(root: Path):
     _package("mmpose", root)
     _package("mmpose.codecs", root / "codecs")
     utils = _package("mmpose.codecs.utils", root / "codecs" / "utils")
-    post = _load("mmpose.codecs.utils.post_processing",
-                 root / "codecs" / "utils" / "post_processing.py")
+    post = _load(
+        "mmpose.codecs.utils.post_processing", root / "codecs" / "utils" / "post_processing.py"
+    )
     utils.get_heatmap_maximum = post.get_heatmap_maximum
     utils.get_simcc_maximum = post.get_simcc_maximum
     _package("mmpose.evaluation", root / "evaluation")
     _package("mmpose.evaluation.functional", root / "evaluation" / "functional")
-    _load("mmpose.evaluation.functional.mesh_eval",
-          root / "evaluation" / "functional" / "mesh_eval.py")
-    ke = _load("mmpose.evaluation.functional.keypoint_eval",
-               root / "evaluation" / "functional" / "keypoint_eval.py")
+    _load(
+        "mmpose.evaluation.functional.mesh_eval",
+        root / "evaluation" / "functional" / "mesh_eval.py",
+    )
+    ke = _load(
+        "mmpose.evaluation.functional.keypoint_eval",
+        root / "evaluation" / "functional" / "keypoint_eval.py",
+    )
     return ke.pose_pck_accuracy
 
 
@@ -105,19 +110,32 @@ def main() -> None:
         for thr in (0.05, 0.1, 0.2, 0.5):
             for which in ("default", "custom"):
                 normalize = None if which == "default" else g["custom"].copy()
-                acc, avg, cnt = pose_pck_accuracy(g["output"], g["target"], g["mask"],
-                                                  thr=thr, normalize=normalize)
-                results.append({"thr": thr, "normalize": which, "acc": [float(a) for a in acc],
-                                "avg_acc": float(avg), "cnt": int(cnt)})
-        groups.append({
-            "output": g["output"].astype(int).tolist(),
-            "target": g["target"].astype(int).tolist(),
-            "mask": g["mask"].astype(int).tolist(),
-            "custom_normalize": g["custom"].tolist(),
-            "results": results,
-        })
-    OUT.write_text(json.dumps({"mmpose": "1.3.2", "function": "pose_pck_accuracy",
-                               "seed": SEED, "groups": groups}))
+                acc, avg, cnt = pose_pck_accuracy(
+                    g["output"], g["target"], g["mask"], thr=thr, normalize=normalize
+                )
+                results.append(
+                    {
+                        "thr": thr,
+                        "normalize": which,
+                        "acc": [float(a) for a in acc],
+                        "avg_acc": float(avg),
+                        "cnt": int(cnt),
+                    }
+                )
+        groups.append(
+            {
+                "output": g["output"].astype(int).tolist(),
+                "target": g["target"].astype(int).tolist(),
+                "mask": g["mask"].astype(int).tolist(),
+                "custom_normalize": g["custom"].tolist(),
+                "results": results,
+            }
+        )
+    OUT.write_text(
+        json.dumps(
+            {"mmpose": "1.3.2", "function": "pose_pck_accuracy", "seed": SEED, "groups": groups}
+        )
+    )
     print(f"wrote {len(groups)} groups to {OUT}")
 
 

@@ -69,8 +69,9 @@ def load_split(cfg: DataConfig, split: str) -> tuple[list[PoseRecord], Skeleton]
     if split not in ("train", "test"):
         raise ValueError(f"split must be train or test, not {split!r}")
     if cfg.dataset not in DATASETS:
-        raise ConfigError(f"data.dataset: unknown dataset {cfg.dataset!r}; "
-                          f"known: {', '.join(DATASETS)}")
+        raise ConfigError(
+            f"data.dataset: unknown dataset {cfg.dataset!r}; known: {', '.join(DATASETS)}"
+        )
     records, skeleton = DATASETS[cfg.dataset].load_split(cfg, split)
     limit = cfg.max_train if split == "train" else cfg.max_test
     return (records[:limit] if limit > 0 else records), skeleton

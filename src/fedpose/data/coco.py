@@ -81,9 +81,14 @@ def load_coco(ann_file: str | Path, image_dir: str | Path) -> list[PoseRecord]:
         if "crop" in ann:  # the exact crop of a record written by write_coco (site folders)
             center, scale = _crop(ann_file, ann["crop"], record_id)
         head_box = _head_box(ann_file, ann.get("head_box"), record_id)
-        check_geometry(np.asarray(center), scale,
-                       {"bbox": np.array([x, y, x + w, y + h]), "head_box": head_box},
-                       sizes[image_id], ann_file, record_id)
+        check_geometry(
+            np.asarray(center),
+            scale,
+            {"bbox": np.array([x, y, x + w, y + h]), "head_box": head_box},
+            sizes[image_id],
+            ann_file,
+            record_id,
+        )
         records.append(
             PoseRecord(
                 image=image,
@@ -152,8 +157,9 @@ def _check_unique_id(ann_file: Path, ann: dict, index: int, seen: set) -> None:
         return
     ann_id = ann["id"]
     if not isinstance(ann_id, int | str) or isinstance(ann_id, bool):
-        raise DatasetError(ann_file, f"id must be a number or text, got {ann_id!r:.40}",
-                           f"annotations[{index}]")
+        raise DatasetError(
+            ann_file, f"id must be a number or text, got {ann_id!r:.40}", f"annotations[{index}]"
+        )
     if ann_id in seen:
         raise DatasetError(ann_file, "duplicated annotation id", f"annotation {ann_id}")
     seen.add(ann_id)
@@ -167,8 +173,11 @@ def _wanted(ann: dict, person_ids: set | None) -> bool:
 def _images(ann_file: Path, entries: list) -> dict[object, tuple[str, int | None, int | None]]:
     images = {}
     for index, entry in enumerate(entries):
-        if (not isinstance(entry, dict) or not isinstance(entry.get("id"), int | str)
-                or isinstance(entry.get("id"), bool)):
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("id"), int | str)
+            or isinstance(entry.get("id"), bool)
+        ):
             raise DatasetError(ann_file, "image entry needs an id", f"images[{index}]")
         if entry["id"] in images:
             raise DatasetError(ann_file, "duplicated image id", f"image {entry['id']}")
@@ -191,8 +200,11 @@ def _person_category_ids(ann_file: Path, categories: object) -> set | None:
         if not isinstance(categories[0].get("id"), int | str):
             raise DatasetError(ann_file, "the category needs an id")
         return {categories[0]["id"]}
-    ids = {c.get("id") for c in categories
-           if c.get("name") == "person" and isinstance(c.get("id"), int | str)}
+    ids = {
+        c.get("id")
+        for c in categories
+        if c.get("name") == "person" and isinstance(c.get("id"), int | str)
+    }
     if not ids:
         raise DatasetError(ann_file, "several categories and none is named 'person'")
     return ids
@@ -234,8 +246,9 @@ def _crop(ann_file: Path, value: object, record_id: str) -> tuple[tuple[float, f
     except (TypeError, ValueError):
         cx = cy = scale = float("nan")
     if not (np.isfinite([cx, cy, scale]).all() and scale > 0):
-        raise DatasetError(ann_file, f"crop must be [cx, cy, scale > 0], got {value!r:.80}",
-                           record_id)
+        raise DatasetError(
+            ann_file, f"crop must be [cx, cy, scale > 0], got {value!r:.80}", record_id
+        )
     return (cx, cy), scale
 
 
@@ -247,8 +260,9 @@ def _head_box(ann_file: Path, value: object, record_id: str) -> np.ndarray | Non
     except (TypeError, ValueError):
         box = np.zeros(0)
     if box.shape != (4,) or not np.isfinite(box).all():
-        raise DatasetError(ann_file, f"head_box must be [x1, y1, x2, y2], got {value!r:.80}",
-                           record_id)
+        raise DatasetError(
+            ann_file, f"head_box must be [x1, y1, x2, y2], got {value!r:.80}", record_id
+        )
     return box.astype(np.float32)
 
 
@@ -300,8 +314,9 @@ def _annotation(record: PoseRecord, ann_id: int, image_id: int) -> dict:
         "attributes": attributes,
         # the crop itself: centre and scale derived from the box again may differ in the last bit
         "crop": [float(record.center[0]), float(record.center[1]), float(record.scale)],
-        **({"head_box": [float(v) for v in record.head_box]}
-           if record.head_box is not None else {}),
+        **(
+            {"head_box": [float(v) for v in record.head_box]} if record.head_box is not None else {}
+        ),
     }
 
 

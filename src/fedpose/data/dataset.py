@@ -133,9 +133,9 @@ class PoseDataset(Dataset):
             "scale": torch.tensor(scale, dtype=torch.float32),
         }
 
-
-    def _crop_matrix(self, center: np.ndarray, scale: float, rotation: float, flip: bool,
-                     width: int) -> np.ndarray:
+    def _crop_matrix(
+        self, center: np.ndarray, scale: float, rotation: float, flip: bool, width: int
+    ) -> np.ndarray:
         if not flip:
             return crop_matrix(center, scale, rotation, self.input_size)
         # SimpleBaseline mirrors the whole image and the centre, then crops; fold the mirror
@@ -156,14 +156,17 @@ class PoseDataset(Dataset):
         for index, rec in enumerate(self.records):
             try:
                 # the reduction grows with the scale, so the extremes bound it
-                factors = [reduction_factor(crop_matrix(rec.center, rec.scale * s, 0.0,
-                                                        self.input_size)) for s in scales]
+                factors = [
+                    reduction_factor(crop_matrix(rec.center, rec.scale * s, 0.0, self.input_size))
+                    for s in scales
+                ]
                 for factor in (1, 2, 4, 8):
                     if min(factors) <= factor <= max(factors):
                         self.image_cache.decoded(rec.image, factor)
             except OSError as e:
-                raise DatasetError(rec.image, f"cannot read image: {e}",
-                                   rec.record_id or index) from e
+                raise DatasetError(
+                    rec.image, f"cannot read image: {e}", rec.record_id or index
+                ) from e
 
 
 def _normalization() -> tuple[np.ndarray, np.ndarray]:
@@ -176,8 +179,9 @@ def _normalization() -> tuple[np.ndarray, np.ndarray]:
 def normalize_images(images: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, S, S) -> normalised float32 on the images' device; the same numbers as the
     dataset's own normalisation (one subtraction, one multiplication, both in float32)."""
-    mean, inv_std = (torch.from_numpy(a).to(images.device).view(1, 3, 1, 1)
-                     for a in _normalization())
+    mean, inv_std = (
+        torch.from_numpy(a).to(images.device).view(1, 3, 1, 1) for a in _normalization()
+    )
     return (images.float() - mean) * inv_std
 
 
@@ -229,8 +233,15 @@ class EpochBatchSampler:
     """Batches of (epoch, index) keys for several epochs in a row, each epoch in make_loader's
     order, so one DataLoader (one set of worker processes) serves a whole training run."""
 
-    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, epochs: range,
-                 drop_last: bool = False):
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        epochs: range,
+        drop_last: bool = False,
+    ):
         self.n, self.batch_size, self.shuffle = n, batch_size, shuffle
         self.seed, self.epochs, self.drop_last = seed, epochs, drop_last
 
@@ -245,7 +256,7 @@ class EpochBatchSampler:
         for epoch in self.epochs:
             order = shuffled_order(self.n, self.seed, epoch) if self.shuffle else range(self.n)
             for start in range(0, self.n, self.batch_size):
-                chunk = order[start:start + self.batch_size]
+                chunk = order[start : start + self.batch_size]
                 if len(chunk) < self.batch_size and self.drop_last:
                     break
                 yield [(epoch, i) for i in chunk]
@@ -266,5 +277,10 @@ def make_epochs_loader(
     if workers > 0:
         dataset.warm_cache()
     sampler = EpochBatchSampler(len(dataset), batch_size, shuffle, seed, epochs, drop_last)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
-                      prefetch_factor=4 if workers > 0 else None)
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if workers > 0 else None,
+    )

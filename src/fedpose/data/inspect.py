@@ -32,8 +32,9 @@ def inspect_dataset(
     in full (finds truncated and corrupt files; slow on large sets), else read headers only.
     """
     root = Path(root)
-    records, skeleton = load_files(dataset, root, ann,
-                                   FileOptions(split="all", labels=labels, headboxes=headboxes))
+    records, skeleton = load_files(
+        dataset, root, ann, FileOptions(split="all", labels=labels, headboxes=headboxes)
+    )
     if not records:
         raise DatasetError(ann or root, "zero records: no annotated person with a labelled joint")
 

@@ -77,8 +77,9 @@ def _record(
         vis = field("joints_vis", (NUM_JOINTS,), "joints_vis must be 16 flags")
         joints = joints - 1.0  # 1-based MATLAB pixels
         if not np.isin(vis, (0, 1)).all():
-            raise DatasetError(ann_file, f"joints_vis flags must be 0 or 1, got {vis.tolist()}",
-                               record_id)
+            raise DatasetError(
+                ann_file, f"joints_vis flags must be 0 or 1, got {vis.tolist()}", record_id
+            )
         visibility = (vis > 0).astype(np.float32)
     else:
         joints = np.zeros((NUM_JOINTS, 2))
@@ -89,8 +90,9 @@ def _record(
         sizes[image] = read_image_size(image, ann_file, record_id)
     check_joints(joints, visibility, sizes[image], ann_file, record_id, MPII.joints)
     # -1 is the file's "no centre" placeholder
-    check_geometry(None if center[0] == -1 else center - 1.0, scale, {}, sizes[image], ann_file,
-                   record_id)
+    check_geometry(
+        None if center[0] == -1 else center - 1.0, scale, {}, sizes[image], ann_file, record_id
+    )
 
     # SimpleBaseline's adjustment, on the raw 1-based centre: -1 marks "no centre"
     if center[0] != -1:

@@ -46,8 +46,9 @@ def _check_counts(n_records: int, num_clients: int) -> None:
     if num_clients < 1:
         raise ValueError(f"num_clients must be at least 1, got {num_clients}")
     if n_records < num_clients:
-        raise ValueError(f"cannot give {num_clients} clients at least one record each: "
-                         f"only {n_records} records")
+        raise ValueError(
+            f"cannot give {num_clients} clients at least one record each: only {n_records} records"
+        )
 
 
 def _check_alpha(alpha: float, name: str = "alpha") -> None:
@@ -113,7 +114,7 @@ def normalized_poses(records: Sequence[PoseRecord]) -> np.ndarray:
             continue
         pts = np.asarray(r.joints, dtype=float)[vis]
         centred = pts - pts.mean(axis=0)
-        size = float(np.sqrt((centred ** 2).sum(axis=1).mean()))
+        size = float(np.sqrt((centred**2).sum(axis=1).mean()))
         out[i, vis] = centred / (size if size > 1e-6 else 1.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a joint never labelled: mean of nothing
@@ -146,8 +147,12 @@ def _facing_from_shoulders(record: PoseRecord, skeleton: Skeleton) -> str:
     j = np.asarray(record.joints, dtype=float)
     # a person facing the camera has the right shoulder on the image's left
     dx = j[ri, 0] - j[li, 0]
-    if "l_hip" in names and "r_hip" in names and vis[names.index("l_hip")] \
-            and vis[names.index("r_hip")]:
+    if (
+        "l_hip" in names
+        and "r_hip" in names
+        and vis[names.index("l_hip")]
+        and vis[names.index("r_hip")]
+    ):
         hips = (j[names.index("l_hip")] + j[names.index("r_hip")]) / 2
         ref = float(np.linalg.norm((j[li] + j[ri]) / 2 - hips))
     else:
@@ -159,8 +164,14 @@ def _facing_from_shoulders(record: PoseRecord, skeleton: Skeleton) -> str:
     return "toward" if dx < 0 else "away"
 
 
-def record_labels(records: Sequence[PoseRecord], attr: str, *, num_clusters: int = 4,
-                  seed: int = 0, skeleton: Skeleton | None = None) -> list[str]:
+def record_labels(
+    records: Sequence[PoseRecord],
+    attr: str,
+    *,
+    num_clusters: int = 4,
+    seed: int = 0,
+    skeleton: Skeleton | None = None,
+) -> list[str]:
     """One string label per record for `attr` (see the module doc for the derived ones)."""
     if attr == "pose":
         return pose_clusters(records, num_clusters, seed)
@@ -172,13 +183,17 @@ def record_labels(records: Sequence[PoseRecord], attr: str, *, num_clusters: int
             if value is None:
                 skeleton = skeleton or _guess_skeleton(records)
                 if skeleton is None or not {"l_shoulder", "r_shoulder"} <= set(skeleton.joints):
-                    raise ValueError("attribute 'facing': the records have no facing or view "
-                                     "attribute and no l_shoulder/r_shoulder joints to derive it")
+                    raise ValueError(
+                        "attribute 'facing': the records have no facing or view "
+                        "attribute and no l_shoulder/r_shoulder joints to derive it"
+                    )
                 value = _facing_from_shoulders(r, skeleton)
         if value is None:
             known = sorted(r.attributes) + list(DERIVED_ATTRIBUTES)
-            raise ValueError(f"record {i} ({r.record_id or r.image}) has no attribute {attr!r}; "
-                             f"available: {', '.join(known)}")
+            raise ValueError(
+                f"record {i} ({r.record_id or r.image}) has no attribute {attr!r}; "
+                f"available: {', '.join(known)}"
+            )
         labels.append(str(value))
     return labels
 
@@ -191,8 +206,14 @@ def iid(n_records: int, num_clients: int, seed: int) -> list[list[int]]:
     return [sorted(int(i) for i in chunk) for chunk in np.array_split(perm, num_clients)]
 
 
-def by_attribute(records: Sequence[PoseRecord], attr: str, num_clients: int, *, seed: int = 0,
-                 skeleton: Skeleton | None = None) -> list[list[int]]:
+def by_attribute(
+    records: Sequence[PoseRecord],
+    attr: str,
+    num_clients: int,
+    *,
+    seed: int = 0,
+    skeleton: Skeleton | None = None,
+) -> list[list[int]]:
     """Whole attribute values per client, in sorted value order; with fewer clients than values,
     values are dealt round-robin. More clients than values raises ValueError."""
     _check_counts(len(records), num_clients)
@@ -202,7 +223,8 @@ def by_attribute(records: Sequence[PoseRecord], attr: str, num_clients: int, *, 
         raise ValueError(
             f"partition by attribute {attr!r} needs at least one value per client: "
             f"{len(values)} values ({', '.join(values)}) for {num_clients} clients; "
-            "use fewer clients or the dirichlet partition")
+            "use fewer clients or the dirichlet partition"
+        )
     client_of = {v: i % num_clients for i, v in enumerate(values)}
     parts: list[list[int]] = [[] for _ in range(num_clients)]
     for i, label in enumerate(labels):
@@ -210,17 +232,25 @@ def by_attribute(records: Sequence[PoseRecord], attr: str, num_clients: int, *, 
     return parts
 
 
-def dirichlet(records: Sequence[PoseRecord], attr: str, num_clients: int, alpha: float,
-              seed: int, *, num_clusters: int | None = None,
-              skeleton: Skeleton | None = None) -> list[list[int]]:
+def dirichlet(
+    records: Sequence[PoseRecord],
+    attr: str,
+    num_clients: int,
+    alpha: float,
+    seed: int,
+    *,
+    num_clusters: int | None = None,
+    skeleton: Skeleton | None = None,
+) -> list[list[int]]:
     """Label skew: each attribute value's records are split by Dirichlet(alpha) proportions.
 
     num_clusters: k for attr="pose" (default: num_clients).
     """
     _check_counts(len(records), num_clients)
     _check_alpha(alpha)
-    labels = record_labels(records, attr, num_clusters=num_clusters or num_clients, seed=seed,
-                           skeleton=skeleton)
+    labels = record_labels(
+        records, attr, num_clusters=num_clusters or num_clients, seed=seed, skeleton=skeleton
+    )
     rng = seeding.stream(seed, seeding.DIRICHLET_PARTITION)
     parts: list[list[int]] = [[] for _ in range(num_clients)]
     for value in sorted(set(labels)):
@@ -241,8 +271,13 @@ def quantity_skew(n_records: int, num_clients: int, alpha: float, seed: int) -> 
     return [sorted(int(i) for i in chunk) for chunk in np.split(perm, np.cumsum(sizes)[:-1])]
 
 
-def partition(records: Sequence[PoseRecord], cfg_fed: FedConfig, seed: int, *,
-              skeleton: Skeleton | None = None) -> list[list[int]]:
+def partition(
+    records: Sequence[PoseRecord],
+    cfg_fed: FedConfig,
+    seed: int,
+    *,
+    skeleton: Skeleton | None = None,
+) -> list[list[int]]:
     """Dispatch on cfg_fed.partition: iid | attribute | dirichlet | quantity."""
     method, k = cfg_fed.partition, cfg_fed.num_clients
     if method == "iid":
@@ -250,25 +285,30 @@ def partition(records: Sequence[PoseRecord], cfg_fed: FedConfig, seed: int, *,
     if method == "attribute":
         return by_attribute(records, cfg_fed.partition_attr, k, seed=seed, skeleton=skeleton)
     if method == "dirichlet":
-        return dirichlet(records, cfg_fed.partition_attr, k, cfg_fed.dirichlet_alpha, seed,
-                         skeleton=skeleton)
+        return dirichlet(
+            records, cfg_fed.partition_attr, k, cfg_fed.dirichlet_alpha, seed, skeleton=skeleton
+        )
     if method == "quantity":
         return quantity_skew(len(records), k, cfg_fed.quantity_alpha, seed)
     raise ValueError(f"unknown fed.partition {method!r}; expected one of {', '.join(PARTITIONS)}")
 
 
 # --- statistics ------------------------------------------------------------------------------
-def client_statistics(records: Sequence[PoseRecord], parts: Sequence[Sequence[int]],
-                      attrs: Sequence[str] = ("view", "posture"),
-                      labels: Mapping[str, Sequence[str]] | None = None) -> list[dict]:
+def client_statistics(
+    records: Sequence[PoseRecord],
+    parts: Sequence[Sequence[int]],
+    attrs: Sequence[str] = ("view", "posture"),
+    labels: Mapping[str, Sequence[str]] | None = None,
+) -> list[dict]:
     """Per client: {"client", "size", <attr>: {value: count}}.
 
     `labels` gives precomputed per-record labels (e.g. derived "pose" clusters) by name; they are
     reported before `attrs`. Attributes that no record has are left out (LSP has no views).
     """
     labels = dict(labels or {})
-    names = list(labels) + [a for a in attrs if a not in labels
-                            and any(a in r.attributes for r in records)]
+    names = list(labels) + [
+        a for a in attrs if a not in labels and any(a in r.attributes for r in records)
+    ]
     stats = []
     for k, idx in enumerate(parts):
         row: dict = {"client": k, "size": len(idx)}
@@ -330,8 +370,9 @@ def plot_statistics(stats: Sequence[dict], out_png: str | Path) -> Path:
                 bottom += counts
             if len(values) <= 20:
                 # outside the axes: a legend inside would hide the tallest bars
-                ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0),
-                          frameon=False)
+                ax.legend(
+                    fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False
+                )
         ax.set_title(name)
         ax.set_xlabel("client")
         ax.set_ylabel("records")
@@ -370,8 +411,12 @@ def write_partition_report(cfg: Config) -> PartitionReport:
     labels = {}
     if uses_attr:
         labels[fed.partition_attr] = record_labels(
-            records, fed.partition_attr, num_clusters=fed.num_clients, seed=cfg.seed,
-            skeleton=skeleton)
+            records,
+            fed.partition_attr,
+            num_clusters=fed.num_clients,
+            seed=cfg.seed,
+            skeleton=skeleton,
+        )
 
     stats = client_statistics(records, parts, labels=labels)
     title = f"{cfg.data.dataset}: {fed.partition} partition over {fed.num_clients} clients"
@@ -380,17 +425,27 @@ def write_partition_report(cfg: Config) -> PartitionReport:
 
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    header = {"dataset": cfg.data.dataset, "partition": fed.partition,
-              "num_clients": fed.num_clients, "seed": cfg.seed, "num_records": len(records)}
+    header = {
+        "dataset": cfg.data.dataset,
+        "partition": fed.partition,
+        "num_clients": fed.num_clients,
+        "seed": cfg.seed,
+        "num_records": len(records),
+    }
     if uses_attr:
         header["attr"] = fed.partition_attr
     if fed.partition == "dirichlet":
         header["alpha"] = fed.dirichlet_alpha
     if fed.partition == "quantity":
         header["alpha"] = fed.quantity_alpha
-    clients = [{**s, "indices": list(idx),
-                "record_ids": [records[i].record_id or Path(records[i].image).name for i in idx]}
-               for s, idx in zip(stats, parts, strict=True)]
+    clients = [
+        {
+            **s,
+            "indices": list(idx),
+            "record_ids": [records[i].record_id or Path(records[i].image).name for i in idx],
+        }
+        for s, idx in zip(stats, parts, strict=True)
+    ]
     json_path = run_dir / "partition.json"
     _write_partition(json_path, header, clients)
     png_path = plot_statistics(stats, run_dir / "partition.png")

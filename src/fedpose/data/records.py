@@ -78,44 +78,131 @@ class PoseRecord:
 LSP = Skeleton(
     name="lsp",
     joints=(
-        "r_ankle", "r_knee", "r_hip", "l_hip", "l_knee", "l_ankle", "r_wrist", "r_elbow",
-        "r_shoulder", "l_shoulder", "l_elbow", "l_wrist", "neck", "head_top",
+        "r_ankle",
+        "r_knee",
+        "r_hip",
+        "l_hip",
+        "l_knee",
+        "l_ankle",
+        "r_wrist",
+        "r_elbow",
+        "r_shoulder",
+        "l_shoulder",
+        "l_elbow",
+        "l_wrist",
+        "neck",
+        "head_top",
     ),
     flip_pairs=((0, 5), (1, 4), (2, 3), (6, 11), (7, 10), (8, 9)),
     normalizer="torso",
     torso_joints=(9, 2),
     pck_alpha=0.2,
-    bones=((0, 1), (1, 2), (3, 4), (4, 5), (2, 3), (6, 7), (7, 8), (9, 10), (10, 11),
-           (8, 12), (9, 12), (12, 13), (2, 8), (3, 9)),
+    bones=(
+        (0, 1),
+        (1, 2),
+        (3, 4),
+        (4, 5),
+        (2, 3),
+        (6, 7),
+        (7, 8),
+        (9, 10),
+        (10, 11),
+        (8, 12),
+        (9, 12),
+        (12, 13),
+        (2, 8),
+        (3, 9),
+    ),
 )
 
 MPII = Skeleton(
     name="mpii",
     joints=(
-        "r_ankle", "r_knee", "r_hip", "l_hip", "l_knee", "l_ankle", "pelvis", "thorax",
-        "upper_neck", "head_top", "r_wrist", "r_elbow", "r_shoulder", "l_shoulder", "l_elbow",
+        "r_ankle",
+        "r_knee",
+        "r_hip",
+        "l_hip",
+        "l_knee",
+        "l_ankle",
+        "pelvis",
+        "thorax",
+        "upper_neck",
+        "head_top",
+        "r_wrist",
+        "r_elbow",
+        "r_shoulder",
+        "l_shoulder",
+        "l_elbow",
         "l_wrist",
     ),
     flip_pairs=((0, 5), (1, 4), (2, 3), (10, 15), (11, 14), (12, 13)),
     normalizer="head",
     pck_alpha=0.5,
     excluded_from_mean=(6, 7),
-    bones=((0, 1), (1, 2), (2, 6), (3, 6), (3, 4), (4, 5), (6, 7), (7, 8), (8, 9),
-           (10, 11), (11, 12), (12, 7), (13, 7), (13, 14), (14, 15)),
+    bones=(
+        (0, 1),
+        (1, 2),
+        (2, 6),
+        (3, 6),
+        (3, 4),
+        (4, 5),
+        (6, 7),
+        (7, 8),
+        (8, 9),
+        (10, 11),
+        (11, 12),
+        (12, 7),
+        (13, 7),
+        (13, 14),
+        (14, 15),
+    ),
 )
 
 COCO = Skeleton(
     name="coco",
     joints=(
-        "nose", "l_eye", "r_eye", "l_ear", "r_ear", "l_shoulder", "r_shoulder", "l_elbow",
-        "r_elbow", "l_wrist", "r_wrist", "l_hip", "r_hip", "l_knee", "r_knee", "l_ankle",
+        "nose",
+        "l_eye",
+        "r_eye",
+        "l_ear",
+        "r_ear",
+        "l_shoulder",
+        "r_shoulder",
+        "l_elbow",
+        "r_elbow",
+        "l_wrist",
+        "r_wrist",
+        "l_hip",
+        "r_hip",
+        "l_knee",
+        "r_knee",
+        "l_ankle",
         "r_ankle",
     ),
     flip_pairs=((1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12), (13, 14), (15, 16)),
     normalizer="bbox",
     pck_alpha=0.2,
-    bones=((15, 13), (13, 11), (16, 14), (14, 12), (11, 12), (5, 11), (6, 12), (5, 6), (5, 7),
-           (6, 8), (7, 9), (8, 10), (1, 2), (0, 1), (0, 2), (1, 3), (2, 4), (3, 5), (4, 6)),
+    bones=(
+        (15, 13),
+        (13, 11),
+        (16, 14),
+        (14, 12),
+        (11, 12),
+        (5, 11),
+        (6, 12),
+        (5, 6),
+        (5, 7),
+        (6, 8),
+        (7, 9),
+        (8, 10),
+        (1, 2),
+        (0, 1),
+        (0, 2),
+        (1, 3),
+        (2, 4),
+        (3, 5),
+        (4, 6),
+    ),
 )
 
 # The single-arm set: one arm, so there are no left/right pairs to flip. PCK is normalised by the
@@ -172,13 +259,19 @@ def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
     return out
 
 
-def numbers(value: object, shape: tuple[int, ...] | None, what: str, source: str | Path,
-            record: str | int | None = None) -> np.ndarray:
+def numbers(
+    value: object,
+    shape: tuple[int, ...] | None,
+    what: str,
+    source: str | Path,
+    record: str | int | None = None,
+) -> np.ndarray:
     """`value` as a float64 array of `shape` (None: any), refusing anything but JSON numbers.
 
     numpy would turn "12" into 12.0 and True into 1.0: numbers written as text or flags written as
     booleans are mistakes in the file, so they are errors, not conversions.
     """
+
     def leaves_ok(v: object, depth: int) -> bool:
         if isinstance(v, list | tuple):
             return depth < 4 and all(leaves_ok(x, depth + 1) for x in v)
@@ -219,11 +312,18 @@ def check_geometry(
         if box is None:
             continue
         b = np.asarray(box, dtype=np.float64)
-        inside = (np.isfinite(b).all() and (b[:2] >= lo).all() and (b[2:] <= hi + 1).all()
-                  and b[2] > b[0] and b[3] > b[1])
+        inside = (
+            np.isfinite(b).all()
+            and (b[:2] >= lo).all()
+            and (b[2:] <= hi + 1).all()
+            and b[2] > b[0]
+            and b[3] > b[1]
+        )
         if not inside:
-            problem = (f"{name} {[round(float(v), 2) for v in b]} is empty or lies outside the "
-                       f"{w}x{h} image")
+            problem = (
+                f"{name} {[round(float(v), 2) for v in b]} is empty or lies outside the "
+                f"{w}x{h} image"
+            )
             raise DatasetError(source, problem, record)
     if center is not None:
         c = np.asarray(center, dtype=np.float64)
@@ -233,13 +333,17 @@ def check_geometry(
     if scale is not None:
         limit = MAX_CROP_IMAGE_SIDES * max(w, h) / 200.0
         if not (np.isfinite(scale) and 0 < scale <= limit):
-            problem = (f"scale {scale!r} is absurd for the {w}x{h} image "
-                       f"(allowed: 0 < scale <= {limit:.3g})")
+            problem = (
+                f"scale {scale!r} is absurd for the {w}x{h} image "
+                f"(allowed: 0 < scale <= {limit:.3g})"
+            )
             raise DatasetError(source, problem, record)
 
 
 def read_image_size(
-    image: str | Path, source: str | Path, record: str | int | None = None,
+    image: str | Path,
+    source: str | Path,
+    record: str | int | None = None,
     decode: bool = False,
 ) -> tuple[int, int]:
     """(width, height) of an image from its header alone (`decode`: after decoding every pixel,

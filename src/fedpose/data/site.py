@@ -33,8 +33,7 @@ SITE_KEYS = ("data-root", "dataset", "ann", "test-ann", "headboxes", "lsp-labels
 TRAIN_FILE = "train.json"
 TEST_FILE = "test.json"
 IMAGES = "images"
-DATASET_SKELETONS: dict[str, Skeleton] = {"lsp": LSP, "mpii": MPII, "coco": COCO,
-                                          "synth-arm": ARM}
+DATASET_SKELETONS: dict[str, Skeleton] = {"lsp": LSP, "mpii": MPII, "coco": COCO, "synth-arm": ARM}
 
 
 def dataset_skeleton(dataset: str) -> Skeleton:
@@ -42,8 +41,9 @@ def dataset_skeleton(dataset: str) -> Skeleton:
     try:
         return DATASET_SKELETONS[dataset]
     except KeyError:
-        raise ConfigError(f"data.dataset: unknown dataset {dataset!r}; known: "
-                          f"{', '.join(DATASET_SKELETONS)}") from None
+        raise ConfigError(
+            f"data.dataset: unknown dataset {dataset!r}; known: {', '.join(DATASET_SKELETONS)}"
+        ) from None
 
 
 def is_site(node_config: Mapping) -> bool:
@@ -64,8 +64,10 @@ def site_data_config(node_config: Mapping, base: DataConfig) -> DataConfig:
     site's files. ann, test-ann and headboxes are relative to data-root unless absolute."""
     unknown = sorted(set(node_config) - set(SITE_KEYS))
     if unknown:
-        raise ConfigError(f"node config: unknown key(s) {', '.join(unknown)} for a site; "
-                          f"known: {', '.join(SITE_KEYS)}")
+        raise ConfigError(
+            f"node config: unknown key(s) {', '.join(unknown)} for a site; "
+            f"known: {', '.join(SITE_KEYS)}"
+        )
     root = Path(str(node_config[DATA_ROOT]))
 
     def under_root(key: str) -> str:
@@ -114,8 +116,11 @@ def load_site(node_config: Mapping, base: DataConfig, skeleton: Skeleton) -> Sit
         train, found = load_split(cfg, "train")
         test, _ = load_split(cfg, "test")
         if found.num_joints != skeleton.num_joints:
-            raise DatasetError(cfg.root, f"{cfg.dataset} has {found.num_joints} joints; the "
-                                         f"federation's model has {skeleton.num_joints}")
+            raise DatasetError(
+                cfg.root,
+                f"{cfg.dataset} has {found.num_joints} joints; the "
+                f"federation's model has {skeleton.num_joints}",
+            )
     if not train:
         raise DatasetError(cfg.ann or cfg.root, "no usable training record at this site")
     return SiteData(name, train, test)
@@ -125,9 +130,12 @@ def _coco_records(ann: Path, root: str, skeleton: Skeleton) -> list[PoseRecord]:
     records = load_coco(ann, root)
     for r in records[:1]:
         if r.num_joints != skeleton.num_joints:
-            raise DatasetError(ann, f"has {r.num_joints} keypoints per person; the federation's "
-                                    f"model ({skeleton.name}) has {skeleton.num_joints}",
-                               r.record_id)
+            raise DatasetError(
+                ann,
+                f"has {r.num_joints} keypoints per person; the federation's "
+                f"model ({skeleton.name}) has {skeleton.num_joints}",
+                r.record_id,
+            )
     return records
 
 
@@ -174,13 +182,17 @@ def split_into_sites(cfg: Config, out_dir: str | Path) -> list[WrittenSite]:
     source_root = Path(os.path.commonpath([str(Path(p).resolve().parent) for p in images]))
     out_dir = Path(out_dir)
     written = []
-    for name, part, test_part in zip(site_folder_names(cfg.fed.num_clients), parts, test_parts,
-                                     strict=True):
+    for name, part, test_part in zip(
+        site_folder_names(cfg.fed.num_clients), parts, test_parts, strict=True
+    ):
         folder = out_dir / name
         site_train = [_moved(train[i], source_root, folder) for i in part]
         site_test = [_moved(test[i], source_root, folder) for i in test_part]
-        for original, moved in zip([train[i] for i in part] + [test[i] for i in test_part],
-                                   site_train + site_test, strict=True):
+        for original, moved in zip(
+            [train[i] for i in part] + [test[i] for i in test_part],
+            site_train + site_test,
+            strict=True,
+        ):
             if not moved.image.exists():
                 moved.image.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(original.image, moved.image)

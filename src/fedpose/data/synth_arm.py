@@ -43,8 +43,13 @@ _BG, _ARM, _BODY, _ROBOT = 0, 1, 2, 3  # owners in the id buffer
 _SHOULDER = {-1: np.array([-0.185, 0.455, 0.0]), 1: np.array([0.185, 0.455, 0.0])}
 _UPPER, _FORE, _HAND = 0.29, 0.255, 0.085
 # shirt cross-sections bottom to top: (height, half width, half depth)
-_SHIRT_RINGS = ((-0.04, 0.158, 0.105), (0.14, 0.14, 0.094), (0.32, 0.162, 0.108),
-                (0.43, 0.168, 0.098), (0.505, 0.115, 0.07))
+_SHIRT_RINGS = (
+    (-0.04, 0.158, 0.105),
+    (0.14, 0.14, 0.094),
+    (0.32, 0.162, 0.108),
+    (0.43, 0.168, 0.098),
+    (0.505, 0.115, 0.07),
+)
 _PANTS_RINGS = ((-0.6, 0.16, 0.1), (-0.02, 0.155, 0.1))
 _HEAD_C = np.array([0.0, 0.685, 0.012])
 _HEAD_R = np.array([0.083, 0.106, 0.094])
@@ -53,10 +58,18 @@ _HAIR = (62, 44, 32)
 _SHIRTS = ((58, 92, 160), (165, 52, 55), (68, 128, 92), (196, 198, 204), (52, 52, 60))
 _PANTS = ((48, 52, 68), (150, 132, 100), (40, 40, 44))
 # each fixed camera sees its own wall of the room
-_WALLS = {"anterior": (214, 204, 186), "posterior": (186, 198, 212),
-          "left": (196, 210, 192), "right": (226, 222, 216)}
-_FLOORS = {"anterior": (142, 118, 96), "posterior": (120, 122, 128),
-           "left": (132, 120, 100), "right": (150, 140, 126)}
+_WALLS = {
+    "anterior": (214, 204, 186),
+    "posterior": (186, 198, 212),
+    "left": (196, 210, 192),
+    "right": (226, 222, 216),
+}
+_FLOORS = {
+    "anterior": (142, 118, 96),
+    "posterior": (120, 122, 128),
+    "left": (132, 120, 100),
+    "right": (150, 140, 126),
+}
 # a fixed lamp in the room: the back is darker than the front, so views also differ in shading
 _LIGHT = np.array([-0.35, 0.8, 0.5]) / np.linalg.norm([-0.35, 0.8, 0.5])
 
@@ -85,8 +98,13 @@ def _fib_sphere(n: int) -> np.ndarray:
 
 
 _SPHERE = _fib_sphere(180)
-_RING = np.stack([np.cos(np.linspace(0, 2 * np.pi, 20, endpoint=False)),
-                  np.sin(np.linspace(0, 2 * np.pi, 20, endpoint=False))], axis=1)
+_RING = np.stack(
+    [
+        np.cos(np.linspace(0, 2 * np.pi, 20, endpoint=False)),
+        np.sin(np.linspace(0, 2 * np.pi, 20, endpoint=False)),
+    ],
+    axis=1,
+)
 
 
 def _hull(pts: np.ndarray) -> list[tuple[float, float]]:
@@ -149,13 +167,16 @@ def _make_camera(view: str, size: int, rng: np.random.Generator) -> tuple[_Camer
     dist = 3.2
     target = np.array([0.0, 0.4, 0.0]) + rng.uniform(-0.03, 0.03, 3)
     a = math.radians(az)
-    pos = target + dist * np.array([math.cos(elev) * math.sin(a), math.sin(elev),
-                                    math.cos(elev) * math.cos(a)])
+    pos = target + dist * np.array(
+        [math.cos(elev) * math.sin(a), math.sin(elev), math.cos(elev) * math.cos(a)]
+    )
     fwd = _unit(target - pos)
     right = _unit(np.cross(fwd, [0.0, 1.0, 0.0]))
     up = np.cross(right, fwd)
-    right, up = (math.cos(roll) * right + math.sin(roll) * up,
-                 -math.sin(roll) * right + math.cos(roll) * up)
+    right, up = (
+        math.cos(roll) * right + math.sin(roll) * up,
+        -math.sin(roll) * right + math.cos(roll) * up,
+    )
     side = size * _SS
     half_field = 0.72 / rng.uniform(0.92, 1.08)  # metres seen from the centre to the edge
     focal = (side / 2) * dist / half_field
@@ -205,14 +226,25 @@ def _sample_posture(posture: str, rng: np.random.Generator):
     """Joint positions of both arms; resampled until no hand or elbow passes through the body."""
     for _ in range(100):
         if posture == "upright":
-            angles = (rng.uniform(3, 14), rng.uniform(20, 160), rng.uniform(0, 25),
-                      rng.uniform(-20, 20))
+            angles = (
+                rng.uniform(3, 14),
+                rng.uniform(20, 160),
+                rng.uniform(0, 25),
+                rng.uniform(-20, 20),
+            )
         else:
-            angles = (rng.uniform(35, 130), rng.uniform(-15, 100), rng.uniform(0, 110),
-                      rng.uniform(-40, 30))
+            angles = (
+                rng.uniform(35, 130),
+                rng.uniform(-15, 100),
+                rng.uniform(0, 110),
+                rng.uniform(-40, 30),
+            )
         right = _arm_chain(-1, angles, rng.normal(0, 0.15, 3))
-        left = _arm_chain(1, (rng.uniform(4, 12), rng.uniform(40, 140), rng.uniform(0, 20),
-                              rng.uniform(-15, 15)), rng.normal(0, 0.1, 3))
+        left = _arm_chain(
+            1,
+            (rng.uniform(4, 12), rng.uniform(40, 140), rng.uniform(0, 20), rng.uniform(-15, 15)),
+            rng.normal(0, 0.1, 3),
+        )
         probes = [right[1], right[2], right[3], (right[1] + right[2]) / 2]
         if not any(_inside_body(p) for p in probes):
             return right, left, angles
@@ -248,8 +280,12 @@ def _capsule_polys(a, b, ra, rb):
     shapes = []
     if n > 1e-6:
         perp = np.array([-d[1], d[0]]) / n
-        quad = [tuple(a + perp * ra), tuple(b + perp * rb), tuple(b - perp * rb),
-                tuple(a - perp * ra)]
+        quad = [
+            tuple(a + perp * ra),
+            tuple(b + perp * rb),
+            tuple(b - perp * rb),
+            tuple(a - perp * ra),
+        ]
         shapes.append(("poly", quad))
     shapes.append(("ellipse", (a[0] - ra, a[1] - ra, a[0] + ra, a[1] + ra)))
     shapes.append(("ellipse", (b[0] - rb, b[1] - rb, b[0] + rb, b[1] + rb)))
@@ -270,8 +306,9 @@ def _capsule(cam: _Camera, p0, p1, r0, r1, rgb, owner, bias=0.0, light=1.0) -> _
     lit = perp * math.copysign(1, perp @ l2) if np.hypot(*d) > 0.5 * (ra + rb) else l2
     prim = _Prim(float(z.mean()) + bias, owner)
     for k, (share, shift, bright) in enumerate(_BANDS):
-        shapes = _capsule_polys(uv[0] + lit * shift * ra, uv[1] + lit * shift * rb,
-                                share * ra, share * rb)
+        shapes = _capsule_polys(
+            uv[0] + lit * shift * ra, uv[1] + lit * shift * rb, share * ra, share * rb
+        )
         if k == 0:
             prim.silhouette = len(shapes)
         prim.shapes += [(kind, xy, _tone(rgb, bright * light)) for kind, xy in shapes]
@@ -300,15 +337,23 @@ def _bar(cam: _Camera, p0, p1, width, rgb, owner, bias=0.0) -> _Prim:
         perp = -perp
     prim = _Prim(float(z.mean()) + bias, owner)
     for lo, hi, bright in ((-1, 1, 0.62), (-0.8, 0.8, 0.85), (0.2, 0.7, 1.25)):
-        quad = [tuple(uv[0] + perp * w0 * hi), tuple(uv[1] + perp * w1 * hi),
-                tuple(uv[1] + perp * w1 * lo), tuple(uv[0] + perp * w0 * lo)]
+        quad = [
+            tuple(uv[0] + perp * w0 * hi),
+            tuple(uv[1] + perp * w1 * hi),
+            tuple(uv[1] + perp * w1 * lo),
+            tuple(uv[0] + perp * w0 * lo),
+        ]
         prim.shapes.append(("poly", quad, _tone(rgb, bright)))
     return prim
 
 
 def _rings(rings) -> np.ndarray:
-    return np.concatenate([np.stack([a * _RING[:, 0], np.full(len(_RING), y), b * _RING[:, 1]],
-                                    axis=1) for y, a, b in rings])
+    return np.concatenate(
+        [
+            np.stack([a * _RING[:, 0], np.full(len(_RING), y), b * _RING[:, 1]], axis=1)
+            for y, a, b in rings
+        ]
+    )
 
 
 _SHIRT_PTS = _rings(_SHIRT_RINGS)
@@ -324,8 +369,12 @@ def _blob(cam: _Camera, pts3d: np.ndarray, rgb, owner, bias=0.0, light=1.0) -> _
     prim = _Prim(float(cam.project(pts3d.mean(axis=0))[1][0]) + bias, owner)
     # shrinking and shifting is affine: the hull of the moved points is the moved hull
     hull = np.asarray(_hull(uv))
-    for share, shift, bright in ((1.0, 0.0, 0.72), (0.85, 0.1, 0.88), (0.6, 0.22, 1.0),
-                                 (0.3, 0.36, 1.1)):
+    for share, shift, bright in (
+        (1.0, 0.0, 0.72),
+        (0.85, 0.1, 0.88),
+        (0.6, 0.22, 1.0),
+        (0.3, 0.36, 1.1),
+    ):
         pts = centre + (hull - centre) * share + l2 * shift * radius
         prim.shapes.append(("poly", [tuple(p) for p in pts.tolist()], _tone(rgb, bright * light)))
     return prim
@@ -347,18 +396,21 @@ def _head(cam: _Camera, skin, light: float) -> list[_Prim]:
         uv, _ = cam.project(_HEAD_C + _SPHERE[cap] * (_HEAD_R * 1.04))
         head.shapes.append(("poly", _hull(uv), _tone(_HAIR, light)))
     # face details only where they turn towards the camera
-    for n, r, rgb in ((np.array([0.38, 0.12, 0.92]), 0.011, (40, 30, 30)),
-                      (np.array([-0.38, 0.12, 0.92]), 0.011, (40, 30, 30)),
-                      (np.array([0.0, -0.1, 1.0]), 0.017, _tone(skin, 0.92)),
-                      (np.array([0.0, -0.5, 0.87]), 0.012, (150, 70, 70))):
+    for n, r, rgb in (
+        (np.array([0.38, 0.12, 0.92]), 0.011, (40, 30, 30)),
+        (np.array([-0.38, 0.12, 0.92]), 0.011, (40, 30, 30)),
+        (np.array([0.0, -0.1, 1.0]), 0.017, _tone(skin, 0.92)),
+        (np.array([0.0, -0.5, 0.87]), 0.012, (150, 70, 70)),
+    ):
         n = _unit(n)
         if n @ to_cam > 0.25:
             c = _HEAD_C + n * _HEAD_R * 1.02
             uv, z = cam.project(c)
             rp = cam.focal * r / z[0]
             x, y = uv[0]
-            head.shapes.append(("ellipse", (x - rp, y - rp * 0.8, x + rp, y + rp * 0.8),
-                                _tone(rgb, light)))
+            head.shapes.append(
+                ("ellipse", (x - rp, y - rp * 0.8, x + rp, y + rp * 0.8), _tone(rgb, light))
+            )
     return [head]
 
 
@@ -377,8 +429,17 @@ def _torso(cam: _Camera, shirt, pants, skin, light: float) -> list[_Prim]:
         uv, _ = cam.project(seam)
         body.shapes.append(("line", [tuple(p) for p in uv], _tone(shirt, 0.55 * light)))
     legs = _blob(cam, _PANTS_PTS, pants, _BODY, bias=0.002, light=light)
-    neck = _capsule(cam, np.array([0.0, 0.47, -0.005]), np.array([0.0, 0.615, 0.005]),
-                    0.043, 0.04, skin, _BODY, bias=0.05, light=light)
+    neck = _capsule(
+        cam,
+        np.array([0.0, 0.47, -0.005]),
+        np.array([0.0, 0.615, 0.005]),
+        0.043,
+        0.04,
+        skin,
+        _BODY,
+        bias=0.05,
+        light=light,
+    )
     return [body, legs, neck]
 
 
@@ -424,12 +485,18 @@ def _background(view: str, side: int, rng: np.random.Generator) -> Image.Image:
     img = Image.fromarray(np.repeat(rows[:, None, :], side, axis=1).clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)
     # furniture and a door or window: fixed per camera (it is one room), slightly shifted
-    layout = {"anterior": [(0.02, 0.2, 0.2, 0.78, (120, 90, 70))],
-              "posterior": [(0.74, 0.35, 0.97, 0.8, (90, 96, 110)),
-                            (0.05, 0.12, 0.25, 0.4, (235, 240, 245))],
-              "left": [(0.7, 0.15, 0.9, 0.78, (140, 110, 80))],
-              "right": [(0.08, 0.1, 0.35, 0.45, (210, 230, 245)),
-                        (0.75, 0.5, 0.98, 0.8, (110, 110, 100))]}[view]
+    layout = {
+        "anterior": [(0.02, 0.2, 0.2, 0.78, (120, 90, 70))],
+        "posterior": [
+            (0.74, 0.35, 0.97, 0.8, (90, 96, 110)),
+            (0.05, 0.12, 0.25, 0.4, (235, 240, 245)),
+        ],
+        "left": [(0.7, 0.15, 0.9, 0.78, (140, 110, 80))],
+        "right": [
+            (0.08, 0.1, 0.35, 0.45, (210, 230, 245)),
+            (0.75, 0.5, 0.98, 0.8, (110, 110, 100)),
+        ],
+    }[view]
     for x0, y0, x1, y1, rgb in layout:
         dx, dy = rng.uniform(-0.04, 0.04, 2)
         box = [(x0 + dx) * side, (y0 + dy) * side, (x1 + dx) * side, (y1 + dy) * side]
@@ -510,10 +577,14 @@ def _render(index: int, seed: int, size: int) -> tuple[Image.Image, dict]:
     img = img.reduce(_SS)
     img = _photometric(img, rng)
     meta = {
-        "view": view, "posture": posture, "facing": _FACING[view],
-        "yaw": round(float(yaw), 1), "occluded": occluded,
+        "view": view,
+        "posture": posture,
+        "facing": _FACING[view],
+        "yaw": round(float(yaw), 1),
+        "occluded": occluded,
         "shoulder_angles": [round(float(a), 1) for a in angles],
-        "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float(person.sum()) / _SS**2,
+        "bbox": [x0, y0, x1 - x0, y1 - y0],
+        "area": float(person.sum()) / _SS**2,
         "keypoints": keypoints,
     }
     return img, meta
@@ -541,16 +612,28 @@ def _render_and_save(job: tuple[int, int, int, str]) -> dict:
     img.save(Path(image_dir) / f"{i:06d}.png", format="PNG", compress_level=6)
     flat = [v for x, y, vis in meta["keypoints"] for v in (_r(x), _r(y), vis)]
     return {
-        "id": i + 1, "image_id": i + 1, "category_id": 1,
-        "keypoints": flat, "num_keypoints": sum(1 for *_, v in meta["keypoints"] if v),
-        "bbox": [_r(b) for b in meta["bbox"]], "area": _r(meta["area"]), "iscrowd": 0,
-        "attributes": {k: meta[k] for k in ("view", "posture", "facing", "yaw", "occluded",
-                                            "shoulder_angles")},
+        "id": i + 1,
+        "image_id": i + 1,
+        "category_id": 1,
+        "keypoints": flat,
+        "num_keypoints": sum(1 for *_, v in meta["keypoints"] if v),
+        "bbox": [_r(b) for b in meta["bbox"]],
+        "area": _r(meta["area"]),
+        "iscrowd": 0,
+        "attributes": {
+            k: meta[k] for k in ("view", "posture", "facing", "yaw", "occluded", "shoulder_angles")
+        },
     }
 
 
-def generate_synth_arm(out_dir: str | Path, n: int = 2060, seed: int = 0, size: int = 128,
-                       progress: bool = True, workers: int = 1) -> Path:
+def generate_synth_arm(
+    out_dir: str | Path,
+    n: int = 2060,
+    seed: int = 0,
+    size: int = 128,
+    progress: bool = True,
+    workers: int = 1,
+) -> Path:
     """Render n images into out_dir/images/ and write out_dir/annotations.json (COCO keypoints).
 
     Views are interleaved (image i has view VIEWS[i % 4]), so they are balanced to within one.
@@ -579,33 +662,51 @@ def generate_synth_arm(out_dir: str | Path, n: int = 2060, seed: int = 0, size: 
     with contextlib.ExitStack() as stack:
         if workers > 1:
             # spawn, not fork: the caller may hold torch threads, which fork does not carry safely
-            pool = stack.enter_context(ProcessPoolExecutor(
-                workers, mp_context=multiprocessing.get_context("spawn")))
+            pool = stack.enter_context(
+                ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+            )
             results = pool.map(_render_and_save, jobs, chunksize=32)
         else:
             results = map(_render_and_save, jobs)
         if progress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-            bar = stack.enter_context(Progress(
-                "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                TimeRemainingColumn()))
+            bar = stack.enter_context(
+                Progress(
+                    "[progress.description]{task.description}",
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TimeRemainingColumn(),
+                )
+            )
             task = bar.add_task(f"synth-arm {size}px", total=n)
         annotations = []
         for ann in results:  # map keeps the input order
             annotations.append(ann)
             if progress:
                 bar.advance(task)
-    images = [{"id": i + 1, "file_name": f"{i:06d}.png", "width": size, "height": size}
-              for i in range(n)]
+    images = [
+        {"id": i + 1, "file_name": f"{i:06d}.png", "width": size, "height": size} for i in range(n)
+    ]
 
     coco = {
-        "info": {"description": "synth-arm: generated single-arm rehabilitation set",
-                 "seed": seed, "size": size, "count": n},
+        "info": {
+            "description": "synth-arm: generated single-arm rehabilitation set",
+            "seed": seed,
+            "size": size,
+            "count": n,
+        },
         "images": images,
         "annotations": annotations,
-        "categories": [{"id": 1, "name": "person", "supercategory": "person",
-                        "keypoints": list(KEYPOINTS), "skeleton": [[1, 2], [2, 3]]}],
+        "categories": [
+            {
+                "id": 1,
+                "name": "person",
+                "supercategory": "person",
+                "keypoints": list(KEYPOINTS),
+                "skeleton": [[1, 2], [2, 3]],
+            }
+        ],
     }
     ann_file = out_dir / "annotations.json"
     ann_file.write_text(json.dumps(coco, separators=(",", ":")))
@@ -616,8 +717,9 @@ def generate_synth_arm(out_dir: str | Path, n: int = 2060, seed: int = 0, size: 
 _JOINT_COLOURS = ((255, 60, 60), (60, 220, 60), (60, 140, 255))
 
 
-def preview_grid(ann_file: str | Path, out_png: str | Path, per_view: int = 4,
-                 tile: int = 192) -> Path:
+def preview_grid(
+    ann_file: str | Path, out_png: str | Path, per_view: int = 4, tile: int = 192
+) -> Path:
     """A grid with one row per view: the first `per_view` images of each, keypoints drawn.
 
     Filled dots are visible joints, rings are labelled joints hidden behind the body or robot.
@@ -647,20 +749,29 @@ def preview_grid(ann_file: str | Path, out_png: str | Path, per_view: int = 4,
             for a, b in coco["categories"][0]["skeleton"]:
                 pa, pb = kp[a - 1], kp[b - 1]
                 if pa[2] > 0 and pb[2] > 0:
-                    d.line([(pa[0] * k, pa[1] * k), (pb[0] * k, pb[1] * k)],
-                           fill=(255, 230, 0), width=3)
+                    d.line(
+                        [(pa[0] * k, pa[1] * k), (pb[0] * k, pb[1] * k)],
+                        fill=(255, 230, 0),
+                        width=3,
+                    )
             for j, (x, y, v) in enumerate(kp):
                 if v > 0:
                     box = (x * k - 5, y * k - 5, x * k + 5, y * k + 5)
                     fill = _JOINT_COLOURS[j % 3] if v == 2 else None
                     d.ellipse(box, fill=fill, outline=_JOINT_COLOURS[j % 3], width=2)
             attrs = ann.get("attributes", {})
-            d.text((4, 4), str(attrs.get("posture", "")), fill=(255, 255, 255), stroke_width=1,
-                   stroke_fill=(0, 0, 0))
+            d.text(
+                (4, 4),
+                str(attrs.get("posture", "")),
+                fill=(255, 255, 255),
+                stroke_width=1,
+                stroke_fill=(0, 0, 0),
+            )
             grid.paste(im, (label_w + c * tile, r * tile))
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     # a 256-colour palette keeps the committed preview small; it is for looking at, not training
     grid.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(
-        out_png, optimize=True)
+        out_png, optimize=True
+    )
     return out_png

@@ -203,8 +203,10 @@ def gaussian_heatmaps(
     joints = np.where(finite[:, None], joints, 0.0)  # unlabelled joints may be stored as nan
     size = heatmap_size
     inside = (
-        (joints[:, 0] >= -0.5) & (joints[:, 0] < size - 0.5)
-        & (joints[:, 1] >= -0.5) & (joints[:, 1] < size - 0.5)
+        (joints[:, 0] >= -0.5)
+        & (joints[:, 0] < size - 0.5)
+        & (joints[:, 1] >= -0.5)
+        & (joints[:, 1] < size - 0.5)
     )
     weight = ((np.asarray(visibility) > 0) & inside & finite).astype(np.float32)
     grid = np.arange(size, dtype=np.float64)

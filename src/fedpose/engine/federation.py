@@ -47,9 +47,15 @@ class Federation:
         if client not in self._datasets:
             records = [self.train_records[i] for i in self.parts[client]]
             d = self.cfg.data
-            self._datasets[client] = PoseDataset(records, self.skeleton, d.input_size, d.sigma,
-                                                 train=d.augment, seed=self.cfg.seed,
-                                                 image_cache=self.image_cache)
+            self._datasets[client] = PoseDataset(
+                records,
+                self.skeleton,
+                d.input_size,
+                d.sigma,
+                train=d.augment,
+                seed=self.cfg.seed,
+                image_cache=self.image_cache,
+            )
         return self._datasets[client]
 
     def evaluate(self, weights: dict[str, torch.Tensor]) -> dict:
@@ -66,14 +72,23 @@ def build_federation(cfg: Config) -> Federation:
     if len(parts) != cfg.fed.num_clients:
         raise ValueError(f"partition made {len(parts)} clients, config says {cfg.fed.num_clients}")
     model, layout, strategy = build_model_and_strategy(cfg, skeleton)
-    return Federation(cfg, skeleton, train_records, test_records, parts, model, layout, strategy,
-                      resolve_device(cfg.train.device),
-                      image_cache=ImageCache(cfg.data.cache_mb << 20) if cfg.data.cache_mb > 0
-                      else None)
+    return Federation(
+        cfg,
+        skeleton,
+        train_records,
+        test_records,
+        parts,
+        model,
+        layout,
+        strategy,
+        resolve_device(cfg.train.device),
+        image_cache=ImageCache(cfg.data.cache_mb << 20) if cfg.data.cache_mb > 0 else None,
+    )
 
 
-def build_model_and_strategy(cfg: Config, skeleton: Skeleton
-                             ) -> tuple[PoseResNet, ModelLayout, Strategy]:
+def build_model_and_strategy(
+    cfg: Config, skeleton: Skeleton
+) -> tuple[PoseResNet, ModelLayout, Strategy]:
     """The initial model (seeded: every engine and every site builds the same one), its
     parameter layout and the strategy; no data needed."""
     torch.manual_seed(cfg.seed)

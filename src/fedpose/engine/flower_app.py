@@ -143,8 +143,9 @@ def record_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
     if set(record) == {PACK_LAYOUT, PACK_DATA}:
         return unpack_state(record)
     # np.load hands back read-only buffers; a copy gives torch memory it may write to
-    return {name: torch.from_numpy(np.array(array.numpy(), copy=True))
-            for name, array in record.items()}
+    return {
+        name: torch.from_numpy(np.array(array.numpy(), copy=True)) for name, array in record.items()
+    }
 
 
 PACK_LAYOUT, PACK_DATA = "layout", "data"
@@ -181,39 +182,61 @@ def unpack_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
 
 
 def request_to_content(request: TrainRequest) -> RecordDict:
-    return RecordDict({
-        "weights": pack_state(request.weights),
-        "config": ConfigRecord({"client-id": request.client_id, "version": request.version,
-                                "round": request.round, "seed": int(request.seed),
-                                "client-rule": request.rule,
-                                "client-coef": float(request.coef)}),
-    })
+    return RecordDict(
+        {
+            "weights": pack_state(request.weights),
+            "config": ConfigRecord(
+                {
+                    "client-id": request.client_id,
+                    "version": request.version,
+                    "round": request.round,
+                    "seed": int(request.seed),
+                    "client-rule": request.rule,
+                    "client-coef": float(request.coef),
+                }
+            ),
+        }
+    )
 
 
 def content_to_request(content: RecordDict) -> TrainRequest:
     cfg = content["config"]
-    return TrainRequest(client_id=int(cfg["client-id"]), version=int(cfg["version"]),
-                        round=int(cfg["round"]), weights=record_to_state(content["weights"]),
-                        seed=int(cfg["seed"]), rule=str(cfg["client-rule"]),
-                        coef=float(cfg["client-coef"]))
+    return TrainRequest(
+        client_id=int(cfg["client-id"]),
+        version=int(cfg["version"]),
+        round=int(cfg["round"]),
+        weights=record_to_state(content["weights"]),
+        seed=int(cfg["seed"]),
+        rule=str(cfg["client-rule"]),
+        coef=float(cfg["client-coef"]),
+    )
 
 
 _AVERAGED = "averaged/"  # name prefix of the averaged tensors in a reply's packed "update"
 
 
 def reply_to_content(reply: TrainReply, timing: dict[str, float] | None = None) -> RecordDict:
-    content = RecordDict({
-        "metrics": MetricRecord({"num-examples": int(reply.num_samples),
-                                 "train-loss": float(reply.train_loss),
-                                 "train-loss-sq": float(reply.train_loss_sq),
-                                 "steps": int(reply.steps),
-                                 "seconds": float(reply.seconds), **(timing or {})}),
-        "config": ConfigRecord({"client-id": reply.client_id, "version": reply.version,
-                                "error": reply.error or ""}),
-    })
+    content = RecordDict(
+        {
+            "metrics": MetricRecord(
+                {
+                    "num-examples": int(reply.num_samples),
+                    "train-loss": float(reply.train_loss),
+                    "train-loss-sq": float(reply.train_loss_sq),
+                    "steps": int(reply.steps),
+                    "seconds": float(reply.seconds),
+                    **(timing or {}),
+                }
+            ),
+            "config": ConfigRecord(
+                {"client-id": reply.client_id, "version": reply.version, "error": reply.error or ""}
+            ),
+        }
+    )
     if reply.delta is not None:
-        content["update"] = pack_state({"delta": reply.delta, **{
-            _AVERAGED + name: t for name, t in reply.averaged.items()}})
+        content["update"] = pack_state(
+            {"delta": reply.delta, **{_AVERAGED + name: t for name, t in reply.averaged.items()}}
+        )
     return content
 
 
@@ -225,8 +248,9 @@ def content_to_reply(content: RecordDict) -> TrainReply:
         version=int(cfg["version"]),
         num_samples=int(metrics["num-examples"]),
         delta=update.get("delta"),
-        averaged={name[len(_AVERAGED):]: t for name, t in update.items()
-                  if name.startswith(_AVERAGED)},
+        averaged={
+            name[len(_AVERAGED) :]: t for name, t in update.items() if name.startswith(_AVERAGED)
+        },
         train_loss=float(metrics["train-loss"]),
         train_loss_sq=float(metrics.get("train-loss-sq", float("nan"))),
         steps=int(metrics["steps"]),
@@ -244,9 +268,11 @@ def client_state_to_records(client_state: dict, store: RecordDict) -> None:
 
 
 def records_to_client_state(store: RecordDict) -> dict:
-    return {key[len(_CLIENT_STATE_PREFIX):]: record_to_state(record)
-            for key, record in store.array_records.items()
-            if key.startswith(_CLIENT_STATE_PREFIX)}
+    return {
+        key[len(_CLIENT_STATE_PREFIX) :]: record_to_state(record)
+        for key, record in store.array_records.items()
+        if key.startswith(_CLIENT_STATE_PREFIX)
+    }
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -261,9 +287,14 @@ class SiteEvaluation:
     error: str | None = None
 
 
-def count_correct(model: torch.nn.Module, weights: dict[str, torch.Tensor],
-                  records: list[PoseRecord], skeleton: Skeleton, cfg: Config,
-                  device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+def count_correct(
+    model: torch.nn.Module,
+    weights: dict[str, torch.Tensor],
+    records: list[PoseRecord],
+    skeleton: Skeleton,
+    cfg: Config,
+    device: torch.device,
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-joint (correct, counted) of `weights` on `records`, by the evaluator central
     evaluation uses, so counts summed over sites equal the central counts."""
     model.load_state_dict(weights)
@@ -271,20 +302,29 @@ def count_correct(model: torch.nn.Module, weights: dict[str, torch.Tensor],
 
 
 def evaluation_to_content(ev: SiteEvaluation) -> RecordDict:
-    return RecordDict({
-        "metrics": MetricRecord({"num-examples": int(ev.samples),
-                                 "correct": [int(v) for v in ev.correct],
-                                 "counted": [int(v) for v in ev.counted]}),
-        "config": ConfigRecord({"client-id": ev.client_id, "error": ev.error or ""}),
-    })
+    return RecordDict(
+        {
+            "metrics": MetricRecord(
+                {
+                    "num-examples": int(ev.samples),
+                    "correct": [int(v) for v in ev.correct],
+                    "counted": [int(v) for v in ev.counted],
+                }
+            ),
+            "config": ConfigRecord({"client-id": ev.client_id, "error": ev.error or ""}),
+        }
+    )
 
 
 def content_to_evaluation(content: RecordDict) -> SiteEvaluation:
     metrics, cfg = content["metrics"], content["config"]
-    return SiteEvaluation(int(cfg["client-id"]), int(metrics["num-examples"]),
-                          np.asarray(metrics["correct"], dtype=np.int64),
-                          np.asarray(metrics["counted"], dtype=np.int64),
-                          str(cfg["error"]) or None)
+    return SiteEvaluation(
+        int(cfg["client-id"]),
+        int(metrics["num-examples"]),
+        np.asarray(metrics["correct"], dtype=np.int64),
+        np.asarray(metrics["counted"], dtype=np.int64),
+        str(cfg["error"]) or None,
+    )
 
 
 def federated_metrics(evaluations: list[SiteEvaluation], skeleton: Skeleton) -> dict:
@@ -300,8 +340,12 @@ def federated_metrics(evaluations: list[SiteEvaluation], skeleton: Skeleton) -> 
         if ev.error:
             errors[key] = ev.error
             continue
-        if ev.correct.shape != (skeleton.num_joints,) or ev.counted.shape != correct.shape \
-                or (ev.correct > ev.counted).any() or (ev.correct < 0).any():
+        if (
+            ev.correct.shape != (skeleton.num_joints,)
+            or ev.counted.shape != correct.shape
+            or (ev.correct > ev.counted).any()
+            or (ev.correct < 0).any()
+        ):
             errors[key] = "malformed evaluation counts"
             continue
         correct += ev.correct
@@ -414,9 +458,15 @@ class FlowerTransport:
     timeout becomes a TrainReply with `error`, which the server rejects like any failed client.
     """
 
-    def __init__(self, grid: Grid, num_clients: int, reply_timeout: float = REPLY_TIMEOUT_S,
-                 connect_timeout: float = CONNECT_TIMEOUT_S, timing_path: Path | None = None,
-                 log=print):
+    def __init__(
+        self,
+        grid: Grid,
+        num_clients: int,
+        reply_timeout: float = REPLY_TIMEOUT_S,
+        connect_timeout: float = CONNECT_TIMEOUT_S,
+        timing_path: Path | None = None,
+        log=print,
+    ):
         self.grid = grid
         self.num_clients = num_clients
         self.reply_timeout = reply_timeout
@@ -442,8 +492,12 @@ class FlowerTransport:
         while len(answers) + unanswerable < self.num_clients and time.monotonic() < deadline:
             new = [n for n in self.grid.get_node_ids() if n not in asked]
             if new:
-                msgs = [Message(RecordDict(), dst_node_id=n, message_type="query",
-                                ttl=self.connect_timeout) for n in new]
+                msgs = [
+                    Message(
+                        RecordDict(), dst_node_id=n, message_type="query", ttl=self.connect_timeout
+                    )
+                    for n in new
+                ]
                 queries.update(zip(self.grid.push_messages(msgs), new, strict=True))
                 asked.update(new)
             if queries:
@@ -460,12 +514,16 @@ class FlowerTransport:
         self._number_clients(list(answers.values()))
         if not self.node_of:
             # nothing to train: end the run (finished:failed) instead of logging empty rounds
-            raise RuntimeError(f"no usable SuperNode answered within {self.connect_timeout:.0f} s "
-                               f"(connect-timeout); {len(asked)} node(s) were asked")
+            raise RuntimeError(
+                f"no usable SuperNode answered within {self.connect_timeout:.0f} s "
+                f"(connect-timeout); {len(asked)} node(s) were asked"
+            )
         missing = sorted(set(range(self.num_clients)) - set(self.clients))
         if missing:
-            self.log(f"no SuperNode serves client(s) {missing} after "
-                     f"{self.connect_timeout:.0f} s: they count as failed clients")
+            self.log(
+                f"no SuperNode serves client(s) {missing} after "
+                f"{self.connect_timeout:.0f} s: they count as failed clients"
+            )
         return dict(self.node_of)
 
     def _client_info(self, node: int, reply: Message) -> ClientInfo | None:
@@ -475,9 +533,16 @@ class FlowerTransport:
             self.log(f"node {node} did not answer the query: {reply.error.reason}")
             return None
         cfg = reply.content["config"]
-        info = ClientInfo(node, str(cfg["mode"]), str(cfg["name"]), int(cfg["partition-id"]),
-                          int(cfg["num-partitions"]), int(cfg["train-samples"]),
-                          int(cfg["test-samples"]), str(cfg["error"]))
+        info = ClientInfo(
+            node,
+            str(cfg["mode"]),
+            str(cfg["name"]),
+            int(cfg["partition-id"]),
+            int(cfg["num-partitions"]),
+            int(cfg["train-samples"]),
+            int(cfg["test-samples"]),
+            str(cfg["error"]),
+        )
         if not info.refused and info.train_samples <= 0:
             info.refused = f"{info.name}: no usable training record"
         if info.refused:
@@ -487,24 +552,34 @@ class FlowerTransport:
     def _number_clients(self, infos: list[ClientInfo]) -> None:
         modes = {i.mode for i in infos}
         if len(modes) > 1:
-            raise RuntimeError("some SuperNodes have a partition-id and others their own "
-                               "data-root: start all of them the same way")
+            raise RuntimeError(
+                "some SuperNodes have a partition-id and others their own "
+                "data-root: start all of them the same way"
+            )
         sites = sorted((i for i in infos if i.mode == "site"), key=lambda i: i.name)
         for i in (i for i in infos if i.mode == "partition"):
             if i.num_partitions != self.num_clients:
-                raise RuntimeError(f"node {i.node} has num-partitions={i.num_partitions} but "
-                                   f"the config has fed.num_clients={self.num_clients}")
+                raise RuntimeError(
+                    f"node {i.node} has num-partitions={i.num_partitions} but "
+                    f"the config has fed.num_clients={self.num_clients}"
+                )
             if not 0 <= i.partition_id < self.num_clients:
-                raise RuntimeError(f"node {i.node} has partition-id={i.partition_id}, outside "
-                                   f"0..{self.num_clients - 1}")
+                raise RuntimeError(
+                    f"node {i.node} has partition-id={i.partition_id}, outside "
+                    f"0..{self.num_clients - 1}"
+                )
             if i.partition_id in self.clients:
-                raise RuntimeError(f"nodes {self.clients[i.partition_id].node} and {i.node} "
-                                   f"both have partition-id={i.partition_id}")
+                raise RuntimeError(
+                    f"nodes {self.clients[i.partition_id].node} and {i.node} "
+                    f"both have partition-id={i.partition_id}"
+                )
             self.clients[i.partition_id] = i
         names = [i.name for i in sites]
         if len(set(names)) < len(names):
-            raise RuntimeError(f"two sites share a name: {sorted(names)}; give each SuperNode "
-                               f"its own name=... in --node-config")
+            raise RuntimeError(
+                f"two sites share a name: {sorted(names)}; give each SuperNode "
+                f"its own name=... in --node-config"
+            )
         if len(sites) > self.num_clients:
             raise RuntimeError(f"{len(sites)} sites for fed.num_clients={self.num_clients}")
         for k, i in enumerate(sites):
@@ -514,22 +589,30 @@ class FlowerTransport:
                 self.failed_at_start[k] = i.refused
                 continue
             self.node_of[k] = i.node
-            self.log(f"client {k} = {i.name} on node {i.node}: {i.train_samples} training, "
-                     f"{i.test_samples} test records")
+            self.log(
+                f"client {k} = {i.name} on node {i.node}: {i.train_samples} training, "
+                f"{i.test_samples} test records"
+            )
 
     def client_sizes(self) -> list[int]:
         """Training records per client as the clients reported them (0 when missing)."""
-        return [self.clients[k].train_samples if k in self.node_of else 0
-                for k in range(self.num_clients)]
+        return [
+            self.clients[k].train_samples if k in self.node_of else 0
+            for k in range(self.num_clients)
+        ]
 
     # --------------------------------------------------------------------- evaluation
     def evaluate(self, weights: dict[str, torch.Tensor], version: int) -> list[SiteEvaluation]:
         """Every connected client scores `weights` on its own test records."""
-        content = RecordDict({"weights": pack_state(weights),
-                              "config": ConfigRecord({"version": version})})
-        msgs = [Message(content, dst_node_id=node, message_type="evaluate",
-                        ttl=self.reply_timeout + 60.0)
-                for k, node in sorted(self.node_of.items())]
+        content = RecordDict(
+            {"weights": pack_state(weights), "config": ConfigRecord({"version": version})}
+        )
+        msgs = [
+            Message(
+                content, dst_node_id=node, message_type="evaluate", ttl=self.reply_timeout + 60.0
+            )
+            for k, node in sorted(self.node_of.items())
+        ]
         if not msgs:
             return []
         ids = self.grid.push_messages(msgs)
@@ -543,17 +626,22 @@ class FlowerTransport:
                 if k is None:
                     continue
                 if reply.has_error():
-                    out[k] = SiteEvaluation(k, 0, np.zeros(0), np.zeros(0),
-                                            f"Flower error {reply.error.code}: "
-                                            f"{reply.error.reason}")
+                    out[k] = SiteEvaluation(
+                        k,
+                        0,
+                        np.zeros(0),
+                        np.zeros(0),
+                        f"Flower error {reply.error.code}: {reply.error.reason}",
+                    )
                 else:
                     out[k] = content_to_evaluation(reply.content)
                     out[k].client_id = k
                 if out[k].error:
                     self.log(f"client {k} could not evaluate: {out[k].error}")
         for k in client_of.values():
-            out[k] = SiteEvaluation(k, 0, np.zeros(0), np.zeros(0),
-                                    f"no evaluation within {self.reply_timeout:.0f} s")
+            out[k] = SiteEvaluation(
+                k, 0, np.zeros(0), np.zeros(0), f"no evaluation within {self.reply_timeout:.0f} s"
+            )
         return [out[k] for k in sorted(out)]
 
     # --------------------------------------------------------------------- Transport protocol
@@ -566,11 +654,23 @@ class FlowerTransport:
             return
         t0, t0_wall = time.monotonic(), time.time()
         content = request_to_content(request)
-        msg = Message(content, dst_node_id=node, message_type="train",
-                      group_id=str(request.round), ttl=self.reply_timeout + 60.0)
+        msg = Message(
+            content,
+            dst_node_id=node,
+            message_type="train",
+            group_id=str(request.round),
+            ttl=self.reply_timeout + 60.0,
+        )
         (message_id,) = self.grid.push_messages([msg])
-        self.in_flight[k] = _InFlight(message_id, request.version, request.round, t0, t0_wall,
-                                      time.monotonic() - t0, content["weights"].count_bytes())
+        self.in_flight[k] = _InFlight(
+            message_id,
+            request.version,
+            request.round,
+            t0,
+            t0_wall,
+            time.monotonic() - t0,
+            content["weights"].count_bytes(),
+        )
 
     def receive(self, client_id: int) -> TrainReply:
         if client_id in self.failed:
@@ -579,46 +679,65 @@ class FlowerTransport:
         while job.message_id not in self.arrived:
             if time.monotonic() - job.sent > self.reply_timeout:
                 del self.in_flight[client_id]
-                return TrainReply(client_id=client_id, version=job.version,
-                                  error=f"no reply within {self.reply_timeout:.0f} s")
+                return TrainReply(
+                    client_id=client_id,
+                    version=job.version,
+                    error=f"no reply within {self.reply_timeout:.0f} s",
+                )
             time.sleep(POLL_SECONDS)
             self._pull()
         del self.in_flight[client_id]
         msg, pulled = self.arrived.pop(job.message_id)
         t0 = time.monotonic()
         if msg.has_error():
-            self.log(f"client {client_id} failed: Flower error {msg.error.code}: "
-                     f"{msg.error.reason}")
-            return TrainReply(client_id=client_id, version=job.version,
-                              error=f"Flower error {msg.error.code}: {msg.error.reason}")
+            self.log(
+                f"client {client_id} failed: Flower error {msg.error.code}: {msg.error.reason}"
+            )
+            return TrainReply(
+                client_id=client_id,
+                version=job.version,
+                error=f"Flower error {msg.error.code}: {msg.error.reason}",
+            )
         reply = content_to_reply(msg.content)
         if reply.error:
             self.log(f"client {client_id} failed: {reply.error}")
         if reply.client_id != client_id:
-            return TrainReply(client_id=client_id, version=job.version,
-                              error=f"reply names client {reply.client_id}, expected {client_id}")
+            return TrainReply(
+                client_id=client_id,
+                version=job.version,
+                error=f"reply names client {reply.client_id}, expected {client_id}",
+            )
         metrics = msg.content["metrics"]
-        self._record_timing({
-            "round": job.round, "client": client_id, "push_s": job.push_seconds,
-            "roundtrip_s": pulled - job.sent_wall, "decode_s": time.monotonic() - t0,
-            "train_s": reply.seconds, **_client_timing(metrics, job.sent_wall, pulled),
-            "request_bytes": job.request_bytes,
-            "reply_bytes": sum(r.count_bytes() for r in msg.content.array_records.values()),
-        })
+        self._record_timing(
+            {
+                "round": job.round,
+                "client": client_id,
+                "push_s": job.push_seconds,
+                "roundtrip_s": pulled - job.sent_wall,
+                "decode_s": time.monotonic() - t0,
+                "train_s": reply.seconds,
+                **_client_timing(metrics, job.sent_wall, pulled),
+                "request_bytes": job.request_bytes,
+                "reply_bytes": sum(r.count_bytes() for r in msg.content.array_records.values()),
+            }
+        )
         return reply
 
     def _pull(self) -> None:
         # Only ask for replies not yet pulled: the SuperLink hands each reply out once and
         # answers a second request for it with a "message unavailable" error.
-        waiting = [j.message_id for j in self.in_flight.values()
-                   if j.message_id not in self.arrived]
+        waiting = [
+            j.message_id for j in self.in_flight.values() if j.message_id not in self.arrived
+        ]
         if waiting:
             for reply in self.grid.pull_messages(waiting):
                 self.arrived[reply.metadata.reply_to_message_id] = (reply, time.time())
 
     def _record_timing(self, row: dict) -> None:
-        self.log(f"round {row['round']}: client {row['client']} replied after "
-                 f"{row['roundtrip_s']:.2f} s (training {row['train_s']:.2f} s)")
+        self.log(
+            f"round {row['round']}: client {row['client']} replied after "
+            f"{row['roundtrip_s']:.2f} s (training {row['train_s']:.2f} s)"
+        )
         if self.timing_path is not None:
             with open(self.timing_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -641,8 +760,12 @@ def _client_timing(metrics: MetricRecord, sent: float, pulled: float) -> dict[st
     started = float(metrics.get("handler-started", nan))
     handler = float(metrics.get("handler-seconds", nan))
     age = float(metrics.get("process-age", nan))
-    return {"queue_s": started - age - sent, "startup_s": age, "handler_s": handler,
-            "return_s": pulled - started - handler}
+    return {
+        "queue_s": started - age - sent,
+        "startup_s": age,
+        "handler_s": handler,
+        "return_s": pulled - started - handler,
+    }
 
 
 # ----------------------------------------------------------------------------- ServerApp
@@ -667,11 +790,15 @@ def run_flower_server(grid: Grid, settings: AppSettings, log=print) -> Federated
     clients; evaluation is federated (each client scores its own test records) and, with
     `central-eval`, also central on the config's test split, which must then exist here."""
     cfg = settings.config
-    log(f"run {cfg.name}: {cfg.fed.method} {cfg.fed.mode}, {cfg.fed.rounds} rounds, "
-        f"{cfg.fed.num_clients} clients, run dir {cfg.run_dir.resolve()}")
+    log(
+        f"run {cfg.name}: {cfg.fed.method} {cfg.fed.mode}, {cfg.fed.rounds} rounds, "
+        f"{cfg.fed.num_clients} clients, run dir {cfg.run_dir.resolve()}"
+    )
     if settings.resume:
-        log("resuming: client-local state (FedBN BatchNorm, FedDyn's term) lives in each run's "
-            "context.state and starts empty in this run")
+        log(
+            "resuming: client-local state (FedBN BatchNorm, FedDyn's term) lives in each run's "
+            "context.state and starts empty in this run"
+        )
     run_dir = prepare_run_dir(cfg, settings.resume)
     skeleton = dataset_skeleton(cfg.data.dataset)
     model, layout, strategy = build_model_and_strategy(cfg, skeleton)
@@ -679,13 +806,25 @@ def run_flower_server(grid: Grid, settings: AppSettings, log=print) -> Federated
     timing = run_dir / TIMING_FILE
     if not settings.resume:
         timing.unlink(missing_ok=True)
-    transport = FlowerTransport(grid, cfg.fed.num_clients, settings.reply_timeout,
-                                settings.connect_timeout, timing, log)
+    transport = FlowerTransport(
+        grid, cfg.fed.num_clients, settings.reply_timeout, settings.connect_timeout, timing, log
+    )
     transport.connect()
-    (run_dir / "clients.json").write_text(json.dumps(
-        [{"client": k, "site": i.name, "node": i.node, "samples": i.train_samples,
-          "test_samples": i.test_samples} for k, i in sorted(transport.clients.items())],
-        indent=2))
+    (run_dir / "clients.json").write_text(
+        json.dumps(
+            [
+                {
+                    "client": k,
+                    "site": i.name,
+                    "node": i.node,
+                    "samples": i.train_samples,
+                    "test_samples": i.test_samples,
+                }
+                for k, i in sorted(transport.clients.items())
+            ],
+            indent=2,
+        )
+    )
     central = load_split(cfg.data, "test")[0] if settings.central_eval else None
 
     def evaluate(weights: dict[str, torch.Tensor]) -> dict:
@@ -696,15 +835,25 @@ def run_flower_server(grid: Grid, settings: AppSettings, log=print) -> Federated
             result.update(central_pck_mean=score.mean, central_pck_per_joint=score.per_joint)
         return result
 
-    server = FederatedServer(cfg, {n: t.detach().clone() for n, t in model.state_dict().items()},
-                             layout, strategy, transport, transport.client_sizes(),
-                             evaluate=evaluate, run_dir=run_dir)
+    server = FederatedServer(
+        cfg,
+        {n: t.detach().clone() for n, t in model.state_dict().items()},
+        layout,
+        strategy,
+        transport,
+        transport.client_sizes(),
+        evaluate=evaluate,
+        run_dir=run_dir,
+    )
     if settings.resume:
         resumed, warnings = server.load_checkpoint()
         for warning in warnings:
             log(f"warning: {warning}")
-        log(f"resumed at round {server.state.round}" if resumed else
-            "no checkpoint yet: starting over")
+        log(
+            f"resumed at round {server.state.round}"
+            if resumed
+            else "no checkpoint yet: starting over"
+        )
 
     def progress(done: int, record: dict) -> None:
         text = f"round {done}/{cfg.fed.rounds}: aggregated {record['aggregated']}"
@@ -712,8 +861,9 @@ def run_flower_server(grid: Grid, settings: AppSettings, log=print) -> Federated
             text += f", loss {record['train_loss']:.5f}"
         if record.get("pck_mean") is not None:
             text += f", federated PCK {record['pck_mean']:.2f}"
-            text += "".join(f"; client {k} {v:.2f}" for k, v in record["site_pck"].items()
-                            if v is not None)
+            text += "".join(
+                f"; client {k} {v:.2f}" for k, v in record["site_pck"].items() if v is not None
+            )
         log(text)
 
     server.run(progress=progress)
@@ -722,13 +872,18 @@ def run_flower_server(grid: Grid, settings: AppSettings, log=print) -> Federated
     if cfg.fed.dp_epsilon > 0:
         report = privacy_report(cfg.fed, releases_per_client(read_jsonl(run_dir / "metrics.jsonl")))
         (run_dir / "privacy.json").write_text(json.dumps(report, indent=2))
-        rdp = (f"epsilon {report['epsilon_rdp']:.4g} at delta {report['delta_rdp']:g} (Flower's "
-               f"RDP accountant)" if report["epsilon_rdp"] is not None
-               else "no RDP accountant (pip install 'flwr[dp]')")
-        log(f"local DP: sigma {report['noise_std']:.4g} per coordinate; a client released at most "
+        rdp = (
+            f"epsilon {report['epsilon_rdp']:.4g} at delta {report['delta_rdp']:g} (Flower's "
+            f"RDP accountant)"
+            if report["epsilon_rdp"] is not None
+            else "no RDP accountant (pip install 'flwr[dp]')"
+        )
+        log(
+            f"local DP: sigma {report['noise_std']:.4g} per coordinate; a client released at most "
             f"{report['releases_max']} updates: {rdp}; simple composition: epsilon "
             f"{report['epsilon_composed_simple']:.4g} at delta {report['delta_composed_simple']:g}"
-            f"; details in privacy.json")
+            f"; details in privacy.json"
+        )
     return server
 
 
@@ -785,8 +940,11 @@ def client_side(cfg: Config, node_config: dict, store: RecordDict | None = None)
     """The ClientApp's data and model for this SuperNode (cached, see _client_sides)."""
     key = json.dumps([dict(node_config), cfg.to_dict()], sort_keys=True, default=str)
     if key not in _client_sides:
-        _client_sides[key] = (_site_side(cfg, node_config, store) if is_site(node_config)
-                              else _partition_side(cfg, node_config))
+        _client_sides[key] = (
+            _site_side(cfg, node_config, store)
+            if is_site(node_config)
+            else _partition_side(cfg, node_config)
+        )
     return _client_sides[key]
 
 
@@ -796,9 +954,11 @@ def _partition_side(cfg: Config, node_config: dict) -> ClientSide:
     try:
         pid, parts = int(node_config["partition-id"]), int(node_config["num-partitions"])
     except KeyError as e:
-        raise ConfigError(f"start the SuperNode with --node-config 'data-root=\"<folder>\" ...' "
-                          f"(its own data) or 'partition-id=<i> num-partitions=<n>' "
-                          f"(missing {e})") from None
+        raise ConfigError(
+            f"start the SuperNode with --node-config 'data-root=\"<folder>\" ...' "
+            f"(its own data) or 'partition-id=<i> num-partitions=<n>' "
+            f"(missing {e})"
+        ) from None
     if parts != cfg.fed.num_clients:
         raise ConfigError(f"num-partitions={parts} but fed.num_clients={cfg.fed.num_clients}")
     if DATA_ROOT in node_config:
@@ -809,8 +969,18 @@ def _partition_side(cfg: Config, node_config: dict) -> ClientSide:
         _federations[key] = build_federation(cfg)
     f = _federations[key]
     test = [f.test_records[i] for i in evaluation_partition(f.test_records, cfg)[pid]]
-    return ClientSide("partition", f"partition {pid}", pid, parts, f.client_dataset(pid), test,
-                      f.skeleton, f.model, f.layout, f.device)
+    return ClientSide(
+        "partition",
+        f"partition {pid}",
+        pid,
+        parts,
+        f.client_dataset(pid),
+        test,
+        f.skeleton,
+        f.model,
+        f.layout,
+        f.device,
+    )
 
 
 def _site_side(cfg: Config, node_config: dict, store: RecordDict | None) -> ClientSide:
@@ -818,17 +988,29 @@ def _site_side(cfg: Config, node_config: dict, store: RecordDict | None) -> Clie
     site = site_records(node_config, cfg.data, skeleton, store)
     model, layout, _ = build_model_and_strategy(cfg, skeleton)
     d = cfg.data
-    dataset = PoseDataset(site.train, skeleton, d.input_size, d.sigma, train=d.augment,
-                          seed=cfg.seed)
-    return ClientSide("site", site.name, -1, 0, dataset, site.test, skeleton, model, layout,
-                      resolve_device(cfg.train.device))
+    dataset = PoseDataset(
+        site.train, skeleton, d.input_size, d.sigma, train=d.augment, seed=cfg.seed
+    )
+    return ClientSide(
+        "site",
+        site.name,
+        -1,
+        0,
+        dataset,
+        site.test,
+        skeleton,
+        model,
+        layout,
+        resolve_device(cfg.train.device),
+    )
 
 
 _SITE_CACHE = "fedpose.site"  # context.state keys of a site's parsed records
 
 
-def site_records(node_config: dict, data: DataConfig, skeleton: Skeleton,
-                 store: RecordDict | None = None) -> SiteData:
+def site_records(
+    node_config: dict, data: DataConfig, skeleton: Skeleton, store: RecordDict | None = None
+) -> SiteData:
     """The site's records, parsed and checked once per run on this SuperNode: the first message
     loads the annotation files (load_site) and keeps the records in `store` (context.state);
     later messages, each in a fresh process, take them from there as long as the node config
@@ -837,8 +1019,11 @@ def site_records(node_config: dict, data: DataConfig, skeleton: Skeleton,
     if store is not None and _SITE_CACHE in store.config_records:
         meta = store.config_records[_SITE_CACHE]
         if meta["stamp"] == stamp:
-            return SiteData(str(meta["name"]), _records_from_store(store, meta, "train"),
-                            _records_from_store(store, meta, "test"))
+            return SiteData(
+                str(meta["name"]),
+                _records_from_store(store, meta, "train"),
+                _records_from_store(store, meta, "test"),
+            )
     site = load_site(node_config, data, skeleton)
     if store is not None:
         meta = ConfigRecord({"stamp": stamp, "name": site.name})
@@ -861,12 +1046,25 @@ def _site_stamp(node_config: dict, data: DataConfig, skeleton: Skeleton) -> str:
 _RECORD_ARRAYS = ("joints", "visibility", "center", "person_box", "head_box")
 
 
-def _records_to_store(records: list[PoseRecord], store: RecordDict, meta: ConfigRecord,
-                      split: str) -> None:
+def _records_to_store(
+    records: list[PoseRecord], store: RecordDict, meta: ConfigRecord, split: str
+) -> None:
     nan4 = np.full(4, np.nan, dtype=np.float32)
-    tensors = {name: torch.from_numpy(np.stack([
-        np.asarray(getattr(r, name) if getattr(r, name) is not None else nan4)
-        for r in records])) for name in _RECORD_ARRAYS} if records else {}
+    tensors = (
+        {
+            name: torch.from_numpy(
+                np.stack(
+                    [
+                        np.asarray(getattr(r, name) if getattr(r, name) is not None else nan4)
+                        for r in records
+                    ]
+                )
+            )
+            for name in _RECORD_ARRAYS
+        }
+        if records
+        else {}
+    )
     if records:
         tensors["scale"] = torch.tensor([float(r.scale) for r in records], dtype=torch.float64)
     store[f"{_SITE_CACHE}.{split}"] = pack_state(tensors)
@@ -878,17 +1076,27 @@ def _records_from_store(store: RecordDict, meta: ConfigRecord, split: str) -> li
     images = list(meta.get(f"{split}-images", []))
     if not images:
         return []
-    t = {name: tensor.numpy() for name, tensor in
-         record_to_state(store.array_records[f"{_SITE_CACHE}.{split}"]).items()}
+    t = {
+        name: tensor.numpy()
+        for name, tensor in record_to_state(store.array_records[f"{_SITE_CACHE}.{split}"]).items()
+    }
 
     def box(values: np.ndarray) -> np.ndarray | None:
         return None if np.isnan(values).all() else values
 
-    return [PoseRecord(image=Path(image), joints=t["joints"][i], visibility=t["visibility"][i],
-                       center=t["center"][i], scale=float(t["scale"][i]),
-                       head_box=box(t["head_box"][i]), person_box=box(t["person_box"][i]),
-                       record_id=str(rid))
-            for i, (image, rid) in enumerate(zip(images, meta[f"{split}-ids"], strict=True))]
+    return [
+        PoseRecord(
+            image=Path(image),
+            joints=t["joints"][i],
+            visibility=t["visibility"][i],
+            center=t["center"][i],
+            scale=float(t["scale"][i]),
+            head_box=box(t["head_box"][i]),
+            person_box=box(t["person_box"][i]),
+            record_id=str(rid),
+        )
+        for i, (image, rid) in enumerate(zip(images, meta[f"{split}-ids"], strict=True))
+    ]
 
 
 _DATA_ERRORS = (DatasetError, ConfigError, OSError)
@@ -897,19 +1105,31 @@ _DATA_ERRORS = (DatasetError, ConfigError, OSError)
 @client_app.query()
 def _client_query(msg: Message, context: Context) -> Message:
     try:
-        side = client_side(settings_from_run_config(context.run_config).config,
-                           dict(context.node_config), context.state)
-        answer = {"mode": side.mode, "name": side.name, "partition-id": side.partition_id,
-                  "num-partitions": side.num_partitions, "train-samples": len(side.dataset),
-                  "test-samples": len(side.test_records), "error": ""}
+        side = client_side(
+            settings_from_run_config(context.run_config).config,
+            dict(context.node_config),
+            context.state,
+        )
+        answer = {
+            "mode": side.mode,
+            "name": side.name,
+            "partition-id": side.partition_id,
+            "num-partitions": side.num_partitions,
+            "train-samples": len(side.dataset),
+            "test-samples": len(side.test_records),
+            "error": "",
+        }
     except _DATA_ERRORS as e:  # the server refuses this node and says why
         nc = context.node_config
-        answer = {"mode": "site" if is_site(nc) else "partition",
-                  "name": site_name(nc) if is_site(nc) else _describe(nc),
-                  "partition-id": int(nc.get("partition-id", -1)),
-                  "num-partitions": int(nc.get("num-partitions", 0)),
-                  "train-samples": 0, "test-samples": 0,
-                  "error": f"{_describe(nc)}: {e}"}
+        answer = {
+            "mode": "site" if is_site(nc) else "partition",
+            "name": site_name(nc) if is_site(nc) else _describe(nc),
+            "partition-id": int(nc.get("partition-id", -1)),
+            "num-partitions": int(nc.get("num-partitions", 0)),
+            "train-samples": 0,
+            "test-samples": 0,
+            "error": f"{_describe(nc)}: {e}",
+        }
     return Message(RecordDict({"config": ConfigRecord(answer)}), reply_to=msg)
 
 
@@ -928,21 +1148,33 @@ def _client_train(msg: Message, context: Context) -> Message:
         cfg = settings_from_run_config(context.run_config).config
         side = client_side(cfg, dict(context.node_config), context.state)
         if side.mode == "partition" and client_id != side.partition_id:
-            raise RuntimeError(f"request for client {client_id} reached partition "
-                               f"{side.partition_id}")
+            raise RuntimeError(
+                f"request for client {client_id} reached partition {side.partition_id}"
+            )
         request = content_to_request(msg.content)
         reply, state = local_train(
-            side.model, local_batches(side.dataset, request, cfg), request,
-            records_to_client_state(context.state), cfg.train, side.layout, side.device,
+            side.model,
+            local_batches(side.dataset, request, cfg),
+            request,
+            records_to_client_state(context.state),
+            cfg.train,
+            side.layout,
+            side.device,
             num_samples=len(side.dataset),
         )
         client_state_to_records(state, context.state)
     except Exception as e:  # a failed client is a rejected reply, as in-process
         traceback.print_exc()
-        reply = TrainReply(client_id=client_id, version=version,
-                           error=f"{_describe(context.node_config)}: {type(e).__name__}: {e}")
-    timing = {"handler-started": started_wall, "handler-seconds": time.perf_counter() - started,
-              "process-age": _process_age(started_wall)}
+        reply = TrainReply(
+            client_id=client_id,
+            version=version,
+            error=f"{_describe(context.node_config)}: {type(e).__name__}: {e}",
+        )
+    timing = {
+        "handler-started": started_wall,
+        "handler-seconds": time.perf_counter() - started,
+        "process-age": _process_age(started_wall),
+    }
     return Message(reply_to_content(reply, timing), reply_to=msg)
 
 
@@ -952,13 +1184,19 @@ def _client_evaluate(msg: Message, context: Context) -> Message:
         cfg = settings_from_run_config(context.run_config).config
         side = client_side(cfg, dict(context.node_config), context.state)
         weights = record_to_state(msg.content["weights"])
-        correct, counted = count_correct(side.model, weights, side.test_records, side.skeleton,
-                                         cfg, side.device)
+        correct, counted = count_correct(
+            side.model, weights, side.test_records, side.skeleton, cfg, side.device
+        )
         ev = SiteEvaluation(-1, len(side.test_records), correct, counted)
     except Exception as e:  # reported to the server, never a crash of the run
         traceback.print_exc()
-        ev = SiteEvaluation(-1, 0, np.zeros(0), np.zeros(0),
-                            f"{_describe(context.node_config)}: {type(e).__name__}: {e}")
+        ev = SiteEvaluation(
+            -1,
+            0,
+            np.zeros(0),
+            np.zeros(0),
+            f"{_describe(context.node_config)}: {type(e).__name__}: {e}",
+        )
     return Message(evaluation_to_content(ev), reply_to=msg)
 
 

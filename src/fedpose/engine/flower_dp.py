@@ -62,12 +62,17 @@ def noise_std(fed: FedConfig) -> float:
 
 def local_dp_mod(fed: FedConfig) -> LocalDpMod:
     check_dp_config(fed)
-    return LocalDpMod(clipping_norm=fed.dp_clip, sensitivity=sensitivity(fed),
-                      epsilon=fed.dp_epsilon, delta=fed.dp_delta)
+    return LocalDpMod(
+        clipping_norm=fed.dp_clip,
+        sensitivity=sensitivity(fed),
+        epsilon=fed.dp_epsilon,
+        delta=fed.dp_delta,
+    )
 
 
-def privatize_update(msg: Message, reply: Message, ctxt: Context, delta: np.ndarray,
-                     fed: FedConfig) -> np.ndarray:
+def privatize_update(
+    msg: Message, reply: Message, ctxt: Context, delta: np.ndarray, fed: FedConfig
+) -> np.ndarray:
     """The update `delta` (flat float32) of `reply` to request `msg`, clipped and noised by
     Flower's LocalDpMod. Both messages are shown to the mod in the layout it expects and are
     left with their own content afterwards."""
@@ -105,12 +110,18 @@ def privacy_report(fed: FedConfig, releases: dict[int, int]) -> dict:
     most = max(releases.values(), default=0)
     report: dict = {
         "mechanism": "Flower LocalDpMod (Gaussian), per client",
-        "clip_norm": fed.dp_clip, "sensitivity": sensitivity(fed), "noise_std": noise_std(fed),
-        "epsilon_per_release": fed.dp_epsilon, "delta_per_release": fed.dp_delta,
-        "releases_max": most, "releases": {str(k): n for k, n in sorted(releases.items())},
+        "clip_norm": fed.dp_clip,
+        "sensitivity": sensitivity(fed),
+        "noise_std": noise_std(fed),
+        "epsilon_per_release": fed.dp_epsilon,
+        "delta_per_release": fed.dp_delta,
+        "releases_max": most,
+        "releases": {str(k): n for k, n in sorted(releases.items())},
         "epsilon_composed_simple": most * fed.dp_epsilon,
         "delta_composed_simple": most * fed.dp_delta,
-        "epsilon_rdp": None, "delta_rdp": fed.dp_delta, "accountant": None,
+        "epsilon_rdp": None,
+        "delta_rdp": fed.dp_delta,
+        "accountant": None,
     }
     if most == 0:
         return report
@@ -133,10 +144,16 @@ def rdp_epsilon(noise_multiplier: float, releases: int, delta: float) -> float:
         SamplingMethod,
     )
 
-    accountant = RdpAccountant(PrivacyConfig(
-        target_delta=delta, population_size=1,
-        neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-        sampling_method=SamplingMethod.NO_AMPLIFICATION))
-    accountant.compose(GaussianPrivacyEvent(noise_multiplier=noise_multiplier, sample_size=1,
-                                            population_size=1), count=releases)
+    accountant = RdpAccountant(
+        PrivacyConfig(
+            target_delta=delta,
+            population_size=1,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION,
+        )
+    )
+    accountant.compose(
+        GaussianPrivacyEvent(noise_multiplier=noise_multiplier, sample_size=1, population_size=1),
+        count=releases,
+    )
     return float(accountant.get_privacy_spent().epsilon)

@@ -22,8 +22,9 @@ class LocalTransport:
     def __init__(self, federation: Federation):
         self.fed = federation
         self.requests: dict[int, TrainRequest] = {}
-        self.client_states = ClientStateStore(federation.cfg.run_dir / "checkpoints"
-                                              / "client_state")
+        self.client_states = ClientStateStore(
+            federation.cfg.run_dir / "checkpoints" / "client_state"
+        )
         self.faults = FaultPlan(federation.cfg.system, federation.cfg.seed)
 
     def send(self, request: TrainRequest) -> None:
@@ -37,16 +38,28 @@ class LocalTransport:
             fault = self.faults.fault(request.round, client_id)
             if fault:
                 return self.faults.faulty_reply(
-                    fault, request, f.layout.slices[-1][2] if f.layout.agg_names else 0,
-                    {n: request.weights[n].clone() for n in f.layout.avg_names}, len(dataset))
+                    fault,
+                    request,
+                    f.layout.slices[-1][2] if f.layout.agg_names else 0,
+                    {n: request.weights[n].clone() for n in f.layout.avg_names},
+                    len(dataset),
+                )
             reply, state = local_train(
-                f.model, local_batches(dataset, request, f.cfg), request,
-                self.client_states.get(client_id), f.cfg.train, f.layout, f.device,
+                f.model,
+                local_batches(dataset, request, f.cfg),
+                request,
+                self.client_states.get(client_id),
+                f.cfg.train,
+                f.layout,
+                f.device,
                 num_samples=len(dataset),
             )
         except Exception as e:  # any client failure must not stop the federation
-            return TrainReply(client_id=client_id, version=request.version,
-                              error=f"client crashed: {type(e).__name__}: {e}")
+            return TrainReply(
+                client_id=client_id,
+                version=request.version,
+                error=f"client crashed: {type(e).__name__}: {e}",
+            )
         self.client_states.put(client_id, state)
         return reply
 

@@ -25,8 +25,9 @@ class Job:
     log: Path  # stdout and stderr of the worker
 
 
-def run_jobs(jobs: list[Job], workers: int,
-             on_done: Callable[[Job, int, float], None] | None = None) -> dict[str, int]:
+def run_jobs(
+    jobs: list[Job], workers: int, on_done: Callable[[Job, int, float], None] | None = None
+) -> dict[str, int]:
     """Run every job as `python -m fedpose.cli ARGS`, at most `workers` at once; exit codes by
     job name. `on_done(job, exit code, seconds)` is called as each one finishes."""
     env = {**os.environ, **SINGLE_THREAD}
@@ -39,8 +40,12 @@ def run_jobs(jobs: list[Job], workers: int,
                 job = queue.pop(0)
                 job.log.parent.mkdir(parents=True, exist_ok=True)
                 log = job.log.open("w")
-                proc = subprocess.Popen([sys.executable, "-m", "fedpose.cli", *job.args],
-                                        stdout=log, stderr=subprocess.STDOUT, env=env)
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "fedpose.cli", *job.args],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                )
                 running.append((job, proc, time.perf_counter(), log))
             time.sleep(0.2)
             for item in list(running):

@@ -30,13 +30,19 @@ def prepare_run_dir(cfg: Config, resume: bool) -> Path:
             elif p.exists():
                 p.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps({**cfg.to_dict(), "runtime": runtime_info()},
-                                                   indent=2))
+    (run_dir / "config.json").write_text(
+        json.dumps({**cfg.to_dict(), "runtime": runtime_info()}, indent=2)
+    )
     return run_dir
 
 
-def run_federation(cfg: Config, resume: bool = False, console: Console | None = None,
-                   transport_factory=None, force: bool = False) -> FederatedServer:
+def run_federation(
+    cfg: Config,
+    resume: bool = False,
+    console: Console | None = None,
+    transport_factory=None,
+    force: bool = False,
+) -> FederatedServer:
     """Run (or resume) one federated experiment; returns the finished server.
 
     transport_factory(federation) -> Transport: how the server reaches the clients (default: the
@@ -48,32 +54,53 @@ def run_federation(cfg: Config, resume: bool = False, console: Console | None = 
     console = console or Console()
     cfg.validate()
     if transport_factory is None and cfg.fed.dp_epsilon > 0:
-        raise ConfigError("fed.dp_epsilon: client-side differential privacy runs on the Flower "
-                          "engine only (Flower's LocalDpMod on each SuperNode)")
+        raise ConfigError(
+            "fed.dp_epsilon: client-side differential privacy runs on the Flower "
+            "engine only (Flower's LocalDpMod on each SuperNode)"
+        )
     federation = build_federation(cfg)
     transport = (transport_factory or LocalTransport)(federation)
-    server = FederatedServer(cfg, federation.initial_weights(), federation.layout,
-                             federation.strategy, transport, federation.client_sizes,
-                             evaluate=federation.evaluate, run_dir=cfg.run_dir)
+    server = FederatedServer(
+        cfg,
+        federation.initial_weights(),
+        federation.layout,
+        federation.strategy,
+        transport,
+        federation.client_sizes,
+        evaluate=federation.evaluate,
+        run_dir=cfg.run_dir,
+    )
     resumed = False
     if resume:
         resumed, warnings = server.load_checkpoint(force=force)
         for warning in warnings:
             console.print(f"warning: {warning}", markup=False, highlight=False)
-        console.print(f"resumed {cfg.name} at round {server.state.round}" if resumed else
-                      f"{cfg.name}: no checkpoint yet, starting over")
+        console.print(
+            f"resumed {cfg.name} at round {server.state.round}"
+            if resumed
+            else f"{cfg.name}: no checkpoint yet, starting over"
+        )
     run_dir = prepare_run_dir(cfg, resumed)
     stats = client_statistics(federation.train_records, federation.parts)
     (run_dir / "clients.json").write_text(json.dumps(stats, indent=2, default=str))
-    with Progress(TextColumn(f"[bold]{cfg.name}[/] {cfg.fed.method}"), BarColumn(),
-                  MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
-                  console=console, transient=False) as bar:
+    with Progress(
+        TextColumn(f"[bold]{cfg.name}[/] {cfg.fed.method}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as bar:
         task = bar.add_task("rounds", total=cfg.fed.rounds, completed=server.state.round, info="")
 
         def show(done: int, record: dict) -> None:
             for client, reason in record.get("rejected", {}).items():
-                console.print(f"round {done}: rejected client {client}: {reason}", markup=False,
-                              highlight=False)
+                console.print(
+                    f"round {done}: rejected client {client}: {reason}",
+                    markup=False,
+                    highlight=False,
+                )
             info = f"loss {record['train_loss']:.5f}" if record.get("train_loss") else ""
             if record.get("pck_mean") is not None:
                 info += f"  PCK {record['pck_mean']:.1f}%"

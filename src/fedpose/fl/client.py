@@ -36,7 +36,11 @@ def local_batches(dataset: PoseDataset, request: TrainRequest, cfg: Config) -> I
     while True:
         dataset.set_epoch(request.round * max(fed.local_epochs, 1) + epoch)
         loader = make_loader(
-            dataset, cfg.train.batch_size, shuffle=True, seed=request.seed, epoch=epoch,
+            dataset,
+            cfg.train.batch_size,
+            shuffle=True,
+            seed=request.seed,
+            epoch=epoch,
             workers=cfg.data.workers,
             # a trailing batch of one breaks BatchNorm in training mode
             drop_last=len(dataset) % cfg.train.batch_size == 1 and len(dataset) > 1,
@@ -82,10 +86,16 @@ def local_train(
     def regularize() -> None:
         _add_regularizer_grads(params, base, dyn_grad, layout, request.coef)
 
-    step = TrainStep(model, make_optimizer(model, train), device, amp=train.amp,
-                     channels_last=train.channels_last, compile=train.compile,
-                     after_backward=regularize if request.rule != "plain" else None,
-                     threads=train.threads)
+    step = TrainStep(
+        model,
+        make_optimizer(model, train),
+        device,
+        amp=train.amp,
+        channels_last=train.channels_last,
+        compile=train.compile,
+        after_backward=regularize if request.rule != "plain" else None,
+        threads=train.threads,
+    )
     # losses stay on the device until the end: no wait for the GPU after every step
     losses = [float(loss) for loss in [step(batch) for batch in batches]]
 
@@ -126,8 +136,13 @@ def _dyn_grad_flat(client_state: dict, layout: ModelLayout) -> torch.Tensor | No
     return flat
 
 
-def _next_client_state(client_state: dict, trained: dict[str, torch.Tensor], delta: torch.Tensor,
-                       request: TrainRequest, layout: ModelLayout) -> dict:
+def _next_client_state(
+    client_state: dict,
+    trained: dict[str, torch.Tensor],
+    delta: torch.Tensor,
+    request: TrainRequest,
+    layout: ModelLayout,
+) -> dict:
     new_state = dict(client_state)
     if layout.local_names:
         new_state["local"] = {n: trained[n].clone() for n in layout.local_names}
@@ -142,8 +157,9 @@ def _next_client_state(client_state: dict, trained: dict[str, torch.Tensor], del
 
 
 @torch.no_grad()
-def _add_regularizer_grads(params: dict, base: dict, linear: dict | None, layout: ModelLayout,
-                           coef: float) -> None:
+def _add_regularizer_grads(
+    params: dict, base: dict, linear: dict | None, layout: ModelLayout, coef: float
+) -> None:
     """Add the gradient of coef/2 ‖w − w_t‖² (− ⟨g_k, w⟩ for FedDyn) to each parameter's grad.
 
     Adding the closed-form gradient after backward() is the same optimisation as putting the

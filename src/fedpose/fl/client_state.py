@@ -45,7 +45,7 @@ def _unpack(packed: dict[str, torch.Tensor], metadata: dict) -> dict[str, dict[s
     state: dict[str, dict[str, torch.Tensor]] = {}
     for key, name, group, offset, shape in json.loads(metadata["layout"]):
         numel = math.prod(shape)
-        state.setdefault(key, {})[name] = packed[group][offset:offset + numel].view(shape)
+        state.setdefault(key, {})[name] = packed[group][offset : offset + numel].view(shape)
     return state
 
 
@@ -100,8 +100,12 @@ class ClientStateStore:
                 self._path(client, old).unlink(missing_ok=True)
 
     def bytes_in_memory(self) -> int:
-        return sum(t.numel() * t.element_size() for state in self._memory.values()
-                   for tensors in state.values() for t in tensors.values())
+        return sum(
+            t.numel() * t.element_size()
+            for state in self._memory.values()
+            for tensors in state.values()
+            for t in tensors.values()
+        )
 
     def bytes_on_disk(self) -> int:
         if self.directory is None:
@@ -123,8 +127,9 @@ class ClientStateStore:
     def load_state_dict(self, state: dict) -> None:
         if "client_state_index" in state:
             if self.directory is None:
-                raise ValueError("this checkpoint keeps client states on disk; "
-                                 "give the store a directory")
+                raise ValueError(
+                    "this checkpoint keeps client states on disk; give the store a directory"
+                )
             self._index = {int(k): int(v) for k, v in state["client_state_index"].items()}
             self._kept = [dict(self._index)]
             self._superseded = set()

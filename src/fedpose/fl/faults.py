@@ -44,14 +44,27 @@ class FaultPlan:
             return None
         return self.kinds[int(rng.integers(len(self.kinds)))]
 
-    def faulty_reply(self, kind: str, request: TrainRequest, num_params: int,
-                     averaged: dict[str, torch.Tensor], num_samples: int) -> TrainReply:
+    def faulty_reply(
+        self,
+        kind: str,
+        request: TrainRequest,
+        num_params: int,
+        averaged: dict[str, torch.Tensor],
+        num_samples: int,
+    ) -> TrainReply:
         """The reply a client with this fault sends (or raises InjectedFault)."""
         if kind == "exception":
-            raise InjectedFault(f"injected fault in client {request.client_id}, "
-                                f"round {request.round}")
-        reply = TrainReply(client_id=request.client_id, version=request.version,
-                           num_samples=num_samples, averaged=averaged, train_loss=0.0, steps=1)
+            raise InjectedFault(
+                f"injected fault in client {request.client_id}, round {request.round}"
+            )
+        reply = TrainReply(
+            client_id=request.client_id,
+            version=request.version,
+            num_samples=num_samples,
+            averaged=averaged,
+            train_loss=0.0,
+            steps=1,
+        )
         if kind == "timeout":
             reply.error = "timeout: no reply within the server's timeout"
         elif kind == "nan":

@@ -70,7 +70,7 @@ def gram_bits(p: int) -> int:
 def gram_record(p: int) -> dict:
     """What metrics.jsonl records about how the Gram matrix was computed."""
     b = gram_bits(p)
-    return {"path": "fixed-point int64", "bits": b, "rel_step": 2.0 ** -b}
+    return {"path": "fixed-point int64", "bits": b, "rel_step": 2.0**-b}
 
 
 def _exponents(deltas: torch.Tensor) -> list[int]:
@@ -104,12 +104,13 @@ def gram_matrix(
     k, p = deltas.shape
     b = gram_bits(p)
     exps = _exponents(deltas)
-    shifts = torch.tensor([[math.ldexp(1.0, b - e)] for e in exps], dtype=torch.float64,
-                          device=deltas.device)
+    shifts = torch.tensor(
+        [[math.ldexp(1.0, b - e)] for e in exps], dtype=torch.float64, device=deltas.device
+    )
     total = torch.zeros(k, k, dtype=torch.int64, device=deltas.device)
     tiles = [(t, min(t + _TILE, k)) for t in range(0, k, _TILE)]
     for start in range(0, p, block):
-        q = _quantize(deltas[:, start:start + block], shifts)
+        q = _quantize(deltas[:, start : start + block], shifts)
         if path == "gemm":
             # integers up to 2^53 are exact in float64, so no GEMM order can round them
             for a, (a0, a1) in enumerate(tiles):
@@ -122,8 +123,9 @@ def gram_matrix(
                     total[i, j] += int((qi[i] * qi[j]).sum())
     if path == "pairwise" or len(tiles) > 1:  # only the upper triangle was summed
         total = total.triu() + total.triu(1).T
-    scale = torch.tensor([[math.ldexp(1.0, ei + ej - 2 * b) for ej in exps] for ei in exps],
-                         dtype=torch.float64)
+    scale = torch.tensor(
+        [[math.ldexp(1.0, ei + ej - 2 * b) for ej in exps] for ei in exps], dtype=torch.float64
+    )
     return total.cpu().to(torch.float64) * scale
 
 
@@ -137,8 +139,8 @@ def exact_dot(a: torch.Tensor, b: torch.Tensor) -> float:
     sb = torch.tensor(math.ldexp(1.0, bits - eb), dtype=torch.float64, device=b.device)
     total = 0
     for start in range(0, p, MAX_BLOCK):
-        qa = _quantize(a[start:start + MAX_BLOCK], sa)
-        qb = _quantize(b[start:start + MAX_BLOCK], sb)
+        qa = _quantize(a[start : start + MAX_BLOCK], sa)
+        qb = _quantize(b[start : start + MAX_BLOCK], sb)
         total += int(torch.dot(qa, qb))  # exact: every partial sum is an integer below 2^53
     return float(total) * math.ldexp(1.0, ea + eb - 2 * bits)
 
@@ -200,7 +202,7 @@ def weighted_sum(
     product = torch.empty(min(p, _SUM_BLOCK), dtype=deltas.dtype, device=deltas.device)
     for start in range(0, p, _SUM_BLOCK):
         end = min(start + _SUM_BLOCK, p)
-        acc, tmp = out[start:end], product[:end - start]
+        acc, tmp = out[start:end], product[: end - start]
         for i in range(k):
             torch.mul(deltas[i, start:end], c[i], out=tmp)
             acc.add_(tmp)

@@ -47,8 +47,9 @@ def batchnorm_names(model: nn.Module) -> set[str]:
 def model_layout(model: nn.Module, keep_bn_local: bool = False) -> ModelLayout:
     bn = batchnorm_names(model)
     state = model.state_dict()
-    trainable = [n for n, p in model.named_parameters()
-                 if p.requires_grad and p.is_floating_point()]
+    trainable = [
+        n for n, p in model.named_parameters() if p.requires_grad and p.is_floating_point()
+    ]
     if keep_bn_local:
         agg = tuple(n for n in trainable if n not in bn)
         local = tuple(n for n in state if n in bn)
@@ -91,15 +92,20 @@ def weighted_average(
     total = float(sum(counts))
     acc: torch.Tensor | int = 0
     for c, t in zip(counts, tensors, strict=True):
-        flat = torch.cat([torch.cat([t[n].detach().reshape(-1) for n in group]).double()
-                          for group in by_dtype.values()])
+        flat = torch.cat(
+            [
+                torch.cat([t[n].detach().reshape(-1) for n in group]).double()
+                for group in by_dtype.values()
+            ]
+        )
         acc = acc + float(c) / total * flat
     out = {}
     start = 0
     for name in order:
         ref = tensors[0][name]
-        part = acc[start:start + ref.numel()].view(ref.shape)
+        part = acc[start : start + ref.numel()].view(ref.shape)
         start += ref.numel()
-        out[name] = (part.to(ref.dtype, copy=True) if ref.is_floating_point()
-                     else part.round().to(ref.dtype))
+        out[name] = (
+            part.to(ref.dtype, copy=True) if ref.is_floating_point() else part.round().to(ref.dtype)
+        )
     return {name: out[name] for name in names}

@@ -23,8 +23,9 @@ from fedpose.fl.params import ModelLayout
 NORM_HISTORY = 32  # accepted update norms the reference is taken over
 
 
-def structural_problem(reply: TrainReply, layout: ModelLayout,
-                       weights: dict[str, torch.Tensor]) -> str | None:
+def structural_problem(
+    reply: TrainReply, layout: ModelLayout, weights: dict[str, torch.Tensor]
+) -> str | None:
     """Why the reply cannot be used at all (failure, wrong length/shape/dtype, non-finite)."""
     if reply.error:
         return reply.error
@@ -43,8 +44,7 @@ def structural_problem(reply: TrainReply, layout: ModelLayout,
     for name, t in reply.averaged.items():
         ref = weights[name]
         if not isinstance(t, torch.Tensor) or t.shape != ref.shape or t.dtype != ref.dtype:
-            got = (f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor)
-                   else type(t).__name__)
+            got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
             return f"{name}: {got}, expected {tuple(ref.shape)} {ref.dtype}"
     if isinstance(reply.num_samples, bool) or not isinstance(reply.num_samples, int):
         return f"sample count {reply.num_samples!r} is not an integer"
@@ -71,6 +71,8 @@ def norm_problem(norm: float, reference: float | None, max_ratio: float) -> str 
         return None
     # a zero reference (clients that did not move) would make any movement an outlier
     if reference > 0 and norm > max_ratio * reference:
-        return (f"update norm {norm:.3g} is more than {max_ratio:g} times the reference "
-                f"{reference:.3g} (fed.max_norm_ratio)")
+        return (
+            f"update norm {norm:.3g} is more than {max_ratio:g} times the reference "
+            f"{reference:.3g} (fed.max_norm_ratio)"
+        )
     return None

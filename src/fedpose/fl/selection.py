@@ -28,9 +28,17 @@ from fedpose import seeding
 
 
 class Selector:
-    def __init__(self, policy: str, per_round: int, seed: int, deadline: float = 0.0,
-                 explore: float = 0.1, round_time: float = 0.0, penalty: float = 2.0,
-                 cutoff: float = 0.95):
+    def __init__(
+        self,
+        policy: str,
+        per_round: int,
+        seed: int,
+        deadline: float = 0.0,
+        explore: float = 0.1,
+        round_time: float = 0.0,
+        penalty: float = 2.0,
+        cutoff: float = 0.95,
+    ):
         if policy not in ("random", "deadline", "utility"):
             raise ValueError(f"unknown selection {policy!r}: use random, deadline or utility")
         self.policy = policy
@@ -45,8 +53,10 @@ class Selector:
         self.last_loss_sq: dict[int, float] = {}
 
     def state_dict(self) -> dict:
-        return {"last_loss": {str(k): v for k, v in self.last_loss.items()},
-                "last_loss_sq": {str(k): v for k, v in self.last_loss_sq.items()}}
+        return {
+            "last_loss": {str(k): v for k, v in self.last_loss.items()},
+            "last_loss_sq": {str(k): v for k, v in self.last_loss_sq.items()},
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.last_loss = {int(k): float(v) for k, v in state.get("last_loss", {}).items()}
@@ -61,9 +71,15 @@ class Selector:
             else:
                 self.last_loss_sq.pop(client, None)
 
-    def select(self, available: list[int], round_: int, sizes: list[int],
-               expected_time: Callable[[int], float], m: int | None = None,
-               last_turn: dict[int, int] | None = None) -> list[int]:
+    def select(
+        self,
+        available: list[int],
+        round_: int,
+        sizes: list[int],
+        expected_time: Callable[[int], float],
+        m: int | None = None,
+        last_turn: dict[int, int] | None = None,
+    ) -> list[int]:
         """Up to m clients (default: per_round, 0 = all), in ascending id order.
 
         `last_turn` (asynchronous dispatch): client -> number of its last dispatch; random and
@@ -95,8 +111,13 @@ class Selector:
             return self.round_time
         return float(np.median([expected_time(k) for k in pool])) if pool else 0.0
 
-    def utility(self, client: int, sizes: list[int], expected_time: Callable[[int], float],
-                round_time: float | None = None) -> float:
+    def utility(
+        self,
+        client: int,
+        sizes: list[int],
+        expected_time: Callable[[int], float],
+        round_time: float | None = None,
+    ) -> float:
         """|B_k| · sqrt(mean squared loss) · (T / t_k)^α if t_k > T; inf for a client never seen.
 
         Without a reported mean squared loss, the squared mean loss stands in for it (a lower
@@ -113,8 +134,14 @@ class Selector:
             value *= (t_pref / t_k) ** self.penalty
         return value
 
-    def _by_utility(self, pool: list[int], m: int, sizes: list[int],
-                    expected_time: Callable[[int], float], rng: np.random.Generator) -> list[int]:
+    def _by_utility(
+        self,
+        pool: list[int],
+        m: int,
+        sizes: list[int],
+        expected_time: Callable[[int], float],
+        rng: np.random.Generator,
+    ) -> list[int]:
         if self.explore <= 0:
             n_explore = 0
         elif m > 1:

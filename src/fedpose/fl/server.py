@@ -114,8 +114,15 @@ class FederatedServer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         fed = cfg.fed
         self.system = SystemModel(cfg.system, fed.num_clients, cfg.seed)
-        self.selector = Selector(fed.selection, fed.clients_per_round, cfg.seed, fed.deadline,
-                                 fed.utility_explore, fed.utility_round_time, fed.utility_penalty)
+        self.selector = Selector(
+            fed.selection,
+            fed.clients_per_round,
+            cfg.seed,
+            fed.deadline,
+            fed.utility_explore,
+            fed.utility_round_time,
+            fed.utility_penalty,
+        )
         self.state = ServerState(strategy=strategy.initial_state())
         self.model_bytes = sum(t.numel() * t.element_size() for t in weights.values())
 
@@ -134,11 +141,18 @@ class FederatedServer:
             return self.cfg.fed.deadline
         return 2.0 * max(self.expected_time(k) for k in range(self.cfg.fed.num_clients))
 
-    def _request(self, client: int, version: int, seq: int,
-                 weights: dict[str, torch.Tensor]) -> TrainRequest:
-        return TrainRequest(client_id=client, version=version, round=seq, weights=weights,
-                            seed=client_seed(self.cfg.seed, seq, client),
-                            rule=self.strategy.client_rule, coef=self.strategy.client_coef)
+    def _request(
+        self, client: int, version: int, seq: int, weights: dict[str, torch.Tensor]
+    ) -> TrainRequest:
+        return TrainRequest(
+            client_id=client,
+            version=version,
+            round=seq,
+            weights=weights,
+            seed=client_seed(self.cfg.seed, seq, client),
+            rule=self.strategy.client_rule,
+            coef=self.strategy.client_coef,
+        )
 
     # ----------------------------------------------------------------------------- aggregation
     def aggregate(self, replies: list[TrainReply], staleness: list[int]) -> dict:
@@ -152,24 +166,36 @@ class FederatedServer:
         if not self.cfg.fed.staleness_renormalise and float(samples.sum()) > 0:
             step = float(counts.sum() / samples.sum())
         deltas = torch.stack([r.delta for r in replies])
-        inputs = RoundInput(deltas=deltas, counts=counts, client_ids=[r.client_id for r in replies],
-                            num_clients=self.cfg.fed.num_clients, slices=self.layout.slices)
+        inputs = RoundInput(
+            deltas=deltas,
+            counts=counts,
+            client_ids=[r.client_id for r in replies],
+            num_clients=self.cfg.fed.num_clients,
+            slices=self.layout.slices,
+        )
         t0 = time.perf_counter()
         result = self.strategy.aggregate(inputs, self.state.strategy)
         if step != 1.0:
             result.update.mul_(step)
         unflatten_add_(self.weights, self.layout, result.update)
         if self.layout.avg_names:
-            self.weights.update(weighted_average([r.averaged for r in replies],
-                                                 self.layout.avg_names, counts.tolist()))
-        bad = [n for n, w in self.weights.items()
-               if w.is_floating_point() and not bool(torch.isfinite(w).all())]
+            self.weights.update(
+                weighted_average(
+                    [r.averaged for r in replies], self.layout.avg_names, counts.tolist()
+                )
+            )
+        bad = [
+            n
+            for n, w in self.weights.items()
+            if w.is_floating_point() and not bool(torch.isfinite(w).all())
+        ]
         if bad:
             # raised before the round is logged or checkpointed: the last good files stay
             raise FederationError(
                 f"round {self.state.round + 1}: the aggregated model is not finite ({bad[0]}"
                 f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}; {self.strategy.name}, "
-                f"fed.server_lr = {self.cfg.fed.server_lr}); nothing was written")
+                f"fed.server_lr = {self.cfg.fed.server_lr}); nothing was written"
+            )
         self.state.updates_applied += 1
         agg_seconds = time.perf_counter() - t0
         self.state.strategy = result.state
@@ -203,20 +229,24 @@ class FederatedServer:
                         f"round {t + 1}: every selected client failed "
                         f"({len(rejected)} rejected, {len(dropped)} dropped out; "
                         f"{attempt} retries, fed.round_retries); first: client {first}: "
-                        f"{rejected[first]}")
+                        f"{rejected[first]}"
+                    )
                 self.state.clock += self.timeout()  # the failed attempt's wait
-            diag = self.aggregate(replies, [0] * len(replies)) if replies else {
-                "weights": [], "conflict_share": None, "agg_seconds": 0.0}
+            diag = (
+                self.aggregate(replies, [0] * len(replies))
+                if replies
+                else {"weights": [], "conflict_share": None, "agg_seconds": 0.0}
+            )
             self.state.round += 1
-            record = self._log(selected, dropped, rejected, replies, [0] * len(replies), diag,
-                               wall0)
+            record = self._log(
+                selected, dropped, rejected, replies, [0] * len(replies), diag, wall0
+            )
             if progress:
                 progress(self.state.round, record)
         self._check_trained()
         return record
 
-    def _sync_round(self, t: int) -> tuple[list[int], list[int], dict[int, str],
-                                           list[TrainReply]]:
+    def _sync_round(self, t: int) -> tuple[list[int], list[int], dict[int, str], list[TrainReply]]:
         """Send round t's work, collect and check the replies; advance the clock."""
         available = self.system.available(t)
         selected = self.selector.select(available, t, self.client_sizes, self.expected_time)
@@ -258,7 +288,8 @@ class FederatedServer:
         if self.state.updates_applied == 0:
             raise FederationError(
                 f"no client update arrived in {self.state.round} rounds (every selected client "
-                f"dropped out or failed); the model is untrained and was not saved")
+                f"dropped out or failed); the model is untrained and was not saved"
+            )
 
     def _run_async(self, progress) -> dict:
         fed = self.cfg.fed
@@ -296,7 +327,8 @@ class FederatedServer:
                 raise FederationError(
                     f"asynchronous mode: no update can arrive: the last {st.futile} clients all "
                     f"dropped out or failed (system.dropout = {self.cfg.system.dropout}"
-                    + (f"; first failure: {first_failure})" if first_failure else ")"))
+                    + (f"; first failure: {first_failure})" if first_failure else ")")
+                )
             if len(st.buffer) >= fed.buffer_size:
                 buffer = sorted(st.buffer, key=lambda r: r.client_id)
                 staleness = [st.round - r.version for r in buffer]
@@ -322,8 +354,14 @@ class FederatedServer:
         slots = self.cfg.fed.concurrency - len(busy)
         if slots > 0:
             idle = [k for k in self.system.available(st.dispatched) if k not in busy]
-            picks = self.selector.select(idle, st.dispatched, self.client_sizes,
-                                         self.expected_time, m=slots, last_turn=st.last_turn)
+            picks = self.selector.select(
+                idle,
+                st.dispatched,
+                self.client_sizes,
+                self.expected_time,
+                m=slots,
+                last_turn=st.last_turn,
+            )
             for k in picks:
                 seq = st.dispatched
                 st.dispatched += 1
@@ -342,8 +380,11 @@ class FederatedServer:
         t = self.state.round
         losses = [r.train_loss for r in replies]
         counts = [r.num_samples for r in replies]
-        train_loss = (sum(c * loss for c, loss in zip(counts, losses, strict=True)) / sum(counts)
-                      if replies else None)
+        train_loss = (
+            sum(c * loss for c, loss in zip(counts, losses, strict=True)) / sum(counts)
+            if replies
+            else None
+        )
         record = {
             "round": t,
             "method": fed.method,
@@ -374,15 +415,19 @@ class FederatedServer:
         return self.run_dir / "checkpoints"
 
     def save_checkpoint(self) -> None:
-        state = {"weights": self.weights, "server": self.state,
-                 "selector": self.selector.state_dict(),
-                 "transport": self.transport.state_dict()}
+        state = {
+            "weights": self.weights,
+            "server": self.state,
+            "selector": self.selector.state_dict(),
+            "transport": self.transport.state_dict(),
+        }
         save_checkpoint(self.checkpoint_dir(), state, run_identity(self.cfg.to_dict()))
 
     def load_checkpoint(self, force: bool = False) -> tuple[bool, list[str]]:
         """Continue from the run's newest sound checkpoint: (found one, warnings)."""
-        payload, warnings = load_checkpoint(self.checkpoint_dir(), CHECKPOINT_CLASSES,
-                                            run_identity(self.cfg.to_dict()), force=force)
+        payload, warnings = load_checkpoint(
+            self.checkpoint_dir(), CHECKPOINT_CLASSES, run_identity(self.cfg.to_dict()), force=force
+        )
         if payload is None:
             return False, warnings
         self.weights = payload["weights"]
@@ -392,14 +437,20 @@ class FederatedServer:
         # metrics written after the checkpoint belong to rounds that will run again
         metrics = self.run_dir / "metrics.jsonl"
         if metrics.exists():
-            keep = [line for line in metrics.read_text(errors="replace").splitlines()
-                    if _round_of(line) is not None and _round_of(line) <= self.state.round]
+            keep = [
+                line
+                for line in metrics.read_text(errors="replace").splitlines()
+                if _round_of(line) is not None and _round_of(line) <= self.state.round
+            ]
             metrics.write_text("".join(line + "\n" for line in keep))
         # asynchronous work in flight at the checkpoint is sent again, from the same version
         for job in self.state.pending:
             if not job.dropped:
-                self.transport.send(self._request(job.client_id, job.version, job.seq,
-                                                  self.state.snapshots[job.version]))
+                self.transport.send(
+                    self._request(
+                        job.client_id, job.version, job.seq, self.state.snapshots[job.version]
+                    )
+                )
         return True, warnings
 
 

@@ -48,13 +48,20 @@ class SystemModel:
     def available(self, round_: int) -> list[int]:
         if self.cfg.availability >= 1.0:
             return list(range(self.num_clients))
-        return [k for k in range(self.num_clients)
-                if self._draw(round_, k, seeding.AVAILABILITY) < self.cfg.availability]
+        return [
+            k
+            for k in range(self.num_clients)
+            if self._draw(round_, k, seeding.AVAILABILITY) < self.cfg.availability
+        ]
 
     def drops(self, round_: int, client: int) -> bool:
-        return (self.cfg.dropout > 0
-                and self._draw(round_, client, seeding.DROPOUT) < self.cfg.dropout)
+        return (
+            self.cfg.dropout > 0 and self._draw(round_, client, seeding.DROPOUT) < self.cfg.dropout
+        )
 
     def round_time(self, client: int, samples: float, model_bytes: float) -> float:
-        return (samples / self.speed[client] + 2 * model_bytes / self.bandwidth[client]
-                + self.cfg.latency)
+        return (
+            samples / self.speed[client]
+            + 2 * model_bytes / self.bandwidth[client]
+            + self.cfg.latency
+        )

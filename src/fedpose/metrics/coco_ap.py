@@ -35,8 +35,30 @@ from fedpose.data.records import COCO, DatasetError, PoseRecord, Skeleton, read_
 
 AP_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR")
 # COCO's per-keypoint OKS constants, in the order of the COCO skeleton (pycocotools' values)
-COCO_SIGMAS = np.array([0.26, 0.25, 0.25, 0.35, 0.35, 0.79, 0.79, 0.72, 0.72, 0.62, 0.62,
-                        1.07, 1.07, 0.87, 0.87, 0.89, 0.89]) / 10.0
+COCO_SIGMAS = (
+    np.array(
+        [
+            0.26,
+            0.25,
+            0.25,
+            0.35,
+            0.35,
+            0.79,
+            0.79,
+            0.72,
+            0.72,
+            0.62,
+            0.62,
+            1.07,
+            1.07,
+            0.87,
+            0.87,
+            0.89,
+            0.89,
+        ]
+    )
+    / 10.0
+)
 # SimpleBaseline's rescoring and NMS settings
 VISIBLE_CONFIDENCE = 0.2
 NMS_OKS = 0.9
@@ -48,8 +70,13 @@ def has_keypoint_ap(skeleton: Skeleton) -> bool:
     return skeleton.joints == COCO.joints
 
 
-def oks(pred: np.ndarray, gt: np.ndarray, labelled: np.ndarray, area: float,
-        sigmas: np.ndarray = COCO_SIGMAS) -> float:
+def oks(
+    pred: np.ndarray,
+    gt: np.ndarray,
+    labelled: np.ndarray,
+    area: float,
+    sigmas: np.ndarray = COCO_SIGMAS,
+) -> float:
     """OKS of one predicted person (K, 2) against one annotated person (K, 2) with
     labelled (K,) > 0 marking the keypoints that count; nan when none is labelled."""
     keep = np.asarray(labelled) > 0
@@ -70,8 +97,9 @@ def rescore(confidence: np.ndarray, threshold: float = VISIBLE_CONFIDENCE) -> np
     return np.where(count > 0, total / np.maximum(count, 1), 0.0)
 
 
-def oks_nms(keypoints: np.ndarray, scores: np.ndarray, areas: np.ndarray,
-            threshold: float = NMS_OKS) -> list[int]:
+def oks_nms(
+    keypoints: np.ndarray, scores: np.ndarray, areas: np.ndarray, threshold: float = NMS_OKS
+) -> list[int]:
     """Indices kept by greedy OKS suppression, best score first: a person (K, 2) is dropped when
     its OKS against a kept one exceeds threshold. As SimpleBaseline's, this OKS takes the mean
     of the two areas as the scale and counts every keypoint."""
@@ -97,8 +125,14 @@ def load_ground_truth(ann_file: str | Path) -> dict:
         isinstance(data.get(key), list) for key in ("images", "annotations")
     ):
         raise DatasetError(ann_file, "not a COCO file: needs 'images' and 'annotations' lists")
-    next_id = 1 + max((a["id"] for a in data["annotations"]
-                       if isinstance(a, dict) and isinstance(a.get("id"), int)), default=0)
+    next_id = 1 + max(
+        (
+            a["id"]
+            for a in data["annotations"]
+            if isinstance(a, dict) and isinstance(a.get("id"), int)
+        ),
+        default=0,
+    )
     for index, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict) or not isinstance(ann.get("keypoints"), list):
             raise DatasetError(ann_file, "annotation without keypoints", f"annotations[{index}]")
@@ -160,10 +194,14 @@ def results_from_predictions(
     results = []
     for i in keep:
         flat = np.concatenate([preds[i], conf[i][:, None]], axis=1).reshape(-1)
-        results.append({"image_id": image_ids[Path(records[i].image)],
-                        "category_id": category_id,
-                        "keypoints": [float(v) for v in flat],
-                        "score": float(scores[i])})
+        results.append(
+            {
+                "image_id": image_ids[Path(records[i].image)],
+                "category_id": category_id,
+                "keypoints": [float(v) for v in flat],
+                "score": float(scores[i]),
+            }
+        )
     return results
 
 
@@ -185,8 +223,9 @@ def read_results(pred_file: str | Path, ground_truth: dict) -> list[dict]:
     pred_file = Path(pred_file)
     data = read_json(pred_file)
     if not isinstance(data, list):
-        raise DatasetError(pred_file, "COCO results must be a list of "
-                                      "{image_id, category_id, keypoints, score}")
+        raise DatasetError(
+            pred_file, "COCO results must be a list of {image_id, category_id, keypoints, score}"
+        )
     if not data:
         raise DatasetError(pred_file, "no results in the file")
     images = {entry["id"] for entry in ground_truth["images"]}
@@ -197,8 +236,9 @@ def read_results(pred_file: str | Path, ground_truth: dict) -> list[dict]:
         where = f"results[{index}]"
         if not isinstance(entry, dict):
             raise DatasetError(pred_file, "a result must be an object", where)
-        missing = [key for key in ("image_id", "category_id", "keypoints", "score")
-                   if key not in entry]
+        missing = [
+            key for key in ("image_id", "category_id", "keypoints", "score") if key not in entry
+        ]
         if missing:
             raise DatasetError(pred_file, f"missing {', '.join(missing)}", where)
         if not isinstance(entry["image_id"], int | str) or entry["image_id"] not in images:
@@ -208,14 +248,19 @@ def read_results(pred_file: str | Path, ground_truth: dict) -> list[dict]:
             problem = f"category_id {entry['category_id']!r:.40} is not in the annotation file"
             raise DatasetError(pred_file, problem, where)
         kps = entry["keypoints"]
-        if (not isinstance(kps, list) or len(kps) != 3 * k
-                or not all(_finite(v) for v in kps)):
+        if not isinstance(kps, list) or len(kps) != 3 * k or not all(_finite(v) for v in kps):
             problem = f"keypoints must be {3 * k} finite numbers [x, y, v] * {k}"
             raise DatasetError(pred_file, problem, where)
         if not _finite(entry["score"]):
             raise DatasetError(pred_file, "score must be a finite number", where)
-        out.append({"image_id": entry["image_id"], "category_id": entry["category_id"],
-                    "keypoints": [float(v) for v in kps], "score": float(entry["score"])})
+        out.append(
+            {
+                "image_id": entry["image_id"],
+                "category_id": entry["category_id"],
+                "keypoints": [float(v) for v in kps],
+                "score": float(entry["score"]),
+            }
+        )
     return out
 
 
@@ -223,8 +268,12 @@ def _finite(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def match_results(records: Sequence[PoseRecord], results: Sequence[dict],
-                  image_ids: dict[Path, object], skeleton: Skeleton) -> np.ndarray:
+def match_results(
+    records: Sequence[PoseRecord],
+    results: Sequence[dict],
+    image_ids: dict[Path, object],
+    skeleton: Skeleton,
+) -> np.ndarray:
     """(N, K, 2) predictions per record from COCO results, for PCK; nan where unmatched.
 
     Image by image, results are taken best score first; each claims the unclaimed annotated
@@ -258,8 +307,9 @@ def match_results(records: Sequence[PoseRecord], results: Sequence[dict],
     return out
 
 
-def keypoint_ap(ground_truth: dict, results: Sequence[dict],
-                image_ids: Iterable | None = None) -> dict[str, float]:
+def keypoint_ap(
+    ground_truth: dict, results: Sequence[dict], image_ids: Iterable | None = None
+) -> dict[str, float]:
     """AP, AP50, AP75, APm, APl and AR from pycocotools' COCOeval (iouType "keypoints") over
     `image_ids` (default: every image of the ground truth). A value is nan where the ground
     truth has no person in that area range (COCOeval's -1)."""
@@ -282,28 +332,41 @@ def keypoint_ap(ground_truth: dict, results: Sequence[dict],
         evaluator.summarize()
     stats = evaluator.stats  # AP, AP50, AP75, APm, APl, AR, AR50, AR75, ARm, ARl
     picked = (stats[0], stats[1], stats[2], stats[3], stats[4], stats[5])
-    return {name: (float(v) if v >= 0 else float("nan"))
-            for name, v in zip(AP_NAMES, picked, strict=True)}
+    return {
+        name: (float(v) if v >= 0 else float("nan"))
+        for name, v in zip(AP_NAMES, picked, strict=True)
+    }
 
 
-def predictions_ap(records: Sequence[PoseRecord], preds: np.ndarray,
-                   confidence: np.ndarray | None, ann_file: str | Path,
-                   image_dir: str | Path) -> dict[str, float]:
+def predictions_ap(
+    records: Sequence[PoseRecord],
+    preds: np.ndarray,
+    confidence: np.ndarray | None,
+    ann_file: str | Path,
+    image_dir: str | Path,
+) -> dict[str, float]:
     """COCO keypoint AP of per-record predictions (top-down on ground-truth boxes) over the
     images those records come from, against the annotation file they were loaded from."""
     ground_truth = load_ground_truth(ann_file)
     ids = image_ids_by_path(ground_truth, image_dir)
     unknown = [r for r in records if Path(r.image) not in ids]
     if unknown:
-        raise DatasetError(ann_file, f"image {unknown[0].image} is not in this file",
-                           unknown[0].record_id or None)
-    results = results_from_predictions(records, preds, ids, confidence,
-                                       category_id=person_category(ground_truth))
+        raise DatasetError(
+            ann_file, f"image {unknown[0].image} is not in this file", unknown[0].record_id or None
+        )
+    results = results_from_predictions(
+        records, preds, ids, confidence, category_id=person_category(ground_truth)
+    )
     return keypoint_ap(ground_truth, results, [ids[Path(r.image)] for r in records])
 
 
-def split_ap(records: Sequence[PoseRecord], preds: np.ndarray, confidence: np.ndarray | None,
-             data: DataConfig, split: str) -> dict[str, float]:
+def split_ap(
+    records: Sequence[PoseRecord],
+    preds: np.ndarray,
+    confidence: np.ndarray | None,
+    data: DataConfig,
+    split: str,
+) -> dict[str, float]:
     """COCO keypoint AP of predictions for a `coco` dataset's train or test records, against
     the annotation file that split was loaded from (test_ann for test when set, else ann)."""
     ann = data.test_ann if split == "test" and data.test_ann else data.ann

@@ -15,32 +15,58 @@ from fedpose.metrics.pck import pck_counts, score_counts
 from fedpose.model.inference import predict_records
 
 
-def evaluate_model(model: nn.Module, records: Sequence[PoseRecord], skeleton: Skeleton,
-                   cfg: Config, device: torch.device) -> dict:
+def evaluate_model(
+    model: nn.Module,
+    records: Sequence[PoseRecord],
+    skeleton: Skeleton,
+    cfg: Config,
+    device: torch.device,
+) -> dict:
     """{"pck_mean", "pck_per_joint"} (what metrics.jsonl records), "result" (the PCKResult),
     "preds" (N, J, 2) and "confidence" (N, J), the heatmap peaks (for COCO keypoint AP)."""
     preds, confidence = predict_with_confidence(model, records, skeleton, cfg, device)
     result = score_counts(*pck_counts(preds, records, skeleton), skeleton)
-    return {"pck_mean": result.mean, "pck_per_joint": result.per_joint, "result": result,
-            "preds": preds, "confidence": confidence}
+    return {
+        "pck_mean": result.mean,
+        "pck_per_joint": result.per_joint,
+        "result": result,
+        "preds": preds,
+        "confidence": confidence,
+    }
 
 
-def evaluate_counts(model: nn.Module, records: Sequence[PoseRecord], skeleton: Skeleton,
-                    cfg: Config, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+def evaluate_counts(
+    model: nn.Module,
+    records: Sequence[PoseRecord],
+    skeleton: Skeleton,
+    cfg: Config,
+    device: torch.device,
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-joint (correct, counted) counts of the model on the records. Counts of disjoint
     record sets (the sites of a federation) add up to the counts of their union."""
     preds, _ = predict_with_confidence(model, records, skeleton, cfg, device)
     return pck_counts(preds, records, skeleton)
 
 
-def predict_with_confidence(model: nn.Module, records: Sequence[PoseRecord],
-                            skeleton: Skeleton, cfg: Config,
-                            device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+def predict_with_confidence(
+    model: nn.Module,
+    records: Sequence[PoseRecord],
+    skeleton: Skeleton,
+    cfg: Config,
+    device: torch.device,
+) -> tuple[np.ndarray, np.ndarray]:
     """Predictions (N, J, 2) in image pixels and each joint's heatmap peak (N, J), with the
     config's input size and flip test."""
     confidence = np.zeros((len(records), skeleton.num_joints))
     if not records:
         return np.zeros((0, skeleton.num_joints, 2)), confidence
-    preds = predict_records(model, records, skeleton, cfg.data.input_size,
-                            flip_test=cfg.train.flip_test, device=device, confidence=confidence)
+    preds = predict_records(
+        model,
+        records,
+        skeleton,
+        cfg.data.input_size,
+        flip_test=cfg.train.flip_test,
+        device=device,
+        confidence=confidence,
+    )
     return preds, confidence

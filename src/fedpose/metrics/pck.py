@@ -157,10 +157,14 @@ def score(
     mean of nan; a site's share of a set (`pck_counts`) may legitimately have none."""
     correct, counted = pck_counts(pred, records, skeleton, alpha)
     if len(records) and not counted.any() and not pck_normalizers(records, skeleton).any():
-        need = {"head": "head boxes (MPII: gt_valid.mat as --headboxes / data.headboxes)",
-                "bbox": "person boxes", "torso": "both torso joints labelled"}[skeleton.normalizer]
-        raise ValueError(f"none of the {len(records)} records can be scored: "
-                         f"{skeleton.name} PCK needs {need}")
+        need = {
+            "head": "head boxes (MPII: gt_valid.mat as --headboxes / data.headboxes)",
+            "bbox": "person boxes",
+            "torso": "both torso joints labelled",
+        }[skeleton.normalizer]
+        raise ValueError(
+            f"none of the {len(records)} records can be scored: {skeleton.name} PCK needs {need}"
+        )
     return score_counts(correct, counted, skeleton, alpha)
 
 

@@ -42,8 +42,9 @@ class ScoredFile:
     ap: dict[str, float] = field(default_factory=dict)
 
 
-def match_predictions(pred_file: str | Path, records: list[PoseRecord],
-                      num_joints: int) -> np.ndarray:
+def match_predictions(
+    pred_file: str | Path, records: list[PoseRecord], num_joints: int
+) -> np.ndarray:
     """One (J, 2) prediction per record, in record order; raises DatasetError on gaps."""
     pred_file = Path(pred_file)
     preds = read_json(pred_file)
@@ -63,18 +64,27 @@ def match_predictions(pred_file: str | Path, records: list[PoseRecord],
         person = seen[name]
         seen[name] += 1
         if arr.ndim != 3 or arr.shape[1:] != (num_joints, 2):
-            raise DatasetError(pred_file, f"expected {num_joints} [x, y] pairs per person, got "
-                                          f"shape {list(arr.shape)}", name)
+            raise DatasetError(
+                pred_file,
+                f"expected {num_joints} [x, y] pairs per person, got shape {list(arr.shape)}",
+                name,
+            )
         if person >= arr.shape[0]:
-            raise DatasetError(pred_file, f"{arr.shape[0]} people predicted, the annotation has "
-                                          f"more", name)
+            raise DatasetError(
+                pred_file, f"{arr.shape[0]} people predicted, the annotation has more", name
+            )
         out[i] = arr[person]
     return out
 
 
-def score_file(dataset: str, root: str | Path, pred_file: str | Path,
-               ann: str | Path | None = None, options: FileOptions | None = None,
-               alpha: float | None = None) -> ScoredFile:
+def score_file(
+    dataset: str,
+    root: str | Path,
+    pred_file: str | Path,
+    ann: str | Path | None = None,
+    options: FileOptions | None = None,
+    alpha: float | None = None,
+) -> ScoredFile:
     """Score a predictions file against a dataset's labels. alpha: the PCK threshold (None: the
     dataset's standard one)."""
     records, skeleton = load_files(dataset, root, ann, options)
@@ -94,12 +104,15 @@ def score_file(dataset: str, root: str | Path, pred_file: str | Path,
     return ScoredFile(score(preds, records, skeleton, alpha=alpha), skeleton, len(records), ap)
 
 
-def score_table(result: PCKResult, skeleton: Skeleton, num_records: int,
-                alpha: float | None = None) -> Table:
+def score_table(
+    result: PCKResult, skeleton: Skeleton, num_records: int, alpha: float | None = None
+) -> Table:
     """The per-part PCK of a scored file, as the official scripts group it."""
-    table = Table(title=f"{skeleton.name}: {num_records} records, "
-                        f"{'PCKh' if skeleton.normalizer == 'head' else 'PCK'}"
-                        f"@{alpha or skeleton.pck_alpha:g}")
+    table = Table(
+        title=f"{skeleton.name}: {num_records} records, "
+        f"{'PCKh' if skeleton.normalizer == 'head' else 'PCK'}"
+        f"@{alpha or skeleton.pck_alpha:g}"
+    )
     table.add_column("part")
     table.add_column("PCK (%)", justify="right")
     for part, value in grouped_table(result, skeleton):

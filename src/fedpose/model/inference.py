@@ -41,8 +41,9 @@ def predict_records(
     """
     device = resolve_device(device)
     dataset = PoseDataset(records, skeleton, input_size=input_size, train=False)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                                         num_workers=workers)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=workers
+    )
     task = progress.add_task("predict", total=len(dataset)) if progress is not None else None
     was_training = model.training
     model.to(device).eval()
@@ -89,9 +90,13 @@ def predict_image(
     if scale is None:
         scale = max(width, height) / 200.0
     j = skeleton.num_joints
-    record = PoseRecord(image=Path(image), joints=np.zeros((j, 2), np.float32),
-                        visibility=np.zeros(j, np.float32),
-                        center=np.asarray(center, np.float32), scale=float(scale))
+    record = PoseRecord(
+        image=Path(image),
+        joints=np.zeros((j, 2), np.float32),
+        visibility=np.zeros(j, np.float32),
+        center=np.asarray(center, np.float32),
+        scale=float(scale),
+    )
     item = PoseDataset([record], skeleton, input_size=input_size)[0]
     if device is None:
         device = next(model.parameters()).device
@@ -99,11 +104,13 @@ def predict_image(
     model.to(device).eval()
     try:
         with torch.inference_mode():
-            heatmaps = predict(model, item["image"][None].to(device), skeleton.flip_pairs,
-                               flip_test=flip_test)
+            heatmaps = predict(
+                model, item["image"][None].to(device), skeleton.flip_pairs, flip_test=flip_test
+            )
     finally:
         model.train(was_training)
-    joints = heatmaps_to_image_coords(heatmaps, item["center"][None], item["scale"][None],
-                                      input_size)[0]
+    joints = heatmaps_to_image_coords(
+        heatmaps, item["center"][None], item["scale"][None], input_size
+    )[0]
     _, maxvals = get_max_preds(heatmaps)
     return joints, maxvals[0, :, 0].astype(np.float64)

@@ -51,7 +51,8 @@ def _refuse_pickle(path: Path, head: bytes) -> None:
     if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
         raise ModelFileError(
             f"{path}: a pickled PyTorch file; fedpose never unpickles model or checkpoint files "
-            f"because loading a pickle can run arbitrary code (fedpose writes .safetensors)")
+            f"because loading a pickle can run arbitrary code (fedpose writes .safetensors)"
+        )
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -64,10 +65,12 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         raise ModelFileError(f"{path}: not a safetensors file (only {len(data)} bytes)")
     (header_len,) = struct.unpack("<Q", data[:8])
     if header_len > min(_MAX_HEADER_BYTES, len(data) - 8):
-        raise ModelFileError(f"{path}: not a safetensors file or truncated (header of "
-                             f"{header_len} bytes in a file of {len(data)})")
+        raise ModelFileError(
+            f"{path}: not a safetensors file or truncated (header of "
+            f"{header_len} bytes in a file of {len(data)})"
+        )
     try:
-        header = json.loads(data[8:8 + header_len])
+        header = json.loads(data[8 : 8 + header_len])
         tensors = load_safetensors(data)
     except (SafetensorError, ValueError, UnicodeDecodeError) as e:
         raise ModelFileError(f"{path}: damaged safetensors file ({e})") from None
@@ -115,13 +118,18 @@ def _plain(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------- model files
-def save_model(path: str | Path, weights: dict[str, torch.Tensor], cfg: Config,
-               skeleton: Skeleton) -> None:
+def save_model(
+    path: str | Path, weights: dict[str, torch.Tensor], cfg: Config, skeleton: Skeleton
+) -> None:
     """Write the file `fedpose eval` and `predict` read: weights + the config that built them."""
     tensors = _plain(weights)
-    metadata = {"format": MODEL_FORMAT, "format_version": str(FORMAT_VERSION),
-                "config": json.dumps(cfg.to_dict()), "skeleton": skeleton.name,
-                "sha256": _tensor_digest(tensors)}
+    metadata = {
+        "format": MODEL_FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "config": json.dumps(cfg.to_dict()),
+        "skeleton": skeleton.name,
+        "sha256": _tensor_digest(tensors),
+    }
     _write_atomic(Path(path), save_safetensors(tensors, metadata))
 
 
@@ -139,8 +147,10 @@ def load_model(path: str | Path) -> tuple[PoseResNet, Config, Skeleton]:
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
-        raise ModelFileError(f"{path}: the weights do not fit the model its config describes: "
-                             f"{str(e).splitlines()[0]}") from None
+        raise ModelFileError(
+            f"{path}: the weights do not fit the model its config describes: "
+            f"{str(e).splitlines()[0]}"
+        ) from None
     model.eval()
     return model, cfg, skeleton
 
@@ -164,8 +174,10 @@ def _check_format(path: Path, meta: dict, expected: str) -> None:
     if meta.get("format") != expected:
         raise ModelFileError(f"{path}: format {meta.get('format')!r}, expected {expected!r}")
     if meta.get("format_version") != str(FORMAT_VERSION):
-        raise ModelFileError(f"{path}: {expected} version {meta.get('format_version')!r}; this "
-                             f"fedpose reads version {FORMAT_VERSION}")
+        raise ModelFileError(
+            f"{path}: {expected} version {meta.get('format_version')!r}; this "
+            f"fedpose reads version {FORMAT_VERSION}"
+        )
 
 
 def _check_digest(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -190,12 +202,14 @@ def encode_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
         tensors[name] = torch.from_numpy(np.ascontiguousarray(obj))
         return {"$ndarray": name}
     if is_dataclass(obj) and not isinstance(obj, type):
-        return {"$dataclass": type(obj).__name__,
-                "fields": {f.name: encode_state(getattr(obj, f.name), tensors)
-                           for f in fields(obj)}}
+        return {
+            "$dataclass": type(obj).__name__,
+            "fields": {f.name: encode_state(getattr(obj, f.name), tensors) for f in fields(obj)},
+        }
     if isinstance(obj, dict):
-        return {"$dict": [[encode_state(k, tensors), encode_state(v, tensors)]
-                          for k, v in obj.items()]}
+        return {
+            "$dict": [[encode_state(k, tensors), encode_state(v, tensors)] for k, v in obj.items()]
+        }
     if isinstance(obj, tuple):
         return {"$tuple": [encode_state(x, tensors) for x in obj]}
     if isinstance(obj, list):
@@ -223,8 +237,9 @@ def decode_state(tree: Any, tensors: dict[str, torch.Tensor], classes: dict[str,
         out = {}
         for key, value in tree["$dict"]:
             key = decode_state(key, tensors, classes)
-            out[tuple(key) if isinstance(key, list) else key] = decode_state(value, tensors,
-                                                                            classes)
+            out[tuple(key) if isinstance(key, list) else key] = decode_state(
+                value, tensors, classes
+            )
         return out
     if "$dataclass" in tree:
         cls = classes.get(tree["$dataclass"])
@@ -243,8 +258,13 @@ def config_hash(config: dict) -> str:
     change on resume.
     """
     settings = json.loads(json.dumps(config))
-    for section, key in (("data", "root"), ("data", "workers"), ("fed", "rounds"),
-                         ("train", "epochs"), ("train", "device")):
+    for section, key in (
+        ("data", "root"),
+        ("data", "workers"),
+        ("fed", "rounds"),
+        ("train", "epochs"),
+        ("train", "device"),
+    ):
         settings.get(section, {}).pop(key, None)
     for key in ("name", "out_dir"):
         settings.pop(key, None)
@@ -253,8 +273,11 @@ def config_hash(config: dict) -> str:
 
 def run_identity(config: dict) -> dict[str, str]:
     """What a checkpoint must match to be resumed: method, seed and the config hash."""
-    return {"method": str(config.get("fed", {}).get("method")), "seed": str(config.get("seed")),
-            "config_hash": config_hash(config)}
+    return {
+        "method": str(config.get("fed", {}).get("method")),
+        "seed": str(config.get("seed")),
+        "config_hash": config_hash(config),
+    }
 
 
 def checkpoint_paths(directory: str | Path) -> tuple[Path, Path]:
@@ -269,8 +292,13 @@ def save_checkpoint(directory: str | Path, state: dict, identity: dict[str, str]
     tensors: dict[str, torch.Tensor] = {}
     tree = encode_state(state, tensors)
     tensors = _plain(tensors)
-    metadata = {"format": CHECKPOINT_FORMAT, "format_version": str(FORMAT_VERSION),
-                "state": json.dumps(tree), "sha256": _tensor_digest(tensors), **identity}
+    metadata = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "state": json.dumps(tree),
+        "sha256": _tensor_digest(tensors),
+        **identity,
+    }
     payload = save_safetensors(tensors, metadata)
     tmp = _write_durable(last, payload)
     # a kill between these two renames leaves no `last`; the reader then takes `previous`
@@ -300,8 +328,9 @@ def read_checkpoint(path: str | Path, classes: dict[str, type]) -> tuple[dict, d
     return state, identity
 
 
-def load_checkpoint(directory: str | Path, classes: dict[str, type], identity: dict[str, str],
-                    force: bool = False) -> tuple[dict | None, list[str]]:
+def load_checkpoint(
+    directory: str | Path, classes: dict[str, type], identity: dict[str, str], force: bool = False
+) -> tuple[dict | None, list[str]]:
     """The newest sound checkpoint of a run, and warnings about the ones passed over.
 
     Returns (None, warnings) when the run has no checkpoint yet. A checkpoint of another method,
@@ -325,11 +354,16 @@ def load_checkpoint(directory: str | Path, classes: dict[str, type], identity: d
             errors.append(e)
             warnings.append(f"{e}; trying the previous checkpoint")
             continue
-        mismatch = [f"{k} {found.get(k)!r} (this run: {v!r})" for k, v in identity.items()
-                    if found.get(k) != v]
+        mismatch = [
+            f"{k} {found.get(k)!r} (this run: {v!r})"
+            for k, v in identity.items()
+            if found.get(k) != v
+        ]
         if mismatch and not force:
-            raise ModelFileError(f"{path}: written by another run: {', '.join(mismatch)}; "
-                                 f"use another run name, or --force to resume anyway")
+            raise ModelFileError(
+                f"{path}: written by another run: {', '.join(mismatch)}; "
+                f"use another run name, or --force to resume anyway"
+            )
         if mismatch:
             warnings.append(f"{path}: resuming despite {', '.join(mismatch)} (--force)")
         return state, warnings

@@ -13,7 +13,9 @@ def make_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimize
         return torch.optim.Adam(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     if train.optimizer == "sgd":
         return torch.optim.SGD(
-            model.parameters(), lr=train.lr, momentum=train.momentum,
+            model.parameters(),
+            lr=train.lr,
+            momentum=train.momentum,
             weight_decay=train.weight_decay,
         )
     raise ValueError(f"unknown optimizer {train.optimizer!r}: use adam or sgd")

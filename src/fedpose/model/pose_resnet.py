@@ -36,8 +36,15 @@ class PoseResNet(ResNet):
         for _ in range(deconv_layers):
             # k=4, s=2, p=1: exactly doubles the size; output_padding stays 0
             layers += [
-                nn.ConvTranspose2d(inplanes, deconv_filters, kernel_size=4, stride=2, padding=1,
-                                   output_padding=0, bias=False),
+                nn.ConvTranspose2d(
+                    inplanes,
+                    deconv_filters,
+                    kernel_size=4,
+                    stride=2,
+                    padding=1,
+                    output_padding=0,
+                    bias=False,
+                ),
                 nn.BatchNorm2d(deconv_filters),
                 nn.ReLU(inplace=True),
             ]
@@ -96,19 +103,24 @@ def load_pretrained(model: ResNet, path: str | Path) -> dict[str, list[str]]:
         try:
             obj = load_safetensors_file(str(path))
         except Exception as e:
-            raise PretrainedError(f"{path}: not a safetensors file "
-                                  f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+            raise PretrainedError(
+                f"{path}: not a safetensors file ({type(e).__name__}: {str(e).splitlines()[0]})"
+            ) from None
     else:
         try:
             # weights_only: the unpickler builds tensors and containers only, never runs code
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             text = str(e).strip()
-            why = ("it holds objects other than tensors, which could run code when loaded"
-                   if text.startswith("Weights only load failed") or not text
-                   else text.splitlines()[0])
-            raise PretrainedError(f"{path}: not a PyTorch state dict of plain tensors; "
-                                  f"refused ({type(e).__name__}: {why})") from None
+            why = (
+                "it holds objects other than tensors, which could run code when loaded"
+                if text.startswith("Weights only load failed") or not text
+                else text.splitlines()[0]
+            )
+            raise PretrainedError(
+                f"{path}: not a PyTorch state dict of plain tensors; "
+                f"refused ({type(e).__name__}: {why})"
+            ) from None
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -128,10 +140,15 @@ def load_pretrained(model: ResNet, path: str | Path) -> dict[str, list[str]]:
         if given[k].shape != own[k].shape
     )
     if missing or unexpected or shape:
-        parts = [f"{path}: does not fit a ResNet-{model.depth} backbone of width {model.width}"
-                 f"{_guess_architecture(given)}"]
-        for label, keys in (("missing", missing), ("unexpected", unexpected),
-                            ("shape mismatch", shape)):
+        parts = [
+            f"{path}: does not fit a ResNet-{model.depth} backbone of width {model.width}"
+            f"{_guess_architecture(given)}"
+        ]
+        for label, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("shape mismatch", shape),
+        ):
             if keys:
                 more = f" (+{len(keys) - 8} more)" if len(keys) > 8 else ""
                 parts.append(f"{label} {len(keys)}: {', '.join(keys[:8])}{more}")

@@ -18,8 +18,14 @@ def _joint_color(name: str) -> tuple[int, int, int]:
     return (60, 220, 90)
 
 
-def draw_skeleton(image: str | Path | Image.Image, joints: np.ndarray, confidence: np.ndarray,
-                  skeleton: Skeleton, out: str | Path, min_confidence: float = 0.0) -> Path:
+def draw_skeleton(
+    image: str | Path | Image.Image,
+    joints: np.ndarray,
+    confidence: np.ndarray,
+    skeleton: Skeleton,
+    out: str | Path,
+    min_confidence: float = 0.0,
+) -> Path:
     img = image.copy() if isinstance(image, Image.Image) else Image.open(image).convert("RGB")
     scale = max(img.size) / 256
     if scale < 1:  # draw on an upscaled copy so small images stay legible

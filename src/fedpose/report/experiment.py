@@ -75,8 +75,11 @@ class Arm:
     def joint_scores(self, joint: str) -> list[float]:
         values = []
         for run in self.complete_runs:
-            picked = [r["pck_per_joint"][joint] for r in tail_rows(run.rows, run.total_rounds)
-                      if joint in (r.get("pck_per_joint") or {})]
+            picked = [
+                r["pck_per_joint"][joint]
+                for r in tail_rows(run.rows, run.total_rounds)
+                if joint in (r.get("pck_per_joint") or {})
+            ]
             if picked:
                 values.append(float(np.mean(picked)))
         return values
@@ -104,8 +107,9 @@ def load_arms(paths: list[Path]) -> dict[str, Arm]:
             m = _SEED_SUFFIX.match(d.name)
             label = m["label"] if m else d.name
             seed = int(config.get("seed", m["seed"] if m else 0))
-            arms.setdefault(label, Arm(label)).runs.append(Run(d, label, seed, config,
-                                                               read_metrics(d)))
+            arms.setdefault(label, Arm(label)).runs.append(
+                Run(d, label, seed, config, read_metrics(d))
+            )
     return arms
 
 
@@ -128,29 +132,44 @@ def _setting(arms: dict[str, Arm]) -> list[str]:
     if not cfg:
         return []
     d, m, f, t = (cfg.get(k, {}) for k in ("data", "model", "fed", "train"))
-    work = (f"{f.get('local_steps')} local batches of {t.get('batch_size')}"
-            if f.get("local_steps") else f"{f.get('local_epochs')} local epoch(s)")
+    work = (
+        f"{f.get('local_steps')} local batches of {t.get('batch_size')}"
+        if f.get("local_steps")
+        else f"{f.get('local_epochs')} local epoch(s)"
+    )
     partition = f.get("partition")
     if partition in ("attribute", "dirichlet"):
         partition += f" by {f.get('partition_attr')}"
     if partition == "dirichlet":
         partition += f" (α = {f.get('dirichlet_alpha')})"
     runtime = cfg.get("runtime", {})
-    lines = [f"Setting: {d.get('dataset')} ({d.get('root')}), {f.get('num_clients')} clients "
-             f"split {partition}, {f.get('mode')} mode, PoseResNet-{m.get('depth')} width "
-             f"{m.get('width')} at {d.get('input_size')}×{d.get('input_size')}, {work} per round, "
-             f"{f.get('rounds')} rounds, evaluated every {f.get('eval_every')} round(s)."]
+    lines = [
+        f"Setting: {d.get('dataset')} ({d.get('root')}), {f.get('num_clients')} clients "
+        f"split {partition}, {f.get('mode')} mode, PoseResNet-{m.get('depth')} width "
+        f"{m.get('width')} at {d.get('input_size')}×{d.get('input_size')}, {work} per round, "
+        f"{f.get('rounds')} rounds, evaluated every {f.get('eval_every')} round(s)."
+    ]
     if runtime:
-        lines.append(f"Runtime (first run's config.json): {runtime.get('torch_threads')} torch "
-                     f"thread(s), Gram path {runtime.get('gram_path')}, torch "
-                     f"{runtime.get('torch')}, {runtime.get('machine')}.")
+        lines.append(
+            f"Runtime (first run's config.json): {runtime.get('torch_threads')} torch "
+            f"thread(s), Gram path {runtime.get('gram_path')}, torch "
+            f"{runtime.get('torch')}, {runtime.get('machine')}."
+        )
     return lines
 
 
-def write_report(arms: dict[str, Arm], out_dir: Path, title: str, *,
-                 baselines: tuple[str, ...] = ("fedavg", "fedaw"), command: str = "",
-                 produced_by: str = "", commit: str | None = None, notes: str = "",
-                 target_pck: float = 0.0) -> Path:
+def write_report(
+    arms: dict[str, Arm],
+    out_dir: Path,
+    title: str,
+    *,
+    baselines: tuple[str, ...] = ("fedavg", "fedaw"),
+    command: str = "",
+    produced_by: str = "",
+    commit: str | None = None,
+    notes: str = "",
+    target_pck: float = 0.0,
+) -> Path:
     """Write report.md (or the name out_dir ends in, when it ends in .md), PNG curves beside it
     and summary.json; returns the markdown path."""
     out_dir = Path(out_dir)
@@ -158,8 +177,10 @@ def write_report(arms: dict[str, Arm], out_dir: Path, title: str, *,
     out_dir = md_path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     prefix = "" if md_path.name == "report.md" else md_path.stem + "_"
-    commits = sorted({r.config.get("runtime", {}).get("commit") or "" for a in arms.values()
-                      for r in a.runs} - {""})
+    commits = sorted(
+        {r.config.get("runtime", {}).get("commit") or "" for a in arms.values() for r in a.runs}
+        - {""}
+    )
     commit_text = commit or (", ".join(commits) if commits else "not recorded")
 
     lines = [f"# {title}", ""]
@@ -172,27 +193,42 @@ def write_report(arms: dict[str, Arm], out_dir: Path, title: str, *,
     lines += _setting(arms)
     total = max((r.total_rounds for a in arms.values() for r in a.runs), default=0)
     first, last = tail_window(total) if total else (0, 0)
-    lines += ["", "Score of a run, fixed in advance: the mean PCK over its evaluations in the "
-              f"last {TAIL:.0%} of its rounds (rounds {first}–{last} of {total}), never the best "
-              "round. Seeds are paired: the same seed gives every method the same partition, "
-              "data order and initial model.", ""]
+    lines += [
+        "",
+        "Score of a run, fixed in advance: the mean PCK over its evaluations in the "
+        f"last {TAIL:.0%} of its rounds (rounds {first}–{last} of {total}), never the best "
+        "round. Seeds are paired: the same seed gives every method the same partition, "
+        "data order and initial model.",
+        "",
+    ]
     if notes:
         lines += [notes, ""]
 
     joints = _joints(arms)
-    lines += ["## PCK per joint (mean ± std over seeds)", "",
-              "| " + " | ".join(["method", "seeds", *joints, "mean PCK"]) + " |",
-              "|---" * (len(joints) + 3) + "|"]
-    summary: dict = {"metric": f"mean PCK over the evaluations in rounds {first}-{last}",
-                     "arms": {}, "differences": {}}
+    lines += [
+        "## PCK per joint (mean ± std over seeds)",
+        "",
+        "| " + " | ".join(["method", "seeds", *joints, "mean PCK"]) + " |",
+        "|---" * (len(joints) + 3) + "|",
+    ]
+    summary: dict = {
+        "metric": f"mean PCK over the evaluations in rounds {first}-{last}",
+        "arms": {},
+        "differences": {},
+    }
     for label, arm in arms.items():
         scores = arm.scores()
         mean, std = mean_std(list(scores.values()))
         per_joint = [_pm(*mean_std(arm.joint_scores(j))) for j in joints]
-        lines.append(f"| {label} | {len(scores)} | " + " | ".join(per_joint)
-                     + f" | {_pm(mean, std)} |")
-        summary["arms"][label] = {"seeds": sorted(scores), "scores": scores, "mean": mean,
-                                  "std": std}
+        lines.append(
+            f"| {label} | {len(scores)} | " + " | ".join(per_joint) + f" | {_pm(mean, std)} |"
+        )
+        summary["arms"][label] = {
+            "seeds": sorted(scores),
+            "scores": scores,
+            "mean": mean,
+            "std": std,
+        }
 
     lines += _differences(arms, baselines, summary)
     if target_pck > 0:
@@ -206,8 +242,9 @@ def write_report(arms: dict[str, Arm], out_dir: Path, title: str, *,
         seeds = ", ".join(str(r.seed) for r in arm.complete_runs) or "none"
         lines.append(f"- {label}: seeds {seeds} ({arm.runs[0].path.parent})")
     for r in incomplete:
-        lines.append(f"- not scored, stopped at round {r.last_round} of {r.total_rounds}: "
-                     f"{r.path.name}")
+        lines.append(
+            f"- not scored, stopped at round {r.last_round} of {r.total_rounds}: {r.path.name}"
+        )
     lines.append("")
     md_path.write_text("\n".join(lines))
     (out_dir / f"{prefix}summary.json").write_text(json.dumps(summary, indent=2))
@@ -227,11 +264,17 @@ def _differences(arms: dict[str, Arm], baselines: tuple[str, ...], summary: dict
     refs = [b for b in baselines if b in arms]
     if not refs:
         return []
-    lines = ["", "## Paired differences in mean PCK (points, 95 % interval, paired t over seeds)",
-             "", "A difference is resolved when its interval excludes zero; otherwise the seeds "
-             "do not tell the two methods apart.", "",
-             "| method − baseline | seeds | mean difference | std of differences | 95 % interval "
-             "| resolved |", "|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        "## Paired differences in mean PCK (points, 95 % interval, paired t over seeds)",
+        "",
+        "A difference is resolved when its interval excludes zero; otherwise the seeds "
+        "do not tell the two methods apart.",
+        "",
+        "| method − baseline | seeds | mean difference | std of differences | 95 % interval "
+        "| resolved |",
+        "|---|---|---|---|---|---|",
+    ]
     for ref in refs:
         for label, arm in arms.items():
             if label == ref:
@@ -239,24 +282,34 @@ def _differences(arms: dict[str, Arm], baselines: tuple[str, ...], summary: dict
             diff = paired_difference(arm.scores(), arms[ref].scores())
             if diff is None:
                 continue
-            interval = ("–" if math.isnan(diff.low)
-                        else f"[{diff.low:+.2f}, {diff.high:+.2f}]")
-            lines.append(f"| {label} − {ref} | {diff.n} | {_signed(diff.mean)} | "
-                         f"{'–' if math.isnan(diff.std) else f'{diff.std:.2f}'} | {interval} | "
-                         f"{'yes' if diff.resolved else 'no'} |")
+            interval = "–" if math.isnan(diff.low) else f"[{diff.low:+.2f}, {diff.high:+.2f}]"
+            lines.append(
+                f"| {label} − {ref} | {diff.n} | {_signed(diff.mean)} | "
+                f"{'–' if math.isnan(diff.std) else f'{diff.std:.2f}'} | {interval} | "
+                f"{'yes' if diff.resolved else 'no'} |"
+            )
             summary["differences"][f"{label}-{ref}"] = {
-                "n": diff.n, "mean": diff.mean, "std": diff.std, "low": diff.low,
-                "high": diff.high, "resolved": diff.resolved}
+                "n": diff.n,
+                "mean": diff.mean,
+                "std": diff.std,
+                "low": diff.low,
+                "high": diff.high,
+                "resolved": diff.resolved,
+            }
     if lines[-1].startswith("|---"):
         lines += ["", "No finished run has a baseline run of the same seed: nothing to compare."]
     return lines
 
 
 def _time_to_target(arms: dict[str, Arm], target: float) -> list[str]:
-    lines = ["", f"## Time to PCK ≥ {target:g} % (simulated seconds and rounds; mean ± std over "
-             "the seeds that reached it)", "",
-             "| method | reached | simulated time | rounds | simulated time at the end |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "",
+        f"## Time to PCK ≥ {target:g} % (simulated seconds and rounds; mean ± std over "
+        "the seeds that reached it)",
+        "",
+        "| method | reached | simulated time | rounds | simulated time at the end |",
+        "|---|---|---|---|---|",
+    ]
     for label, arm in arms.items():
         times, rounds, ends = [], [], []
         for run in arm.complete_runs:
@@ -265,9 +318,11 @@ def _time_to_target(arms: dict[str, Arm], target: float) -> list[str]:
                 times.append(hit.get("sim_time", math.nan))
                 rounds.append(hit["round"])
             ends.append(run.rows[-1].get("sim_time", math.nan))
-        lines.append(f"| {label} | {len(times)}/{len(arm.complete_runs)} | "
-                     f"{_pm(*mean_std(times), digits=1)} | {_pm(*mean_std(rounds), digits=1)} | "
-                     f"{_pm(*mean_std(ends), digits=1)} |")
+        lines.append(
+            f"| {label} | {len(times)}/{len(arm.complete_runs)} | "
+            f"{_pm(*mean_std(times), digits=1)} | {_pm(*mean_std(rounds), digits=1)} | "
+            f"{_pm(*mean_std(ends), digits=1)} |"
+        )
     return lines
 
 
@@ -278,8 +333,9 @@ def _site_table(arms: dict[str, Arm]) -> list[str]:
     for label, arm in arms.items():
         values: dict[str, list[float]] = {}
         for run in arm.complete_runs:
-            picked = [r["site_pck"] for r in tail_rows(run.rows, run.total_rounds)
-                      if r.get("site_pck")]
+            picked = [
+                r["site_pck"] for r in tail_rows(run.rows, run.total_rounds) if r.get("site_pck")
+            ]
             for site in sorted({k for p in picked for k in p}):
                 scores = [p[site] for p in picked if p.get(site) is not None]
                 if scores:
@@ -288,10 +344,14 @@ def _site_table(arms: dict[str, Arm]) -> list[str]:
     sites = sorted({k for v in per_arm.values() for k in v}, key=int)
     if not sites:
         return []
-    lines = ["", "## Per-site PCK (federated evaluation: each site scores its own test records; "
-             "the mean PCK above sums their counts)", "",
-             "| method | " + " | ".join(f"site {k}" for k in sites) + " |",
-             "|---" * (len(sites) + 1) + "|"]
+    lines = [
+        "",
+        "## Per-site PCK (federated evaluation: each site scores its own test records; "
+        "the mean PCK above sums their counts)",
+        "",
+        "| method | " + " | ".join(f"site {k}" for k in sites) + " |",
+        "|---" * (len(sites) + 1) + "|",
+    ]
     for label, values in per_arm.items():
         if values:
             cells = [_pm(*mean_std(values.get(k, []))) for k in sites]
@@ -303,15 +363,22 @@ def _site_table(arms: dict[str, Arm]) -> list[str]:
 _CURVES = (
     ("pck_vs_round", "pck_mean", "PCK (%)", "PCK of the global model"),
     ("heatmap_acc_vs_round", "heatmap_acc", "heatmap accuracy (%)", "heatmap accuracy"),
-    ("conflict_share_vs_round", "conflict_share", "share of conflicting update pairs",
-     "share of client-update pairs with negative cosine"),
+    (
+        "conflict_share_vs_round",
+        "conflict_share",
+        "share of conflicting update pairs",
+        "share of client-update pairs with negative cosine",
+    ),
     ("train_loss_vs_round", "train_loss", "training loss", "clients' mean training loss"),
 )
 
 
 def _figures(arms: dict[str, Arm], out_dir: Path, prefix: str) -> list[str]:
-    lines = ["", "## Curves (mean over seeds, band: ± one std across seeds; thin: single seeds)",
-             ""]
+    lines = [
+        "",
+        "## Curves (mean over seeds, band: ± one std across seeds; thin: single seeds)",
+        "",
+    ]
     missing = []
     for name, key, ylabel, what in _CURVES:
         file = f"{prefix}{name}.png"

@@ -24,8 +24,9 @@ def tail_window(total_rounds: int, tail: float = TAIL) -> tuple[int, int]:
     return total_rounds - width + 1, total_rounds
 
 
-def tail_rows(rows: list[dict], total_rounds: int, key: str = "pck_mean",
-              tail: float = TAIL) -> list[dict]:
+def tail_rows(
+    rows: list[dict], total_rounds: int, key: str = "pck_mean", tail: float = TAIL
+) -> list[dict]:
     """The evaluated rows inside the window (the last evaluated one when none falls inside)."""
     first, last = tail_window(total_rounds, tail)
     evaluated = [r for r in rows if r.get(key) is not None]
@@ -33,8 +34,9 @@ def tail_rows(rows: list[dict], total_rounds: int, key: str = "pck_mean",
     return inside or evaluated[-1:]
 
 
-def tail_mean(rows: list[dict], total_rounds: int, key: str = "pck_mean",
-              tail: float = TAIL) -> float | None:
+def tail_mean(
+    rows: list[dict], total_rounds: int, key: str = "pck_mean", tail: float = TAIL
+) -> float | None:
     picked = tail_rows(rows, total_rounds, key, tail)
     return float(np.mean([r[key] for r in picked])) if picked else None
 
@@ -53,8 +55,9 @@ class PairedDifference:
         return self.n >= 2 and (self.low > 0 or self.high < 0)
 
 
-def paired_difference(a: dict[int, float], b: dict[int, float],
-                      confidence: float = 0.95) -> PairedDifference | None:
+def paired_difference(
+    a: dict[int, float], b: dict[int, float], confidence: float = 0.95
+) -> PairedDifference | None:
     """a − b over the seeds both have, with a paired Student-t interval; None without a pair."""
     seeds = sorted(set(a) & set(b))
     if not seeds:

@@ -64,8 +64,12 @@ def _client_updates(k: int, p: int, seed: int) -> torch.Tensor:
 
 
 def _strategy(name: str) -> Strategy:
-    return {"fedavg": FedAvg, "fedaw": FedAW, "fedgh": lambda: FedGH(method="gram"),
-            "fedgh-direct": lambda: FedGH(method="direct")}[name]()
+    return {
+        "fedavg": FedAvg,
+        "fedaw": FedAW,
+        "fedgh": lambda: FedGH(method="gram"),
+        "fedgh-direct": lambda: FedGH(method="direct"),
+    }[name]()
 
 
 def _status_kib(field: str) -> int | None:
@@ -94,9 +98,14 @@ def _peak_in_child(name: str, k: int, p: int, seed: int) -> float:
     w = torch.empty(p).normal_(generator=torch.Generator().manual_seed(seed + 1))
     target = w.clone()
     strategy = _strategy(name)
-    inputs = RoundInput(deltas=deltas, counts=torch.linspace(50, 150, k, dtype=torch.float64),
-                        client_ids=list(range(k)), num_clients=k, slices=[("all", 0, p)],
-                        add_to=target)
+    inputs = RoundInput(
+        deltas=deltas,
+        counts=torch.linspace(50, 150, k, dtype=torch.float64),
+        client_ids=list(range(k)),
+        num_clients=k,
+        slices=[("all", 0, p)],
+        add_to=target,
+    )
     strategy.aggregate(inputs, strategy.initial_state())
     peak = _status_kib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return (peak - start) * 1024 / (4 * p)
@@ -120,8 +129,10 @@ def bench_aggregate(clients: int, params: int, repeats: int = 3, seed: int = 0) 
     need = (k + 4) * p * 4  # updates, w, the output, and the direct loop's ĝ and sum
     avail = _available_bytes()
     if avail is not None and need > 0.9 * avail:
-        raise ToolError(f"{k} x {p} float32 updates need about {need / 2**30:.1f} GiB, "
-                          f"{avail / 2**30:.1f} GiB available: lower --clients or --params")
+        raise ToolError(
+            f"{k} x {p} float32 updates need about {need / 2**30:.1f} GiB, "
+            f"{avail / 2**30:.1f} GiB available: lower --clients or --params"
+        )
     seconds, gram_s, gram_vs_direct = _time_steps(k, p, repeats, seed)
     # after _time_steps has returned its buffers: the children need the room
     memory = {name: peak_memory(name, k, p, seed) for name in ("fedavg", "fedaw", "fedgh")}
@@ -164,8 +175,14 @@ def _time_steps(k: int, p: int, repeats: int, seed: int) -> tuple[dict, float, f
 
     def step(strategy: Strategy) -> float:
         target.copy_(w)
-        inputs = RoundInput(deltas=deltas, counts=counts, client_ids=list(range(k)),
-                            num_clients=k, slices=[("all", 0, p)], add_to=target)
+        inputs = RoundInput(
+            deltas=deltas,
+            counts=counts,
+            client_ids=list(range(k)),
+            num_clients=k,
+            slices=[("all", 0, p)],
+            add_to=target,
+        )
         t0 = time.perf_counter()
         strategy.aggregate(inputs, strategy.initial_state())
         return time.perf_counter() - t0
@@ -196,8 +213,10 @@ def _time_steps(k: int, p: int, repeats: int, seed: int) -> tuple[dict, float, f
 
 def aggregate_tables(res: dict) -> tuple[Table, str]:
     """The timings and peak memory as a table, and lines on the Gram matrix and the machine."""
-    table = Table(title=f"one server step, K = {res['clients']} clients, "
-                        f"P = {res['params']:,} float32 parameters")
+    table = Table(
+        title=f"one server step, K = {res['clients']} clients, "
+        f"P = {res['params']:,} float32 parameters"
+    )
     table.add_column("method")
     table.add_column("seconds (min)", justify="right")
     table.add_column("x FedAvg", justify="right")
@@ -208,16 +227,26 @@ def aggregate_tables(res: dict) -> tuple[Table, str]:
         runs = 1 if name == "fedgh-direct" else res["repeats"]
         label = f"{name} ({notes[name]})" if name in notes else name
         peak = res["peak_model_sizes"].get(name)
-        table.add_row(label, f"{s:.3f}", f"{res['ratio'][name]:.2f}", str(runs),
-                      "-" if peak is None else f"{peak:.1f}")
+        table.add_row(
+            label,
+            f"{s:.3f}",
+            f"{res['ratio'][name]:.2f}",
+            str(runs),
+            "-" if peak is None else f"{peak:.1f}",
+        )
     gram = res["gram"]
-    versus = (f"|gram - direct| / |update| = {res['gram_vs_direct']:.1e}"
-              if "fedgh-direct" in res["seconds"] else "direct loop skipped (K²P > 1e9)")
-    notes_line = (f"Gram matrix alone: {res['gram_seconds']:.3f} s ({gram['path']}, "
-                  f"{gram['bits']}-bit grid); {versus}\n"
-                  f"peak memory: growth of the peak RSS of a fresh process per method, in model "
-                  f"sizes (4P bytes); the K updates, w and the output are K + 2 = "
-                  f"{res['clients'] + 2}\n"
-                  f"{res['cpu']}, {res['cores']} cores, torch {res['torch']}, "
-                  f"{res['threads']} threads")
+    versus = (
+        f"|gram - direct| / |update| = {res['gram_vs_direct']:.1e}"
+        if "fedgh-direct" in res["seconds"]
+        else "direct loop skipped (K²P > 1e9)"
+    )
+    notes_line = (
+        f"Gram matrix alone: {res['gram_seconds']:.3f} s ({gram['path']}, "
+        f"{gram['bits']}-bit grid); {versus}\n"
+        f"peak memory: growth of the peak RSS of a fresh process per method, in model "
+        f"sizes (4P bytes); the K updates, w and the output are K + 2 = "
+        f"{res['clients'] + 2}\n"
+        f"{res['cpu']}, {res['cores']} cores, torch {res['torch']}, "
+        f"{res['threads']} threads"
+    )
     return table, notes_line

@@ -44,18 +44,34 @@ class SimBenchOptions:
 
 def sim_config(opts: SimBenchOptions, k: int, data_dir: Path) -> Config:
     s = opts.samples_per_client
-    return load_config(None, [
-        f"name=k{k}", f"out_dir={Path(opts.workdir) / 'runs'}",
-        "data.dataset=synth-arm", f"data.root={data_dir}",
-        f"data.synth_n={_images_needed(opts)}", f"data.synth_size={opts.input_size}",
-        f"data.input_size={opts.input_size}", "data.test_fraction=0.2",
-        f"data.max_train={k * s}", "data.max_test=32",
-        "model.depth=18", "model.width=4", "model.deconv_filters=8",
-        f"train.batch_size={s}", "train.flip_test=false", "train.threads=1",
-        f"fed.method={opts.method}", f"fed.rounds={opts.rounds}", f"fed.num_clients={k}",
-        f"fed.clients_per_round={min(opts.per_round, k)}", "fed.partition=iid",
-        "fed.local_steps=1", "fed.eval_every=1",
-    ])
+    return load_config(
+        None,
+        [
+            f"name=k{k}",
+            f"out_dir={Path(opts.workdir) / 'runs'}",
+            "data.dataset=synth-arm",
+            f"data.root={data_dir}",
+            f"data.synth_n={_images_needed(opts)}",
+            f"data.synth_size={opts.input_size}",
+            f"data.input_size={opts.input_size}",
+            "data.test_fraction=0.2",
+            f"data.max_train={k * s}",
+            "data.max_test=32",
+            "model.depth=18",
+            "model.width=4",
+            "model.deconv_filters=8",
+            f"train.batch_size={s}",
+            "train.flip_test=false",
+            "train.threads=1",
+            f"fed.method={opts.method}",
+            f"fed.rounds={opts.rounds}",
+            f"fed.num_clients={k}",
+            f"fed.clients_per_round={min(opts.per_round, k)}",
+            "fed.partition=iid",
+            "fed.local_steps=1",
+            "fed.eval_every=1",
+        ],
+    )
 
 
 def _images_needed(opts: SimBenchOptions) -> int:
@@ -97,9 +113,16 @@ def simulate(cfg: Config) -> dict:
         eval_seconds.append(time.perf_counter() - t0)
         return out
 
-    server = FederatedServer(cfg, federation.initial_weights(), federation.layout,
-                             federation.strategy, transport, federation.client_sizes,
-                             evaluate=evaluate, run_dir=run_dir)
+    server = FederatedServer(
+        cfg,
+        federation.initial_weights(),
+        federation.layout,
+        federation.strategy,
+        transport,
+        federation.client_sizes,
+        evaluate=evaluate,
+        run_dir=run_dir,
+    )
     marks: list[tuple[float, float, float]] = []  # (wall, training, evaluation) after each round
 
     def mark(*_) -> None:
@@ -145,8 +168,9 @@ def _result_of(child, queue) -> dict:
             row = queue.get(timeout=1.0)
         except queue_module.Empty:
             if not child.is_alive():
-                raise ToolError(f"the simulation process died (exit code "
-                                   f"{child.exitcode})") from None
+                raise ToolError(
+                    f"the simulation process died (exit code {child.exitcode})"
+                ) from None
             continue
         child.join()
         return row
@@ -160,14 +184,21 @@ def bench_sim(opts: SimBenchOptions, progress=None) -> dict:
         raise ToolError(f"--sizes {opts.sizes!r}: each size must be within 1..{opts.clients}")
     data_dir = Path(opts.workdir) / f"synth-{_images_needed(opts)}-{opts.input_size}"
     if not (data_dir / "annotations.json").exists():
-        generate_synth_arm(data_dir, n=_images_needed(opts), seed=0, size=opts.input_size,
-                           progress=False, workers=0)
+        generate_synth_arm(
+            data_dir,
+            n=_images_needed(opts),
+            seed=0,
+            size=opts.input_size,
+            progress=False,
+            workers=0,
+        )
     rows = []
     context = multiprocessing.get_context("spawn")
     for k in sizes:
         queue = context.Queue()
-        child = context.Process(target=_simulate_in_child, args=(sim_config(opts, k, data_dir),
-                                                                 queue))
+        child = context.Process(
+            target=_simulate_in_child, args=(sim_config(opts, k, data_dir), queue)
+        )
         child.start()
         row = _result_of(child, queue)
         row["overhead_s"] = row["round_s"] - row["train_s"] - row["eval_s"]
@@ -184,16 +215,37 @@ def sim_table(res: dict, opts: SimBenchOptions) -> tuple[Table, str]:
     from fedpose.tools.machine import cpu_name, utc_stamp
 
     mib = 2**20
-    table = Table(title=f"{res['method']}: means over rounds 2..{opts.rounds} (round 1 warms "
-                        f"up), {opts.samples_per_client} images per client")
-    for name in ("K", "per round", "round s", "train s", "eval s", "overhead",
-                 "peak RSS MiB", "RSS growth MiB", "states", "in RAM MiB", "on disk MiB"):
+    table = Table(
+        title=f"{res['method']}: means over rounds 2..{opts.rounds} (round 1 warms "
+        f"up), {opts.samples_per_client} images per client"
+    )
+    for name in (
+        "K",
+        "per round",
+        "round s",
+        "train s",
+        "eval s",
+        "overhead",
+        "peak RSS MiB",
+        "RSS growth MiB",
+        "states",
+        "in RAM MiB",
+        "on disk MiB",
+    ):
         table.add_column(name, justify="right")
     for r in res["rows"]:
-        table.add_row(str(r["clients"]), str(r["per_round"]), f"{r['round_s']:.3f}",
-                      f"{r['train_s']:.3f}", f"{r['eval_s']:.3f}",
-                      f"{100 * r['overhead_share']:.1f} %", f"{r['peak_rss'] / mib:.0f}",
-                      f"{r['rss_growth'] / mib:.1f}", str(r["state_clients"]),
-                      f"{r['state_memory'] / mib:.2f}", f"{r['state_disk'] / mib:.2f}")
+        table.add_row(
+            str(r["clients"]),
+            str(r["per_round"]),
+            f"{r['round_s']:.3f}",
+            f"{r['train_s']:.3f}",
+            f"{r['eval_s']:.3f}",
+            f"{100 * r['overhead_share']:.1f} %",
+            f"{r['peak_rss'] / mib:.0f}",
+            f"{r['rss_growth'] / mib:.1f}",
+            str(r["state_clients"]),
+            f"{r['state_memory'] / mib:.2f}",
+            f"{r['state_disk'] / mib:.2f}",
+        )
     notes = f"{res['rows'][0]['params']:,} parameters; {cpu_name()}; {utc_stamp()}"
     return table, notes

@@ -61,19 +61,34 @@ def real_data_images_per_second(opts: TrainBenchOptions, device: torch.device) -
     workers = opts.workers or max(1, available_cores() - 1)
     dataset = training_dataset(opts.dataset, opts.root, opts.input_size, opts.ann)
     if len(dataset) < opts.batch_size:
-        raise ToolError(f"{opts.root}: {len(dataset)} training records, fewer than one batch "
-                        f"of {opts.batch_size}")
+        raise ToolError(
+            f"{opts.root}: {len(dataset)} training records, fewer than one batch "
+            f"of {opts.batch_size}"
+        )
     torch.manual_seed(0)
     model = build_model(model_config(opts.model), dataset.skeleton.num_joints).to(device).train()
     on_cuda = device.type == "cuda"
-    step = TrainStep(model, torch.optim.Adam(model.parameters(), lr=1e-3), device,
-                     amp=on_cuda, channels_last=on_cuda, compile=opts.compile)
+    step = TrainStep(
+        model,
+        torch.optim.Adam(model.parameters(), lr=1e-3),
+        device,
+        amp=on_cuda,
+        channels_last=on_cuda,
+        compile=opts.compile,
+    )
     warmup = opts.warmup * (3 if opts.compile and on_cuda else 1)
     total = warmup + opts.steps
     per_epoch = len(dataset) // opts.batch_size
-    loader = make_epochs_loader(dataset, opts.batch_size, shuffle=True, seed=0,
-                                epochs=range(math.ceil(total / per_epoch)), workers=workers,
-                                drop_last=True, pin_memory=on_cuda)
+    loader = make_epochs_loader(
+        dataset,
+        opts.batch_size,
+        shuffle=True,
+        seed=0,
+        epochs=range(math.ceil(total / per_epoch)),
+        workers=workers,
+        drop_last=True,
+        pin_memory=on_cuda,
+    )
     images = 0
     t0 = 0.0
     for done, batch in enumerate(loader):
@@ -86,8 +101,14 @@ def real_data_images_per_second(opts: TrainBenchOptions, device: torch.device) -
             images += len(batch["index"])
     seconds = now(device) - t0
     # the same step on one resident synthetic batch: the model's own speed, no data loading
-    synthetic, batch = synthetic_step(opts.model, dataset.skeleton.num_joints, opts.input_size,
-                                      opts.batch_size, device, opts.compile)
+    synthetic, batch = synthetic_step(
+        opts.model,
+        dataset.skeleton.num_joints,
+        opts.input_size,
+        opts.batch_size,
+        device,
+        opts.compile,
+    )
     for _ in range(warmup):
         synthetic(batch)
     return {
@@ -101,8 +122,7 @@ def real_data_images_per_second(opts: TrainBenchOptions, device: torch.device) -
     }
 
 
-def fedgh_step_seconds(clients: int, params: int, device: torch.device,
-                       repeats: int = 3) -> dict:
+def fedgh_step_seconds(clients: int, params: int, device: torch.device, repeats: int = 3) -> dict:
     """Best-of-`repeats` seconds of one FedAvg and one FedGH server step on the device."""
     from fedpose.fl.strategies import FedAvg, FedGH
     from fedpose.fl.strategies.base import RoundInput
@@ -117,8 +137,13 @@ def fedgh_step_seconds(clients: int, params: int, device: torch.device,
     counts = torch.linspace(50, 150, clients, dtype=torch.float64)
     out: dict = {}
     for name, strategy in (("fedavg", FedAvg()), ("fedgh", FedGH(method="gram"))):
-        inputs = RoundInput(deltas=deltas, counts=counts, client_ids=list(range(clients)),
-                            num_clients=clients, slices=[("all", 0, params)])
+        inputs = RoundInput(
+            deltas=deltas,
+            counts=counts,
+            client_ids=list(range(clients)),
+            num_clients=clients,
+            slices=[("all", 0, params)],
+        )
         try:
             best = float("inf")
             for r in range(repeats + 1):  # the first run warms up
@@ -157,17 +182,25 @@ def bench_train(opts: TrainBenchOptions) -> dict:
     flops = train_flops_per_image(model_config(opts.model), res["num_joints"], opts.input_size)
     peak = bf16_peak_tflops(device, opts.peak_tflops)
     res.update(
-        model=opts.model, input_size=opts.input_size, batch_size=opts.batch_size,
-        steps=opts.steps, device=str(device), device_name=device_name(device),
-        train_gflop_per_image=flops / 1e9, peak_tflops=peak,
+        model=opts.model,
+        input_size=opts.input_size,
+        batch_size=opts.batch_size,
+        steps=opts.steps,
+        device=str(device),
+        device_name=device_name(device),
+        train_gflop_per_image=flops / 1e9,
+        peak_tflops=peak,
         real_tflops=res["real_img_s"] * flops / 1e12,
         real_share=(res["real_img_s"] * flops / 1e12 / peak) if peak else None,
         synthetic_share=(res["synthetic_img_s"] * flops / 1e12 / peak) if peak else None,
-        cpu_threads=torch.get_num_threads(), when=utc_stamp(), torch=torch.__version__,
+        cpu_threads=torch.get_num_threads(),
+        when=utc_stamp(),
+        torch=torch.__version__,
     )
     if opts.fedgh_params > 0:
-        res["fedgh"] = fedgh_step_seconds(opts.fedgh_clients, opts.fedgh_params, device,
-                                          opts.fedgh_repeats)
+        res["fedgh"] = fedgh_step_seconds(
+            opts.fedgh_clients, opts.fedgh_params, device, opts.fedgh_repeats
+        )
         res["fedgh"].update(clients=opts.fedgh_clients, params=opts.fedgh_params)
     res["seconds"] = time.perf_counter() - started
     return res
@@ -175,11 +208,19 @@ def bench_train(opts: TrainBenchOptions) -> dict:
 
 def train_tables(res: dict, dataset: str) -> tuple[Table, str]:
     """The figures of `bench_train` as a table, and lines on FLOPs, peak, machine and FedGH."""
-    mode = ", ".join(x for x in ("bf16" if res["amp"] else "fp32",
-                                 "channels_last" if res["amp"] else "",
-                                 "torch.compile" if res["compiled"] else "") if x)
-    table = Table(title=f"{res['model']} training at {res['input_size']}x{res['input_size']}, "
-                        f"batch {res['batch_size']}, {res['device_name']} ({mode})")
+    mode = ", ".join(
+        x
+        for x in (
+            "bf16" if res["amp"] else "fp32",
+            "channels_last" if res["amp"] else "",
+            "torch.compile" if res["compiled"] else "",
+        )
+        if x
+    )
+    table = Table(
+        title=f"{res['model']} training at {res['input_size']}x{res['input_size']}, "
+        f"batch {res['batch_size']}, {res['device_name']} ({mode})"
+    )
     table.add_column("input")
     table.add_column("img/s", justify="right")
     table.add_column("TFLOP/s", justify="right")
@@ -189,22 +230,38 @@ def train_tables(res: dict, dataset: str) -> tuple[Table, str]:
         return "unknown" if x is None else f"{100 * x:.1f} %"
 
     tflop = res["train_gflop_per_image"] / 1e3
-    table.add_row(f"{dataset}: {res['records']} records, {res['workers']} loader workers",
-                  f"{res['real_img_s']:.1f}", f"{res['real_img_s'] * tflop:.2f}",
-                  share(res["real_share"]))
-    table.add_row("synthetic batch on the device", f"{res['synthetic_img_s']:.1f}",
-                  f"{res['synthetic_img_s'] * tflop:.2f}", share(res["synthetic_share"]))
+    table.add_row(
+        f"{dataset}: {res['records']} records, {res['workers']} loader workers",
+        f"{res['real_img_s']:.1f}",
+        f"{res['real_img_s'] * tflop:.2f}",
+        share(res["real_share"]),
+    )
+    table.add_row(
+        "synthetic batch on the device",
+        f"{res['synthetic_img_s']:.1f}",
+        f"{res['synthetic_img_s'] * tflop:.2f}",
+        share(res["synthetic_share"]),
+    )
     peak = "unknown" if res["peak_tflops"] is None else f"{res['peak_tflops']:.0f} TFLOP/s"
-    lines = [f"{res['train_gflop_per_image']:.1f} GFLOP per image per training step; bf16 peak "
-             f"{peak}; {res['cpu_threads']} CPU threads; torch {res['torch']}; {res['when']}"]
+    lines = [
+        f"{res['train_gflop_per_image']:.1f} GFLOP per image per training step; bf16 peak "
+        f"{peak}; {res['cpu_threads']} CPU threads; torch {res['torch']}; {res['when']}"
+    ]
     fedgh = res.get("fedgh")
     if fedgh:
         for name in ("fedavg", "fedgh"):
             seconds = fedgh[name]
-            shown = (f"{1e3 * seconds:.1f} ms" if seconds is not None
-                     else f"failed: {fedgh[name + '_error']}")
-            lines.append(f"{name} server step on {res['device']}, K = {fedgh['clients']}, "
-                         f"P = {fedgh['params']:,}: {shown}")
-        lines.append(f"Gram matrix alone as one float32 GEMM on {res['device']}: "
-                     f"{1e3 * fedgh['gram_gemm']:.1f} ms")
+            shown = (
+                f"{1e3 * seconds:.1f} ms"
+                if seconds is not None
+                else f"failed: {fedgh[name + '_error']}"
+            )
+            lines.append(
+                f"{name} server step on {res['device']}, K = {fedgh['clients']}, "
+                f"P = {fedgh['params']:,}: {shown}"
+            )
+        lines.append(
+            f"Gram matrix alone as one float32 GEMM on {res['device']}: "
+            f"{1e3 * fedgh['gram_gemm']:.1f} ms"
+        )
     return table, "\n".join(lines)

@@ -97,60 +97,66 @@ def summarize(result: Comparison, local_train_seconds: list[float]) -> dict:
 
 def report_markdown(s: dict, command: str, cfg_line: str, load: tuple[float, float]) -> str:
     cpu = os.cpu_count()
-    return "\n".join([
-        "# Flower vs in-process engine",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"Machine: {platform.machine()}, {cpu} CPU cores, Python {platform.python_version()}, "
-        f"torch {torch.__version__} ({torch.get_num_threads()} intra-op threads), flwr "
-        f"{package_version('flwr')}, loopback SuperLink + SuperNodes (insecure). 1-minute load "
-        f"average {load[0]:.2f} before and {load[1]:.2f} after the run (other jobs included).",
-        "",
-        f"Experiment: {cfg_line}",
-        "",
-        "| | seconds |",
-        "|---|---:|",
-        f"| in-process engine, whole run | {s['local_s']:.2f} |",
-        f"| Flower: start SuperLink + SuperNodes until all connected | {s['flower_start_s']:.2f} |",
-        f"| Flower: `flwr run` submit until the run is finished | {s['flower_run_s']:.2f} |",
-        f"| Flower: total | {s['flower_total_s']:.2f} |",
-        f"| **ratio Flower run / in-process** | **{s['ratio_run']:.2f}** |",
-        f"| ratio Flower total / in-process | {s['ratio_total']:.2f} |",
-        "",
-        "Where the Flower time goes (means over rounds or replies):",
-        "",
-        "| | seconds |",
-        "|---|---:|",
-        f"| round wall time, in-process (clients one after another) | {s['local_round_s']:.2f} |",
-        f"| round wall time, Flower (clients concurrently) | {s['flower_round_s']:.2f} |",
-        f"| Flower run time outside rounds (ServerApp start, data/model build, node "
-        f"discovery, run status) | {s['flower_outside_rounds_s']:.2f} |",
-        f"| per reply: round trip, push to reply pulled | {s['roundtrip_s']:.2f} |",
-        f"| per reply: local training in-process (`local_train`, warm process) | "
-        f"{s['local_train_s']:.2f} |",
-        f"| per reply: local training in a ClientApp (`local_train`, fresh process, clients "
-        f"concurrently) | {s['train_s']:.2f} |",
-        f"| per reply: ClientApp setup (build federation, (de)serialize) | "
-        f"{s['client_setup_s']:.2f} |",
-        f"| per reply: delivery = round trip − handler | {s['delivery_s']:.2f} |",
-        f"| … push until the ClientApp process starts (SuperNode poll, SuperExec poll, launch) | "
-        f"{s['queue_s']:.2f} |",
-        f"| … ClientApp process start until the handler runs (interpreter, imports, message) | "
-        f"{s['startup_s']:.2f} |",
-        f"| … handler done until the ServerApp has the reply (upload, polling) | "
-        f"{s['return_s']:.2f} |",
-        f"| per request: server serialize + push | {s['push_s']:.4f} |",
-        f"| per reply: server deserialize | {s['decode_s']:.4f} |",
-        "",
-        f"Payload: {s['request_mb']:.2f} MB per request, {s['reply_mb']:.2f} MB per reply; "
-        f"SuperLink traffic counter {s['traffic_mb']:.2f} MB for {s['replies']} replies. "
-        f"SuperLink compute time: ServerApp {_fmt(s['serverapp_s'])} s, ClientApps "
-        f"{_fmt(s['clientapp_s'])} s.",
-        "",
-        f"Largest absolute weight difference between the two final models: {s['max_diff']:.6g}.",
-        "",
-    ])
+    return "\n".join(
+        [
+            "# Flower vs in-process engine",
+            "",
+            f"Command: `{command}`",
+            "",
+            f"Machine: {platform.machine()}, {cpu} CPU cores, Python {platform.python_version()}, "
+            f"torch {torch.__version__} ({torch.get_num_threads()} intra-op threads), flwr "
+            f"{package_version('flwr')}, loopback SuperLink + SuperNodes (insecure). 1-minute load "
+            f"average {load[0]:.2f} before and {load[1]:.2f} after the run (other jobs included).",
+            "",
+            f"Experiment: {cfg_line}",
+            "",
+            "| | seconds |",
+            "|---|---:|",
+            f"| in-process engine, whole run | {s['local_s']:.2f} |",
+            "| Flower: start SuperLink + SuperNodes until all connected | "
+            f"{s['flower_start_s']:.2f} |",
+            f"| Flower: `flwr run` submit until the run is finished | {s['flower_run_s']:.2f} |",
+            f"| Flower: total | {s['flower_total_s']:.2f} |",
+            f"| **ratio Flower run / in-process** | **{s['ratio_run']:.2f}** |",
+            f"| ratio Flower total / in-process | {s['ratio_total']:.2f} |",
+            "",
+            "Where the Flower time goes (means over rounds or replies):",
+            "",
+            "| | seconds |",
+            "|---|---:|",
+            "| round wall time, in-process (clients one after another) | "
+            f"{s['local_round_s']:.2f} |",
+            f"| round wall time, Flower (clients concurrently) | {s['flower_round_s']:.2f} |",
+            f"| Flower run time outside rounds (ServerApp start, data/model build, node "
+            f"discovery, run status) | {s['flower_outside_rounds_s']:.2f} |",
+            f"| per reply: round trip, push to reply pulled | {s['roundtrip_s']:.2f} |",
+            f"| per reply: local training in-process (`local_train`, warm process) | "
+            f"{s['local_train_s']:.2f} |",
+            f"| per reply: local training in a ClientApp (`local_train`, fresh process, clients "
+            f"concurrently) | {s['train_s']:.2f} |",
+            f"| per reply: ClientApp setup (build federation, (de)serialize) | "
+            f"{s['client_setup_s']:.2f} |",
+            f"| per reply: delivery = round trip − handler | {s['delivery_s']:.2f} |",
+            "| … push until the ClientApp process starts (SuperNode poll, SuperExec poll, "
+            "launch) | "
+            f"{s['queue_s']:.2f} |",
+            f"| … ClientApp process start until the handler runs (interpreter, imports, message) | "
+            f"{s['startup_s']:.2f} |",
+            f"| … handler done until the ServerApp has the reply (upload, polling) | "
+            f"{s['return_s']:.2f} |",
+            f"| per request: server serialize + push | {s['push_s']:.4f} |",
+            f"| per reply: server deserialize | {s['decode_s']:.4f} |",
+            "",
+            f"Payload: {s['request_mb']:.2f} MB per request, {s['reply_mb']:.2f} MB per reply; "
+            f"SuperLink traffic counter {s['traffic_mb']:.2f} MB for {s['replies']} replies. "
+            f"SuperLink compute time: ServerApp {_fmt(s['serverapp_s'])} s, ClientApps "
+            f"{_fmt(s['clientapp_s'])} s.",
+            "",
+            "Largest absolute weight difference between the two final models: "
+            f"{s['max_diff']:.6g}.",
+            "",
+        ]
+    )
 
 
 def _fmt(x: float | None) -> str:
@@ -164,17 +170,22 @@ class FlowerBench:
     load: tuple[float, float]  # 1-minute load average before and after
 
 
-def run_flower_bench(config_path: str | None, supernodes: int, rounds: int,
-                     overrides: list[str], console: Console) -> FlowerBench:
+def run_flower_bench(
+    config_path: str | None, supernodes: int, rounds: int, overrides: list[str], console: Console
+) -> FlowerBench:
     """Run the experiment on both engines (run names flower-bench-flower / -local) and time it."""
     local_train_seconds: list[float] = []
     load_before = os.getloadavg()[0]
     cfg = demo_config(config_path, supernodes, rounds, ["name=flower-bench", *overrides])
     result = compare_engines(
-        cfg, supernodes, console,
-        local_transport=lambda federation: TimedLocalTransport(federation, local_train_seconds))
-    return FlowerBench(summarize(result, local_train_seconds), result.config,
-                       (load_before, os.getloadavg()[0]))
+        cfg,
+        supernodes,
+        console,
+        local_transport=lambda federation: TimedLocalTransport(federation, local_train_seconds),
+    )
+    return FlowerBench(
+        summarize(result, local_train_seconds), result.config, (load_before, os.getloadavg()[0])
+    )
 
 
 def summary_table(bench: FlowerBench) -> Table:
@@ -186,26 +197,37 @@ def summary_table(bench: FlowerBench) -> Table:
     return table
 
 
-def bench_command(config_path: str | None, supernodes: int, rounds: int, overrides: list[str],
-                  out: str) -> str:
+def bench_command(
+    config_path: str | None, supernodes: int, rounds: int, overrides: list[str], out: str
+) -> str:
     """The command line that reproduces a run, for the report."""
     threads = os.environ.get("OMP_NUM_THREADS")
-    args = [*([config_path] if config_path else []), f"--supernodes {supernodes}",
-            f"--rounds {rounds}", *(f"-c {shlex.quote(o)}" for o in overrides), f"--out {out}"]
-    return ((f"OMP_NUM_THREADS={threads} " if threads else "")
-            + "fedpose bench flower " + " ".join(args))
+    args = [
+        *([config_path] if config_path else []),
+        f"--supernodes {supernodes}",
+        f"--rounds {rounds}",
+        *(f"-c {shlex.quote(o)}" for o in overrides),
+        f"--out {out}",
+    ]
+    return (
+        (f"OMP_NUM_THREADS={threads} " if threads else "")
+        + "fedpose bench flower "
+        + " ".join(args)
+    )
 
 
 def write_report(bench: FlowerBench, command: str, out: str | Path) -> Path:
     """The figures as markdown, with the command, the machine and the experiment."""
     cfg = bench.config
     d, m, fed = cfg.data, cfg.model, cfg.fed
-    cfg_line = (f"{d.dataset} ({d.synth_n if d.dataset == 'synth-arm' else 'all'} images, "
-                f"input {d.input_size}), PoseResNet-{m.depth} width {m.width} deconv "
-                f"{m.deconv_filters}, {fed.method} {fed.mode}, {fed.num_clients} clients, "
-                f"{fed.rounds} rounds, {fed.local_steps or fed.local_epochs} local "
-                f"{'steps' if fed.local_steps else 'epochs'} of batch {cfg.train.batch_size}, "
-                f"device {cfg.train.device}.")
+    cfg_line = (
+        f"{d.dataset} ({d.synth_n if d.dataset == 'synth-arm' else 'all'} images, "
+        f"input {d.input_size}), PoseResNet-{m.depth} width {m.width} deconv "
+        f"{m.deconv_filters}, {fed.method} {fed.mode}, {fed.num_clients} clients, "
+        f"{fed.rounds} rounds, {fed.local_steps or fed.local_epochs} local "
+        f"{'steps' if fed.local_steps else 'epochs'} of batch {cfg.train.batch_size}, "
+        f"device {cfg.train.device}."
+    )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report_markdown(bench.summary, command, cfg_line, bench.load))

@@ -60,12 +60,23 @@ SUPERLINK_BINARIES = ("flower-superlink", "flower-supernode", "flwr", "flower-su
 TINY: dict = {
     "name": "flower-demo",
     "out_dir": "runs",
-    "data": {"dataset": "synth-arm", "root": "data/synth-arm-tiny64", "synth_n": 64,
-             "synth_size": 64, "input_size": 64, "test_fraction": 0.25},
+    "data": {
+        "dataset": "synth-arm",
+        "root": "data/synth-arm-tiny64",
+        "synth_n": 64,
+        "synth_size": 64,
+        "input_size": 64,
+        "test_fraction": 0.25,
+    },
     "model": {"depth": 18, "width": 8, "deconv_filters": 32},
     "train": {"batch_size": 8, "flip_test": False, "device": "cpu"},
-    "fed": {"method": "fedgh", "local_steps": 2, "partition": "dirichlet", "partition_attr": "view",
-            "dirichlet_alpha": 1.0},
+    "fed": {
+        "method": "fedgh",
+        "local_steps": 2,
+        "partition": "dirichlet",
+        "partition_attr": "view",
+        "dirichlet_alpha": 1.0,
+    },
 }
 
 
@@ -74,8 +85,9 @@ class FlowerDemoError(ToolError):
 
 
 # ----------------------------------------------------------------------------- configuration
-def demo_config(config_path: str | None, supernodes: int, rounds: int,
-                overrides: list[str]) -> Config:
+def demo_config(
+    config_path: str | None, supernodes: int, rounds: int, overrides: list[str]
+) -> Config:
     """The demo's Config: the file (or the tiny default) + overrides, one client per SuperNode,
     and absolute paths (the Flower processes do not share this process's working directory)."""
     if config_path is None:
@@ -107,8 +119,12 @@ def renamed(cfg: Config, name: str) -> Config:
     return cfg
 
 
-def write_app_dir(app_dir: Path, cfg: Config, reply_timeout: float = REPLY_TIMEOUT_S,
-                  **settings: str | bool | float) -> Path:
+def write_app_dir(
+    app_dir: Path,
+    cfg: Config,
+    reply_timeout: float = REPLY_TIMEOUT_S,
+    **settings: str | bool | float,
+) -> Path:
     """A minimal Flower app: only a pyproject.toml whose components live in the installed
     fedpose package, so the bundle `flwr run` uploads stays tiny. The Config travels in the run
     config as JSON; settings are other run config keys (see run_config_toml)."""
@@ -150,16 +166,18 @@ APP_THREADS = "1"  # OMP_NUM_THREADS of the Flower processes when the user sets 
 
 def flower_env(flwr_home: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({
-        "FLWR_HOME": str(flwr_home),
-        # offline machines: no `uv sync` per run (it fails, and `flwr run` still exits 0)
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
-        # SuperExec looks for new app tasks every 1 s by default; every message starts one
-        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "FLWR_HOME": str(flwr_home),
+            # offline machines: no `uv sync` per run (it fails, and `flwr run` still exits 0)
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_TELEMETRY_ENABLED": "0",
+            # SuperExec looks for new app tasks every 1 s by default; every message starts one
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     # a SuperLink, SuperNodes and their app processes share the cores: one intra-op thread each
     # unless the user says otherwise (two busy processes with two threads on two cores run
     # several times slower than one)
@@ -194,32 +212,49 @@ class Deployment:
         self.env = flower_env(self.flwr_home)
         missing = [b for b in SUPERLINK_BINARIES if shutil.which(b, path=self.env["PATH"]) is None]
         if missing:
-            raise FlowerDemoError(f"{', '.join(missing)} not found on PATH: install the pinned "
-                                  f"Flower (pip install 'flwr==1.42.0') into this environment")
+            raise FlowerDemoError(
+                f"{', '.join(missing)} not found on PATH: install the pinned "
+                f"Flower (pip install 'flwr==1.42.0') into this environment"
+            )
 
     def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Started:
         log = self.logs / f"{name}.log"
         with open(log, "wb") as out:
             # a session of its own: Ctrl-C in the terminal reaches only us, and one killpg
             # stops the process together with the SuperExec and app processes it spawns
-            popen = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
-                                     env={**self.env, **(env or {})}, cwd=self.work_dir,
-                                     start_new_session=True)
+            popen = subprocess.Popen(
+                args,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**self.env, **(env or {})},
+                cwd=self.work_dir,
+                start_new_session=True,
+            )
         started = Started(name, popen, log)
         self.processes.append(started)
         return started
 
-    def start_superlink(self, env: dict[str, str] | None = None,
-                        simulation: bool = False) -> None:
+    def start_superlink(self, env: dict[str, str] | None = None, simulation: bool = False) -> None:
         """simulation: Flower's Simulation Engine runs the ClientApps on virtual SuperNodes
         inside the SuperLink's runtime (Ray), instead of waiting for real SuperNodes."""
         self.superlink_port = free_port()
         (self.flwr_home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "127.0.0.1:{self.superlink_port}"\ninsecure = true\n')
-        link = self.start("superlink", ["flower-superlink", "--insecure", "--host", "127.0.0.1",
-                                        "--port", str(self.superlink_port),
-                                        *(["--simulation"] if simulation else [])], env=env)
+            f'address = "127.0.0.1:{self.superlink_port}"\ninsecure = true\n'
+        )
+        link = self.start(
+            "superlink",
+            [
+                "flower-superlink",
+                "--insecure",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.superlink_port),
+                *(["--simulation"] if simulation else []),
+            ],
+            env=env,
+        )
         deadline = time.monotonic() + 60
         while not _listening(self.superlink_port):
             self.check_alive()
@@ -227,17 +262,32 @@ class Deployment:
                 raise FlowerDemoError(f"SuperLink not listening after 60 s; see {link.log}")
             time.sleep(0.1)
 
-    def start_supernodes(self, n: int, node_configs: list[str] | None = None,
-                         envs: list[dict[str, str]] | None = None) -> None:
+    def start_supernodes(
+        self,
+        n: int,
+        node_configs: list[str] | None = None,
+        envs: list[dict[str, str]] | None = None,
+    ) -> None:
         """n SuperNodes, by default serving partitions 0 … n-1; node_configs (one
         --node-config string each) point them at their own data instead."""
         for i in range(n):
-            node_config = (node_configs[i] if node_configs
-                           else f"partition-id={i} num-partitions={n}")
-            self.start(f"supernode-{i}", [
-                "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.superlink_port}",
-                "--port", str(free_port()), "--node-config", node_config,
-            ], env=envs[i] if envs else None)
+            node_config = (
+                node_configs[i] if node_configs else f"partition-id={i} num-partitions={n}"
+            )
+            self.start(
+                f"supernode-{i}",
+                [
+                    "flower-supernode",
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{self.superlink_port}",
+                    "--port",
+                    str(free_port()),
+                    "--node-config",
+                    node_config,
+                ],
+                env=envs[i] if envs else None,
+            )
 
     def connected_nodes(self) -> int:
         text = (self.logs / "superlink.log").read_text(errors="replace")
@@ -246,12 +296,19 @@ class Deployment:
     def check_alive(self) -> None:
         for p in self.processes:
             if p.name != "flwr-run" and p.popen.poll() is not None:
-                raise FlowerDemoError(f"{p.name} exited with code {p.popen.returncode}:\n"
-                                      f"{tail(p.log)}")
+                raise FlowerDemoError(
+                    f"{p.name} exited with code {p.popen.returncode}:\n{tail(p.log)}"
+                )
 
     def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run(["flwr", *args], env=self.env, cwd=self.work_dir,
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            ["flwr", *args],
+            env=self.env,
+            cwd=self.work_dir,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def stop(self) -> None:
         stop_groups([p.popen for p in self.processes])
@@ -374,10 +431,16 @@ class FlowerResult:
     seconds: dict[str, float]  # start (processes up, nodes connected), run (submit to finished)
 
 
-def run_flower(cfg: Config, supernodes: int, console: Console, work_dir: Path | None = None,
-               timeout: float = 3600.0, reply_timeout: float = REPLY_TIMEOUT_S,
-               node_configs: list[str] | None = None,
-               envs: list[dict[str, str]] | None = None) -> FlowerResult:
+def run_flower(
+    cfg: Config,
+    supernodes: int,
+    console: Console,
+    work_dir: Path | None = None,
+    timeout: float = 3600.0,
+    reply_timeout: float = REPLY_TIMEOUT_S,
+    node_configs: list[str] | None = None,
+    envs: list[dict[str, str]] | None = None,
+) -> FlowerResult:
     """Run `cfg` on a fresh loopback deployment of `supernodes` SuperNodes; stop it after.
     node_configs / envs: per SuperNode (see Deployment.start_supernodes); envs[supernodes], when
     given, goes to the SuperLink (and so to the ServerApp)."""
@@ -390,18 +453,22 @@ def run_flower(cfg: Config, supernodes: int, console: Console, work_dir: Path | 
     try:
         t0 = time.monotonic()
         with console.status("starting the SuperLink"):
-            deployment.start_superlink(envs[supernodes] if envs and len(envs) > supernodes
-                                       else None)
-        console.print(f"SuperLink on 127.0.0.1:{deployment.superlink_port} "
-                      f"({time.monotonic() - t0:.1f} s)")
+            deployment.start_superlink(
+                envs[supernodes] if envs and len(envs) > supernodes else None
+            )
+        console.print(
+            f"SuperLink on 127.0.0.1:{deployment.superlink_port} ({time.monotonic() - t0:.1f} s)"
+        )
         deployment.start_supernodes(supernodes, node_configs, envs)
         with console.status(f"waiting for {supernodes} SuperNodes") as status:
             deadline = time.monotonic() + CONNECT_TIMEOUT_S
             while (n := deployment.connected_nodes()) < supernodes:
                 deployment.check_alive()
                 if time.monotonic() > deadline:
-                    raise FlowerDemoError(f"only {n} of {supernodes} SuperNodes connected in "
-                                          f"{CONNECT_TIMEOUT_S:.0f} s; logs in {deployment.logs}")
+                    raise FlowerDemoError(
+                        f"only {n} of {supernodes} SuperNodes connected in "
+                        f"{CONNECT_TIMEOUT_S:.0f} s; logs in {deployment.logs}"
+                    )
                 status.update(f"waiting for SuperNodes: {n}/{supernodes} connected")
                 time.sleep(0.2)
         started = time.monotonic() - t0
@@ -415,11 +482,13 @@ def run_flower(cfg: Config, supernodes: int, console: Console, work_dir: Path | 
         if status_row.get("status") != "finished:completed":
             raise FlowerDemoError(
                 f"Flower run {status_row.get('run-id')} ended {status_row.get('status')}: "
-                f"{status_row.get('status-details')}\n{tail(deployment.logs / 'flwr-run.log')}")
+                f"{status_row.get('status-details')}\n{tail(deployment.logs / 'flwr-run.log')}"
+            )
         weights = final_weights(cfg.run_dir)
         ok = True
-        return FlowerResult(weights, cfg.run_dir, status_row,
-                            {"start": started, "run": run_seconds})
+        return FlowerResult(
+            weights, cfg.run_dir, status_row, {"start": started, "run": run_seconds}
+        )
     finally:
         with console.status("stopping the Flower processes"):
             deployment.stop()
@@ -440,17 +509,29 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     raise FlowerDemoError(f"{run_dir}: the run wrote neither {MODEL_FILE} nor a checkpoint")
 
 
-def _follow_run(deployment: Deployment, app_dir: Path, cfg: Config, console: Console,
-                timeout: float, flwr_args: tuple[str, ...] = ()) -> dict:
+def _follow_run(
+    deployment: Deployment,
+    app_dir: Path,
+    cfg: Config,
+    console: Console,
+    timeout: float,
+    flwr_args: tuple[str, ...] = (),
+) -> dict:
     """Submit the app, show the rounds as the ServerApp logs them, return the final status."""
-    flwr_run = deployment.start("flwr-run", ["flwr", "run", str(app_dir), CONNECTION, "--stream",
-                                             *flwr_args])
+    flwr_run = deployment.start(
+        "flwr-run", ["flwr", "run", str(app_dir), CONNECTION, "--stream", *flwr_args]
+    )
     metrics = cfg.run_dir / "metrics.jsonl"
     run_id = None
     deadline = time.monotonic() + timeout
-    with Progress(TextColumn("[bold]Flower[/] {task.fields[state]}"), BarColumn(),
-                  MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
-                  console=console) as bar:
+    with Progress(
+        TextColumn("[bold]Flower[/] {task.fields[state]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
         task = bar.add_task("rounds", total=cfg.fed.rounds, state="submitting", info="")
         while True:
             if time.monotonic() > deadline:
@@ -463,8 +544,12 @@ def _follow_run(deployment: Deployment, app_dir: Path, cfg: Config, console: Con
             info = ""
             if rows and rows[-1].get("train_loss") is not None:
                 info = f"loss {rows[-1]['train_loss']:.5f}"
-            bar.update(task, completed=len(rows), info=info,
-                       state=f"run {run_id}" if run_id else "submitting")
+            bar.update(
+                task,
+                completed=len(rows),
+                info=info,
+                state=f"run {run_id}" if run_id else "submitting",
+            )
             if flwr_run.popen.poll() is not None:  # the log stream ends with the run
                 if run_id is None:
                     raise FlowerDemoError(f"flwr run did not start a run:\n{tail(flwr_run.log)}")
@@ -492,8 +577,9 @@ def _run_status(deployment: Deployment, run_id: str) -> dict:
 def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     if a.keys() != b.keys():
         raise ValueError(f"the two models differ in tensors: {sorted(a.keys() ^ b.keys())}")
-    return max((float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].numel()),
-               default=0.0)
+    return max(
+        (float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].numel()), default=0.0
+    )
 
 
 @dataclass
@@ -506,16 +592,23 @@ class Comparison:
     config: Config  # the config both engines ran
 
 
-def compare_engines(cfg: Config, supernodes: int, console: Console, timeout: float = 3600.0,
-                    work_dir: Path | None = None, local_transport=None) -> Comparison:
+def compare_engines(
+    cfg: Config,
+    supernodes: int,
+    console: Console,
+    timeout: float = 3600.0,
+    work_dir: Path | None = None,
+    local_transport=None,
+) -> Comparison:
     """Run `cfg` on Flower (run dir `<name>-flower`) and in-process (`<name>-local`, with
     `local_transport` as run_federation's transport_factory when given)."""
     with console.status("checking the config and preparing the data"):
         # here, before any process starts: a bad config fails fast, and concurrent ClientApps
         # do not all generate a missing data set at once
         build_federation(cfg)
-    flower = run_flower(renamed(cfg, f"{cfg.name}-flower"), supernodes, console, work_dir,
-                        timeout=timeout)
+    flower = run_flower(
+        renamed(cfg, f"{cfg.name}-flower"), supernodes, console, work_dir, timeout=timeout
+    )
     local_cfg = renamed(cfg, f"{cfg.name}-local")
     # the in-process run computes with as many threads as the ClientApps did (flower_env): a
     # different count may change the last bits of a convolution's gradient
@@ -528,5 +621,11 @@ def compare_engines(cfg: Config, supernodes: int, console: Console, timeout: flo
     finally:
         torch.set_num_threads(threads)
     local_seconds = time.monotonic() - t0
-    return Comparison(max_abs_diff(flower.weights, server.weights), flower, server.weights,
-                      local_seconds, local_cfg.run_dir, cfg)
+    return Comparison(
+        max_abs_diff(flower.weights, server.weights),
+        flower,
+        server.weights,
+        local_seconds,
+        local_cfg.run_dir,
+        cfg,
+    )

@@ -41,17 +41,24 @@ class SimulationResult:
     peak_rss_bytes: int  # largest sum of resident memory over the SuperLink's process tree
 
 
-def run_flower_simulation(cfg: Config, supernodes: int, console: Console,
-                          work_dir: Path | None = None, timeout: float = 3600.0,
-                          cpus_per_client: int = 1, reply_timeout: float = REPLY_TIMEOUT_S,
-                          connect_timeout: float = 600.0) -> SimulationResult:
+def run_flower_simulation(
+    cfg: Config,
+    supernodes: int,
+    console: Console,
+    work_dir: Path | None = None,
+    timeout: float = 3600.0,
+    cpus_per_client: int = 1,
+    reply_timeout: float = REPLY_TIMEOUT_S,
+    connect_timeout: float = 600.0,
+) -> SimulationResult:
     """Run `cfg` on `supernodes` virtual SuperNodes of Flower's Simulation Engine.
     connect_timeout: how long the ServerApp waits for every virtual SuperNode to answer its
     first message; each answer is a ClientApp call scheduled by Ray, so at hundreds of clients
     this takes minutes on a small machine."""
     if cfg.fed.num_clients != supernodes:
-        raise ConfigError(f"{supernodes} virtual SuperNodes for "
-                          f"fed.num_clients={cfg.fed.num_clients}")
+        raise ConfigError(
+            f"{supernodes} virtual SuperNodes for fed.num_clients={cfg.fed.num_clients}"
+        )
     with console.status("checking the config and preparing the data"):
         # here, before any process starts: a bad config fails fast, and the Ray workers do not
         # all generate a missing data set at once
@@ -67,25 +74,32 @@ def run_flower_simulation(cfg: Config, supernodes: int, console: Console,
             deployment.start_superlink(simulation=True)
         sampler.start(deployment.processes[0].popen.pid)
         started = time.monotonic() - t0
-        console.print(f"simulation SuperLink on 127.0.0.1:{deployment.superlink_port} "
-                      f"({started:.1f} s)")
-        app_dir = write_app_dir(work_dir / "app", cfg, reply_timeout,
-                                connect_timeout=float(connect_timeout))
+        console.print(
+            f"simulation SuperLink on 127.0.0.1:{deployment.superlink_port} ({started:.1f} s)"
+        )
+        app_dir = write_app_dir(
+            work_dir / "app", cfg, reply_timeout, connect_timeout=float(connect_timeout)
+        )
         prepare_run_dir(cfg, resume=False)  # also removes a stale model file
         t1 = time.monotonic()
-        federation = (f"num_supernodes={supernodes} "
-                      f"client_resources_num_cpus={cpus_per_client}")
-        status_row = _follow_run(deployment, app_dir, cfg, console, timeout,
-                                 ("--federation-config", federation))
+        federation = f"num_supernodes={supernodes} client_resources_num_cpus={cpus_per_client}"
+        status_row = _follow_run(
+            deployment, app_dir, cfg, console, timeout, ("--federation-config", federation)
+        )
         run_seconds = time.monotonic() - t1
         if status_row.get("status") != "finished:completed":
             raise FlowerDemoError(
                 f"Flower run {status_row.get('run-id')} ended {status_row.get('status')}: "
                 f"{status_row.get('status-details')}\n{tail(deployment.logs / 'flwr-run.log')}"
-                f"\n{tail(deployment.logs / 'superlink.log')}")
+                f"\n{tail(deployment.logs / 'superlink.log')}"
+            )
         ok = True
-        result = FlowerResult(final_weights(cfg.run_dir), cfg.run_dir, status_row,
-                              {"start": started, "run": run_seconds})
+        result = FlowerResult(
+            final_weights(cfg.run_dir),
+            cfg.run_dir,
+            status_row,
+            {"start": started, "run": run_seconds},
+        )
         return SimulationResult(result, sampler.peak)
     finally:
         sampler.stop()

@@ -15,8 +15,17 @@ from fedpose.fl.strategies.median import CoordinateMedian
 from fedpose.fl.strategies.trimmed_mean import TrimmedMean
 
 STRATEGY_NAMES = (
-    "fedavg", "fedprox", "fedbn", "feddyn", "fedaw", "fedgh", "fedgh-noproj", "fedgh-noaw",
-    "fedavg-clip", "median", "trimmed-mean",
+    "fedavg",
+    "fedprox",
+    "fedbn",
+    "feddyn",
+    "fedaw",
+    "fedgh",
+    "fedgh-noproj",
+    "fedgh-noaw",
+    "fedavg-clip",
+    "median",
+    "trimmed-mean",
 )
 
 
@@ -39,10 +48,20 @@ def build_strategy(fed_cfg: FedConfig, seed: int = 0) -> Strategy:
     if name == "fedaw":
         return FedAW(alpha=f.aw_alpha, tau=f.gh_tau, server_lr=lr)
     if name in ("fedgh", "fedgh-noproj", "fedgh-noaw"):
-        return FedGH(alpha=f.aw_alpha, tau=f.gh_tau, variant=f.gh_variant, order=f.gh_order,
-                     per_layer=f.gh_per_layer, rescale=f.gh_rescale, method=f.gh_method,
-                     server_lr=lr, seed=seed, adaptive=name != "fedgh-noaw",
-                     project=name != "fedgh-noproj", name=name)
+        return FedGH(
+            alpha=f.aw_alpha,
+            tau=f.gh_tau,
+            variant=f.gh_variant,
+            order=f.gh_order,
+            per_layer=f.gh_per_layer,
+            rescale=f.gh_rescale,
+            method=f.gh_method,
+            server_lr=lr,
+            seed=seed,
+            adaptive=name != "fedgh-noaw",
+            project=name != "fedgh-noproj",
+            name=name,
+        )
     if name == "fedavg-clip":
         return ClippedFedAvg(clip_norm=f.clip_norm, server_lr=lr)
     if name == "median":
@@ -53,7 +72,18 @@ def build_strategy(fed_cfg: FedConfig, seed: int = 0) -> Strategy:
 
 
 __all__ = [
-    "STRATEGY_NAMES", "Aggregation", "ClippedFedAvg", "CoordinateMedian", "FedAW", "FedAvg",
-    "FedBN", "FedDyn", "FedGH", "FedProx", "RoundInput", "Strategy", "TrimmedMean",
+    "STRATEGY_NAMES",
+    "Aggregation",
+    "ClippedFedAvg",
+    "CoordinateMedian",
+    "FedAW",
+    "FedAvg",
+    "FedBN",
+    "FedDyn",
+    "FedGH",
+    "FedProx",
+    "RoundInput",
+    "Strategy",
+    "TrimmedMean",
     "build_strategy",
 ]

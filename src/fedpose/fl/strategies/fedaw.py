@@ -99,7 +99,8 @@ class FedAW(Strategy):
     def aggregate(self, inputs: RoundInput, state: dict) -> Aggregation:
         gram = gram_matrix(inputs.deltas)
         psi, theta_state, angles = fedadp_weights(
-            gram, inputs.counts, inputs.client_ids, state.get("theta", {}), self.alpha)
+            gram, inputs.counts, inputs.client_ids, state.get("theta", {}), self.alpha
+        )
         update = weighted_sum(inputs.deltas, self.server_lr * psi, inputs.add_to)
         diagnostics = {
             "weights": psi.tolist(),

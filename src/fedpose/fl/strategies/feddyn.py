@@ -43,6 +43,5 @@ class FedDyn(Strategy):
         update = total.mul_(self.server_lr / k).sub_(h * (self.server_lr / self.alpha))
         if inputs.add_to is not None:
             update = inputs.add_to.add_(update)
-        diagnostics = {"weights": [1.0 / k] * k, "conflict_share": None,
-                       "h_norm": float(h.norm())}
+        diagnostics = {"weights": [1.0 / k] * k, "conflict_share": None, "h_norm": float(h.norm())}
         return Aggregation(update, {**state, "h": h}, diagnostics)

@@ -90,7 +90,8 @@ class FedGH(Strategy):
         theta_state = state.get("theta", {})
         if self.adaptive:
             psi, theta_state, _ = fedadp_weights(
-                gram, inputs.counts, inputs.client_ids, theta_state, self.alpha)
+                gram, inputs.counts, inputs.client_ids, theta_state, self.alpha
+            )
         else:
             psi = sample_weights(inputs.counts)
 
@@ -115,8 +116,9 @@ class FedGH(Strategy):
         g = grams.numpy()
         w = psi.numpy()
         if self.project:
-            c = projection_coefficients(grams, variant=self.variant, order=self.order,
-                                        seed=seed).numpy()
+            c = projection_coefficients(
+                grams, variant=self.variant, order=self.order, seed=seed
+            ).numpy()
             coef = ordered_sum(w[None, :, None] * c, axis=1)  # (ψᵀ C_g)_j, group by group
         else:
             coef = np.broadcast_to(w, (len(g), len(w))).copy()
@@ -141,8 +143,14 @@ class FedGH(Strategy):
         """The reference path: the vector loop of fl/harmonize.py, group by group."""
         out = torch.zeros(deltas.shape[1], dtype=deltas.dtype)
         for (s, e), g in zip(groups, grams.numpy(), strict=True):
-            part = harmonize(deltas[:, s:e], psi, variant=self.variant, order=self.order,
-                             seed=seed, method="direct")
+            part = harmonize(
+                deltas[:, s:e],
+                psi,
+                variant=self.variant,
+                order=self.order,
+                seed=seed,
+                method="direct",
+            )
             scale = self.server_lr
             if self.rescale:
                 target = float(_quadratic_form(g[None], psi.numpy()[None])[0])

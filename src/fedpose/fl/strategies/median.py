@@ -50,5 +50,8 @@ class CoordinateMedian(Strategy):
 
     def aggregate(self, inputs: RoundInput, state: dict) -> Aggregation:
         median, shares = coordinate_median(inputs.deltas)
-        return Aggregation(add_update(median * self.server_lr, inputs.add_to), dict(state),
-                           {"weights": shares, "conflict_share": None})
+        return Aggregation(
+            add_update(median * self.server_lr, inputs.add_to),
+            dict(state),
+            {"weights": shares, "conflict_share": None},
+        )

@@ -33,7 +33,7 @@ def coordinate_trimmed_mean(deltas: torch.Tensor, ratio: float) -> tuple[torch.T
     if b == 0:
         return deltas.mean(dim=0), [1.0 / k] * k
     ordered, rows = deltas.sort(dim=0)
-    return ordered[b:k - b].mean(dim=0), rank_shares(rows, b, k - b)
+    return ordered[b : k - b].mean(dim=0), rank_shares(rows, b, k - b)
 
 
 class TrimmedMean(Strategy):
@@ -48,6 +48,9 @@ class TrimmedMean(Strategy):
     def aggregate(self, inputs: RoundInput, state: dict) -> Aggregation:
         mean, shares = coordinate_trimmed_mean(inputs.deltas, self.trim_ratio)
         update = mean * self.server_lr
-        diagnostics = {"weights": shares, "conflict_share": None,
-                       "trimmed": trimmed_count(inputs.deltas.shape[0], self.trim_ratio)}
+        diagnostics = {
+            "weights": shares,
+            "conflict_share": None,
+            "trimmed": trimmed_count(inputs.deltas.shape[0], self.trim_ratio),
+        }
         return Aggregation(add_update(update, inputs.add_to), dict(state), diagnostics)
