@@ -143,3 +143,22 @@ def test_checkpoint_of_another_format_version_is_refused(tmp_path, synth_dir, ca
     capsys.readouterr()
     assert main(["run", "configs/demo.toml", *_args(tmp_path, synth_dir), "--resume"]) == 2
     assert "version '99'" in _one_error_line(capsys)
+
+
+def test_safetensors_header_length_with_pickle_byte_is_read(tmp_path):
+    """A header length whose low byte is 0x80 (a pickle's first byte) is still a safetensors
+    file: the framing decides, not the first byte."""
+    from safetensors.torch import save as save_bytes
+
+    from fedpose.model.io import _read_safetensors
+
+    for pad in range(300):
+        data = save_bytes({"w": torch.zeros(2)}, metadata={"pad": "x" * pad})
+        if data[0] == 0x80:
+            break
+    else:
+        pytest.skip("no padding gave a header length ending in 0x80")
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(data)
+    tensors, meta = _read_safetensors(path)
+    assert torch.equal(tensors["w"], torch.zeros(2)) and meta["pad"].startswith("x")

@@ -46,6 +46,15 @@ class ModelFileError(ValueError):
 
 
 # ----------------------------------------------------------------------------- raw file access
+def _safetensors_framing(data: bytes) -> bool:
+    """An 8-byte header length that fits the file, then a JSON object: checked before the pickle
+    signatures, because a header length's low byte may itself be 0x80."""
+    if len(data) < 9 or data[8:9] != b"{":
+        return False
+    (header_len,) = struct.unpack("<Q", data[:8])
+    return header_len <= len(data) - 8
+
+
 def _refuse_pickle(path: Path, head: bytes) -> None:
     # zip archives (torch.save since 1.6) and raw pickles (protocol byte 0x80) may run code
     if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
@@ -60,7 +69,8 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     if not path.is_file():
         raise ModelFileError(f"{path}: no such file")
     data = path.read_bytes()
-    _refuse_pickle(path, data[:4])
+    if not _safetensors_framing(data):
+        _refuse_pickle(path, data[:4])
     if len(data) < 8:
         raise ModelFileError(f"{path}: not a safetensors file (only {len(data)} bytes)")
     (header_len,) = struct.unpack("<Q", data[:8])
