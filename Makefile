@@ -19,7 +19,7 @@ $(BIN)/.installed: pyproject.toml
 	# torch before the project, so that the build chosen by TORCH_INDEX is the one that stays
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet \
 		torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/python -m pip install --quiet -e '.[dev,dp]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,dp,simulation]'
 	touch $@
 
 venv: $(BIN)/.installed
