@@ -34,3 +34,23 @@ def tiny_config(tmp_path: Path, data_dir: Path, *overrides: str) -> Config:
             *overrides,
         ],
     )
+
+
+def tiny_cli_args(out_dir: Path, data_dir: Path, *overrides: str) -> list[str]:
+    """`-c` arguments that make configs/demo.toml a short run named `t` of a tiny model on two
+    clients (`fed.rounds=1` unless overridden)."""
+    sets = [
+        f"out_dir={out_dir}",
+        "name=t",
+        f"data.root={data_dir}",
+        "data.input_size=32",
+        "model.width=4",
+        "model.deconv_filters=8",
+        "train.batch_size=8",
+        "train.flip_test=false",
+        "fed.rounds=1",
+        "fed.local_steps=1",
+        "fed.num_clients=2",
+        *overrides,
+    ]
+    return [arg for value in sets for arg in ("-c", value)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from fedtiny import tiny_cli_args
 
 from fedpose.cli import main
 from fedpose.config import METHODS, ConfigError, config_from_dict, load_config
@@ -165,30 +166,7 @@ def _snapshot(run_dir: Path) -> dict[str, bytes]:
     ],
 )
 def test_a_failed_start_leaves_the_previous_run_as_it_was(tmp_path, synth_dir, capsys, bad):
-    args = [
-        "-c",
-        f"out_dir={tmp_path / 'runs'}",
-        "-c",
-        "name=t",
-        "-c",
-        f"data.root={synth_dir}",
-        "-c",
-        "data.input_size=32",
-        "-c",
-        "model.width=4",
-        "-c",
-        "model.deconv_filters=8",
-        "-c",
-        "train.batch_size=8",
-        "-c",
-        "train.flip_test=false",
-        "-c",
-        "fed.rounds=1",
-        "-c",
-        "fed.local_steps=1",
-        "-c",
-        "fed.num_clients=2",
-    ]
+    args = tiny_cli_args(tmp_path / "runs", synth_dir)
     assert main(["run", "configs/demo.toml", *args]) == 0
     run_dir = tmp_path / "runs" / "t"
     before = _snapshot(run_dir)

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from fedtiny import tiny_config
+from fedtiny import tiny_cli_args, tiny_config
 
 from fedpose.cli import main
 from fedpose.config import FAULT_KINDS, load_config
@@ -174,30 +174,7 @@ def test_30_percent_faulty_clients_equal_a_run_that_omitted_them(tmp_path, synth
 
 
 def _cli_args(tmp_path, synth_dir) -> list[str]:
-    return [
-        "-c",
-        f"out_dir={tmp_path / 'runs'}",
-        "-c",
-        "name=t",
-        "-c",
-        f"data.root={synth_dir}",
-        "-c",
-        "data.input_size=32",
-        "-c",
-        "model.width=4",
-        "-c",
-        "model.deconv_filters=8",
-        "-c",
-        "train.batch_size=8",
-        "-c",
-        "train.flip_test=false",
-        "-c",
-        "fed.rounds=2",
-        "-c",
-        "fed.local_steps=1",
-        "-c",
-        "fed.num_clients=2",
-    ]
+    return tiny_cli_args(tmp_path / "runs", synth_dir, "fed.rounds=2")
 
 
 def test_console_shows_rejected_clients_with_the_reason(tmp_path, synth_dir, capsys):

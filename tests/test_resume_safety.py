@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fedtiny import tiny_config
+from fedtiny import tiny_cli_args, tiny_config
 from rich.console import Console
 from safetensors.torch import load_file
 
@@ -59,30 +59,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, synth_di
 
 
 def test_checkpoint_of_another_run_is_an_error_unless_forced(tmp_path, synth_dir, capsys):
-    args = [
-        "-c",
-        f"out_dir={tmp_path / 'runs'}",
-        "-c",
-        "name=t",
-        "-c",
-        f"data.root={synth_dir}",
-        "-c",
-        "data.input_size=32",
-        "-c",
-        "model.width=4",
-        "-c",
-        "model.deconv_filters=8",
-        "-c",
-        "train.batch_size=8",
-        "-c",
-        "train.flip_test=false",
-        "-c",
-        "fed.rounds=1",
-        "-c",
-        "fed.local_steps=1",
-        "-c",
-        "fed.num_clients=2",
-    ]
+    args = tiny_cli_args(tmp_path / "runs", synth_dir)
     assert main(["run", "configs/demo.toml", *args]) == 0
     capsys.readouterr()
     for other in (["-c", "seed=5"], ["-c", "fed.method=fedavg"], ["-c", "train.lr=0.5"]):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
-import platform
 import resource
 import time
 
@@ -27,17 +26,7 @@ from fedpose.fl.gram import gram_matrix, gram_record
 from fedpose.fl.strategies import FedAvg, FedAW, FedGH
 from fedpose.fl.strategies.base import RoundInput, Strategy
 from fedpose.tools import ToolError
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from fedpose.tools.machine import cpu_name
 
 
 def _available_bytes() -> int | None:
@@ -148,7 +137,7 @@ def bench_aggregate(clients: int, params: int, repeats: int = 3, seed: int = 0) 
         "gram": gram_record(p),
         "gram_vs_direct": gram_vs_direct,
         "threads": torch.get_num_threads(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
     }
