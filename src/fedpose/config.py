@@ -293,19 +293,6 @@ def config_from_dict(values: dict) -> Config:
 
 # ----------------------------------------------------------------------------- validation
 DATASETS = ("lsp", "mpii", "coco", "synth-arm")
-METHODS = (
-    "fedavg",
-    "fedprox",
-    "fedbn",
-    "feddyn",
-    "fedaw",
-    "fedgh",
-    "fedgh-noproj",
-    "fedgh-noaw",
-    "fedavg-clip",
-    "median",
-    "trimmed-mean",
-)
 DEPTHS = (18, 34, 50, 101, 152)
 OPTIMIZERS = ("adam", "sgd")
 PARTITIONS = ("iid", "attribute", "dirichlet", "quantity")
@@ -410,7 +397,11 @@ def _checks(cfg: Config) -> Iterator[str | None]:
         else f"train.device: {t.device!r} is not allowed; use auto, cpu, cuda, cuda:N or mps"
     )
 
-    yield _choice("fed.method", f.method, METHODS)
+    # the strategy registry is the one list of methods (a new strategy registers only there);
+    # imported here because fl/strategies itself imports this module
+    from fedpose.fl.strategies import STRATEGY_NAMES
+
+    yield _choice("fed.method", f.method, STRATEGY_NAMES)
     yield _range("fed.rounds", f.rounds, 1)
     yield _range("fed.num_clients", f.num_clients, 1)
     yield _range("fed.clients_per_round", f.clients_per_round, 0, f.num_clients)
