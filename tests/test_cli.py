@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
+from fedtiny import tiny_cli_args
 
 from fedpose.cli import main
 from fedpose.data.coco import load_coco
@@ -171,6 +173,22 @@ def test_train_eval_predict_roundtrip(tmp_path, synth_dir, capsys):
     out = tmp_path / "pred.png"
     assert main(["predict", str(model), str(image), "--out", str(out)]) == 0
     assert out.exists() and out.stat().st_size > 0
+
+
+def test_train_on_one_clients_share(tmp_path, synth_dir, capsys):
+    # the local-only lower bound: centralized training on client 1's share of the view split
+    sets = tiny_cli_args(tmp_path, synth_dir, "train.epochs=1", "fed.num_clients=4")
+    assert main(["train", "configs/demo.toml", *sets, "-c", "train.client=1"]) == 0
+    out = capsys.readouterr().out
+    shown = re.search(r"(\d+) train \(client 1 of 4 only\), (\d+) test", out)
+    assert shown, out
+    assert main(["train", "configs/demo.toml", *sets, "-c", "name=all"]) == 0
+    everything = re.search(r"(\d+) train, (\d+) test", capsys.readouterr().out)
+    assert 0 < int(shown[1]) < int(everything[1]) and shown[2] == everything[2]
+    row = json.loads((tmp_path / "t" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0 <= row["heatmap_acc"] <= 100 and 0 <= row["pck_mean"] <= 100
+    assert main(["train", "configs/demo.toml", *sets, "-c", "train.client=4"]) == 2
+    assert "train.client: 4 is not allowed" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [["eval", "no/such/model.pt"], ["run", "no/such/config.toml"]])

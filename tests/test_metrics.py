@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fedpose.data.records import ARM, COCO, LSP, MPII, PoseRecord, Skeleton
-from fedpose.metrics.heatmap import heatmap_accuracy
+from fedpose.metrics.heatmap import heatmap_accuracy, heatmap_hits
 from fedpose.metrics.pck import (
     PCKResult,
     grouped_table,
@@ -208,6 +208,19 @@ def test_heatmap_accuracy_simplebaseline():
     mask = np.array([[1, 0, 1, 1], [1, 1, 1, 1]])
     acc, _, _ = heatmap_accuracy(output, target, mask=mask)
     np.testing.assert_allclose(acc, [1.0, 1.0, 0.0, 1.0])
+
+
+def test_heatmap_hits_of_parts_add_up_to_the_whole():
+    rng = np.random.default_rng(0)
+    target = _peaks(rng.integers(0, 16, (6, 4, 2)))
+    output = _peaks(np.clip(rng.integers(0, 16, (6, 4, 2)) // 2 * 2, 0, 15))
+    hits, counted = heatmap_hits(output, target)
+    h1, c1 = heatmap_hits(output[:2], target[:2])
+    h2, c2 = heatmap_hits(output[2:], target[2:])
+    np.testing.assert_array_equal(hits, h1 + h2)
+    np.testing.assert_array_equal(counted, c1 + c2)
+    acc, _, _ = heatmap_accuracy(output, target)
+    np.testing.assert_allclose(acc, np.where(counted > 0, hits / np.maximum(counted, 1), -1))
 
 
 def test_heatmap_accuracy_matches_mmpose_golden():

@@ -195,3 +195,21 @@ def test_compare_runs_seeds_in_single_thread_processes(tmp_path, synth_dir):
         assert config["runtime"]["torch_threads"] == 1  # the worker ran single-threaded
     report = (tmp_path / "runs" / "tiny" / "report.md").read_text()
     assert "| fedavg | 2 |" in report
+
+
+def test_centralized_runs_join_the_report_with_epochs_as_rounds(tmp_path):
+    runs = _experiment(tmp_path)
+    for seed in range(4):
+        d = runs / f"local-c0-s{seed}"
+        d.mkdir()
+        cfg = {"seed": seed, "fed": {"rounds": 40}, "train": {"epochs": 5}}
+        (d / "config.json").write_text(json.dumps(cfg))
+        rows = [{"epoch": e, "pck_mean": 30.0 + e + seed} for e in range(1, 6)]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
+    arms = load_arms([runs])
+    local = arms["local-c0"]
+    assert all(r.centralized and r.complete for r in local.runs)
+    # the last 20 % of 5 epochs is epoch 5, whatever fed.rounds says
+    assert local.scores() == {0: 35.0, 1: 36.0, 2: 37.0, 3: 38.0}
+    text = write_report(arms, tmp_path / "out", "t", baselines=("fedavg",)).read_text()
+    assert "| local-c0 − fedavg | 4 |" in text

@@ -120,8 +120,11 @@ def test_metrics_lines_have_the_documented_fields(tmp_path, synth_dir):
             "sim_time",
             "pck_mean",
             "pck_per_joint",
+            "heatmap_acc",
+            "update_norms",
         ):
             assert key in r, key
+        assert 0 <= r["heatmap_acc"] <= 100
         assert r["selected"] == [0, 1, 2, 3]
         assert len(r["weights"]) == 4
         assert abs(sum(r["weights"]) - 1) < 1e-6

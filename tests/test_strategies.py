@@ -235,3 +235,27 @@ def test_build_strategy_names():
         _strategy("fedsgd")
     with pytest.raises(ValueError, match="variant"):
         _strategy("fedgh", gh_variant="mgda")
+
+
+def test_fedgh_update_norms_and_layer_conflicts():
+    # two tensors: on "a" clients 0 and 1 pull apart, on "b" all three agree
+    deltas = [[1.0, 0.0, 1.0, 1.0], [-1.0, 0.0, 2.0, 1.0], [0.0, 1.0, 1.0, 0.5]]
+    slices = [("a", 0, 2), ("b", 2, 4)]
+    inp = _inputs(deltas, [1, 1, 1], slices=slices)
+    strat = _strategy("fedgh", gh_layer_stats=True)
+    diag = strat.aggregate(inp, strat.initial_state()).diagnostics
+    norms = torch.tensor(deltas).norm(dim=1).tolist()
+    assert diag["update_norms"] == pytest.approx(norms)
+    layers = diag["layer_conflict"]
+    assert list(layers) == ["a", "b"]
+    assert layers["a"]["conflict_share"] == pytest.approx(1 / 3)
+    assert layers["b"]["conflict_share"] == 0.0
+    assert layers["a"]["norms"] == pytest.approx([1.0, 1.0, 1.0])
+    assert layers["b"]["norms"] == pytest.approx([math.sqrt(2), math.sqrt(5), math.sqrt(1.25)])
+    # the statistics are only logged: the aggregate is the same without them
+    plain = _strategy("fedgh")
+    assert torch.equal(
+        plain.aggregate(inp, plain.initial_state()).update,
+        strat.aggregate(inp, strat.initial_state()).update,
+    )
+    assert "layer_conflict" not in plain.aggregate(inp, plain.initial_state()).diagnostics

@@ -57,6 +57,9 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False  # torch.compile the model on CUDA
     threads: int = 0  # CPU intra-op threads; 0 = the cores divided among fedpose's processes
+    # centralized training on one client's share of the federated partition (fed.partition,
+    # fed.num_clients, seed): the local-only lower bound; -1 = all data (the upper bound)
+    client: int = -1
 
 
 @dataclass
@@ -86,6 +89,7 @@ class FedConfig:
     gh_order: str = "random"  # random | index
     gh_per_layer: bool = False
     gh_rescale: bool = False
+    gh_layer_stats: bool = False  # log each tensor's conflict share and update norms (FedGH)
     gh_method: str = "gram"  # gram | direct
     clip_norm: float = 1.0  # fedavg-clip: largest L2 norm of one client update
     trim_ratio: float = 0.1  # trimmed-mean: share of values cut at each end, in [0, 0.5)
@@ -391,6 +395,12 @@ def _checks(cfg: Config) -> Iterator[str | None]:
     yield _range("train.batch_size", t.batch_size, 1)
     yield _range("train.epochs", t.epochs, 1)
     yield _range("train.eval_every", t.eval_every, 1)
+    yield (
+        None
+        if -1 <= t.client < f.num_clients
+        else f"train.client: {t.client} is not allowed; use -1 (all data) or a client index "
+        f"0..{f.num_clients - 1} of fed.num_clients"
+    )
     yield (
         None
         if re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", t.device)

@@ -13,6 +13,8 @@ from fedpose.config import Config
 from fedpose.data import load_split
 from fedpose.data.dataset import PoseDataset, make_epochs_loader
 from fedpose.data.image_cache import ImageCache
+from fedpose.data.partition import partition
+from fedpose.data.records import Skeleton
 from fedpose.metrics.evaluate import evaluate_model
 from fedpose.model.inference import resolve_device
 from fedpose.model.io import MODEL_FILE, load_checkpoint, run_identity, save_checkpoint, save_model
@@ -24,6 +26,16 @@ from fedpose.provenance import runtime_info
 LOSS_READ_EVERY = 16  # training steps between reads of the loss (each read syncs a GPU)
 
 
+def _training_records(cfg: Config) -> tuple[list, Skeleton, str]:
+    """The train split, or one client's share of it (`train.client`), and a note saying which."""
+    records, skeleton = load_split(cfg.data, "train")
+    if cfg.train.client < 0:
+        return records, skeleton, ""
+    share = partition(records, cfg.fed, cfg.seed)[cfg.train.client]
+    note = f" (client {cfg.train.client} of {cfg.fed.num_clients} only)"
+    return [records[i] for i in share], skeleton, note
+
+
 def train_centralized(
     cfg: Config, resume: bool = False, console: Console | None = None, force: bool = False
 ) -> dict:
@@ -32,10 +44,10 @@ def train_centralized(
     console = console or Console()
     cfg.validate()
     device = resolve_device(cfg.train.device)
-    train_records, skeleton = load_split(cfg.data, "train")
+    train_records, skeleton, only = _training_records(cfg)
     test_records, _ = load_split(cfg.data, "test")
     console.print(
-        f"{cfg.data.dataset}: {len(train_records)} train, {len(test_records)} test "
+        f"{cfg.data.dataset}: {len(train_records)} train{only}, {len(test_records)} test "
         f"records, {skeleton.num_joints} joints; device {device}"
     )
     torch.manual_seed(cfg.seed)
@@ -146,7 +158,7 @@ def train_centralized(
             }
             if (epoch + 1) % max(cfg.train.eval_every, 1) == 0 or epoch + 1 == epochs:
                 ev = evaluate_model(model, test_records, skeleton, cfg, device)
-                record.update(pck_mean=ev["pck_mean"], pck_per_joint=ev["pck_per_joint"])
+                record.update({k: ev[k] for k in ("pck_mean", "pck_per_joint", "heatmap_acc")})
             with metrics_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
             weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}

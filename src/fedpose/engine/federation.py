@@ -62,7 +62,7 @@ class Federation:
         """The global model's PCK on the test split, as metrics.jsonl records it."""
         self.model.load_state_dict(weights)
         ev = evaluate_model(self.model, self.test_records, self.skeleton, self.cfg, self.device)
-        return {"pck_mean": ev["pck_mean"], "pck_per_joint": ev["pck_per_joint"]}
+        return {k: ev[k] for k in ("pck_mean", "pck_per_joint", "heatmap_acc")}
 
 
 def build_federation(cfg: Config) -> Federation:

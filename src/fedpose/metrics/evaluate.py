@@ -3,7 +3,7 @@ of centralized training, federated runs and `fedpose eval`."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -11,6 +11,7 @@ from torch import nn
 
 from fedpose.config import Config
 from fedpose.data.records import PoseRecord, Skeleton
+from fedpose.metrics.heatmap import heatmap_hits
 from fedpose.metrics.pck import pck_counts, score_counts
 from fedpose.model.inference import predict_records
 
@@ -22,13 +23,30 @@ def evaluate_model(
     cfg: Config,
     device: torch.device,
 ) -> dict:
-    """{"pck_mean", "pck_per_joint"} (what metrics.jsonl records), "result" (the PCKResult),
-    "preds" (N, J, 2) and "confidence" (N, J), the heatmap peaks (for COCO keypoint AP)."""
-    preds, confidence = predict_with_confidence(model, records, skeleton, cfg, device)
+    """{"pck_mean", "pck_per_joint", "heatmap_acc"} (what metrics.jsonl records), "result" (the
+    PCKResult), "preds" (N, J, 2) and "confidence" (N, J), the heatmap peaks (for COCO keypoint
+    AP).
+
+    heatmap_acc: SimpleBaseline's heatmap accuracy in %, the mean over joints of the share of
+    visible joints whose predicted heatmap peak is within a tenth of the heatmap side / 2 of the
+    target's (metrics/heatmap.py), on the same (flip-tested) heatmaps as the predictions.
+    """
+    hits = np.zeros((2, skeleton.num_joints), dtype=np.int64)
+
+    def count(heatmaps: torch.Tensor, batch: dict) -> None:
+        h, c = heatmap_hits(heatmaps, batch["target"], mask=batch["target_weight"][..., 0])
+        hits[0] += h
+        hits[1] += c
+
+    preds, confidence = predict_with_confidence(model, records, skeleton, cfg, device, count)
     result = score_counts(*pck_counts(preds, records, skeleton), skeleton)
+    counted = hits[1] > 0
+    per_joint = hits[0][counted] / hits[1][counted]
+    heatmap_acc = float(per_joint.mean() * 100) if counted.any() else 0.0
     return {
         "pck_mean": result.mean,
         "pck_per_joint": result.per_joint,
+        "heatmap_acc": heatmap_acc,
         "result": result,
         "preds": preds,
         "confidence": confidence,
@@ -54,9 +72,10 @@ def predict_with_confidence(
     skeleton: Skeleton,
     cfg: Config,
     device: torch.device,
+    on_heatmaps: Callable[[torch.Tensor, dict], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Predictions (N, J, 2) in image pixels and each joint's heatmap peak (N, J), with the
-    config's input size and flip test."""
+    config's input size and flip test; `on_heatmaps` as in `predict_records`."""
     confidence = np.zeros((len(records), skeleton.num_joints))
     if not records:
         return np.zeros((0, skeleton.num_joints, 2)), confidence
@@ -68,5 +87,6 @@ def predict_with_confidence(
         flip_test=cfg.train.flip_test,
         device=device,
         confidence=confidence,
+        on_heatmaps=on_heatmaps,
     )
     return preds, confidence

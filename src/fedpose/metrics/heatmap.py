@@ -38,27 +38,22 @@ def _argmax(heatmaps: np.ndarray, missing: float) -> np.ndarray:
     return locs
 
 
-def heatmap_accuracy(
+def heatmap_hits(
     output: np.ndarray | torch.Tensor,
     target: np.ndarray | torch.Tensor,
     thr: float | None = None,
     normalize: np.ndarray | None = None,
     mask: np.ndarray | torch.Tensor | None = None,
     convention: str = "simplebaseline",
-) -> tuple[np.ndarray, float, int]:
-    """(per-joint accuracy (K,) with -1 where no joint counts, mean over the others, their count).
-
-    output, target: (N, K, H, W). thr defaults to the convention's (0.5 or 0.05); normalize:
-    (N, 2) dividing (x, y); mask: (N, K), False = ignore (e.g. target_weight > 0).
-    """
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-joint (hits, counted) (K,) of heatmap accuracy; counts of disjoint batches add up.
+    Arguments as for `heatmap_accuracy`."""
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
     out = _numpy(output)
     tgt = _numpy(target)
     n, k, h, w = out.shape
     mmpose = convention == "mmpose"
-    if k == 0:
-        return np.zeros(0, dtype=np.float64), 0.0, 0
     if thr is None:
         thr = 0.05 if mmpose else 0.5
     if normalize is None:
@@ -80,6 +75,25 @@ def heatmap_accuracy(
         dist = dist.astype(np.float32)  # mmpose stores its distances in float32
     counted = valid.sum(axis=0)
     hits = (valid & (dist < thr)).sum(axis=0)
+    return hits, counted
+
+
+def heatmap_accuracy(
+    output: np.ndarray | torch.Tensor,
+    target: np.ndarray | torch.Tensor,
+    thr: float | None = None,
+    normalize: np.ndarray | None = None,
+    mask: np.ndarray | torch.Tensor | None = None,
+    convention: str = "simplebaseline",
+) -> tuple[np.ndarray, float, int]:
+    """(per-joint accuracy (K,) with -1 where no joint counts, mean over the others, their count).
+
+    output, target: (N, K, H, W). thr defaults to the convention's (0.5 or 0.05); normalize:
+    (N, 2) dividing (x, y); mask: (N, K), False = ignore (e.g. target_weight > 0).
+    """
+    if _numpy(output).shape[1] == 0:
+        return np.zeros(0, dtype=np.float64), 0.0, 0
+    hits, counted = heatmap_hits(output, target, thr, normalize, mask, convention)
     acc = np.where(counted > 0, hits / np.maximum(counted, 1), -1.0)
     good = acc >= 0
     cnt = int(good.sum())

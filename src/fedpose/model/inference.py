@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +31,13 @@ def predict_records(
     refine: str = "quarter",
     workers: int = 0,
     confidence: np.ndarray | None = None,
+    on_heatmaps: Callable[[torch.Tensor, dict], None] | None = None,
 ) -> np.ndarray:
     """(N, J, 2) predictions for `records` in their original image pixels.
 
     confidence: an (N, J) array to fill with each joint's heatmap peak value, or None.
+    on_heatmaps: called with each batch's predicted heatmaps and the batch (its "target" and
+    "target_weight" included), e.g. to score heatmap accuracy.
 
     Moves the model to `device` and runs it in eval mode, restoring its train/eval mode after.
     progress: a rich.progress.Progress to report to (a task is added), or None.
@@ -59,6 +62,8 @@ def predict_records(
                 out[batch["index"].numpy()] = coords
                 if confidence is not None:
                     confidence[batch["index"].numpy()] = get_max_preds(heatmaps)[1][..., 0]
+                if on_heatmaps is not None:
+                    on_heatmaps(heatmaps, batch)
                 if task is not None:
                     progress.advance(task, len(images))
     finally:

@@ -41,10 +41,13 @@ class Run:
     seed: int
     config: dict
     rows: list[dict]
+    # a `fedpose train` run (the upper bound, or one client alone): its epochs are read as rounds
+    centralized: bool = False
 
     @property
     def total_rounds(self) -> int:
-        return int(self.config.get("fed", {}).get("rounds", 0)) or self.last_round
+        section, key = ("train", "epochs") if self.centralized else ("fed", "rounds")
+        return int(self.config.get(section, {}).get(key, 0)) or self.last_round
 
     @property
     def last_round(self) -> int:
@@ -107,9 +110,12 @@ def load_arms(paths: list[Path]) -> dict[str, Arm]:
             m = _SEED_SUFFIX.match(d.name)
             label = m["label"] if m else d.name
             seed = int(config.get("seed", m["seed"] if m else 0))
-            arms.setdefault(label, Arm(label)).runs.append(
-                Run(d, label, seed, config, read_metrics(d))
-            )
+            rows = read_metrics(d)
+            centralized = bool(rows) and "round" not in rows[0] and "epoch" in rows[0]
+            if centralized:
+                rows = [{**r, "round": r["epoch"]} for r in rows]
+            run = Run(d, label, seed, config, rows, centralized)
+            arms.setdefault(label, Arm(label)).runs.append(run)
     return arms
 
 

@@ -60,6 +60,7 @@ def build_strategy(fed_cfg: FedConfig, seed: int = 0) -> Strategy:
             seed=seed,
             adaptive=name != "fedgh-noaw",
             project=name != "fedgh-noproj",
+            layer_stats=f.gh_layer_stats,
             name=name,
         )
     if name == "fedavg-clip":

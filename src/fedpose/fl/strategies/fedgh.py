@@ -68,6 +68,7 @@ class FedGH(Strategy):
     seed: int = 0  # with the round number, seeds the random visit order
     adaptive: bool = True  # False: ψ_k = n_k / n ("fedgh-noaw")
     project: bool = True  # False: no projection ("fedgh-noproj")
+    layer_stats: bool = False  # log each tensor's conflict share (costs a second Gram pass)
     name: str = "fedgh"
 
     def __post_init__(self) -> None:
@@ -106,8 +107,11 @@ class FedGH(Strategy):
             "weights": psi.tolist(),
             "conflict_share": conflict_share(cosine, self.tau),
             "cosine": cosine.tolist(),
+            "update_norms": np.sqrt(np.maximum(np.diagonal(gram.numpy()), 0.0)).tolist(),
             "gram": gram_record(max((e - s for s, e in groups), default=0)),
         }
+        if self.layer_stats:
+            diagnostics["layer_conflict"] = layer_conflicts(deltas, inputs.slices, self.tau)
         if coef is not None and len(groups) == 1:
             diagnostics["coefficients"] = coef[0].tolist()
         return Aggregation(update, {**state, "theta": theta_state, "round": rnd + 1}, diagnostics)
@@ -158,6 +162,23 @@ class FedGH(Strategy):
                 scale *= math.sqrt(target / have) if have > 0 else 1.0
             out[s:e] = part.mul_(scale)
         return out if add_to is None else add_to.add_(out)
+
+
+def layer_conflicts(
+    deltas: torch.Tensor, slices: list[tuple[str, int, int]], tau: float
+) -> dict[str, dict]:
+    """{tensor name: {"conflict_share": share of client pairs whose updates of that tensor
+    conflict, "norms": each client's ‖Δ_k‖ on it}}: where in the model the clients disagree, and
+    how hard they push."""
+    out = {}
+    for name, start, end in slices:
+        if end <= start:
+            continue
+        gram = gram_matrix(deltas[:, start:end])
+        norms = np.sqrt(np.maximum(np.diagonal(gram.numpy()), 0.0))
+        share = conflict_share(cosine_from_gram(gram), tau)
+        out[name] = {"conflict_share": share, "norms": norms.tolist()}
+    return out
 
 
 def _quadratic_form(grams: np.ndarray, coef: np.ndarray) -> np.ndarray:
