@@ -251,3 +251,14 @@ def test_utility_falls_back_to_squared_mean_loss():
     s = Selector("utility", per_round=1, seed=0, explore=0.0)
     s.observe(0, 3.0)  # a transport that reports no mean squared loss
     assert s.utility(0, [4], lambda k: 1.0) == pytest.approx(4 * math.sqrt(9.0))
+
+
+# ------------------------------------------------------------------------------- memory
+def test_aggregation_takes_each_update_out_of_its_reply():
+    # the updates move into the K x P matrix: the server never holds them twice
+    server = _server()
+    replies = _replies([(0, 0), (1, 0), (2, 0)])
+    expected = sum(10 * (k + 1) * float(k + 1) for k in range(3)) / 60
+    server.aggregate(replies, [0, 0, 0])
+    assert all(r.delta is None for r in replies)
+    assert torch.allclose(server.weights["w"], torch.full((P,), expected))

@@ -213,3 +213,24 @@ def test_centralized_runs_join_the_report_with_epochs_as_rounds(tmp_path):
     assert local.scores() == {0: 35.0, 1: 36.0, 2: 37.0, 3: 38.0}
     text = write_report(arms, tmp_path / "out", "t", baselines=("fedavg",)).read_text()
     assert "| local-c0 − fedavg | 4 |" in text
+
+
+def test_report_shows_where_updates_conflict(tmp_path):
+    runs = _experiment(tmp_path)
+    for seed in range(2):
+        rows = []
+        for r in range(1, 11):
+            layers = {
+                "conv1.weight": {"conflict_share": 0.0, "norms": [1.0]},
+                "layer1.0.conv1.weight": {"conflict_share": 0.5, "norms": [1.0]},
+                "final_layer.weight": {"conflict_share": 1.0 if seed else 0.5, "norms": [1.0]},
+            }
+            rows.append({"round": r, "pck_mean": 50.0, "layer_conflict": layers})
+        d = runs / f"fedgh-stats-s{seed}"
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"seed": seed, "fed": {"rounds": 10}}))
+        (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
+    text = write_report(load_arms([runs]), tmp_path / "out", "t").read_text()
+    assert "| method | seeds | conv1 | layer1 | final_layer |" in text
+    assert "| fedgh-stats | 2 | 0.00 | 0.50 | 0.75 |" in text
+    assert (tmp_path / "out" / "layer_conflict.png").stat().st_size > 1000

@@ -165,7 +165,12 @@ class FederatedServer:
         step = 1.0
         if not self.cfg.fed.staleness_renormalise and float(samples.sum()) > 0:
             step = float(counts.sum() / samples.sum())
-        deltas = torch.stack([r.delta for r in replies])
+        # each update moves into the matrix and its reply lets go of it: the server holds K + 1
+        # updates at most, not the replies' K plus a stacked copy of K
+        deltas = torch.empty(len(replies), replies[0].delta.numel(), dtype=replies[0].delta.dtype)
+        for row, reply in zip(deltas, replies, strict=True):
+            row.copy_(reply.delta)
+            reply.delta = None
         inputs = RoundInput(
             deltas=deltas,
             counts=counts,

@@ -241,6 +241,7 @@ def write_report(
         lines += _time_to_target(arms, target_pck)
     lines += _site_table(arms)
     lines += _figures(arms, out_dir, prefix)
+    lines += _layer_conflicts(arms, out_dir, prefix)
 
     incomplete = [r for a in arms.values() for r in a.runs if not r.complete]
     lines += ["", "## Runs", ""]
@@ -395,6 +396,69 @@ def _figures(arms: dict[str, Arm], out_dir: Path, prefix: str) -> list[str]:
     if missing:
         lines.append("Not recorded in these runs' metrics.jsonl: " + ", ".join(missing) + ".")
     return lines
+
+
+def _layer_conflicts(arms: dict[str, Arm], out_dir: Path, prefix: str) -> list[str]:
+    """Where in the model the clients disagree (runs with fed.gh_layer_stats): the conflict
+    share by block (a tensor name's first part: conv1, layer1, ..., final_layer) averaged over
+    rounds and seeds, and a tensors x rounds picture of the first such arm."""
+    stats = {}
+    for label, arm in arms.items():
+        # {tensor: {round: [share per seed]}}
+        table: dict[str, dict[int, list[float]]] = {}
+        for run in arm.complete_runs:
+            for row in run.rows:
+                for name, entry in (row.get("layer_conflict") or {}).items():
+                    table.setdefault(name, {}).setdefault(row["round"], []).append(
+                        entry["conflict_share"]
+                    )
+        if table:
+            stats[label] = (table, len(arm.complete_runs))
+    if not stats:
+        return []
+    blocks = list(dict.fromkeys(name.split(".")[0] for t, _ in stats.values() for name in t))
+    lines = [
+        "",
+        "## Where the updates conflict (fed.gh_layer_stats)",
+        "",
+        "Share of client pairs whose updates of a block's tensors have a negative cosine, "
+        "averaged over the block's tensors, all rounds and seeds; the whole-model share "
+        "(`conflict_share`) is in the curves above.",
+        "",
+        "| method | seeds | " + " | ".join(blocks) + " |",
+        "|---" * (len(blocks) + 2) + "|",
+    ]
+    for label, (table, seeds) in stats.items():
+        cells = []
+        for block in blocks:
+            values = [
+                v
+                for name, by_round in table.items()
+                if name.split(".")[0] == block
+                for shares in by_round.values()
+                for v in shares
+            ]
+            cells.append(f"{np.mean(values):.2f}" if values else "–")
+        lines.append(f"| {label} | {seeds} | " + " | ".join(cells) + " |")
+    label, (table, seeds) = next(iter(stats.items()))
+    names = list(table)
+    rounds = sorted({r for by_round in table.values() for r in by_round})
+    grid = np.array(
+        [[np.mean(table[n][r]) if r in table[n] else np.nan for r in rounds] for n in names]
+    )
+    fig, ax = plt.subplots(figsize=(7.0, max(3.0, 0.11 * len(names) + 1.2)))
+    im = ax.imshow(grid, aspect="auto", cmap="magma", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_yticks(range(len(names)), names, fontsize=4)
+    ax.set_xticks(range(0, len(rounds), max(1, len(rounds) // 10)))
+    ax.set_xticklabels([rounds[i] for i in range(0, len(rounds), max(1, len(rounds) // 10))])
+    ax.set_xlabel("round")
+    ax.set_title(f"{label}: share of conflicting pairs per tensor ({seeds} seeds)", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    file = f"{prefix}layer_conflict.png"
+    fig.savefig(out_dir / file, dpi=130)
+    plt.close(fig)
+    return lines + ["", f"![conflicting pairs per tensor and round]({file})", ""]
 
 
 def _band_plot(arms: dict[str, Arm], key: str, ylabel: str, path: Path) -> bool:
