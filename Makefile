@@ -4,6 +4,8 @@ PYTHON ?= python3
 # CUDA build on Linux x86_64, the CPU build on macOS and Windows); for example
 # TORCH_INDEX=https://download.pytorch.org/whl/cpu picks the CPU build on Linux.
 TORCH_INDEX ?=
+# pytest-xdist processes for `make test` (auto: one per core; each test runs torch on one thread)
+TEST_WORKERS ?= auto
 VENV := .venv
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
@@ -30,7 +32,7 @@ demo: venv
 # test: everything but the tests marked slow, which start real processes (Flower SuperLink and
 # SuperNodes, a fresh interpreter running a documented example); test-slow: those
 test: venv
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest -m "not slow" -n $(TEST_WORKERS)
 
 test-slow: venv
 	$(BIN)/pytest -m slow

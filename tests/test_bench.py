@@ -158,6 +158,7 @@ def test_fedgh_step_on_device_reports_errors_instead_of_raising(monkeypatch):
     assert out["fedgh"] is None and "no kernel" in out["fedgh_error"]
 
 
+@pytest.mark.slow  # starts fresh interpreters
 def test_bench_sim_smoke(tmp_path):
     from fedpose.tools.bench_sim import SimBenchOptions, bench_sim
 

@@ -201,6 +201,7 @@ _PORTABLE = {
 }
 
 
+@pytest.mark.slow  # starts fresh interpreters
 def test_every_strategy_same_bits_on_other_instruction_sets():
     here = {
         name: __import__("hashlib").sha256(w.numpy().tobytes()).hexdigest()

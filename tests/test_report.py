@@ -167,6 +167,7 @@ def test_report_of_a_missing_folder_is_one_error_line(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------- compare --jobs
+@pytest.mark.slow  # starts fresh interpreters
 def test_compare_runs_seeds_in_single_thread_processes(tmp_path, synth_dir):
     cfg = tmp_path / "tiny.toml"
     cfg.write_text('name = "tiny"\n')

@@ -109,6 +109,7 @@ def test_bad_arguments(tmp_path):
         generate_synth_arm(tmp_path, n=0, progress=False)
 
 
+@pytest.mark.slow  # starts fresh interpreters
 def test_worker_processes_give_the_same_files(tmp_path):
     serial = generate_synth_arm(tmp_path / "s", n=128, seed=2, size=32, progress=False)
     pooled = generate_synth_arm(tmp_path / "p", n=128, seed=2, size=32, progress=False, workers=2)

@@ -13,6 +13,7 @@ from fedpose.config import load_config
 from fedpose.engine.flower_app import REPLY_TIMEOUT_S, settings_from_run_config
 
 
+@pytest.mark.slow  # starts fresh interpreters
 @pytest.mark.usefixtures("one_thread")
 def test_bench_aggregate_smoke(capsys):
     assert main(["bench", "aggregate", "--clients", "3", "--params", "2000", "--repeats", "1"]) == 0
