@@ -235,3 +235,16 @@ def test_report_shows_where_updates_conflict(tmp_path):
     assert "| method | seeds | conv1 | layer1 | final_layer |" in text
     assert "| fedgh-stats | 2 | 0.00 | 0.50 | 0.75 |" in text
     assert (tmp_path / "out" / "layer_conflict.png").stat().st_size > 1000
+
+
+def test_report_tables_what_the_server_did(tmp_path):
+    runs = tmp_path / "exp"
+    for seed in range(2):
+        _fake_run(runs, "fedgh", seed, [60.0, 61.0], conflict=0.5)
+        path = runs / f"fedgh-s{seed}" / "metrics.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        for r in rows:
+            r.update(aggregated=[0, 1], weights=[0.25, 0.75], coefficients=[0.3, 0.9])
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = write_report(load_arms([runs]), tmp_path / "out", "t").read_text()
+    assert "| fedgh | 0.500 | 1.200 | 0: 0.250, 1: 0.750 |" in text

@@ -240,6 +240,7 @@ def write_report(
     if target_pck > 0:
         lines += _time_to_target(arms, target_pck)
     lines += _site_table(arms)
+    lines += _aggregation_table(arms)
     lines += _figures(arms, out_dir, prefix)
     lines += _layer_conflicts(arms, out_dir, prefix)
 
@@ -364,6 +365,44 @@ def _site_table(arms: dict[str, Arm]) -> list[str]:
             cells = [_pm(*mean_std(values.get(k, []))) for k in sites]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _aggregation_table(arms: dict[str, Arm]) -> list[str]:
+    """What the server did, averaged over all rounds and seeds: the share of conflicting update
+    pairs, the sum of the coefficients on the raw updates (1 for a weighted mean; FedGH's
+    projections add to it) and each client's mean weight."""
+    rows = []
+    for label, arm in arms.items():
+        conflict, coef_sum, weights = [], [], {}
+        for r in (r for run in arm.complete_runs for r in run.rows):
+            if r.get("conflict_share") is not None:
+                conflict.append(r["conflict_share"])
+            if r.get("coefficients"):
+                coef_sum.append(sum(r["coefficients"]))
+            for client, w in zip(r.get("aggregated") or [], r.get("weights") or []):  # noqa: B905
+                weights.setdefault(client, []).append(w)
+        if conflict or coef_sum or weights:
+            cells = [
+                f"{np.mean(conflict):.3f}" if conflict else "–",
+                f"{np.mean(coef_sum):.3f}" if coef_sum else "–",
+                ", ".join(f"{k}: {np.mean(weights[k]):.3f}" for k in sorted(weights)[:16]),
+            ]
+            rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return [
+        "",
+        "## Aggregation (mean over all rounds and seeds)",
+        "",
+        "Conflict share: client-update pairs with negative cosine. Σ coefficients: the sum of "
+        "the weights on the raw updates (1 for a weighted mean; projections add to it, so a "
+        "larger sum is a longer step). Weights: each client's mean aggregation weight "
+        "(ψ_k for FedAW and FedGH, n_k/n for FedAvg).",
+        "",
+        "| method | conflict share | Σ coefficients | mean weight by client |",
+        "|---|---|---|---|",
+        *rows,
+    ]
 
 
 # ----------------------------------------------------------------------------------- figures
