@@ -491,7 +491,10 @@ def _layer_conflicts(arms: dict[str, Arm], out_dir: Path, prefix: str) -> list[s
     ax.set_xticks(range(0, len(rounds), max(1, len(rounds) // 10)))
     ax.set_xticklabels([rounds[i] for i in range(0, len(rounds), max(1, len(rounds) // 10))])
     ax.set_xlabel("round")
-    ax.set_title(f"{label}: share of conflicting pairs per tensor ({seeds} seeds)", fontsize=9)
+    plural = "s" if seeds != 1 else ""
+    ax.set_title(
+        f"{label}: share of conflicting pairs per tensor ({seeds} seed{plural})", fontsize=9
+    )
     fig.colorbar(im, ax=ax, fraction=0.04)
     fig.tight_layout()
     file = f"{prefix}layer_conflict.png"
