@@ -244,15 +244,15 @@ def cmd_eval(args) -> int:
     rows = grouped_table(result, skeleton)
     if rows:
         console.print("  ".join(f"{part} {value:.2f}" for part, value in rows))
-    ap = {}
-    if cfg.data.dataset == "coco" and has_keypoint_ap(skeleton):
-        ap = split_ap(records, ev["preds"], ev["confidence"], cfg.data, args.split)
-    _print_keypoint_ap(ap, cfg.data.dataset)
     side = cfg.data.input_size // 4
     print(
         f"heatmap accuracy: {ev['heatmap_acc']:.2f} % (SimpleBaseline's: argmax within "
         f"{side / 20:g} px of the target's on the {side}x{side} heatmaps)"
     )
+    ap = {}
+    if cfg.data.dataset == "coco" and has_keypoint_ap(skeleton):
+        ap = split_ap(records, ev["preds"], ev["confidence"], cfg.data, args.split)
+    _print_keypoint_ap(ap, cfg.data.dataset)
     print(f"mean PCK: {result.mean:.2f}")
     return 0
 
