@@ -28,8 +28,8 @@ def evaluate_model(
     AP).
 
     heatmap_acc: SimpleBaseline's heatmap accuracy in %, the mean over joints of the share of
-    visible joints whose predicted heatmap peak is within a tenth of the heatmap side / 2 of the
-    target's (metrics/heatmap.py), on the same (flip-tested) heatmaps as the predictions.
+    visible joints whose predicted heatmap peak lies within a twentieth of the heatmap side of
+    the target's (metrics/heatmap.py), on the same (flip-tested) heatmaps as the predictions.
     """
     hits = np.zeros((2, skeleton.num_joints), dtype=np.int64)
 
