@@ -4,7 +4,8 @@ PYTHON ?= python3
 # CUDA build on Linux x86_64, the CPU build on macOS and Windows); for example
 # TORCH_INDEX=https://download.pytorch.org/whl/cpu picks the CPU build on Linux.
 TORCH_INDEX ?=
-# pytest-xdist processes for `make test` (auto: one per core; each test runs torch on one thread)
+# pytest-xdist processes for `make test` (auto: one per core; each test runs torch on one thread;
+# a test file stays in one process, so a module's tests keep their order)
 TEST_WORKERS ?= auto
 VENV := .venv
 BIN := $(VENV)/bin
@@ -32,7 +33,7 @@ demo: venv
 # test: everything but the tests marked slow, which start real processes (Flower SuperLink and
 # SuperNodes, a fresh interpreter running a documented example); test-slow: those
 test: venv
-	$(BIN)/pytest -m "not slow" -n $(TEST_WORKERS)
+	$(BIN)/pytest -m "not slow" -n $(TEST_WORKERS) --dist loadfile
 
 test-slow: venv
 	$(BIN)/pytest -m slow
