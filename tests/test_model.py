@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedpose.config import ModelConfig
+from fedpose.config import ModelConfig, TrainConfig
 from fedpose.data.records import ARM, LSP, PoseRecord
 from fedpose.model.decode import (
     flip_back,
@@ -18,6 +18,7 @@ from fedpose.model.decode import (
 )
 from fedpose.model.inference import predict_image, predict_records
 from fedpose.model.loss import JointsMSELoss
+from fedpose.model.optim import make_optimizer
 from fedpose.model.pose_resnet import PoseResNet, PretrainedError, build_model, load_pretrained
 from fedpose.model.resnet import ResNet
 
@@ -247,3 +248,25 @@ def test_predict_records_shape_and_mode(tmp_path):
     joints, confidence = predict_image(model, path, 64, ARM)
     assert joints.shape == (3, 2) and confidence.shape == (3,)
     assert np.all(np.abs(joints - [44.5, 34.5]) <= 45.0)  # the crop is the whole image
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_optimizer_steps_over_all_parameters_at_once_with_the_same_bits(optimizer):
+    """make_optimizer uses torch's multi-tensor (foreach) step for speed; it must train exactly
+    as the per-parameter loop does."""
+    train = TrainConfig(optimizer=optimizer, lr=0.01, momentum=0.9, weight_decay=1e-3)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    states = []
+    for foreach in (True, False):
+        torch.manual_seed(0)
+        model = PoseResNet(5, depth=18, width=4, deconv_filters=8)
+        opt = make_optimizer(model, train)
+        if not foreach:
+            opt = type(opt)(model.parameters(), **{**opt.defaults, "foreach": False})
+        assert opt.defaults["foreach"] is foreach
+        for _ in range(3):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][n], states[1][n]) for n in states[0])

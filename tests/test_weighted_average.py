@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from fedpose.fl.params import weighted_average
+from fedpose.fl.params import dtype_groups, pack_float64, weighted_average
 
 
 def _per_tensor(tensors, names, counts):
@@ -36,4 +36,7 @@ def test_flat_average_equals_the_per_tensor_sum_bit_for_bit():
         assert flat[name].dtype == reference[name].dtype
         assert flat[name].shape == reference[name].shape
         assert torch.equal(flat[name], reference[name])
+    packed = [pack_float64(t, dtype_groups(tensors[0], names)) for t in tensors]
+    given = weighted_average(tensors, names, counts, packed=packed)
+    assert all(torch.equal(given[name], reference[name]) for name in names)
     assert weighted_average(tensors, (), counts) == {}

@@ -72,7 +72,7 @@ def local_train(
     if request.rule not in CLIENT_RULES:
         raise ValueError(f"unknown client rule {request.rule!r}: use {', '.join(CLIENT_RULES)}")
     started = time.perf_counter()
-    state = {n: t.clone() for n, t in request.weights.items()}
+    state = dict(request.weights)  # load_state_dict copies: the request's tensors stay as sent
     if layout.local_names and "local" in client_state:
         state.update(client_state["local"])
     model.load_state_dict(state)

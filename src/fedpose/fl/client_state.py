@@ -37,7 +37,8 @@ def _pack(state: dict[str, dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Te
             chunks.setdefault(group, []).append(t.reshape(-1))
             sizes[group] = offset + t.numel()
             layout.append([key, name, group, offset, list(t.shape)])
-    packed = {group: torch.cat(parts) for group, parts in chunks.items()}
+    # a lone tensor (FedDyn's flat g_k) is written as it is, without a copy
+    packed = {g: parts[0] if len(parts) == 1 else torch.cat(parts) for g, parts in chunks.items()}
     return packed, {"layout": json.dumps(layout)}
 
 
@@ -58,6 +59,7 @@ class ClientStateStore:
         self._index: dict[int, int] = {}  # client -> generation of its file
         self._kept: list[dict[int, int]] = []  # indexes handed to checkpoints, newest last
         self._superseded: set[tuple[int, int]] = set()  # old files a kept index still needs
+        self._made_directory = False
 
     def __len__(self) -> int:
         return len(self._index) if self.directory is not None else len(self._memory)
@@ -87,7 +89,9 @@ class ClientStateStore:
         if packed:
             generation = 0 if old is None else old + 1
             # created on first use: building a transport must not touch the run directory
-            self.directory.mkdir(parents=True, exist_ok=True)
+            if not self._made_directory:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                self._made_directory = True
             # no temporary file: a file cut short by a crash is a generation no index names yet
             save_file(packed, self._path(client, generation), metadata=metadata)
             self._index[client] = generation

@@ -35,6 +35,9 @@ class TrainReply:
     steps: int = 0
     seconds: float = 0.0  # wall-clock compute time on the client
     error: str | None = None  # set when the client failed; the server drops the reply
+    # set by the server's reply check (fl/reply_check.py): `averaged` as one float64 vector,
+    # packed once for both the finiteness check and the weighted average; never sent
+    averaged_flat: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def problem(self) -> str | None:
         """Why the server must not use this reply, or None when it is sound."""

@@ -18,37 +18,55 @@ from collections.abc import Sequence
 import torch
 
 from fedpose.fl.messages import TrainReply
-from fedpose.fl.params import ModelLayout
+from fedpose.fl.params import ModelLayout, pack_float64
 
 NORM_HISTORY = 32  # accepted update norms the reference is taken over
 
 
-def structural_problem(
+def check_reply(
     reply: TrainReply, layout: ModelLayout, weights: dict[str, torch.Tensor]
-) -> str | None:
-    """Why the reply cannot be used at all (failure, wrong length/shape/dtype, non-finite)."""
+) -> tuple[str | None, float]:
+    """(why the reply cannot be used at all, or None; its update's L2 norm).
+
+    Refused: a failure, a wrong length, shape or dtype, a bad sample count, non-finite values.
+    A sound reply keeps its averaged tensors packed in `reply.averaged_flat` for the server's
+    weighted average.
+    """
     if reply.error:
-        return reply.error
+        return reply.error, math.nan
     delta = reply.delta
     if not isinstance(delta, torch.Tensor):
-        return "no update"
+        return "no update", math.nan
     expected = layout.slices[-1][2] if layout.agg_names else 0
     if delta.dtype != torch.float32:
-        return f"update of dtype {delta.dtype}, expected torch.float32"
+        return f"update of dtype {delta.dtype}, expected torch.float32", math.nan
     if delta.dim() != 1 or delta.numel() != expected:
-        return f"update of shape {tuple(delta.shape)}, expected ({expected},)"
-    if set(reply.averaged) != set(layout.avg_names):
+        return f"update of shape {tuple(delta.shape)}, expected ({expected},)", math.nan
+    if reply.averaged.keys() != set(layout.avg_names):
         missing = sorted(set(layout.avg_names) - set(reply.averaged))
         extra = sorted(set(reply.averaged) - set(layout.avg_names))
-        return f"averaged tensors differ from the model's: missing {missing[:3]}, extra {extra[:3]}"
+        why = f"averaged tensors differ from the model's: missing {missing[:3]}, extra {extra[:3]}"
+        return why, math.nan
     for name, t in reply.averaged.items():
         ref = weights[name]
         if not isinstance(t, torch.Tensor) or t.shape != ref.shape or t.dtype != ref.dtype:
             got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
-            return f"{name}: {got}, expected {tuple(ref.shape)} {ref.dtype}"
+            return f"{name}: {got}, expected {tuple(ref.shape)} {ref.dtype}", math.nan
     if isinstance(reply.num_samples, bool) or not isinstance(reply.num_samples, int):
-        return f"sample count {reply.num_samples!r} is not an integer"
-    return reply.problem()  # finiteness and sample count
+        return f"sample count {reply.num_samples!r} is not an integer", math.nan
+    if reply.num_samples <= 0:
+        return "no training samples", math.nan
+    # the norm doubles as the finiteness check, a pass cheaper than isfinite: float32 values
+    # squared and summed in float64 cannot overflow, so the norm is finite iff every value is
+    norm = update_norm(reply)
+    if not math.isfinite(norm):
+        return "non-finite values in the update", norm
+    flat = pack_float64(reply.averaged, layout.avg_groups)
+    if not bool(torch.isfinite(flat).all()):
+        bad = next(n for n, t in reply.averaged.items() if not bool(torch.isfinite(t).all()))
+        return f"non-finite values in {bad}", norm
+    reply.averaged_flat = flat
+    return None, norm
 
 
 def update_norm(reply: TrainReply) -> float:

@@ -37,10 +37,9 @@ from fedpose.fl.messages import TrainReply, TrainRequest
 from fedpose.fl.params import ModelLayout, unflatten_add_, weighted_average
 from fedpose.fl.reply_check import (
     NORM_HISTORY,
+    check_reply,
     norm_problem,
     norm_reference,
-    structural_problem,
-    update_norm,
 )
 from fedpose.fl.selection import Selector
 from fedpose.fl.strategies.base import RoundInput, Strategy
@@ -184,9 +183,13 @@ class FederatedServer:
             result.update.mul_(step)
         unflatten_add_(self.weights, self.layout, result.update)
         if self.layout.avg_names:
+            packed = [r.averaged_flat for r in replies]
             self.weights.update(
                 weighted_average(
-                    [r.averaged for r in replies], self.layout.avg_names, counts.tolist()
+                    [r.averaged for r in replies],
+                    self.layout.avg_names,
+                    counts.tolist(),
+                    packed=None if any(p is None for p in packed) else packed,
                 )
             )
         bad = [
@@ -273,11 +276,11 @@ class FederatedServer:
         rejected: dict[int, str] = {}
         sound: list[tuple[TrainReply, float]] = []
         for reply in arrived:
-            problem = structural_problem(reply, self.layout, self.weights)
+            problem, norm = check_reply(reply, self.layout, self.weights)
             if problem:
                 rejected[reply.client_id] = problem
             else:
-                sound.append((reply, update_norm(reply)))
+                sound.append((reply, norm))
         reference = norm_reference(self.state.norms, [n for _, n in sound])
         replies = []
         for reply, norm in sound:
