@@ -57,18 +57,20 @@ def start_weights(p: int = 400_003) -> torch.Tensor:
     return (torch.arange(p, dtype=torch.float32) - p // 2) * 2.0**-17
 
 
-def aggregates(rounds: int = 2, names: tuple[str, ...] = tuple(CASES)) -> dict[str, torch.Tensor]:
+def aggregates(
+    rounds: int = 2, names: tuple[str, ...] = tuple(CASES), p: int = 400_003
+) -> dict[str, torch.Tensor]:
     """Each case's update after `rounds` aggregations (FedAW's running angles and FedDyn's h
-    carry over), applied to the same global weights."""
+    carry over) of `p` parameters, applied to the same global weights."""
     out = {}
     for name in names:
         options = CASES[name]
         method = name if name in ("fedavg", "feddyn", "fedaw", "fedgh-noaw") else "fedgh"
         strategy = build_strategy(FedConfig(method=method, **options), seed=4)
         state = strategy.initial_state()
-        w = start_weights()
+        w = start_weights(p)
         for r in range(rounds):
-            inputs = client_updates(seed=r)
+            inputs = client_updates(p=p, seed=r)
             result = strategy.aggregate(inputs, state)
             state = result.state
             w = w + result.update

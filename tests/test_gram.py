@@ -151,10 +151,13 @@ def test_exact_acos_and_exp_agree_with_libm_to_an_ulp():
 
 
 def test_every_strategy_same_bits_across_gram_paths_blocks_and_threads(threads, monkeypatch):
+    # 150 001 parameters: layers of 50 000 and 100 001, three blocks of the GEMM path, eight of
+    # the pairwise one, and enough per block for torch to split it over two threads
+    run = functools.partial(aggregates, p=150_001)
     threads(1)
-    reference = aggregates()
+    reference = run()
     threads(2)
-    assert {n: torch.equal(w, reference[n]) for n, w in aggregates().items()} == dict.fromkeys(
+    assert {n: torch.equal(w, reference[n]) for n, w in run().items()} == dict.fromkeys(
         reference, True
     )
     pairwise = functools.partial(gram_module.gram_matrix, path="pairwise", block=20_000)
@@ -163,7 +166,7 @@ def test_every_strategy_same_bits_across_gram_paths_blocks_and_threads(threads, 
     # the direct loop computes no Gram matrix
     uses_gram = tuple(n for n in reference if n not in ("fedavg", "feddyn", "fedgh-direct"))
     assert {
-        n: torch.equal(w, reference[n]) for n, w in aggregates(names=uses_gram).items()
+        n: torch.equal(w, reference[n]) for n, w in run(names=uses_gram).items()
     } == dict.fromkeys(uses_gram, True)
 
 
@@ -240,14 +243,14 @@ def test_tiny_run_same_final_weights_whatever_the_aggregation_path(
         return aggregate
 
     first = run_federation(
-        tiny_config(tmp_path, synth_dir, "name=gemm", f"fed.method={method}", "fed.rounds=3")
+        tiny_config(tmp_path, synth_dir, "name=gemm", f"fed.method={method}", "fed.rounds=2")
     )
     monkeypatch.setattr(FederatedServer, "aggregate", aggregate_with(2))
     pairwise = functools.partial(gram_module.gram_matrix, path="pairwise", block=1000)
     for module in (fedaw_module, fedgh_module, harmonize_module):
         monkeypatch.setattr(module, "gram_matrix", pairwise)
     second = run_federation(
-        tiny_config(tmp_path, synth_dir, "name=pairwise", f"fed.method={method}", "fed.rounds=3")
+        tiny_config(tmp_path, synth_dir, "name=pairwise", f"fed.method={method}", "fed.rounds=2")
     )
     assert first.weights.keys() == second.weights.keys()
     assert all(torch.equal(first.weights[n], second.weights[n]) for n in first.weights)

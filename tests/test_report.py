@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 
 import pytest
-from scipy import stats
 
 from fedpose.cli import main
 from fedpose.report.experiment import load_arms, write_report
@@ -34,6 +33,8 @@ def test_tail_mean_never_takes_the_best_round():
 
 
 def test_paired_interval_matches_scipys_paired_t():
+    from scipy import stats
+
     a = {0: 71.0, 1: 74.5, 2: 69.0, 3: 73.2, 4: 70.1}
     b = {0: 70.0, 1: 71.0, 2: 70.5, 3: 70.0, 4: 69.9, 9: 50.0}  # seed 9 has no partner
     diff = paired_difference(a, b)
@@ -118,6 +119,8 @@ def _experiment(root: Path) -> Path:
 
 
 def test_report_tables_differences_and_bands(tmp_path):
+    from scipy import stats
+
     arms = load_arms([_experiment(tmp_path)])
     assert list(arms) == ["fedavg", "fedgh"]
     assert arms["fedgh"].scores() == {0: 62.0, 1: 61.0, 2: 62.5, 3: 60.0}

@@ -15,10 +15,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 
 from fedpose.metrics.log import read_metrics
@@ -437,6 +433,16 @@ def _figures(arms: dict[str, Arm], out_dir: Path, prefix: str) -> list[str]:
     return lines
 
 
+def _pyplot():
+    # imported when a figure is drawn: a second of start-up every report-less command would pay
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _layer_conflicts(arms: dict[str, Arm], out_dir: Path, prefix: str) -> list[str]:
     """Where in the model the clients disagree (runs with fed.gh_layer_stats): the conflict
     share by block (a tensor name's first part: conv1, layer1, ..., final_layer) averaged over
@@ -485,6 +491,7 @@ def _layer_conflicts(arms: dict[str, Arm], out_dir: Path, prefix: str) -> list[s
     grid = np.array(
         [[np.mean(table[n][r]) if r in table[n] else np.nan for r in rounds] for n in names]
     )
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.0, max(3.0, 0.11 * len(names) + 1.2)))
     im = ax.imshow(grid, aspect="auto", cmap="magma", vmin=0, vmax=1, interpolation="nearest")
     ax.set_yticks(range(len(names)), names, fontsize=4)
@@ -504,6 +511,7 @@ def _layer_conflicts(arms: dict[str, Arm], out_dir: Path, prefix: str) -> list[s
 
 
 def _band_plot(arms: dict[str, Arm], key: str, ylabel: str, path: Path) -> bool:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     drew = False
     for i, (label, arm) in enumerate(arms.items()):

@@ -13,7 +13,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
 TAIL = 0.2
 
@@ -67,6 +66,8 @@ def paired_difference(
     if len(d) < 2:
         return PairedDifference(1, mean, math.nan, math.nan, math.nan)
     sd = float(d.std(ddof=1))
+    from scipy import stats  # a second to import: only the interval needs it
+
     half = float(stats.t.ppf(0.5 + confidence / 2, len(d) - 1)) * sd / math.sqrt(len(d))
     return PairedDifference(len(d), mean, sd, mean - half, mean + half)
 
