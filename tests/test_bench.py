@@ -175,6 +175,12 @@ def test_bench_sim_smoke(tmp_path):
         assert row["trained"] == 3 * 3
         assert 0 < row["state_clients"] <= 3 * 3  # only clients that trained hold state
         assert row["state_disk"] > 0
+        phases = row["phases_ms"]
+        assert all(phases[p] > 0 for p in ("state read", "state write", "reply checks"))
+        assert all(phases[p] > 0 for p in ("aggregation", "checkpoint"))
+        # the phases are parts of the overhead
+        per_client = 1e3 * row["overhead_s"] * row["rounds"] / (3 * 2)
+        assert sum(phases.values()) == pytest.approx(per_client)
 
 
 def test_bench_sim_prints_the_overhead_share_last(monkeypatch, capsys):
@@ -192,6 +198,14 @@ def test_bench_sim_prints_the_overhead_share_last(monkeypatch, capsys):
         "state_memory": 0,
         "state_disk": 2**20,
         "params": 1000,
+        "phases_ms": {
+            "state read": 0.1,
+            "state write": 0.2,
+            "reply checks": 0.3,
+            "aggregation": 0.4,
+            "checkpoint": 0.5,
+            "other": 0.6,
+        },
     }
     monkeypatch.setattr(
         "fedpose.tools.bench_sim.bench_sim",

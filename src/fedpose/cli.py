@@ -413,7 +413,7 @@ def cmd_bench_data(args) -> int:
 
 
 def cmd_bench_sim(args) -> int:
-    from fedpose.tools.bench_sim import SimBenchOptions, bench_sim, sim_table
+    from fedpose.tools.bench_sim import SimBenchOptions, bench_sim, phase_table, sim_table
 
     opts = SimBenchOptions(
         clients=args.clients,
@@ -430,6 +430,7 @@ def cmd_bench_sim(args) -> int:
     )
     table, notes = sim_table(res, opts)
     console.print(table)
+    console.print(phase_table(res))
     console.print(notes)
     print(f"overhead share: {res['overhead_share']:.4f}")
     return 0

@@ -8,7 +8,10 @@ fresh process, so that its peak memory is its own. Reported per K:
   and the runner's overhead: everything else (selection, requests, client state I/O,
   aggregation, logging, checkpoints);
 - memory: the process's peak resident set, its growth over the rounds, and the client state
-  that an in-memory engine would hold (here on disk, beside the checkpoint).
+  that an in-memory engine would hold (here on disk, beside the checkpoint);
+- where the overhead goes, per trained client: reading and writing client state, the server's
+  reply checks, the aggregation, the checkpoint, and the rest (selection, requests, logging,
+  the client's set-up and tear-down outside its timed training).
 
 Memory must grow with the clients trained per round, not with K; the overhead share of round
 time is the runner's cost.
@@ -79,6 +82,21 @@ def _images_needed(opts: SimBenchOptions) -> int:
     return math.ceil(opts.clients * opts.samples_per_client / 0.8) + 1
 
 
+# the runner's phases timed separately (see simulate)
+PHASES = ("state read", "state write", "reply checks", "aggregation", "checkpoint")
+
+
+def _timed(fn, seconds: dict[str, float], phase: str):
+    def call(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            seconds[phase] += time.perf_counter() - t0
+
+    return call
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
@@ -123,6 +141,13 @@ def simulate(cfg: Config) -> dict:
         evaluate=evaluate,
         run_dir=run_dir,
     )
+    phase_seconds = dict.fromkeys(PHASES, 0.0)
+    store = transport.client_states
+    store.get = _timed(store.get, phase_seconds, "state read")
+    store.put = _timed(store.put, phase_seconds, "state write")
+    server._accept = _timed(server._accept, phase_seconds, "reply checks")
+    server.aggregate = _timed(server.aggregate, phase_seconds, "aggregation")
+    server.save_checkpoint = _timed(server.save_checkpoint, phase_seconds, "checkpoint")
     marks: list[tuple[float, float, float]] = []  # (wall, training, evaluation) after each round
 
     def mark(*_) -> None:
@@ -133,6 +158,8 @@ def simulate(cfg: Config) -> dict:
     cfg.fed.rounds = 1
     server.run()
     rss_before = _rss_bytes()
+    warm_clients = len(train_seconds)
+    phase_seconds.update(dict.fromkeys(PHASES, 0.0))
     mark()
     cfg.fed.rounds = total_rounds
     server.run(progress=mark)
@@ -140,7 +167,10 @@ def simulate(cfg: Config) -> dict:
     if rounds < 1:
         raise ToolError("bench sim needs at least 2 rounds (the first one warms up)")
     wall, train, evaluation = (marks[-1][i] - marks[0][i] for i in range(3))
-    store = transport.client_states
+    clients = max(1, len(train_seconds) - warm_clients)
+    overhead = wall - train - evaluation
+    phases_ms = {p: 1e3 * phase_seconds[p] / clients for p in PHASES}
+    phases_ms["other"] = 1e3 * (overhead - sum(phase_seconds.values())) / clients
     return {
         "clients": cfg.fed.num_clients,
         "per_round": cfg.fed.clients_per_round,
@@ -155,6 +185,7 @@ def simulate(cfg: Config) -> dict:
         "state_memory": store.bytes_in_memory(),
         "state_disk": store.bytes_on_disk(),
         "params": sum(t.numel() for t in server.weights.values()),
+        "phases_ms": phases_ms,
     }
 
 
@@ -208,6 +239,18 @@ def bench_sim(opts: SimBenchOptions, progress=None) -> dict:
             progress(row)
     # the headline: the largest federation, the one the runner must scale to
     return {"rows": rows, "overhead_share": rows[-1]["overhead_share"], "method": opts.method}
+
+
+def phase_table(res: dict) -> Table:
+    """Where the runner's overhead goes, in milliseconds per trained client."""
+    table = Table(title="runner overhead per trained client, ms")
+    table.add_column("K", justify="right")
+    for name in (*PHASES, "other"):
+        table.add_column(name, justify="right")
+    for r in res["rows"]:
+        phases = r["phases_ms"]
+        table.add_row(str(r["clients"]), *(f"{phases[p]:.2f}" for p in (*PHASES, "other")))
+    return table
 
 
 def sim_table(res: dict, opts: SimBenchOptions) -> tuple[Table, str]:
