@@ -51,6 +51,7 @@ def test_resume_sees_the_states_of_the_checkpoint(tmp_path):
     checkpoint = store.state_dict()  # as saved at the end of a round
     store.put(0, _state(10.0))  # the next round trains client 0 again, then the run dies
     store.put(2, _state(30.0))
+    store.flush()  # the worst case: the lost round's files reached the disk
 
     resumed = ClientStateStore(tmp_path)
     resumed.load_state_dict(checkpoint)
@@ -78,3 +79,24 @@ def test_checkpoint_with_states_in_memory_loads_into_a_disk_store(tmp_path):
     disk = ClientStateStore(tmp_path)
     disk.load_state_dict(memory.state_dict())
     assert _equal(disk.get(4), _state(0.5))
+
+
+def test_states_are_written_in_the_background_and_read_back_at_once(tmp_path):
+    store = ClientStateStore(tmp_path)
+    for generation in range(3):  # more writes than may be in flight, the same clients again
+        for client in range(6):
+            store.put(client, _state(10.0 * generation + client))
+            assert _equal(store.get(client), _state(10.0 * generation + client))
+    index = store.state_dict()["client_state_index"]
+    assert index == dict.fromkeys(range(6), 2)
+    assert all((tmp_path / f"{c}.2.safetensors").stat().st_size > 0 for c in range(6))
+
+
+def test_a_failed_state_write_is_an_error_not_a_lost_state(tmp_path):
+    store = ClientStateStore(tmp_path / "s")
+    store.put(0, _state(1.0))
+    store.flush()
+    (tmp_path / "s").rename(tmp_path / "gone")  # the folder vanishes under the run
+    store.put(1, _state(2.0))
+    with pytest.raises(FileNotFoundError):
+        store.state_dict()

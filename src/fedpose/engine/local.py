@@ -33,6 +33,8 @@ class LocalTransport:
     def receive(self, client_id: int) -> TrainReply:
         request = self.requests.pop(client_id)
         f = self.fed
+        # outside the try: the runner's own storage failing is no client's fault; it stops the run
+        client_state = self.client_states.get(client_id)
         try:
             dataset = f.client_dataset(client_id)
             fault = self.faults.fault(request.round, client_id)
@@ -48,7 +50,7 @@ class LocalTransport:
                 f.model,
                 local_batches(dataset, request, f.cfg),
                 request,
-                self.client_states.get(client_id),
+                client_state,
                 f.cfg.train,
                 f.layout,
                 f.device,

@@ -20,6 +20,7 @@ from fedpose.config import Config, TrainConfig
 from fedpose.data.dataset import PoseDataset, make_loader
 from fedpose.fl.messages import CLIENT_RULES, TrainReply, TrainRequest
 from fedpose.fl.params import ModelLayout, flatten
+from fedpose.model.inference import move_to
 from fedpose.model.optim import make_optimizer
 from fedpose.model.train_step import TrainStep
 
@@ -76,7 +77,7 @@ def local_train(
     if layout.local_names and "local" in client_state:
         state.update(client_state["local"])
     model.load_state_dict(state)
-    model.to(device).train()
+    move_to(model, device).train()
     params = dict(model.named_parameters())
     base = {n: state[n].to(device) for n in layout.agg_names}
     dyn_grad = dyn_grad_by_name(client_state, layout) if request.rule == "dyn" else None

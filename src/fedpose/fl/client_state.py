@@ -6,6 +6,10 @@ memory. `ClientStateStore` with a directory keeps every state in a safetensors f
 memory holds only the index: memory grows with the clients trained per round, not with the
 federation.
 
+Files are written by a background thread while the next client trains (at most a few writes in
+flight, one per client); reading a client's state, a checkpoint's index and the disk figures
+wait for the writes they depend on, and a write that failed raises there.
+
 Resuming must see the states as they were at the checkpoint, while training after it rewrites
 them. So a state is never overwritten: each write is a new generation (`<client>.<gen>.
 safetensors`), the checkpoint records the index {client: generation}, and a file is deleted only
@@ -16,11 +20,14 @@ from __future__ import annotations
 
 import json
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
+
+MAX_PENDING_WRITES = 4  # state files in flight: each holds a serialized state in memory
 
 
 def _pack(state: dict[str, dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], dict]:
@@ -60,6 +67,8 @@ class ClientStateStore:
         self._kept: list[dict[int, int]] = []  # indexes handed to checkpoints, newest last
         self._superseded: set[tuple[int, int]] = set()  # old files a kept index still needs
         self._made_directory = False
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: dict[int, Future] = {}  # client -> the write of its newest file
 
     def __len__(self) -> int:
         return len(self._index) if self.directory is not None else len(self._memory)
@@ -74,6 +83,7 @@ class ClientStateStore:
         generation = self._index.get(client)
         if generation is None:
             return {}
+        self._wait(client)
         path = self._path(client, generation)
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata()
@@ -92,8 +102,16 @@ class ClientStateStore:
             if not self._made_directory:
                 self.directory.mkdir(parents=True, exist_ok=True)
                 self._made_directory = True
-            # no temporary file: a file cut short by a crash is a generation no index names yet
-            save_file(packed, self._path(client, generation), metadata=metadata)
+            # serialized here, written there: the caller may reuse the tensors once put returns.
+            # No temporary file: a file cut short by a crash is a generation no index names yet.
+            payload = save(packed, metadata=metadata)
+            self._wait(client)
+            while len(self._pending) >= MAX_PENDING_WRITES:
+                self._wait(next(iter(self._pending)))
+            if self._writer is None:
+                self._writer = ThreadPoolExecutor(1, thread_name_prefix="client-state")
+            path = self._path(client, generation)
+            self._pending[client] = self._writer.submit(path.write_bytes, payload)
             self._index[client] = generation
         else:  # stateless clients (FedAvg and kin) cost no file at all
             self._index.pop(client, None)
@@ -102,6 +120,16 @@ class ClientStateStore:
                 self._superseded.add((client, old))
             else:
                 self._path(client, old).unlink(missing_ok=True)
+
+    def _wait(self, client: int) -> None:
+        write = self._pending.pop(client, None)
+        if write is not None:
+            write.result()  # raises the write's error, if any
+
+    def flush(self) -> None:
+        """Wait until every state file handed to `put` is on disk."""
+        for client in list(self._pending):
+            self._wait(client)
 
     def bytes_in_memory(self) -> int:
         return sum(
@@ -114,12 +142,14 @@ class ClientStateStore:
     def bytes_on_disk(self) -> int:
         if self.directory is None:
             return 0
+        self.flush()
         return sum(p.stat().st_size for p in self.directory.glob("*.safetensors"))
 
     def state_dict(self) -> dict:
         """What a checkpoint keeps: the states themselves (in memory) or the index (on disk)."""
         if self.directory is None:
             return {"client_states": self._memory}
+        self.flush()  # an index names only files that are complete
         index = dict(self._index)
         self._kept = (self._kept + [index])[-2:]
         for client, generation in list(self._superseded):

@@ -19,6 +19,15 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
+def move_to(model: torch.nn.Module, device: str | torch.device) -> torch.nn.Module:
+    """model.to(device), skipped when the model is there already: `.to` walks every module and
+    tensor even when nothing moves, a cost a small client model pays every round."""
+    first = next(model.parameters(), None)
+    if first is None or first.device != torch.device(device):
+        model.to(device)
+    return model
+
+
 def predict_records(
     model: torch.nn.Module,
     records: Sequence[PoseRecord],
@@ -49,7 +58,7 @@ def predict_records(
     )
     task = progress.add_task("predict", total=len(dataset)) if progress is not None else None
     was_training = model.training
-    model.to(device).eval()
+    move_to(model, device).eval()
     out = np.zeros((len(dataset), skeleton.num_joints, 2), dtype=np.float64)
     try:
         with torch.inference_mode():
@@ -106,7 +115,7 @@ def predict_image(
     if device is None:
         device = next(model.parameters()).device
     was_training = model.training
-    model.to(device).eval()
+    move_to(model, device).eval()
     try:
         with torch.inference_mode():
             heatmaps = predict(
