@@ -3,12 +3,10 @@ SuperNodes: the result equals the in-process engine's."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from rich.console import Console
-from test_flower import _running_with_home
+from test_flower import _running_with_home, comparable_rows
 
 from fedpose.engine.runner import run_federation
 from fedpose.tools.flower_demo import demo_config, renamed
@@ -39,24 +37,6 @@ def test_eight_virtual_supernodes_match_the_in_process_engine(tmp_path):
     local = run_federation(renamed(cfg, "local"))
     for name, t in local.weights.items():
         assert torch.equal(result.flower.weights[name], t), name
-    rows = {}
-    for engine in ("sim", "local"):
-        lines = (tmp_path / "runs" / engine / "metrics.jsonl").read_text().splitlines()
-        rows[engine] = [
-            {
-                k: v
-                for k, v in json.loads(x).items()
-                # the sites report PCK counts only: Flower runs have no heatmap accuracy yet
-                if k
-                not in (
-                    "wall_seconds",
-                    "agg_seconds",
-                    "site_pck",
-                    "site_test_samples",
-                    "heatmap_acc",
-                )
-            }
-            for x in lines
-        ]
+    rows = {engine: comparable_rows(tmp_path / "runs" / engine) for engine in ("sim", "local")}
     assert [r["aggregated"] for r in rows["sim"]] == [list(range(8))] * 2
     assert rows["sim"] == rows["local"]
