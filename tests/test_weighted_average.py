@@ -36,7 +36,8 @@ def test_flat_average_equals_the_per_tensor_sum_bit_for_bit():
         assert flat[name].dtype == reference[name].dtype
         assert flat[name].shape == reference[name].shape
         assert torch.equal(flat[name], reference[name])
-    packed = [pack_float64(t, dtype_groups(tensors[0], names)) for t in tensors]
+    groups = dtype_groups({n: tensors[0][n].dtype for n in names}, names)
+    packed = [pack_float64(t, groups) for t in tensors]
     given = weighted_average(tensors, names, counts, packed=packed)
     assert all(torch.equal(given[name], reference[name]) for name in names)
     assert weighted_average(tensors, (), counts) == {}

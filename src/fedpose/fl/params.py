@@ -86,17 +86,11 @@ def unflatten_add_(state: dict[str, torch.Tensor], layout: ModelLayout, flat: to
         state[name].add_(flat[start:end].view_as(state[name]).to(state[name].dtype))
 
 
-def dtype_groups(
-    dtypes: dict[str, torch.dtype] | dict[str, torch.Tensor], names: tuple[str, ...]
-) -> list[list[str]]:
-    """The names grouped by dtype (given, or of the tensors given), groups in order of first
-    appearance."""
+def dtype_groups(dtypes: dict[str, torch.dtype], names: tuple[str, ...]) -> list[list[str]]:
+    """The names grouped by dtype, groups in order of first appearance."""
     by_dtype: dict[torch.dtype, list[str]] = {}
     for name in names:
-        value = dtypes[name]
-        by_dtype.setdefault(value.dtype if isinstance(value, torch.Tensor) else value, []).append(
-            name
-        )
+        by_dtype.setdefault(dtypes[name], []).append(name)
     return list(by_dtype.values())
 
 
@@ -124,15 +118,15 @@ def weighted_average(
 ) -> dict[str, torch.Tensor]:
     """n-weighted mean of each named tensor; integer tensors (BN counters) are rounded back.
 
-    Each client's tensors are summed as one flat float64 vector (`pack_float64` in the order of
-    `dtype_groups(tensors[0], names)`; pass `packed` when the caller has them already): per
-    element the same operations in the same order as tensor by tensor, with a few ops per
-    client instead of a few per client and tensor (100 clients x 60 BatchNorm tensors: hundreds
-    of ops, not 18 000).
+    Each client's tensors are summed as one flat float64 vector (`pack_float64`, grouped by the
+    first client's dtypes; pass `packed` when the caller has them already): per element the
+    same operations in the same order as tensor by tensor, with a few ops per client instead of
+    a few per client and tensor (100 clients x 60 BatchNorm tensors: hundreds of ops, not
+    18 000).
     """
     if not names or not tensors:
         return {}
-    groups = dtype_groups(tensors[0], names)
+    groups = dtype_groups({n: tensors[0][n].dtype for n in names}, names)
     if packed is None:
         packed = [pack_float64(t, groups) for t in tensors]
     total = float(sum(counts))
