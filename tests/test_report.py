@@ -201,6 +201,42 @@ def test_compare_runs_seeds_in_single_thread_processes(tmp_path, synth_dir):
     assert "| fedavg | 2 |" in report
 
 
+def test_compare_generates_synth_arm_once_before_its_parallel_runs(tmp_path, monkeypatch):
+    import fedpose.engine.parallel as parallel
+
+    root = tmp_path / "synth"
+    found_before_runs = []
+
+    def run_in_process(jobs, *_):
+        # the worker processes would race to render the same files into one folder
+        found_before_runs.append((root / "annotations.json").is_file())
+        return {job.name: main(job.args) for job in jobs}
+
+    monkeypatch.setattr(parallel, "run_jobs", run_in_process)
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text('name = "tiny"\n')
+    sets = [
+        f"out_dir={tmp_path / 'runs'}",
+        f"data.root={root}",
+        "data.synth_n=24",
+        "data.synth_size=32",
+        "data.input_size=32",
+        "data.test_fraction=0.25",
+        "model.width=4",
+        "model.deconv_filters=8",
+        "train.batch_size=8",
+        "train.flip_test=false",
+        "fed.rounds=1",
+        "fed.local_steps=1",
+    ]
+    args = ["compare", str(cfg), "--methods", "fedavg", "--seeds", "0-1", "--jobs", "2"]
+    assert main([*args, *(a for s in sets for a in ("-c", s))]) == 0
+    assert found_before_runs == [True]
+    assert len(list((root / "images").glob("*.png"))) == 24
+    assert not list(root.rglob("*.tmp"))  # every file renamed into place
+    assert "| fedavg | 2 |" in (tmp_path / "runs" / "tiny" / "report.md").read_text()
+
+
 def test_centralized_runs_join_the_report_with_epochs_as_rounds(tmp_path):
     runs = _experiment(tmp_path)
     for seed in range(4):

@@ -109,6 +109,20 @@ def test_bad_arguments(tmp_path):
         generate_synth_arm(tmp_path, n=0, progress=False)
 
 
+def test_a_failed_write_leaves_neither_the_file_nor_its_temporary(tmp_path):
+    from fedpose.data.synth_arm import _write_atomically
+
+    target = tmp_path / "annotations.json"
+
+    def half_written(tmp: Path) -> None:
+        tmp.write_text('{"images": [')
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        _write_atomically(target, half_written)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.slow  # starts fresh interpreters
 def test_worker_processes_give_the_same_files(tmp_path):
     serial = generate_synth_arm(tmp_path / "s", n=128, seed=2, size=32, progress=False)

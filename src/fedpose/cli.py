@@ -15,8 +15,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from fedpose.config import ConfigError, load_config
-from fedpose.data import DATASETS
+from fedpose.config import Config, ConfigError, load_config
+from fedpose.data import DATASETS, synth_arm_annotations
 from fedpose.data.records import DatasetError
 from fedpose.fl.server import FederationError
 from fedpose.tools import ToolError
@@ -125,6 +125,7 @@ def cmd_compare(args) -> int:
     seeds = _seeds(args.seeds)
     run_dirs: list[Path] = []
     jobs: list[Job] = []
+    job_cfgs: list[Config] = []
     # seed-major: each seed's paired set of runs completes before the next seed starts
     for seed in seeds:
         for label, sets in _variants(args):
@@ -138,6 +139,7 @@ def cmd_compare(args) -> int:
             # a run killed before its first checkpoint resumes by starting over
             resume = args.resume
             if args.jobs > 1:
+                job_cfgs.append(cfg)
                 cli_args = ["run", args.config, *(a for x in run_sets for a in ("-c", x))]
                 jobs.append(
                     Job(
@@ -149,6 +151,10 @@ def cmd_compare(args) -> int:
             else:
                 run_federation(cfg, resume=resume, console=console)
     if jobs:
+        synth = {c.data.root: c.data for c in job_cfgs if c.data.dataset == "synth-arm"}
+        for data in synth.values():
+            # generated here, once: parallel runs would each render the same set into one folder
+            synth_arm_annotations(data, workers=args.jobs)
         console.print(
             f"{len(jobs)} runs in {min(args.jobs, len(jobs))} processes, one thread "
             "each; logs beside the run directories"

@@ -94,8 +94,9 @@ def holdout_split(
     return [r for r in records if (r.image in held_out) == (split == "test")]
 
 
-def synth_arm_annotations(cfg: DataConfig) -> Path:
-    """The synth-arm annotation file, generating the data set into cfg.root on first use."""
+def synth_arm_annotations(cfg: DataConfig, workers: int = 1) -> Path:
+    """The synth-arm annotation file, generating the data set into cfg.root on first use
+    (with `workers` processes)."""
     if cfg.ann:
         return Path(cfg.ann)
     ann = Path(cfg.root) / SYNTH_ANN
@@ -103,7 +104,11 @@ def synth_arm_annotations(cfg: DataConfig) -> Path:
         # imported here: the generator is only needed (and only loaded) on a fresh root
         from fedpose.data.synth_arm import generate_synth_arm
 
-        made = Path(generate_synth_arm(Path(cfg.root), cfg.synth_n, cfg.synth_seed, cfg.synth_size))
+        made = Path(
+            generate_synth_arm(
+                Path(cfg.root), cfg.synth_n, cfg.synth_seed, cfg.synth_size, workers=workers
+            )
+        )
         if made.is_file():
             ann = made
     return ann

@@ -21,6 +21,7 @@ import math
 import multiprocessing
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -609,7 +610,10 @@ def _render_and_save(job: tuple[int, int, int, str]) -> dict:
     """Render image i, write its PNG, return its annotation. Top level: workers pickle it."""
     i, seed, size, image_dir = job
     img, meta = _render(i, seed, size)
-    img.save(Path(image_dir) / f"{i:06d}.png", format="PNG", compress_level=6)
+    _write_atomically(
+        Path(image_dir) / f"{i:06d}.png",
+        lambda tmp: img.save(tmp, format="PNG", compress_level=6),
+    )
     flat = [v for x, y, vis in meta["keypoints"] for v in (_r(x), _r(y), vis)]
     return {
         "id": i + 1,
@@ -709,8 +713,20 @@ def generate_synth_arm(
         ],
     }
     ann_file = out_dir / "annotations.json"
-    ann_file.write_text(json.dumps(coco, separators=(",", ":")))
+    # written last: a reader that finds the annotations finds every image complete
+    _write_atomically(ann_file, lambda tmp: tmp.write_text(json.dumps(coco, separators=(",", ":"))))
     return ann_file
+
+
+def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """write(tmp) beside path, then rename: two processes generating the same set into one
+    folder never let each other read a half-written file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # --- preview ---------------------------------------------------------------------------------
