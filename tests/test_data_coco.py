@@ -190,8 +190,8 @@ def test_synth_arm_split(tmp_path):
 def test_synth_arm_is_generated_once_on_first_use(tmp_path, monkeypatch):
     calls = []
 
-    def generate_synth_arm(out_dir, n, seed, size):
-        calls.append((out_dir, n, seed, size))
+    def generate_synth_arm(out_dir, n, seed, size, workers):
+        calls.append((out_dir, n, seed, size, workers))
         return make_arm_set(out_dir, n, seed, size).parent
 
     fake = types.ModuleType("fedpose.data.synth_arm")
@@ -201,7 +201,7 @@ def test_synth_arm_is_generated_once_on_first_use(tmp_path, monkeypatch):
     cfg = DataConfig(dataset="synth-arm", root=str(root), synth_n=10, synth_seed=3, synth_size=24)
     train, _ = load_split(cfg, "train")
     test, _ = load_split(cfg, "test")
-    assert calls == [(root, 10, 3, 24)]
+    assert calls == [(root, 10, 3, 24, 1)]
     assert len(train) + len(test) == 10 and len(test) == 2
 
 
