@@ -33,7 +33,7 @@ demo: venv
 # test: everything but the tests marked slow, which start real processes (Flower SuperLink and
 # SuperNodes, a fresh interpreter running a documented example); test-slow: those
 test: venv
-	$(BIN)/pytest -m "not slow" -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/pytest -m "not slow" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-slow: venv
 	$(BIN)/pytest -m slow

@@ -16,7 +16,7 @@ from fedpose.model.decode import (
     predict,
     refine_quarter,
 )
-from fedpose.model.inference import predict_image, predict_records
+from fedpose.model.inference import load_weights, predict_image, predict_records
 from fedpose.model.loss import JointsMSELoss
 from fedpose.model.optim import make_optimizer
 from fedpose.model.pose_resnet import PoseResNet, PretrainedError, build_model, load_pretrained
@@ -270,3 +270,23 @@ def test_optimizer_steps_over_all_parameters_at_once_with_the_same_bits(optimize
             opt.step()
         states.append(model.state_dict())
     assert all(torch.equal(states[0][n], states[1][n]) for n in states[0])
+
+
+def test_load_weights_sets_what_load_state_dict_sets_and_refuses_what_it_refuses():
+    torch.manual_seed(0)
+    source = PoseResNet(3, depth=18, width=4, deconv_filters=8)
+    source.train()(torch.randn(2, 3, 32, 32))  # BatchNorm statistics and counters move
+    weights = source.state_dict()
+    fast, reference = (PoseResNet(3, depth=18, width=4, deconv_filters=8) for _ in range(2))
+    load_weights(fast, weights)
+    reference.load_state_dict(weights)
+    for name, tensor in reference.state_dict().items():
+        got = fast.state_dict()[name]
+        assert got.dtype == tensor.dtype and torch.equal(got, tensor), name
+    assert all(p.requires_grad for p in fast.parameters())  # still trainable parameters
+    missing = {n: t for n, t in weights.items() if n != "final_layer.bias"}
+    with pytest.raises(RuntimeError, match="Missing key"):
+        load_weights(fast, missing)
+    reshaped = {**weights, "final_layer.bias": torch.zeros(4)}
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        load_weights(fast, reshaped)

@@ -18,7 +18,7 @@ from fedpose.fl.params import ModelLayout, model_layout
 from fedpose.fl.strategies import build_strategy
 from fedpose.fl.strategies.base import Strategy
 from fedpose.metrics.evaluate import evaluate_model
-from fedpose.model.inference import resolve_device
+from fedpose.model.inference import load_weights, resolve_device
 from fedpose.model.pose_resnet import PoseResNet, build_model, load_pretrained
 
 
@@ -60,7 +60,7 @@ class Federation:
 
     def evaluate(self, weights: dict[str, torch.Tensor]) -> dict:
         """The global model's PCK on the test split, as metrics.jsonl records it."""
-        self.model.load_state_dict(weights)
+        load_weights(self.model, weights)
         ev = evaluate_model(self.model, self.test_records, self.skeleton, self.cfg, self.device)
         return {k: ev[k] for k in ("pck_mean", "pck_per_joint", "heatmap_acc")}
 

@@ -99,7 +99,7 @@ from fedpose.fl.server import FederatedServer
 from fedpose.metrics.evaluate import evaluate_counts
 from fedpose.metrics.log import read_jsonl
 from fedpose.metrics.pck import score_counts
-from fedpose.model.inference import resolve_device
+from fedpose.model.inference import load_weights, resolve_device
 from fedpose.model.io import MODEL_FILE, save_model
 
 CONFIG_KEY = "fedpose-config"
@@ -297,7 +297,7 @@ def count_correct(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-joint (correct, counted) of `weights` on `records`, by the evaluator central
     evaluation uses, so counts summed over sites equal the central counts."""
-    model.load_state_dict(weights)
+    load_weights(model, weights)
     return evaluate_counts(model, records, skeleton, cfg, device)
 
 

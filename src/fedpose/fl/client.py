@@ -20,7 +20,7 @@ from fedpose.config import Config, TrainConfig
 from fedpose.data.dataset import PoseDataset, make_loader
 from fedpose.fl.messages import CLIENT_RULES, TrainReply, TrainRequest
 from fedpose.fl.params import ModelLayout, flatten
-from fedpose.model.inference import move_to
+from fedpose.model.inference import load_weights, move_to
 from fedpose.model.optim import make_optimizer
 from fedpose.model.train_step import TrainStep
 
@@ -76,7 +76,7 @@ def local_train(
     state = dict(request.weights)  # load_state_dict copies: the request's tensors stay as sent
     if layout.local_names and "local" in client_state:
         state.update(client_state["local"])
-    model.load_state_dict(state)
+    load_weights(model, state)
     move_to(model, device).train()
     params = dict(model.named_parameters())
     base = {n: state[n].to(device) for n in layout.agg_names}
