@@ -73,7 +73,7 @@ def local_train(
     if request.rule not in CLIENT_RULES:
         raise ValueError(f"unknown client rule {request.rule!r}: use {', '.join(CLIENT_RULES)}")
     started = time.perf_counter()
-    state = dict(request.weights)  # load_state_dict copies: the request's tensors stay as sent
+    state = dict(request.weights)  # load_weights copies: the request's tensors stay as sent
     if layout.local_names and "local" in client_state:
         state.update(client_state["local"])
     load_weights(model, state)
