@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+from fedtiny import tiny_cli_args
 
 from fedpose.cli import main
 from fedpose.report.experiment import load_arms, write_report
@@ -213,28 +214,15 @@ def test_compare_generates_synth_arm_once_before_its_parallel_runs(tmp_path, mon
         return {job.name: main(job.args) for job in jobs}
 
     monkeypatch.setattr(parallel, "run_jobs", run_in_process)
-    cfg = tmp_path / "tiny.toml"
-    cfg.write_text('name = "tiny"\n')
-    sets = [
-        f"out_dir={tmp_path / 'runs'}",
-        f"data.root={root}",
-        "data.synth_n=24",
-        "data.synth_size=32",
-        "data.input_size=32",
-        "data.test_fraction=0.25",
-        "model.width=4",
-        "model.deconv_filters=8",
-        "train.batch_size=8",
-        "train.flip_test=false",
-        "fed.rounds=1",
-        "fed.local_steps=1",
-    ]
-    args = ["compare", str(cfg), "--methods", "fedavg", "--seeds", "0-1", "--jobs", "2"]
-    assert main([*args, *(a for s in sets for a in ("-c", s))]) == 0
+    sets = tiny_cli_args(
+        tmp_path / "runs", root, "data.synth_n=24", "data.synth_size=32", "data.test_fraction=0.25"
+    )
+    args = ["compare", "configs/demo.toml", "--methods", "fedavg", "--seeds", "0-1", "--jobs", "2"]
+    assert main([*args, *sets]) == 0
     assert found_before_runs == [True]
     assert len(list((root / "images").glob("*.png"))) == 24
     assert not list(root.rglob("*.tmp"))  # every file renamed into place
-    assert "| fedavg | 2 |" in (tmp_path / "runs" / "tiny" / "report.md").read_text()
+    assert "| fedavg | 2 |" in (tmp_path / "runs" / "t" / "report.md").read_text()
 
 
 def test_centralized_runs_join_the_report_with_epochs_as_rounds(tmp_path):
