@@ -110,7 +110,7 @@ def test_bad_arguments(tmp_path):
 
 
 def test_a_failed_write_leaves_neither_the_file_nor_its_temporary(tmp_path):
-    from fedpose.data.synth_arm import _write_atomically
+    from fedpose.files import write_atomically
 
     target = tmp_path / "annotations.json"
 
@@ -119,7 +119,7 @@ def test_a_failed_write_leaves_neither_the_file_nor_its_temporary(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        _write_atomically(target, half_written)
+        write_atomically(target, half_written)
     assert list(tmp_path.iterdir()) == []
 
 

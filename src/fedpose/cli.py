@@ -15,7 +15,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from fedpose.config import Config, ConfigError, load_config
+from fedpose.config import ConfigError, DataConfig, load_config
 from fedpose.data import DATASETS, synth_arm_annotations
 from fedpose.data.records import DatasetError
 from fedpose.fl.server import FederationError
@@ -125,7 +125,7 @@ def cmd_compare(args) -> int:
     seeds = _seeds(args.seeds)
     run_dirs: list[Path] = []
     jobs: list[Job] = []
-    job_cfgs: list[Config] = []
+    synth_data: dict[str, DataConfig] = {}  # by root: each synth-arm set its parallel runs read
     # seed-major: each seed's paired set of runs completes before the next seed starts
     for seed in seeds:
         for label, sets in _variants(args):
@@ -139,7 +139,8 @@ def cmd_compare(args) -> int:
             # a run killed before its first checkpoint resumes by starting over
             resume = args.resume
             if args.jobs > 1:
-                job_cfgs.append(cfg)
+                if cfg.data.dataset == "synth-arm":
+                    synth_data[cfg.data.root] = cfg.data
                 cli_args = ["run", args.config, *(a for x in run_sets for a in ("-c", x))]
                 jobs.append(
                     Job(
@@ -151,8 +152,7 @@ def cmd_compare(args) -> int:
             else:
                 run_federation(cfg, resume=resume, console=console)
     if jobs:
-        synth = {c.data.root: c.data for c in job_cfgs if c.data.dataset == "synth-arm"}
-        for data in synth.values():
+        for data in synth_data.values():
             # generated here, once: parallel runs would each render the same set into one folder
             synth_arm_annotations(data, workers=args.jobs)
         console.print(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from fedpose.data.records import (
     read_image_size,
     read_json,
 )
+from fedpose.files import write_atomically
 
 # SimpleBaseline convention: the crop is 1.25 x the person box, with scale in units of 200 px.
 BOX_PADDING = 1.25
@@ -145,10 +145,8 @@ def write_coco(
         "annotations": annotations,
     }
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    # write-then-rename: a crash never leaves a half-written file that later loads as bad JSON
-    tmp = out_file.with_name(out_file.name + ".tmp")
-    tmp.write_text(json.dumps(data, default=_json_default))
-    os.replace(tmp, out_file)
+    # a crash never leaves a half-written file that later loads as bad JSON
+    write_atomically(out_file, lambda tmp: tmp.write_text(json.dumps(data, default=_json_default)))
     return out_file
 
 

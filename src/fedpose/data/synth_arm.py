@@ -21,13 +21,14 @@ import math
 import multiprocessing
 import os
 from collections import defaultdict
-from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from fedpose.files import write_atomically
 
 VIEWS = ("anterior", "posterior", "left", "right")
 KEYPOINTS = ("shoulder", "elbow", "wrist")
@@ -610,7 +611,7 @@ def _render_and_save(job: tuple[int, int, int, str]) -> dict:
     """Render image i, write its PNG, return its annotation. Top level: workers pickle it."""
     i, seed, size, image_dir = job
     img, meta = _render(i, seed, size)
-    _write_atomically(
+    write_atomically(
         Path(image_dir) / f"{i:06d}.png",
         lambda tmp: img.save(tmp, format="PNG", compress_level=6),
     )
@@ -714,19 +715,8 @@ def generate_synth_arm(
     }
     ann_file = out_dir / "annotations.json"
     # written last: a reader that finds the annotations finds every image complete
-    _write_atomically(ann_file, lambda tmp: tmp.write_text(json.dumps(coco, separators=(",", ":"))))
+    write_atomically(ann_file, lambda tmp: tmp.write_text(json.dumps(coco, separators=(",", ":"))))
     return ann_file
-
-
-def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """write(tmp) beside path, then rename: two processes generating the same set into one
-    folder never let each other read a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # --- preview ---------------------------------------------------------------------------------
