@@ -101,10 +101,17 @@ def task_identity(monkeypatch):
     flower_app._federations.clear()
 
 
-def _tiny(tmp_path: Path, *overrides: str):
+@pytest.fixture
+def synth(tmp_path, synth_dir) -> Path:
+    """This test's own copy of the session's synth-arm set, the one _tiny configures (copied in
+    milliseconds; rendering it takes a second)."""
+    return Path(shutil.copytree(synth_dir, tmp_path / "synth"))
+
+
+def _tiny(tmp_path: Path, synth: Path, *overrides: str):
     return tiny_config(
         tmp_path,
-        tmp_path / "synth",
+        synth,
         "fed.num_clients=3",
         "fed.partition=dirichlet",
         "fed.dirichlet_alpha=1.0",
@@ -161,8 +168,8 @@ def test_packed_state_is_exact_and_two_arrays():
 
 
 # ----------------------------------------------------------------------------- data split
-def test_split_sites_hold_exactly_the_partition(tmp_path):
-    cfg = _tiny(tmp_path)
+def test_split_sites_hold_exactly_the_partition(tmp_path, synth):
+    cfg = _tiny(tmp_path, synth)
     fed = build_federation(cfg)
     sites = split_into_sites(cfg, tmp_path / "sites")
     tests = evaluation_partition(fed.test_records, cfg)
@@ -222,7 +229,9 @@ def test_data_split_command_and_inspect(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- the engine
 @pytest.mark.usefixtures("task_identity")
-def test_sites_train_like_the_in_process_engine_and_evaluate_federated(tmp_path, monkeypatch):
+def test_sites_train_like_the_in_process_engine_and_evaluate_federated(
+    tmp_path, monkeypatch, synth
+):
     loads = []
     real_load_site = flower_app.load_site
 
@@ -231,7 +240,7 @@ def test_sites_train_like_the_in_process_engine_and_evaluate_federated(tmp_path,
         return real_load_site(node_config, *args)
 
     monkeypatch.setattr(flower_app, "load_site", counting_load_site)
-    cfg = _tiny(tmp_path, "fed.rounds=2", "fed.method=fedavg")
+    cfg = _tiny(tmp_path, synth, "fed.rounds=2", "fed.method=fedavg")
     split_into_sites(cfg, tmp_path / "sites")
     local = run_federation(cfg)
     local_rows = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -239,6 +248,7 @@ def test_sites_train_like_the_in_process_engine_and_evaluate_federated(tmp_path,
     # the server's data root does not exist: it loads no data
     flower_cfg = _tiny(
         tmp_path,
+        synth,
         "fed.rounds=2",
         "fed.method=fedavg",
         "name=flower",
@@ -280,8 +290,8 @@ def test_sites_train_like_the_in_process_engine_and_evaluate_federated(tmp_path,
     )
 
 
-def test_federated_counts_add_up_to_central_evaluation(tmp_path):
-    cfg = _tiny(tmp_path)
+def test_federated_counts_add_up_to_central_evaluation(tmp_path, synth):
+    cfg = _tiny(tmp_path, synth)
     fed = build_federation(cfg)
     torch.manual_seed(3)
     weights = {
@@ -309,8 +319,8 @@ def test_federated_counts_add_up_to_central_evaluation(tmp_path):
 
 
 @pytest.mark.usefixtures("task_identity")
-def test_unreadable_and_empty_sites_are_refused_not_fatal(tmp_path):
-    cfg = _tiny(tmp_path, "fed.rounds=1", "fed.method=fedavg")
+def test_unreadable_and_empty_sites_are_refused_not_fatal(tmp_path, synth):
+    cfg = _tiny(tmp_path, synth, "fed.rounds=1", "fed.method=fedavg")
     split_into_sites(cfg, tmp_path / "sites")
     configs = _site_configs(tmp_path / "sites", 3)
     (tmp_path / "sites/site1/train.json").write_text("{not json")
@@ -327,8 +337,8 @@ def test_unreadable_and_empty_sites_are_refused_not_fatal(tmp_path):
 
 
 @pytest.mark.usefixtures("task_identity")
-def test_site_whose_test_file_vanishes_reports_an_error(tmp_path):
-    cfg = _tiny(tmp_path, "fed.rounds=1", "fed.method=fedavg")
+def test_site_whose_test_file_vanishes_reports_an_error(tmp_path, synth):
+    cfg = _tiny(tmp_path, synth, "fed.rounds=1", "fed.method=fedavg")
     split_into_sites(cfg, tmp_path / "sites")
     configs = _site_configs(tmp_path / "sites", 3)
     shutil.rmtree(tmp_path / "sites/site0/images")  # readable annotations, missing images
@@ -364,7 +374,7 @@ def _processes_that_opened(log_dir: Path, path: Path) -> int:
 
 
 @pytest.mark.slow
-def test_three_sites_on_real_flower_processes(tmp_path):
+def test_three_sites_on_real_flower_processes(tmp_path, synth):
     """SLOW (about 40-90 s): a SuperLink and three SuperNodes, each pointed at its own `data
     split` folder; the ServerApp's data root does not exist. The final model equals the
     in-process engine's on the same partition bit for bit, and no process of a site opens a
@@ -374,7 +384,7 @@ def test_three_sites_on_real_flower_processes(tmp_path):
 
     from fedpose.tools.flower_demo import run_flower
 
-    cfg = _tiny(tmp_path, "fed.rounds=2")
+    cfg = _tiny(tmp_path, synth, "fed.rounds=2")
     sites = [s.folder for s in split_into_sites(cfg, tmp_path / "sites")]
     hook = tmp_path / "hook"
     hook.mkdir()
@@ -437,8 +447,8 @@ def test_three_sites_on_real_flower_processes(tmp_path):
     assert any("fedpose" in p for p in opened[3])  # the ServerApp's process was logged too
 
 
-def test_site_records_cache_in_context_state(tmp_path):
-    cfg = _tiny(tmp_path)
+def test_site_records_cache_in_context_state(tmp_path, synth):
+    cfg = _tiny(tmp_path, synth)
     split_into_sites(cfg, tmp_path / "sites")
     nc = _site_configs(tmp_path / "sites", 3)[1]
     skeleton = build_federation(cfg).skeleton
@@ -461,8 +471,8 @@ def test_site_records_cache_in_context_state(tmp_path):
 
 
 @pytest.mark.usefixtures("task_identity")
-def test_central_evaluation_only_when_asked(tmp_path):
-    cfg = _tiny(tmp_path, "fed.rounds=1", "fed.method=fedavg")
+def test_central_evaluation_only_when_asked(tmp_path, synth):
+    cfg = _tiny(tmp_path, synth, "fed.rounds=1", "fed.method=fedavg")
     split_into_sites(cfg, tmp_path / "sites")
     _, rows, _, _ = _run_sites(cfg, _site_configs(tmp_path / "sites", 3), central_eval=True)
     # the sites' test sets together are the config's test split: both evaluations agree
@@ -471,11 +481,11 @@ def test_central_evaluation_only_when_asked(tmp_path):
     # not asked (test_sites_train_like_the_in_process_engine_and_evaluate_federated): absent
 
 
-def test_site_node_config_errors_name_the_problem(tmp_path):
+def test_site_node_config_errors_name_the_problem(tmp_path, synth):
     from fedpose.config import ConfigError
     from fedpose.data.records import ARM, DatasetError
 
-    cfg = _tiny(tmp_path)
+    cfg = _tiny(tmp_path, synth)
     with pytest.raises(DatasetError, match="annotations.json"):  # nothing generated at a site
         load_site({"data-root": str(tmp_path / "empty"), "dataset": "synth-arm"}, cfg.data, ARM)
     assert not (tmp_path / "empty").exists()
@@ -488,15 +498,15 @@ def test_site_node_config_errors_name_the_problem(tmp_path):
 
 
 @pytest.mark.usefixtures("task_identity")
-def test_a_run_without_any_usable_site_fails(tmp_path):
-    cfg = _tiny(tmp_path, "fed.rounds=1")
+def test_a_run_without_any_usable_site_fails(tmp_path, synth):
+    cfg = _tiny(tmp_path, synth, "fed.rounds=1")
     configs = _site_configs(tmp_path / "nowhere", 3)
     with pytest.raises(RuntimeError, match="no usable SuperNode"):
         _run_sites(cfg, configs)
 
 
-def test_more_clients_than_test_records(tmp_path):
-    cfg = _tiny(tmp_path, "fed.num_clients=20", "fed.partition=iid")
+def test_more_clients_than_test_records(tmp_path, synth):
+    cfg = _tiny(tmp_path, synth, "fed.num_clients=20", "fed.partition=iid")
     fed = build_federation(cfg)
     parts = evaluation_partition(fed.test_records, cfg)
     assert len(parts) == 20 and len(fed.test_records) < 20
