@@ -89,6 +89,8 @@ def test_gram_same_bits_for_every_block_path_and_thread_count(threads):
         threads(n)
         for block in (1000, 4096, 16_384, MAX_BLOCK):
             results.append(gram_matrix(d, block=block))
+        for tile in (1, 3):  # 7 tiles, 3 tiles: only the pairs on or above the diagonal
+            results.append(gram_matrix(d, block=5000, tile=tile))
         results.append(gram_matrix(d, block=5000, path="pairwise"))
     for g in results[1:]:
         assert torch.equal(g, results[0])
@@ -101,6 +103,20 @@ def test_gram_same_bits_for_every_block_path_and_thread_count(threads):
         )
         < 1e-6
     )
+
+
+def test_accelerator_sizes_give_the_cpu_bits():
+    # an accelerator takes the largest block, one tile and one sum block (gram.py); the CPU's
+    # defaults split 40 rows into tiles of 32 and 70 001 columns into blocks
+    d = _updates(k=40, p=70_001)
+    assert torch.equal(gram_matrix(d, block=MAX_BLOCK, tile=40), gram_matrix(d))
+    c = torch.linspace(-0.5, 1.0, 40, dtype=torch.float64)
+    start = torch.randn(70_001, generator=torch.Generator().manual_seed(1))
+    whole = weighted_sum(d, c, start.clone(), block=70_001)
+    assert torch.equal(whole, weighted_sum(d, c, start.clone()))
+    assert torch.equal(whole, weighted_sum(d, c, start.clone(), block=999))
+    with pytest.raises(ValueError, match="tile"):
+        gram_matrix(d, tile=0)
 
 
 def test_gram_of_a_strided_view_equals_the_gram_of_its_copy():

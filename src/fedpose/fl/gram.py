@@ -46,13 +46,15 @@ from mpmath.libmp import from_float, mpf_acos, mpf_exp, to_float
 
 # Most columns per block of the Gram product: it bounds the float64 partial sums (see gram_bits).
 MAX_BLOCK = 1 << 16
-# Columns per block by default: the block's float64 copy (K x 2^14 x 8 bytes, 2 MiB at K = 16,
-# 13 MiB at K = 100) stays in the cache while the GEMM reads it; any size gives the same bits.
+# Columns per block on the CPU: the block's float64 copy (K x 2^14 x 8 bytes, 2 MiB at K = 16,
+# 13 MiB at K = 100) stays in the cache while the GEMM reads it. Any block size, any tile size
+# and any sum block give the same bits, so the sizes are chosen per device for speed alone.
 GEMM_BLOCK = 1 << 14
-# Rows per tile of the GEMM: from 2 tiles on, only tile pairs on or above the diagonal are
-# multiplied, which saves up to half of the work at large K.
+# Rows per tile of the GEMM on the CPU: from 2 tiles on, only tile pairs on or above the diagonal
+# are multiplied, which saves up to half of the work at large K.
 _TILE = 32
-# Columns per block of the weighted sum: the output block and one product stay in the L2 cache.
+# Columns per block of the weighted sum on the CPU: the output block and one product stay in the
+# L2 cache.
 _SUM_BLOCK = 1 << 16
 # Gram paths: one float64 GEMM per block, or int64 dot products pair by pair (the check).
 GRAM_PATHS = ("gemm", "pairwise")
@@ -91,24 +93,48 @@ def _quantize(block: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
     return block.to(torch.float64).mul_(shifts).round_()
 
 
-def gram_matrix(
-    deltas: torch.Tensor, *, block: int = GEMM_BLOCK, path: str = "gemm"
-) -> torch.Tensor:
-    """G = D Dᵀ (K x K, float64) of the fixed-point updates: the same bits for every `block`
-    (≤ MAX_BLOCK), `path`, thread count and instruction set. Strided views (e.g. one layer's
-    columns) are read in place; extra memory is one block of K x `block` float64 values."""
-    if path not in GRAM_PATHS:
-        raise ValueError(f"unknown Gram path {path!r}; use one of {GRAM_PATHS}")
+def _on_cpu(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu"
+
+
+def _gemm_sizes(deltas: torch.Tensor, block: int | None, tile: int | None) -> tuple[int, int]:
+    """The Gram product's (block, tile), the device's defaults where not given."""
+    if block is None:
+        block = GEMM_BLOCK if _on_cpu(deltas) else MAX_BLOCK
+    if tile is None:
+        tile = _TILE if _on_cpu(deltas) else max(deltas.shape[0], 1)
     if not 1 <= block <= MAX_BLOCK:
         raise ValueError(f"Gram block must be between 1 and {MAX_BLOCK} columns, got {block}")
+    if tile < 1:
+        raise ValueError(f"Gram tile must hold at least one row, got {tile}")
+    return block, tile
+
+
+def gram_matrix(
+    deltas: torch.Tensor,
+    *,
+    block: int | None = None,
+    tile: int | None = None,
+    path: str = "gemm",
+) -> torch.Tensor:
+    """G = D Dᵀ (K x K, float64, on the CPU) of the fixed-point updates: the same bits for every
+    `block` (≤ MAX_BLOCK columns), `tile` (rows), `path`, thread count, instruction set and
+    device. Strided views (e.g. one layer's columns) are read in place; extra memory is one
+    block of K x `block` float64 values.
+
+    Defaults: on the CPU, blocks that stay in the cache and tiles of 32 rows; on an accelerator,
+    the largest block and one tile, since there every small GEMM costs a kernel launch."""
+    if path not in GRAM_PATHS:
+        raise ValueError(f"unknown Gram path {path!r}; use one of {GRAM_PATHS}")
     k, p = deltas.shape
+    block, tile = _gemm_sizes(deltas, block, tile)
     b = gram_bits(p)
     exps = _exponents(deltas)
     shifts = torch.tensor(
         [[math.ldexp(1.0, b - e)] for e in exps], dtype=torch.float64, device=deltas.device
     )
     total = torch.zeros(k, k, dtype=torch.int64, device=deltas.device)
-    tiles = [(t, min(t + _TILE, k)) for t in range(0, k, _TILE)]
+    tiles = [(t, min(t + tile, k)) for t in range(0, k, tile)]
     for start in range(0, p, block):
         q = _quantize(deltas[:, start : start + block], shifts)
         if path == "gemm":
@@ -189,19 +215,28 @@ def conflict_share(cosine: torch.Tensor, tau: float = 0.0) -> float:
 
 # ----------------------------------------------------------------------------------- weighted sum
 def weighted_sum(
-    deltas: torch.Tensor, coef: torch.Tensor, add_to: torch.Tensor | None = None
+    deltas: torch.Tensor,
+    coef: torch.Tensor,
+    add_to: torch.Tensor | None = None,
+    *,
+    block: int | None = None,
 ) -> torch.Tensor:
     """Σ_k coef_k Δ_k, added in place to `add_to` when given (then returned): per block of
     columns, out += c_k · Δ_k for k in order, each product and each sum rounded once. Extra
-    memory: one block."""
+    memory: one block (by default 2^16 columns on the CPU, all P on an accelerator, where each
+    block costs 2K kernel launches); every block size gives the same bits."""
     k, p = deltas.shape
     c = [float(x) for x in torch.as_tensor(coef).to(deltas.dtype).tolist()]
     if len(c) != k:
         raise ValueError(f"{len(c)} coefficients for {k} client updates")
+    if block is None:
+        block = _SUM_BLOCK if _on_cpu(deltas) else max(p, 1)
+    if block < 1:
+        raise ValueError(f"weighted-sum block must hold at least one column, got {block}")
     out = torch.zeros(p, dtype=deltas.dtype, device=deltas.device) if add_to is None else add_to
-    product = torch.empty(min(p, _SUM_BLOCK), dtype=deltas.dtype, device=deltas.device)
-    for start in range(0, p, _SUM_BLOCK):
-        end = min(start + _SUM_BLOCK, p)
+    product = torch.empty(min(p, block), dtype=deltas.dtype, device=deltas.device)
+    for start in range(0, p, block):
+        end = min(start + block, p)
         acc, tmp = out[start:end], product[: end - start]
         for i in range(k):
             torch.mul(deltas[i, start:end], c[i], out=tmp)

@@ -181,7 +181,11 @@ def _sub_multiple_(g: torch.Tensor, a: float, x: torch.Tensor, tmp: torch.Tensor
 
 
 def _direct_pcgrad(deltas, weights, orders, add_to):
-    out = torch.zeros(deltas.shape[1], dtype=deltas.dtype) if add_to is None else add_to
+    out = (
+        torch.zeros(deltas.shape[1], dtype=deltas.dtype, device=deltas.device)
+        if add_to is None
+        else add_to
+    )
     norm2 = [exact_dot(d, d) for d in deltas]
     g, tmp = torch.empty_like(deltas[0]), torch.empty_like(deltas[0])
     for k, visits in enumerate(orders):

@@ -138,14 +138,18 @@ class FedGH(Strategy):
     def _combine(deltas, coef, groups, add_to) -> torch.Tensor:
         if len(groups) == 1:
             return weighted_sum(deltas, coef[0], add_to)
-        out = torch.zeros(deltas.shape[1], dtype=deltas.dtype) if add_to is None else add_to
+        out = (
+            torch.zeros(deltas.shape[1], dtype=deltas.dtype, device=deltas.device)
+            if add_to is None
+            else add_to
+        )
         for (s, e), c in zip(groups, coef, strict=True):
             weighted_sum(deltas[:, s:e], c, out[s:e])
         return out
 
     def _direct(self, deltas, psi, grams, groups, seed, add_to) -> torch.Tensor:
         """The reference path: the vector loop of fl/harmonize.py, group by group."""
-        out = torch.zeros(deltas.shape[1], dtype=deltas.dtype)
+        out = torch.zeros(deltas.shape[1], dtype=deltas.dtype, device=deltas.device)
         for (s, e), g in zip(groups, grams.numpy(), strict=True):
             part = harmonize(
                 deltas[:, s:e],
