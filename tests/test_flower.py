@@ -18,7 +18,7 @@ from rich.console import Console
 from torch import nn
 
 from fedpose.config import Config
-from fedpose.engine.flower_app import (
+from fedpose.engine.flower_messages import (
     client_state_to_records,
     content_to_reply,
     content_to_request,
@@ -146,7 +146,7 @@ def test_run_config_carries_the_whole_config(tmp_path):
 
     app = write_app_dir(tmp_path / "app", cfg)
     run_config = tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
-    assert run_config["components"]["serverapp"] == "fedpose.engine.flower_app:server_app"
+    assert run_config["components"]["serverapp"] == "fedpose.engine.flower_server:server_app"
     assert settings_from_run_config(run_config["config"]).config == cfg
 
 

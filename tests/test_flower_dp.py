@@ -14,12 +14,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedpose.config import Config, ConfigError, FedConfig
-from fedpose.engine.flower_app import (
-    client_dp_mod,
-    content_to_reply,
-    reply_to_content,
-    request_to_content,
-)
+from fedpose.engine.flower_client import client_dp_mod
 from fedpose.engine.flower_dp import (
     check_dp_config,
     noise_std,
@@ -27,6 +22,7 @@ from fedpose.engine.flower_dp import (
     rdp_epsilon,
     releases_per_client,
 )
+from fedpose.engine.flower_messages import content_to_reply, reply_to_content, request_to_content
 from fedpose.engine.runner import run_federation
 from fedpose.fl.messages import TrainReply, TrainRequest
 

@@ -22,18 +22,20 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedpose.cli import main
 from fedpose.data.site import evaluation_partition, load_site, site_folder_names, split_into_sites
-from fedpose.engine import flower_app
+from fedpose.engine import flower_client
 from fedpose.engine.federation import build_federation
-from fedpose.engine.flower_app import (
+from fedpose.engine.flower_messages import (
+    DEFAULT_RUN_CONFIG,
     AppSettings,
     SiteEvaluation,
     content_to_evaluation,
+    count_correct,
     evaluation_to_content,
     federated_metrics,
     pack_state,
     record_to_state,
-    run_flower_server,
 )
+from fedpose.engine.flower_server import run_flower_server
 from fedpose.engine.runner import run_federation
 
 
@@ -76,9 +78,9 @@ class LoopbackGrid:
             )
             received.metadata.__dict__["_message_id"] = msg.metadata.message_id
             # the Deployment Engine starts a fresh ClientApp process for every message
-            flower_app._client_sides.clear()
-            flower_app._federations.clear()
-            reply = flower_app.client_app(received, self.contexts[msg.metadata.dst_node_id])
+            flower_client._client_sides.clear()
+            flower_client._federations.clear()
+            reply = flower_client.client_app(received, self.contexts[msg.metadata.dst_node_id])
             if not reply.has_error():
                 reply = Message(_over_the_wire(reply.content), reply_to=received)
             self.replies[msg.metadata.message_id] = reply
@@ -94,11 +96,11 @@ def task_identity(monkeypatch):
     # Messages are made inside a ServerApp or ClientApp, where Flower has set the task's identity
     for attr, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 1)):
         monkeypatch.setattr(TaskIdentity, attr, value)
-    flower_app._client_sides.clear()
-    flower_app._federations.clear()
+    flower_client._client_sides.clear()
+    flower_client._federations.clear()
     yield
-    flower_app._client_sides.clear()
-    flower_app._federations.clear()
+    flower_client._client_sides.clear()
+    flower_client._federations.clear()
 
 
 @pytest.fixture
@@ -132,7 +134,7 @@ def _site_configs(sites: Path, n: int) -> list[dict]:
 
 
 def _run_sites(cfg, node_configs: list[dict], **settings):
-    run_config = flower_app.DEFAULT_RUN_CONFIG | {"fedpose-config": json.dumps(cfg.to_dict())}
+    run_config = DEFAULT_RUN_CONFIG | {"fedpose-config": json.dumps(cfg.to_dict())}
     grid = LoopbackGrid(node_configs, run_config)
     logs: list[str] = []
     server = run_flower_server(
@@ -179,9 +181,9 @@ def test_split_sites_hold_exactly_the_partition(tmp_path, synth):
         assert len(data.train) == len(fed.parts[k]) == site.train
         assert len(data.test) == len(tests[k]) == site.test
         store = RecordDict()
-        flower_app._site_side(cfg, nc, store)
+        flower_client._site_side(cfg, nc, store)
         # what a later message of the run trains on: the records kept in context.state
-        ours = flower_app._site_side(cfg, nc, _over_the_wire(store)).dataset
+        ours = flower_client._site_side(cfg, nc, _over_the_wire(store)).dataset
         theirs = fed.client_dataset(k)
         for i in range(len(ours)):
             a, b = ours[i], theirs[i]
@@ -233,13 +235,13 @@ def test_sites_train_like_the_in_process_engine_and_evaluate_federated(
     tmp_path, monkeypatch, synth
 ):
     loads = []
-    real_load_site = flower_app.load_site
+    real_load_site = flower_client.load_site
 
     def counting_load_site(node_config, *args):
         loads.append(node_config["data-root"])
         return real_load_site(node_config, *args)
 
-    monkeypatch.setattr(flower_app, "load_site", counting_load_site)
+    monkeypatch.setattr(flower_client, "load_site", counting_load_site)
     cfg = _tiny(tmp_path, synth, "fed.rounds=2", "fed.method=fedavg")
     split_into_sites(cfg, tmp_path / "sites")
     local = run_federation(cfg)
@@ -301,9 +303,7 @@ def test_federated_counts_add_up_to_central_evaluation(tmp_path, synth):
     evaluations = []
     for k, part in enumerate(evaluation_partition(fed.test_records, cfg)):
         records = [fed.test_records[i] for i in part]
-        correct, counted = flower_app.count_correct(
-            fed.model, weights, records, fed.skeleton, cfg, fed.device
-        )
+        correct, counted = count_correct(fed.model, weights, records, fed.skeleton, cfg, fed.device)
         content = _over_the_wire(
             evaluation_to_content(SiteEvaluation(k, len(records), correct, counted))
         )
@@ -453,8 +453,8 @@ def test_site_records_cache_in_context_state(tmp_path, synth):
     nc = _site_configs(tmp_path / "sites", 3)[1]
     skeleton = build_federation(cfg).skeleton
     store = RecordDict()
-    first = flower_app.site_records(nc, cfg.data, skeleton, store)
-    again = flower_app.site_records(nc, cfg.data, skeleton, _over_the_wire(store))
+    first = flower_client.site_records(nc, cfg.data, skeleton, store)
+    again = flower_client.site_records(nc, cfg.data, skeleton, _over_the_wire(store))
     assert len(again.train) == len(first.train) and len(again.test) == len(first.test)
     for a, b in zip(first.train + first.test, again.train + again.test, strict=True):
         assert a.image == b.image and a.record_id == b.record_id and a.scale == b.scale
@@ -467,7 +467,7 @@ def test_site_records_cache_in_context_state(tmp_path, synth):
     data = json.loads(ann.read_text())
     data["annotations"] = data["annotations"][:1]
     ann.write_text(json.dumps(data))
-    assert len(flower_app.site_records(nc, cfg.data, skeleton, store).test) == 1
+    assert len(flower_client.site_records(nc, cfg.data, skeleton, store).test) == 1
 
 
 @pytest.mark.usefixtures("task_identity")

@@ -10,7 +10,7 @@ import pytest
 
 from fedpose.cli import main
 from fedpose.config import load_config
-from fedpose.engine.flower_app import REPLY_TIMEOUT_S, settings_from_run_config
+from fedpose.engine.flower_messages import REPLY_TIMEOUT_S, settings_from_run_config
 
 
 @pytest.mark.slow  # starts fresh interpreters

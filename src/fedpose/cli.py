@@ -558,7 +558,7 @@ def cmd_flower_sim(args) -> int:
 
 
 def cmd_flower_config(args) -> int:
-    from fedpose.engine.flower_app import run_config_toml
+    from fedpose.engine.flower_messages import run_config_toml
 
     print(run_config_toml(load_config(args.config, args.overrides)), end="")
     return 0

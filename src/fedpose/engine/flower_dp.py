@@ -18,7 +18,7 @@ reply, holding full weights, and clips reply − request. A fedpose reply packs 
 together with the BatchNorm statistics into two byte arrays (`pack_state`), and the DP
 parameters come from the run config, which a mod list fixed at import time cannot see. So
 `privatize_update` shows LocalDpMod a request of zeros and a reply holding Δ alone (reply −
-request = Δ exactly); the ClientApp's mod (`client_dp_mod` in `engine/flower_app.py`) unpacks Δ
+request = Δ exactly); the ClientApp's mod (`client_dp_mod` in `engine/flower_client.py`) unpacks Δ
 from the reply and packs the result back beside the BatchNorm statistics. Those are therefore
 sent without noise: the guarantee covers the trainable update only. Flower's server-side DP
 wrappers (DifferentialPrivacyClientSide/ServerSideFixedClipping) wrap a Flower `Strategy`;

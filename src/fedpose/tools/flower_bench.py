@@ -6,7 +6,7 @@ Sources of the figures:
 - `flower_timing.jsonl`, written by FlowerTransport, one row per reply: `push_s` (server:
   serialize + push), `roundtrip_s` (push to reply pulled), `handler_s` (inside the ClientApp's
   train handler), `train_s` (local_train alone), `decode_s` (server: deserialize), and the
-  wall-clock split `queue_s`, `startup_s`, `return_s` (see flower_app._client_timing);
+  wall-clock split `queue_s`, `startup_s`, `return_s` (see flower_server._client_timing);
 - `flwr ls --format json`: the SuperLink's own compute time and traffic counters.
 Derived per reply: delivery = roundtrip − handler, split by wall-clock times into queue (push
 until the ClientApp process exists), startup (process start until the handler runs) and return
@@ -30,7 +30,7 @@ from rich.table import Table
 
 from fedpose.config import Config
 from fedpose.engine.federation import Federation
-from fedpose.engine.flower_app import TIMING_FILE
+from fedpose.engine.flower_server import TIMING_FILE
 from fedpose.engine.local import LocalTransport
 from fedpose.fl.messages import TrainReply
 from fedpose.metrics.log import read_jsonl, read_metrics

@@ -40,12 +40,8 @@ from fedpose.config import (
     parse_overrides,
 )
 from fedpose.engine.federation import build_federation
-from fedpose.engine.flower_app import (
-    CONNECT_TIMEOUT_S,
-    REPLY_TIMEOUT_S,
-    proc_stat,
-    run_config_toml,
-)
+from fedpose.engine.flower_client import proc_stat
+from fedpose.engine.flower_messages import CONNECT_TIMEOUT_S, REPLY_TIMEOUT_S, run_config_toml
 from fedpose.engine.runner import prepare_run_dir, run_federation
 from fedpose.fl.server import CHECKPOINT_CLASSES
 from fedpose.metrics.log import read_jsonl
@@ -144,8 +140,8 @@ def write_app_dir(
         'publisher = "fedpose"',
         "",
         "[tool.flwr.app.components]",
-        'serverapp = "fedpose.engine.flower_app:server_app"',
-        'clientapp = "fedpose.engine.flower_app:client_app"',
+        'serverapp = "fedpose.engine.flower_server:server_app"',
+        'clientapp = "fedpose.engine.flower_client:client_app"',
         "",
         "[tool.flwr.app.config]",
         run_config_toml(cfg, reply_timeout=float(reply_timeout), **settings),

@@ -4,7 +4,7 @@ A `flower-superlink --simulation` on loopback (free port, private FLWR_HOME) run
 and, through Ray, the ClientApp for N virtual SuperNodes; `flwr run` submits the same app as a
 real deployment gets, with `--federation-config num_supernodes=N`. Every virtual SuperNode has
 node config `partition-id` / `num-partitions`, so it serves that partition of the Config's
-federation (the partition shortcut of fedpose.engine.flower_app). The run directory is written
+federation (the partition shortcut of fedpose.engine.flower_client). The run directory is written
 exactly as on the other engines. Every process started is stopped at the end.
 """
 
@@ -22,7 +22,7 @@ from rich.console import Console
 
 from fedpose.config import Config, ConfigError
 from fedpose.engine.federation import build_federation
-from fedpose.engine.flower_app import REPLY_TIMEOUT_S
+from fedpose.engine.flower_messages import REPLY_TIMEOUT_S
 from fedpose.engine.runner import prepare_run_dir
 from fedpose.tools.flower_demo import (
     Deployment,
