@@ -143,6 +143,9 @@ class Config:
     name: str = "run"
     seed: int = 0
     out_dir: str = "runs"
+    # per-round outputs beside metrics.jsonl, fed from the same records: "csv" (metrics.csv),
+    # "tensorboard" (event files in tensorboard/, needs the tensorboard package)
+    track: list = field(default_factory=list)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -307,6 +310,7 @@ GH_ORDERS = ("random", "index")
 GH_METHODS = ("gram", "direct")
 LSP_LABELS = ("pc", "oc")
 FAULT_KINDS = ("exception", "nan", "wrong_shape", "exploding_norm", "timeout")
+TRACKERS = ("csv", "tensorboard")
 # a run name is a relative path of plain parts, so the run stays inside out_dir
 _NAME_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+= -]*")
 
@@ -359,6 +363,8 @@ def _checks(cfg: Config) -> Iterator[str | None]:
     yield _run_name(cfg.name)
     yield None if cfg.out_dir else "out_dir: must not be empty"
     yield _range("seed", cfg.seed, 0)
+    for kind in cfg.track:
+        yield _choice("track", kind, TRACKERS)
 
     yield _choice("data.dataset", d.dataset, DATASETS)
     yield None if d.root else "data.root: must not be empty"

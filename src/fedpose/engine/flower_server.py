@@ -40,6 +40,7 @@ from fedpose.engine.flower_messages import (
     request_to_content,
     settings_from_run_config,
 )
+from fedpose.engine.flower_results import emit, file_lines, record_line, status_line
 from fedpose.engine.runner import prepare_run_dir
 from fedpose.fl.messages import TrainReply, TrainRequest
 from fedpose.fl.server import FederatedServer
@@ -100,9 +101,12 @@ class FlowerTransport:
         connect_timeout: float = CONNECT_TIMEOUT_S,
         timing_path: Path | None = None,
         log=print,
+        follow_partitions: bool = False,
     ):
         self.grid = grid
         self.num_clients = num_clients
+        # num-clients = 0: take N from the first partition SuperNode's num-partitions
+        self.follow_partitions = follow_partitions
         self.reply_timeout = reply_timeout
         self.connect_timeout = connect_timeout
         self.timing_path = timing_path
@@ -123,7 +127,9 @@ class FlowerTransport:
         queries: dict[str, int] = {}  # message id -> node id
         answers: dict[int, ClientInfo] = {}
         unanswerable = 0
-        while len(answers) + unanswerable < self.num_clients and time.monotonic() < deadline:
+        while (
+            self.follow_partitions or len(answers) + unanswerable < self.num_clients
+        ) and time.monotonic() < deadline:
             new = [n for n in self.grid.get_node_ids() if n not in asked]
             if new:
                 msgs = [
@@ -144,6 +150,7 @@ class FlowerTransport:
                         unanswerable += 1
                     else:
                         answers[node] = info
+                        self._follow(info)
             time.sleep(POLL_SECONDS)
         self._number_clients(list(answers.values()))
         if not self.node_of:
@@ -159,6 +166,16 @@ class FlowerTransport:
                 f"{self.connect_timeout:.0f} s: they count as failed clients"
             )
         return dict(self.node_of)
+
+    def _follow(self, info: ClientInfo) -> None:
+        """Follow mode: N is the first answer's num-partitions; sites have none, and N stays
+        the config's fed.num_clients."""
+        if not self.follow_partitions:
+            return
+        self.follow_partitions = False
+        if info.mode == "partition" and info.num_partitions >= 1:
+            self.num_clients = info.num_partitions
+            self.log(f"num-clients = 0: {self.num_clients} clients, one per partition")
 
     def _client_info(self, node: int, reply: Message) -> ClientInfo | None:
         """The node's answer (refused, with the reason on the console, when its data cannot be
@@ -408,14 +425,22 @@ server_app = ServerApp()
 
 @server_app.main()
 def _server_main(grid: Grid, context: Context) -> None:
-    settings = settings_from_run_config(context.run_config)
-    check_dp_config(settings.config.fed)
     console = Console(file=sys.stdout, width=100)
 
     def log(text: str) -> None:
         console.print(f"[fedpose] {text}", markup=False, highlight=False)
 
-    run_flower_server(grid, settings, log)
+    try:
+        settings = settings_from_run_config(context.run_config)
+        check_dp_config(settings.config.fed)
+        run_flower_server(grid, settings, log)
+    except BaseException as e:
+        # the submitter's `flwr run` exits 0 whatever happens here: say it in the log stream,
+        # where `fedpose flower-pull` finds it too (and exits non-zero)
+        log(f"run failed: {type(e).__name__}: {e}")
+        emit(status_line("failed", f"{type(e).__name__}: {e}"))
+        raise
+    emit(status_line("completed"))
 
 
 def run_flower_server(grid: Grid, settings: AppSettings, log=print) -> FederatedServer:
@@ -424,10 +449,7 @@ def run_flower_server(grid: Grid, settings: AppSettings, log=print) -> Federated
     clients; evaluation is federated (each client scores its own test records) and, with
     `central-eval`, also central on the config's test split, which must then exist here."""
     cfg = settings.config
-    log(
-        f"run {cfg.name}: {cfg.fed.method} {cfg.fed.mode}, {cfg.fed.rounds} rounds, "
-        f"{cfg.fed.num_clients} clients, run dir {cfg.run_dir.resolve()}"
-    )
+    _announce(settings, log)
     if settings.resume:
         log(
             "resuming: client-local state (FedBN BatchNorm, FedDyn's term) lives in each run's "
@@ -441,9 +463,17 @@ def run_flower_server(grid: Grid, settings: AppSettings, log=print) -> Federated
     if not settings.resume:
         timing.unlink(missing_ok=True)
     transport = FlowerTransport(
-        grid, cfg.fed.num_clients, settings.reply_timeout, settings.connect_timeout, timing, log
+        grid,
+        cfg.fed.num_clients,
+        settings.reply_timeout,
+        settings.connect_timeout,
+        timing,
+        log,
+        settings.follow_partitions,
     )
     transport.connect()
+    if transport.num_clients != cfg.fed.num_clients:  # followed the partitions
+        _set_num_clients(cfg, run_dir, transport.num_clients)
     (run_dir / "clients.json").write_text(
         json.dumps(
             [
@@ -459,6 +489,7 @@ def run_flower_server(grid: Grid, settings: AppSettings, log=print) -> Federated
             indent=2,
         )
     )
+    emit(_file_lines(run_dir, "config.json") + _file_lines(run_dir, "clients.json"))
     central = load_split(cfg.data, "test")[0] if settings.central_eval else None
 
     def evaluate(weights: dict[str, torch.Tensor]) -> dict:
@@ -490,6 +521,7 @@ def run_flower_server(grid: Grid, settings: AppSettings, log=print) -> Federated
         )
 
     def progress(done: int, record: dict) -> None:
+        emit(record_line(record))  # the record metrics.jsonl got, for the submitter
         text = f"round {done}/{cfg.fed.rounds}: aggregated {record['aggregated']}"
         if record.get("train_loss") is not None:
             text += f", loss {record['train_loss']:.5f}"
@@ -518,4 +550,49 @@ def run_flower_server(grid: Grid, settings: AppSettings, log=print) -> Federated
             f"{report['epsilon_composed_simple']:.4g} at delta {report['delta_composed_simple']:g}"
             f"; details in privacy.json"
         )
+        emit(_file_lines(run_dir, "privacy.json"))
+    _return_model(run_dir / MODEL_FILE, settings.return_model_mb, log)
     return server
+
+
+def _announce(settings: AppSettings, log) -> None:
+    cfg = settings.config
+    clients = (
+        f"{cfg.fed.num_clients} (or one per partition)"
+        if settings.follow_partitions
+        else cfg.fed.num_clients
+    )
+    log(
+        f"run {cfg.name}: {cfg.fed.method} {cfg.fed.mode}, {cfg.fed.rounds} rounds, "
+        f"{clients} clients, run dir {cfg.run_dir.resolve()}"
+    )
+    for item in settings.overridden:
+        log(f"run config overrides {item}")
+
+
+def _set_num_clients(cfg, run_dir: Path, num_clients: int) -> None:
+    """Follow mode: the number of clients the SuperNodes reported, in the Config and in the
+    run's config.json (written before anyone was asked)."""
+    cfg.fed.num_clients = num_clients
+    cfg.validate()
+    path = run_dir / "config.json"
+    written = json.loads(path.read_text())
+    written["fed"]["num_clients"] = num_clients
+    path.write_text(json.dumps(written, indent=2))
+
+
+def _file_lines(run_dir: Path, name: str) -> list[str]:
+    return file_lines(name, (run_dir / name).read_bytes())
+
+
+def _return_model(path: Path, limit_mb: float, log) -> None:
+    """The final model into the log stream, when it is at most limit_mb MiB."""
+    size = path.stat().st_size
+    if size <= limit_mb * 2**20:
+        emit(file_lines(path.name, path.read_bytes()))
+        log(f"sent {path.name} ({size / 2**20:.2f} MiB) in the log stream: fedpose flower-pull")
+    else:
+        log(
+            f"{path.name} ({size / 2**20:.1f} MiB) stays on this machine: return-model-mb is "
+            f"{limit_mb:g}"
+        )

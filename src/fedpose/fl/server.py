@@ -44,6 +44,7 @@ from fedpose.fl.reply_check import (
 from fedpose.fl.selection import Selector
 from fedpose.fl.strategies.base import RoundInput, Strategy
 from fedpose.fl.system import SystemModel
+from fedpose.metrics.track import Tracker
 from fedpose.model.io import load_checkpoint, run_identity, save_checkpoint
 from fedpose.seeding import client_seed
 
@@ -124,6 +125,8 @@ class FederatedServer:
         )
         self.state = ServerState(strategy=strategy.initial_state())
         self.model_bytes = sum(t.numel() * t.element_size() for t in weights.values())
+        # observes every record right after metrics.jsonl gets it (CSV, TensorBoard)
+        self.tracker = Tracker(self.run_dir, cfg.track) if self.run_dir and cfg.track else None
 
     # ----------------------------------------------------------------------------- timing model
     def expected_time(self, client: int) -> float:
@@ -413,6 +416,8 @@ class FederatedServer:
         if self.run_dir is not None:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.tracker is not None:
+                self.tracker.log(record)
             if t % max(fed.checkpoint_every, 1) == 0 or t == fed.rounds:
                 self.save_checkpoint()
         return record

@@ -263,9 +263,9 @@ def decode_state(tree: Any, tensors: dict[str, torch.Tensor], classes: dict[str,
 def config_hash(config: dict) -> str:
     """A hash of the settings a resumed run must share with the run that wrote the checkpoint.
 
-    Left out: where the run lives (name, out_dir, data.root), how far it goes (fed.rounds,
-    train.epochs) and how it is computed without changing the numbers (workers, device): those may
-    change on resume.
+    Left out: where the run lives (name, out_dir, data.root), what else it writes (track), how far
+    it goes (fed.rounds, train.epochs) and how it is computed without changing the numbers
+    (workers, device): those may change on resume.
     """
     settings = json.loads(json.dumps(config))
     for section, key in (
@@ -276,7 +276,7 @@ def config_hash(config: dict) -> str:
         ("train", "device"),
     ):
         settings.get(section, {}).pop(key, None)
-    for key in ("name", "out_dir"):
+    for key in ("name", "out_dir", "track"):  # track: extra outputs, the same numbers
         settings.pop(key, None)
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
