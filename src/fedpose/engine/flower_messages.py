@@ -411,7 +411,7 @@ def settings_from_run_config(run_config: dict, node_config: dict | None = None) 
     tree = merge_dicts(base.to_dict(), parse_overrides(flat))
     cfg = config_from_dict(merge_dicts(tree, parse_overrides(overrides)))
     overridden = []
-    if source and source != DEFAULT_RUN_CONFIG[CONFIG_KEY]:
+    if source and not _is_quickstart(source):
         for item in flat:
             key, value = item.split("=", 1)
             old = _setting(base, key)
@@ -427,6 +427,13 @@ def settings_from_run_config(run_config: dict, node_config: dict | None = None) 
         return_model_mb=float(run_config.get(RETURN_MODEL_KEY, RETURN_MODEL_MB)),
         overridden=overridden,
     )
+
+
+def _is_quickstart(source: str) -> bool:
+    try:
+        return json.loads(source) == QUICKSTART_CONFIG
+    except json.JSONDecodeError:
+        return False
 
 
 def _flat_overrides(run_config: dict, node_config: dict | None) -> tuple[list[str], bool]:

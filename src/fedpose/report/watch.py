@@ -72,11 +72,12 @@ def watch(
     sleep: Callable[[float], None] = time.sleep,
 ) -> bool:
     """Redraw run_dir/watch.png whenever metrics.jsonl changes, every `every` seconds, until
-    the run has its last round (True) or `timeout` seconds have passed (False)."""
+    the run has its last round (True) or it has waited `timeout` seconds (False)."""
     run_dir = Path(run_dir)
     rounds = planned_rounds(run_dir)
     out = run_dir / WATCH_FILE
-    deadline = time.monotonic() + timeout
+    every = max(every, 0.1)
+    waited = 0.0
     seen = None
     while True:
         metrics = run_dir / METRICS_FILE
@@ -93,6 +94,7 @@ def watch(
             say(f"{text}  ({out})")
             if rows and rows[-1]["round"] >= rounds:
                 return True
-        if time.monotonic() + every > deadline:
+        if waited + every > timeout:
             return False
         sleep(every)
+        waited += every

@@ -50,7 +50,8 @@ def flwr_command(*args: str, timeout: float = 120.0) -> str:
     return done.stdout
 
 
-def run_status(run_id: int, superlink: str | None, flwr=flwr_command) -> str:
+def run_status(run_id: int, superlink: str | None, flwr=None) -> str:
+    flwr = flwr or flwr_command
     args = ["ls", *([superlink] if superlink else []), "--run-id", str(run_id)]
     text = flwr(*args, "--format", "json")
     try:
@@ -68,9 +69,11 @@ def pull_run(
     superlink: str | None,
     out: Path | None = None,
     force: bool = False,
-    flwr=flwr_command,
+    flwr=None,
 ) -> PullResult:
-    """Write run `run_id`'s results into `out` (default runs/flower-<run_id>)."""
+    """Write run `run_id`'s results into `out` (default runs/flower-<run_id>).
+    flwr(*args) -> stdout: how `flwr` is called (default: the `flwr` on PATH)."""
+    flwr = flwr or flwr_command
     status = run_status(run_id, superlink, flwr)
     log = flwr("log", str(run_id), *([superlink] if superlink else []), "--show")
     pulled = parse_results(log)
