@@ -171,6 +171,27 @@ def test_the_log_stream_carries_the_records_and_the_model(tmp_path, synth_dir, c
         assert pulled.files[name] == (run_dir / name).read_bytes(), name
 
 
+def test_a_failed_run_says_so_in_the_log_stream(capsys):
+    """`flwr run` exits 0 whatever the ServerApp does: the stream's last word is the failure."""
+    from flwr.app import Context, RecordDict
+
+    from fedpose.engine.flower_server import _server_main
+
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config={},
+        state=RecordDict(),
+        run_config=APP_CONFIG | {"fedpose-config": "{not json"},
+    )
+    with pytest.raises(ConfigError):
+        _server_main(None, context)
+    out = capsys.readouterr().out
+    assert "[fedpose] run failed: ConfigError: fedpose-config: not a JSON object" in out
+    pulled = parse_results(out)
+    assert pulled.status == "failed" and pulled.error.startswith("ConfigError: fedpose-config")
+
+
 def test_a_damaged_or_incomplete_file_is_left_out():
     data = os.urandom(120_000)  # three pieces
     lines = file_lines("model.safetensors", data)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib.util
 import math
 import re
 import tomllib
@@ -365,6 +366,9 @@ def _checks(cfg: Config) -> Iterator[str | None]:
     yield _range("seed", cfg.seed, 0)
     for kind in cfg.track:
         yield _choice("track", kind, TRACKERS)
+    if "tensorboard" in cfg.track and importlib.util.find_spec("tensorboard") is None:
+        # checked here, before a run folder is touched, not when the first round is logged
+        yield "track: tensorboard needs the tensorboard package (pip install 'fedpose[track]')"
 
     yield _choice("data.dataset", d.dataset, DATASETS)
     yield None if d.root else "data.root: must not be empty"

@@ -80,8 +80,7 @@ def pull_run(
     if "config.json" not in pulled.files and not pulled.records:
         raise PullError(
             f"run {run_id} ({status}) has no fedpose results in its log: not a fedpose run, "
-            f"or it failed before it began"
-            + (f" ({pulled.error})" if pulled.error else "")
+            f"or it failed before it began" + (f" ({pulled.error})" if pulled.error else "")
         )
     out = Path(out) if out is not None else Path("runs") / f"flower-{run_id}"
     write_pulled(pulled, out, force)
