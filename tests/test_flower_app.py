@@ -34,6 +34,7 @@ from fedpose.engine.flower_messages import (
 )
 from fedpose.engine.flower_results import file_lines, parse_results, record_line, status_line
 from fedpose.engine.flower_server import run_flower_server
+from fedpose.engine.run import check_config
 from fedpose.model.io import MODEL_FILE
 from fedpose.tools import flower_pull
 
@@ -104,7 +105,7 @@ def test_flat_keys_override_the_full_config_when_set():
     assert s.config.fed.rounds == 9
 
     with pytest.raises(ConfigError, match="fed.method"):
-        settings_from_run_config(APP_CONFIG | {"method": "nope"})
+        check_config(settings_from_run_config(APP_CONFIG | {"method": "nope"}).config)
     with pytest.raises(ConfigError, match="track"):
         settings_from_run_config(APP_CONFIG | {"track": "mlflow"})
 
