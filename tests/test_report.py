@@ -225,6 +225,15 @@ def test_compare_generates_synth_arm_once_before_its_parallel_runs(tmp_path, mon
     assert "| fedavg | 2 |" in (tmp_path / "runs" / "t" / "report.md").read_text()
 
 
+def test_compare_checks_every_variant_before_the_first_run(tmp_path, capsys):
+    sets = tiny_cli_args(tmp_path / "runs", tmp_path / "synth")
+    args = ["compare", "configs/demo.toml", "--methods", "fedavg,fedgh2", "--seeds", "0-1"]
+    assert main([*args, *sets]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: fed.method: 'fedgh2'"), err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "synth").exists()
+
+
 def test_centralized_runs_join_the_report_with_epochs_as_rounds(tmp_path):
     runs = _experiment(tmp_path)
     for seed in range(4):

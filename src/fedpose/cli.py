@@ -504,8 +504,9 @@ def cmd_flower_sim(args) -> int:
 
 def cmd_flower_config(args) -> int:
     from fedpose.engine.flower_messages import run_config_toml
+    from fedpose.engine.run import check_config
 
-    print(run_config_toml(load_config(args.config, args.overrides)), end="")
+    print(run_config_toml(check_config(load_config(args.config, args.overrides))), end="")
     return 0
 
 

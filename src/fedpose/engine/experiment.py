@@ -17,6 +17,7 @@ from fedpose.config import ConfigError, DataConfig, load_config
 from fedpose.data import synth_arm_annotations
 from fedpose.data.records import DatasetError
 from fedpose.engine.parallel import Job, run_jobs
+from fedpose.engine.run import check_config
 from fedpose.engine.runner import run_federation
 from fedpose.fl.server import FederationError
 from fedpose.metrics.log import read_metrics
@@ -93,23 +94,28 @@ def run_comparison(plan: Comparison, console: Console | None = None) -> Path:
     run_dirs: list[Path] = []
     jobs: list[Job] = []
     synth_data: dict[str, DataConfig] = {}  # by root: each synth-arm set its parallel runs read
-    for seed in plan.seeds:
-        for label, sets in plan.variants:
-            run_sets = plan.overrides + sets + [f"seed={seed}", f"name={name}/{label}-s{seed}"]
-            cfg = load_config(plan.config, run_sets)
-            run_dirs.append(cfg.run_dir)
-            rows = read_metrics(cfg.run_dir)
-            if plan.resume and rows and rows[-1]["round"] >= cfg.fed.rounds:
-                console.print(f"{cfg.name}: finished earlier, kept")
-                continue
-            # a run killed before its first checkpoint resumes by starting over
-            if plan.jobs > 1:
-                if cfg.data.dataset == "synth-arm":
-                    synth_data[cfg.data.root] = cfg.data
-                log = cfg.run_dir.parent / f"{label}-s{seed}.log"
-                jobs.append(Job(cfg.name, run_one, (plan.config, run_sets, plan.resume), log))
-            else:
-                run_federation(cfg, resume=plan.resume, console=console)
+    runs = [
+        (label, seed, plan.overrides + sets + [f"seed={seed}", f"name={name}/{label}-s{seed}"])
+        for seed in plan.seeds
+        for label, sets in plan.variants
+    ]
+    # every run's config checked before the first one starts: a typo in the last variant
+    # does not wait for the others to finish
+    configs = [check_config(load_config(plan.config, run_sets)) for _, _, run_sets in runs]
+    for (label, seed, run_sets), cfg in zip(runs, configs, strict=True):
+        run_dirs.append(cfg.run_dir)
+        rows = read_metrics(cfg.run_dir)
+        if plan.resume and rows and rows[-1]["round"] >= cfg.fed.rounds:
+            console.print(f"{cfg.name}: finished earlier, kept")
+            continue
+        # a run killed before its first checkpoint resumes by starting over
+        if plan.jobs > 1:
+            if cfg.data.dataset == "synth-arm":
+                synth_data[cfg.data.root] = cfg.data
+            log = cfg.run_dir.parent / f"{label}-s{seed}.log"
+            jobs.append(Job(cfg.name, run_one, (plan.config, run_sets, plan.resume), log))
+        else:
+            run_federation(cfg, resume=plan.resume, console=console)
     if jobs:
         for data in synth_data.values():
             # generated here, once: parallel runs would each render the same set into one folder
