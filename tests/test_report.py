@@ -275,3 +275,31 @@ def test_report_tables_what_the_server_did(tmp_path):
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     text = write_report(load_arms([runs]), tmp_path / "out", "t").read_text()
     assert "| fedgh | 0.500 | 1.200 | 0: 0.250, 1: 0.750 |" in text
+
+
+def _fake_run(folder: Path, label: str, seed: int, cpu: str | None, pck: float) -> None:
+    run = folder / f"{label}-s{seed}"
+    run.mkdir(parents=True)
+    runtime = {"cpu_model": cpu} if cpu else {}
+    config = {"seed": seed, "fed": {"rounds": 2, "method": label}, "runtime": runtime}
+    (run / "config.json").write_text(json.dumps(config))
+    rows = [{"round": r, "pck_mean": pck + r + seed} for r in (1, 2)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_report_refuses_runs_of_different_cpu_models_unless_told(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    for seed in (0, 1):
+        _fake_run(runs, "fedavg", seed, "AMD EPYC 7763 64-Core Processor", 50.0)
+        _fake_run(runs, "fedgh", seed, "Intel(R) Xeon(R) Platinum 8370C" if seed else None, 51.0)
+    out = tmp_path / "report"
+    assert main(["report", str(runs), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "--mixed-cpus" in err[0]
+    assert "Xeon" in err[0] and "EPYC" in err[0]
+    assert not out.exists()  # nothing written
+    assert main(["report", str(runs), "--out", str(out), "--mixed-cpus"]) == 0
+    assert "CPU model of the runs" in (out / "report.md").read_text()
+    # a run without a recorded model (made before it was recorded) does not count as another
+    (runs / "fedgh-s1").rename(tmp_path / "aside")
+    assert main(["report", str(runs), "--out", str(tmp_path / "again")]) == 0

@@ -35,6 +35,8 @@ def test_same_seed_same_numbers(tmp_path, synth_dir):
         ("fed.method=fedgh",),
         ("fed.method=feddyn",),
         ("fed.method=fedbn",),
+        # the server optimiser's moments and step count live in the checkpoint
+        ("fed.method=fedgh", "fed.server_opt=adam", "fed.server_lr=0.01"),
         (
             "fed.method=fedgh",
             "fed.mode=async",

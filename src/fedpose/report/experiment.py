@@ -157,7 +157,39 @@ def _setting(arms: dict[str, Arm]) -> list[str]:
             f"thread(s), Gram path {runtime.get('gram_path')}, torch "
             f"{runtime.get('torch')}, {runtime.get('machine')}."
         )
+    models = cpu_models(arms)
+    if models:
+        lines.append(
+            "CPU model of the runs: "
+            + "; ".join(f"{name} ({len(paths)} runs)" for name, paths in models.items())
+            + "."
+        )
     return lines
+
+
+def cpu_models(arms: dict[str, Arm]) -> dict[str, list[Path]]:
+    """{CPU model: runs made on it}, from each config.json's runtime (runs from before it was
+    recorded are left out)."""
+    out: dict[str, list[Path]] = {}
+    for arm in arms.values():
+        for run in arm.runs:
+            name = run.config.get("runtime", {}).get("cpu_model")
+            if name:
+                out.setdefault(str(name), []).append(run.path)
+    return out
+
+
+def check_one_cpu_model(arms: dict[str, Arm]) -> None:
+    """ValueError when the runs were made on more than one CPU model: the same code and seed give
+    different numbers on different CPUs (results/README.md), so paired differences across CPU
+    models mix the machine's effect into the method's."""
+    models = cpu_models(arms)
+    if len(models) > 1:
+        parts = [f"{name}: {len(paths)} runs, e.g. {paths[0]}" for name, paths in models.items()]
+        raise ValueError(
+            f"the runs were made on {len(models)} CPU models ({'; '.join(parts)}); paired "
+            "seeds are comparable only on one CPU model; pass --mixed-cpus to report them anyway"
+        )
 
 
 def write_report(
@@ -171,9 +203,13 @@ def write_report(
     commit: str | None = None,
     notes: str = "",
     target_pck: float = 0.0,
+    mixed_cpus: bool = False,
 ) -> Path:
     """Write report.md (or the name out_dir ends in, when it ends in .md), PNG curves beside it
-    and summary.json; returns the markdown path."""
+    and summary.json; returns the markdown path. Refuses (ValueError, before writing anything)
+    runs made on different CPU models unless `mixed_cpus`."""
+    if not mixed_cpus:
+        check_one_cpu_model(arms)
     out_dir = Path(out_dir)
     md_path = out_dir if out_dir.suffix == ".md" else out_dir / "report.md"
     out_dir = md_path.parent

@@ -26,18 +26,31 @@ STRATEGY_NAMES = (
     "fedavg-clip",
     "median",
     "trimmed-mean",
+    "fedavgm",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
 )
 
 
 def build_strategy(fed_cfg: FedConfig, seed: int = 0) -> Strategy:
-    """The strategy named by `fed_cfg.method`, configured from `fed_cfg`.
+    """The strategy named by `fed_cfg.method`, configured from `fed_cfg`, followed by the server
+    optimiser `fed.server_opt` asks for (fl/server_opt.py; none for plain SGD).
 
     `seed` seeds FedGH's random projection order (together with the round number).
     """
+    from fedpose.fl.server_opt import with_server_optimizer
+
+    return with_server_optimizer(_build_strategy(fed_cfg, seed), fed_cfg)
+
+
+def _build_strategy(fed_cfg: FedConfig, seed: int) -> Strategy:
     f = fed_cfg
     name = f.method.strip().lower()
     lr = f.server_lr
     if name == "fedavg":
+        return FedAvg(server_lr=lr)
+    if name in ("fedavgm", "fedadam", "fedyogi", "fedadagrad"):  # FedAvg + a server optimiser
         return FedAvg(server_lr=lr)
     if name == "fedprox":
         return FedProx(mu=f.prox_mu, server_lr=lr)
