@@ -37,6 +37,8 @@ def test_same_seed_same_numbers(tmp_path, synth_dir):
         ("fed.method=fedbn",),
         # the server optimiser's moments and step count live in the checkpoint
         ("fed.method=fedgh", "fed.server_opt=adam", "fed.server_lr=0.01"),
+        # SCAFFOLD: c in the strategy state, each c_k in the client states, two of four a round
+        ("fed.method=scaffold", "fed.clients_per_round=2"),
         (
             "fed.method=fedgh",
             "fed.mode=async",

@@ -229,6 +229,7 @@ def test_build_strategy_names():
         "fedadam": ("plain", False),
         "fedyogi": ("plain", False),
         "fedadagrad": ("plain", False),
+        "scaffold": ("scaffold", False),
     }
     assert set(expected) == set(STRATEGY_NAMES)
     for name, (rule, bn_local) in expected.items():

@@ -64,7 +64,8 @@ class TrainConfig:
 
 @dataclass
 class FedConfig:
-    # fedavg | fedprox | fedbn | feddyn | fedaw | fedgh | fedgh-noproj | fedgh-noaw
+    # fedavg | fedprox | fedbn | feddyn | fedaw | fedgh | fedgh-noproj | fedgh-noaw | scaffold
+    # | fedavgm | fedadam | fedyogi | fedadagrad (fedavg with a server optimiser, see server_opt)
     # | fedavg-clip | median | trimmed-mean (robust aggregation, docs/privacy.md)
     method: str = "fedgh"
     rounds: int = 10

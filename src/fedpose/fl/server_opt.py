@@ -109,6 +109,9 @@ class WithServerOptimizer(Strategy):
     def initial_state(self) -> dict:
         return self.inner.initial_state()
 
+    def client_control(self, state: dict) -> torch.Tensor | None:
+        return self.inner.client_control(state)
+
     def aggregate(self, inputs: RoundInput, state: dict) -> Aggregation:
         add_to = inputs.add_to
         inner_state = {k: v for k, v in state.items() if k != STATE_KEY}

@@ -12,6 +12,7 @@ from fedpose.fl.strategies.feddyn import FedDyn
 from fedpose.fl.strategies.fedgh import FedGH
 from fedpose.fl.strategies.fedprox import FedProx
 from fedpose.fl.strategies.median import CoordinateMedian
+from fedpose.fl.strategies.scaffold import Scaffold
 from fedpose.fl.strategies.trimmed_mean import TrimmedMean
 
 STRATEGY_NAMES = (
@@ -30,6 +31,7 @@ STRATEGY_NAMES = (
     "fedadam",
     "fedyogi",
     "fedadagrad",
+    "scaffold",
 )
 
 
@@ -76,6 +78,8 @@ def _build_strategy(fed_cfg: FedConfig, seed: int) -> Strategy:
             layer_stats=f.gh_layer_stats,
             name=name,
         )
+    if name == "scaffold":
+        return Scaffold(server_lr=lr)
     if name == "fedavg-clip":
         return ClippedFedAvg(clip_norm=f.clip_norm, server_lr=lr)
     if name == "median":
@@ -97,6 +101,7 @@ __all__ = [
     "FedGH",
     "FedProx",
     "RoundInput",
+    "Scaffold",
     "Strategy",
     "TrimmedMean",
     "build_strategy",

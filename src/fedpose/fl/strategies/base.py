@@ -43,6 +43,8 @@ class RoundInput:
     # optional (P,) float32 tensor the update is added to in place (saves a pass and a P-sized
     # allocation); the strategy then returns it as Aggregation.update
     add_to: torch.Tensor | None = None
+    # SCAFFOLD: (K, P) float32 rows c_k⁺ − c_k of the replies (None when no client sent one)
+    controls: torch.Tensor | None = None
 
 
 class Strategy:
@@ -55,6 +57,12 @@ class Strategy:
 
     def initial_state(self) -> dict:
         return {}
+
+    def client_control(self, state: dict) -> torch.Tensor | None:
+        """What the server sends with every training request besides the weights (SCAFFOLD's
+        control variate c); None for most strategies."""
+        del state  # most strategies send nothing else
+        return None
 
     def aggregate(self, inputs: RoundInput, state: dict) -> Aggregation:
         raise NotImplementedError
