@@ -405,18 +405,22 @@ def _aggregation_table(arms: dict[str, Arm]) -> list[str]:
     projections add to it) and each client's mean weight."""
     rows = []
     for label, arm in arms.items():
-        conflict, coef_sum, weights = [], [], {}
+        conflict, coef_sum, steps, weights = [], [], [], {}
         for r in (r for run in arm.complete_runs for r in run.rows):
             if r.get("conflict_share") is not None:
                 conflict.append(r["conflict_share"])
             if r.get("coefficients"):
                 coef_sum.append(sum(r["coefficients"]))
+            step = step_ratio(r)
+            if step is not None:
+                steps.append(step)
             for client, w in zip(r.get("aggregated") or [], r.get("weights") or []):  # noqa: B905
                 weights.setdefault(client, []).append(w)
         if conflict or coef_sum or weights:
             cells = [
                 f"{np.mean(conflict):.3f}" if conflict else "–",
                 f"{np.mean(coef_sum):.3f}" if coef_sum else "–",
+                f"{np.mean(steps):.3f}" if steps else "–",
                 ", ".join(f"{k}: {np.mean(weights[k]):.3f}" for k in sorted(weights)[:16]),
             ]
             rows.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -429,12 +433,31 @@ def _aggregation_table(arms: dict[str, Arm]) -> list[str]:
         "Conflict share: client-update pairs with negative cosine. Σ coefficients: the sum of "
         "the weights on the raw updates (1 for a weighted mean; projections add to it, so a "
         "larger sum is a longer step). Weights: each client's mean aggregation weight "
-        "(ψ_k for FedAW and FedGH, n_k/n for FedAvg).",
+        "(ψ_k for FedAW and FedGH, n_k/n for FedAvg). Step ratio: ‖Σ c_k Δ_k‖ / ‖Σ ψ_k Δ_k‖, "
+        "the length of the harmonised step over the unprojected one of the same round (from "
+        "the logged cosines and norms). Step controls: the baseline at this arm's step is "
+        "`fed.server_lr` = the step ratio; this arm at the baseline's step is "
+        "`fed.gh_rescale=true`. A difference is read as direction only where both are run.",
         "",
-        "| method | conflict share | Σ coefficients | mean weight by client |",
-        "|---|---|---|---|",
+        "| method | conflict share | Σ coefficients | step ratio | mean weight by client |",
+        "|---|---|---|---|---|",
         *rows,
     ]
+
+
+def step_ratio(row: dict) -> float | None:
+    """‖Σ_k c_k Δ_k‖ / ‖Σ_k ψ_k Δ_k‖ for one FedGH round, from its metrics.jsonl record: the
+    Gram matrix is G_ij = cos_ij ‖Δ_i‖ ‖Δ_j‖, the coefficients c and the weights ψ are logged.
+    None where the record lacks them (other strategies, per-layer harmonisation)."""
+    coef, psi = row.get("coefficients"), row.get("weights")
+    cos, norms = row.get("cosine"), row.get("update_norms")
+    if not (coef and psi and cos and norms) or not len(coef) == len(psi) == len(norms):
+        return None
+    n = np.asarray(norms, dtype=np.float64)
+    gram = np.asarray(cos, dtype=np.float64) * np.outer(n, n)
+    c, w = np.asarray(coef, dtype=np.float64), np.asarray(psi, dtype=np.float64)
+    base = float(w @ gram @ w)
+    return math.sqrt(max(float(c @ gram @ c), 0.0) / base) if base > 0 else None
 
 
 # ----------------------------------------------------------------------------------- figures
