@@ -284,12 +284,15 @@ def test_sites_train_like_the_in_process_engine_and_evaluate_federated(
     assert "Per-site PCK" in report
     site_table = report.split("Per-site PCK")[1]
     site_row = next(line for line in site_table.splitlines() if line.startswith(f"| {label} | "))
+    last = [rows[-1]["site_pck"][k] for k in ("0", "1", "2")]
     assert (
         site_row
         == f"| {label} | "
-        + " | ".join(f"{rows[-1]['site_pck'][k]:.2f}" for k in ("0", "1", "2"))
+        + " | ".join(f"{v:.2f}" for v in [*last, min(last), max(last) - min(last)])
         + " |"
     )
+    # the in-process engine scores the same sites from its central predictions
+    assert [r["site_pck"] for r in local_rows] == [r["site_pck"] for r in rows]
 
 
 @pytest.mark.usefixtures("task_identity")

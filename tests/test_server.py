@@ -211,3 +211,30 @@ def test_server_averages_each_clients_own_batchnorm_statistics(tmp_path, synth_d
     assert torch.allclose(server.weights[name].double(), expected, atol=1e-6)
     # the clients really differ, so averaging one client's statistics four times would fail
     assert not torch.allclose(replies[0].averaged[name], replies[1].averaged[name])
+
+
+def test_every_site_is_scored_on_its_own_test_records_and_fedbn_with_its_own_bn(
+    tmp_path, synth_dir
+):
+    from fedpose.metrics.pck import score_counts
+
+    cfg = tiny_config(tmp_path, synth_dir, "name=bn", "fed.method=fedbn", "fed.rounds=1")
+    server = run_federation(cfg)
+    row = _metrics(cfg)[-1]
+    assert set(row["site_pck"]) == {"0", "1", "2", "3"}  # one view each
+    assert set(row["site_pck_local_bn"]) == set(row["site_pck"])
+    # the sites' counts add up to the whole test split's
+    from fedpose.engine.federation import build_federation
+    from fedpose.metrics.evaluate import evaluate_counts
+
+    fed = build_federation(cfg)
+    fed.model.load_state_dict(server.weights)
+    total = [0, 0]
+    for idx in fed.test_parts:
+        correct, counted = evaluate_counts(
+            fed.model, [fed.test_records[i] for i in idx], fed.skeleton, cfg, fed.device
+        )
+        total = [total[0] + correct, total[1] + counted]
+    assert score_counts(*total, fed.skeleton).mean == pytest.approx(row["pck_mean"])
+    # with its own BatchNorm a site scores differently from the global model's averaged one
+    assert row["site_pck_local_bn"] != row["site_pck"]

@@ -4,6 +4,8 @@ federation."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -14,10 +16,12 @@ from fedpose.data.dataset import PoseDataset
 from fedpose.data.image_cache import ImageCache
 from fedpose.data.partition import partition
 from fedpose.data.records import PoseRecord, Skeleton
+from fedpose.data.site import evaluation_partition
 from fedpose.fl.params import ModelLayout, model_layout
 from fedpose.fl.strategies import build_strategy
 from fedpose.fl.strategies.base import Strategy
 from fedpose.metrics.evaluate import evaluate_model
+from fedpose.metrics.pck import pck_counts, score_counts
 from fedpose.model.inference import load_weights, resolve_device
 from fedpose.model.pose_resnet import PoseResNet, build_model, load_pretrained
 
@@ -35,6 +39,10 @@ class Federation:
     device: torch.device
     _datasets: dict[int, PoseDataset] = field(default_factory=dict)
     image_cache: ImageCache | None = None  # decoded images, shared by every client's dataset
+    # a client's state by id (set by the runner for the in-process engine): FedBN's sites are
+    # also scored with their own BatchNorm tensors
+    client_state: Callable[[int], dict] | None = None
+    _test_parts: list[list[int]] | None = None
 
     @property
     def client_sizes(self) -> list[int]:
@@ -58,11 +66,49 @@ class Federation:
             )
         return self._datasets[client]
 
+    @property
+    def test_parts(self) -> list[list[int]]:
+        """Each client's own test records: the test split partitioned like the training data
+        (the records a Flower site holds, data/site.py)."""
+        if self._test_parts is None:
+            self._test_parts = evaluation_partition(self.test_records, self.cfg)
+        return self._test_parts
+
     def evaluate(self, weights: dict[str, torch.Tensor]) -> dict:
-        """The global model's PCK on the test split, as metrics.jsonl records it."""
+        """The global model's PCK on the test split, as metrics.jsonl records it, and each
+        site's PCK on its own test records (`site_pck`, from the same predictions; FedBN also
+        with each site's own BatchNorm tensors, `site_pck_local_bn`)."""
         load_weights(self.model, weights)
         ev = evaluate_model(self.model, self.test_records, self.skeleton, self.cfg, self.device)
-        return {k: ev[k] for k in ("pck_mean", "pck_per_joint", "heatmap_acc")}
+        out = {k: ev[k] for k in ("pck_mean", "pck_per_joint", "heatmap_acc")}
+        sites: dict[str, float | None] = {}
+        for k, idx in enumerate(self.test_parts):
+            if idx:
+                records = [self.test_records[i] for i in idx]
+                counts = pck_counts(ev["preds"][idx], records, self.skeleton)
+                sites[str(k)] = _finite(score_counts(*counts, self.skeleton).mean)
+        out["site_pck"] = sites
+        if self.strategy.keep_bn_local and self.client_state is not None:
+            out["site_pck_local_bn"] = self._local_bn_scores(weights)
+        return out
+
+    def _local_bn_scores(self, weights: dict[str, torch.Tensor]) -> dict[str, float | None]:
+        """Each site's PCK of the global model with the site's own BatchNorm tensors (FedBN's
+        deployed model); sites that never trained keep the global ones."""
+        out: dict[str, float | None] = {}
+        for k, idx in enumerate(self.test_parts):
+            local = self.client_state(k).get("local") if self.client_state else None
+            if not idx or not local:
+                continue
+            load_weights(self.model, {**weights, **local})
+            records = [self.test_records[i] for i in idx]
+            ev = evaluate_model(self.model, records, self.skeleton, self.cfg, self.device)
+            out[str(k)] = _finite(ev["pck_mean"])
+        return out
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
 
 
 def build_federation(cfg: Config) -> Federation:

@@ -60,6 +60,8 @@ def run_federation(
         )
     federation = build_federation(cfg)
     transport = (transport_factory or LocalTransport)(federation)
+    if isinstance(transport, LocalTransport):
+        federation.client_state = transport.client_states.get
     server = FederatedServer(
         cfg,
         federation.initial_weights(),

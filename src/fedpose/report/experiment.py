@@ -272,6 +272,7 @@ def write_report(
     if target_pck > 0:
         lines += _time_to_target(arms, target_pck)
     lines += _site_table(arms)
+    lines += _site_table(arms, "site_pck_local_bn")
     lines += _aggregation_table(arms)
     lines += _figures(arms, out_dir, prefix)
     lines += _layer_conflicts(arms, out_dir, prefix)
@@ -366,35 +367,48 @@ def _time_to_target(arms: dict[str, Arm], target: float) -> list[str]:
     return lines
 
 
-def _site_table(arms: dict[str, Arm]) -> list[str]:
-    """Each site's own PCK (runs evaluated federated: every site scores its own test records),
-    scored like the mean PCK; nothing for centrally evaluated runs."""
+def _site_table(arms: dict[str, Arm], key: str = "site_pck") -> list[str]:
+    """Each site's own PCK, scored like the mean PCK (tail mean per run, then mean ± std over
+    seeds), with each run's worst site and its spread (best − worst site); nothing for runs
+    without per-site evaluations. `site_pck_local_bn`: FedBN's sites with their own BatchNorm."""
     per_arm: dict[str, dict[str, list[float]]] = {}
+    worst: dict[str, list[float]] = {}
+    spread: dict[str, list[float]] = {}
     for label, arm in arms.items():
         values: dict[str, list[float]] = {}
         for run in arm.complete_runs:
-            picked = [
-                r["site_pck"] for r in tail_rows(run.rows, run.total_rounds) if r.get("site_pck")
-            ]
+            picked = [r[key] for r in tail_rows(run.rows, run.total_rounds) if r.get(key)]
+            run_sites = []
             for site in sorted({k for p in picked for k in p}):
                 scores = [p[site] for p in picked if p.get(site) is not None]
                 if scores:
                     values.setdefault(site, []).append(float(np.mean(scores)))
+                    run_sites.append(float(np.mean(scores)))
+            if run_sites:
+                worst.setdefault(label, []).append(min(run_sites))
+                spread.setdefault(label, []).append(max(run_sites) - min(run_sites))
         per_arm[label] = values
     sites = sorted({k for v in per_arm.values() for k in v}, key=int)
     if not sites:
         return []
+    title = (
+        "## Per-site PCK (each site scores the global model on its own test records, the test "
+        "split partitioned like the training data; the mean PCK above sums their counts)"
+        if key == "site_pck"
+        else "## Per-site PCK with each site's own BatchNorm (FedBN's deployed models)"
+    )
+    shown = sites if len(sites) <= 12 else []  # a wide federation: worst and spread only
     lines = [
         "",
-        "## Per-site PCK (federated evaluation: each site scores its own test records; "
-        "the mean PCK above sums their counts)",
+        title,
         "",
-        "| method | " + " | ".join(f"site {k}" for k in sites) + " |",
-        "|---" * (len(sites) + 1) + "|",
+        "| method | " + " | ".join([*(f"site {k}" for k in shown), "worst site", "spread"]) + " |",
+        "|---" * (len(shown) + 3) + "|",
     ]
     for label, values in per_arm.items():
         if values:
-            cells = [_pm(*mean_std(values.get(k, []))) for k in sites]
+            cells = [_pm(*mean_std(values.get(k, []))) for k in shown]
+            cells += [_pm(*mean_std(worst.get(label, []))), _pm(*mean_std(spread.get(label, [])))]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 
