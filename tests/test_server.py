@@ -238,3 +238,28 @@ def test_every_site_is_scored_on_its_own_test_records_and_fedbn_with_its_own_bn(
     assert score_counts(*total, fed.skeleton).mean == pytest.approx(row["pck_mean"])
     # with its own BatchNorm a site scores differently from the global model's averaged one
     assert row["site_pck_local_bn"] != row["site_pck"]
+
+
+def test_validation_split_is_carved_from_the_clients_and_replaces_the_test_split(
+    tmp_path, synth_dir
+):
+    from fedpose.engine.federation import build_federation
+
+    plain = build_federation(tiny_config(tmp_path, synth_dir))
+    cfg = tiny_config(tmp_path, synth_dir, "name=val", "data.val_fraction=0.25")
+    fed = build_federation(cfg)
+    train_ids = {id(fed.train_records[i]) for p in fed.parts for i in p}
+    val_ids = {id(r) for r in fed.test_records}
+    # held out of the training records, never trained on, never the test split
+    assert val_ids and not val_ids & train_ids
+    assert {r.image for r in fed.test_records}.isdisjoint({r.image for r in plain.test_records})
+    for before, after, held in zip(plain.parts, fed.parts, fed.test_parts, strict=True):
+        assert len(after) + len(held) == len(before) and held  # every client gives some
+    # each site is scored on its own held-out records
+    views = [{fed.test_records[i].attributes["view"] for i in p} for p in fed.test_parts]
+    assert all(len(v) == 1 for v in views) and len(set.union(*views)) == 4
+    # the same records for every method: tuning runs are paired
+    other = build_federation(
+        tiny_config(tmp_path, synth_dir, "data.val_fraction=0.25", "fed.method=fedavg")
+    )
+    assert [r.image for r in other.test_records] == [r.image for r in fed.test_records]

@@ -24,6 +24,10 @@ class DataConfig:
     synth_seed: int = 0
     synth_size: int = 128  # synth-arm: rendered image side in pixels
     test_fraction: float = 0.2  # synth-arm / coco without test_ann: held-out share
+    # > 0: a validation split carved from every client's training records (this share of each,
+    # seeded); clients train on the rest and the run is scored on it instead of the test split
+    # (tuning; in-process engine)
+    val_fraction: float = 0.0
     input_size: int = 64  # network input side (square); heatmaps are a quarter of it
     sigma: float = 2.0  # Gaussian heatmap sigma in heatmap pixels
     augment: bool = True
@@ -377,6 +381,7 @@ def _checks(cfg: Config) -> Iterator[str | None]:
     yield _range("data.synth_seed", d.synth_seed, 0)
     yield _range("data.synth_size", d.synth_size, 16)
     yield _range("data.test_fraction", d.test_fraction, 0, 1, low_open=True, high_open=True)
+    yield _range("data.val_fraction", d.val_fraction, 0, 1, high_open=True)
     yield (
         None
         if d.input_size >= 32 and d.input_size % 32 == 0

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fedpose import seeding
 from fedpose.config import Config
 from fedpose.data import load_split
 from fedpose.data.dataset import PoseDataset
@@ -117,6 +118,15 @@ def build_federation(cfg: Config) -> Federation:
     parts = partition(train_records, cfg.fed, cfg.seed)
     if len(parts) != cfg.fed.num_clients:
         raise ValueError(f"partition made {len(parts)} clients, config says {cfg.fed.num_clients}")
+    test_parts = None
+    if cfg.data.val_fraction > 0:
+        parts, held_out = carve_validation(parts, cfg.data.val_fraction, cfg.seed)
+        # the run is scored on the held-out training records, never on the test split
+        test_records = [train_records[i] for part in held_out for i in part]
+        test_parts, start = [], 0
+        for part in held_out:
+            test_parts.append(list(range(start, start + len(part))))
+            start += len(part)
     model, layout, strategy = build_model_and_strategy(cfg, skeleton)
     return Federation(
         cfg,
@@ -129,7 +139,24 @@ def build_federation(cfg: Config) -> Federation:
         strategy,
         resolve_device(cfg.train.device),
         image_cache=ImageCache(cfg.data.cache_mb << 20) if cfg.data.cache_mb > 0 else None,
+        _test_parts=test_parts,
     )
+
+
+def carve_validation(
+    parts: list[list[int]], fraction: float, seed: int
+) -> tuple[list[list[int]], list[list[int]]]:
+    """(training parts, validation parts): a seeded `fraction` of every client's records (at
+    least one where the client has two or more) is held out; the same for every method, so
+    tuning runs are paired like the test runs."""
+    rng = seeding.stream(seed, seeding.VALIDATION)
+    train, held_out = [], []
+    for part in parts:
+        order = [part[int(i)] for i in rng.permutation(len(part))]
+        n = min(max(round(fraction * len(part)), 1), len(part) - 1) if len(part) > 1 else 0
+        held_out.append(sorted(order[:n]))
+        train.append(sorted(order[n:]))
+    return train, held_out
 
 
 def build_model_and_strategy(

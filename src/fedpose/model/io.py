@@ -261,6 +261,7 @@ def decode_state(tree: Any, tensors: dict[str, torch.Tensor], classes: dict[str,
 
 # ----------------------------------------------------------------------------- checkpoints
 ADDED_SETTINGS = (
+    ("data", "val_fraction", 0.0),
     ("fed", "server_opt", "sgd"),
     ("fed", "server_momentum", 0.0),
     ("fed", "server_beta1", 0.9),
