@@ -324,3 +324,28 @@ def test_step_ratio_from_the_logged_gram_quantities():
     assert step_ratio(row) == pytest.approx(math.hypot(*step) / math.hypot(*plain))
     assert step_ratio({**row, "coefficients": psi}) == pytest.approx(1.0)
     assert step_ratio({"weights": psi}) is None
+
+
+def test_tuning_table_names_each_methods_grid_and_its_choice(tmp_path):
+    runs = tmp_path / "tune"
+    grid = {
+        "fedavgm-m0.5": ({"method": "fedavgm", "server_momentum": 0.5}, 40.0),
+        "fedavgm-m0.9": ({"method": "fedavgm", "server_momentum": 0.9}, 42.0),
+        "fedadam-lr0.01": ({"method": "fedadam", "server_lr": 0.01}, 41.0),
+        "fedadam-lr0.001": ({"method": "fedadam", "server_lr": 0.001}, 39.0),
+    }
+    for label, (fed, pck) in grid.items():
+        for seed in (0, 1):
+            run = runs / f"{label}-s{seed}"
+            run.mkdir(parents=True)
+            config = {"seed": seed, "data": {"val_fraction": 0.2}, "fed": {"rounds": 2, **fed}}
+            (run / "config.json").write_text(json.dumps(config))
+            rows = [{"round": r, "pck_mean": pck + seed} for r in (1, 2)]
+            (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = write_report(load_arms([runs]), tmp_path / "out", "t").read_text()
+    assert "Scored on a validation split" in text
+    assert "| fedavgm | fedavgm-m0.9 | fed.server_momentum=0.9 | 2 | 42.50 ± 0.71 | yes |" in text
+    assert "| fedavgm | fedavgm-m0.5 | fed.server_momentum=0.5 | 2 | 40.50 ± 0.71 |  |" in text
+    assert "| fedadam | fedadam-lr0.01 | fed.server_lr=0.01 | 2 | 41.50 ± 0.71 | yes |" in text
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["tuning"]["fedadam"]["chosen"] == "fedadam-lr0.01"

@@ -157,6 +157,11 @@ def _setting(arms: dict[str, Arm]) -> list[str]:
             f"thread(s), Gram path {runtime.get('gram_path')}, torch "
             f"{runtime.get('torch')}, {runtime.get('machine')}."
         )
+    if d.get("val_fraction"):
+        lines.append(
+            f"Scored on a validation split: {d['val_fraction']:.0%} of every client's training "
+            "records, held out of training (data.val_fraction); the test split is not used."
+        )
     models = cpu_models(arms)
     if models:
         lines.append(
@@ -271,6 +276,7 @@ def write_report(
     lines += _differences(arms, baselines, summary)
     if target_pck > 0:
         lines += _time_to_target(arms, target_pck)
+    lines += _tuning_table(arms, summary)
     lines += _site_table(arms)
     lines += _site_table(arms, "site_pck_local_bn")
     lines += _aggregation_table(arms)
@@ -457,6 +463,63 @@ def _aggregation_table(arms: dict[str, Arm]) -> list[str]:
         "|---|---|---|---|---|",
         *rows,
     ]
+
+
+def _flat_settings(config: dict) -> dict[str, object]:
+    out = {}
+    for section, values in config.items():
+        if isinstance(values, dict) and section != "runtime":
+            out.update({f"{section}.{k}": repr(v) for k, v in values.items()})
+    return out
+
+
+def method_family(config: dict) -> str:
+    """The method a tuning grid point belongs to: fed.method, with its server optimiser."""
+    fed = config.get("fed", {})
+    method = str(fed.get("method"))
+    opt = fed.get("server_opt", "sgd")
+    if opt != "sgd" and method not in ("fedadam", "fedyogi", "fedadagrad"):
+        method += f"+{opt}"
+    elif fed.get("server_momentum", 0.0) > 0 and method != "fedavgm":
+        method += "+momentum"
+    return method
+
+
+def _tuning_table(arms: dict[str, Arm], summary: dict) -> list[str]:
+    """For runs scored on a validation split: each method's grid (the settings its arms differ
+    in), the runs per grid point, the validation score and the chosen point (the highest mean).
+    """
+    runs = [r for a in arms.values() for r in a.complete_runs]
+    if not runs or not all(r.config.get("data", {}).get("val_fraction") for r in runs):
+        return []
+    families: dict[str, list[Arm]] = {}
+    for arm in arms.values():
+        if arm.complete_runs:
+            families.setdefault(method_family(arm.complete_runs[0].config), []).append(arm)
+    lines = [
+        "",
+        "## Tuning on the validation split (each method's grid; chosen: the highest mean)",
+        "",
+        "| method | arm | settings | runs | validation PCK | chosen |",
+        "|---|---|---|---|---|---|",
+    ]
+    summary["tuning"] = {}
+    for family, members in families.items():
+        settings = [_flat_settings(a.complete_runs[0].config) for a in members]
+        varying = sorted(k for k in set().union(*settings) if len({s.get(k) for s in settings}) > 1)
+        varying = [k for k in varying if k not in ("name", "fed.method")]
+        means = {a.label: mean_std(list(a.scores().values()))[0] for a in members}
+        chosen = max(means, key=lambda k: -math.inf if math.isnan(means[k]) else means[k])
+        for arm, s in zip(members, settings, strict=True):
+            scores = list(arm.scores().values())
+            grid = ", ".join(f"{k}={s.get(k, '–')}" for k in varying) or "defaults"
+            mark = "yes" if arm.label == chosen else ""
+            lines.append(
+                f"| {family} | {arm.label} | {grid} | {len(scores)} | "
+                f"{_pm(*mean_std(scores))} | {mark} |"
+            )
+        summary["tuning"][family] = {"chosen": chosen, "grid": list(means), "means": means}
+    return lines
 
 
 def step_ratio(row: dict) -> float | None:
