@@ -158,7 +158,8 @@ def test_async_records_staleness_and_weights_it(tmp_path, synth_dir):
     assert any(s > 0 for r in rows for s in r["staleness"])
     # the fastest client (0) comes back first: the first buffer holds it
     assert 0 in rows[0]["aggregated"]
-    sizes = {c["client"]: c["size"] for c in json.loads((cfg.run_dir / "clients.json").read_text())}
+    clients = json.loads((cfg.run_dir / "clients.json").read_text())
+    sizes = {c["client"]: c["samples"] for c in clients}
     for r in rows:
         # FedAvg over the buffer: weights proportional to n_k (1 + s)^-1
         raw = [sizes[k] / (1 + s) for k, s in zip(r["aggregated"], r["staleness"], strict=True)]
@@ -224,15 +225,20 @@ def test_every_site_is_scored_on_its_own_test_records_and_fedbn_with_its_own_bn(
     assert set(row["site_pck"]) == {"0", "1", "2", "3"}  # one view each
     assert set(row["site_pck_local_bn"]) == set(row["site_pck"])
     # the sites' counts add up to the whole test split's
+    from fedpose.engine.evaluate import evaluate_counts
     from fedpose.engine.federation import build_federation
-    from fedpose.metrics.evaluate import evaluate_counts
 
     fed = build_federation(cfg)
     fed.model.load_state_dict(server.weights)
     total = [0, 0]
     for idx in fed.test_parts:
         correct, counted = evaluate_counts(
-            fed.model, [fed.test_records[i] for i in idx], fed.skeleton, cfg, fed.device
+            fed.model,
+            [fed.test_records[i] for i in idx],
+            fed.skeleton,
+            fed.device,
+            input_size=cfg.data.input_size,
+            flip_test=cfg.train.flip_test,
         )
         total = [total[0] + correct, total[1] + counted]
     assert score_counts(*total, fed.skeleton).mean == pytest.approx(row["pck_mean"])

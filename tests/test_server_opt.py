@@ -11,9 +11,9 @@ from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvgM, FedYogi
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedpose.config import ConfigError, FedConfig, load_config
-from fedpose.fl.server_opt import ServerOptimizer, WithServerOptimizer
 from fedpose.fl.strategies import FedAvg, FedGH, build_strategy
 from fedpose.fl.strategies.base import RoundInput
+from fedpose.fl.strategies.server_opt import ServerOptimizer, WithServerOptimizer
 
 SHAPES = {"a": (5, 4), "b": (7,)}
 COUNTS = [30, 10, 20]
@@ -140,11 +140,6 @@ def test_default_is_the_bare_strategy_and_any_strategy_composes():
     assert not torch.equal(result.update, bare.update)
     # FedAW's running angles and the optimiser's moments live side by side
     assert set(result.state) == set(bare.state) | {"server_opt"}
-    # fused into add_to: the same bits
-    target = torch.ones(27)
-    inputs.add_to = target
-    fused = composed.aggregate(inputs, {})
-    assert fused.update is target and torch.equal(target, torch.ones(27) + step)
 
 
 def test_sgd_with_momentum_accumulates_like_fedavgm():

@@ -37,7 +37,7 @@ class Scaffold(Strategy):
 
     def aggregate(self, inputs: RoundInput, state: dict) -> Aggregation:
         p = sample_weights(inputs.counts)
-        update = weighted_sum(inputs.deltas, self.server_lr * p, inputs.add_to)
+        update = weighted_sum(inputs.deltas, self.server_lr * p)
         c = state.get("c")
         if inputs.controls is not None:
             k = inputs.controls.shape[0]

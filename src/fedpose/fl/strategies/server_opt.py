@@ -113,18 +113,11 @@ class WithServerOptimizer(Strategy):
         return self.inner.client_control(state)
 
     def aggregate(self, inputs: RoundInput, state: dict) -> Aggregation:
-        add_to = inputs.add_to
         inner_state = {k: v for k, v in state.items() if k != STATE_KEY}
-        inputs.add_to = None  # the inner strategy returns Δ alone; the step is added below
-        try:
-            result = self.inner.aggregate(inputs, inner_state)
-        finally:
-            inputs.add_to = add_to
+        result = self.inner.aggregate(inputs, inner_state)
         update, opt_state = self.optimizer.step(result.update, state.get(STATE_KEY, {}))
         diagnostics = dict(result.diagnostics)
         diagnostics["server_step_norm"] = float(update.norm())
-        if add_to is not None:
-            update = add_to.add_(update)
         return Aggregation(update, {**result.state, STATE_KEY: opt_state}, diagnostics)
 
 
