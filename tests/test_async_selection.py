@@ -63,12 +63,15 @@ def _server(*overrides: str, strategy=None, num_clients: int = 4) -> FederatedSe
     )
     deltas = {k: torch.full((P,), 0.01 * (k + 1)) for k in range(num_clients)}
     return FederatedServer(
-        cfg,
+        cfg.fed,
+        cfg.system,
         {"w": torch.zeros(P)},
         LAYOUT,
         strategy or FedAvg(),
         FixedTransport(deltas),
         [10] * num_clients,
+        seed=cfg.seed,
+        batch_size=cfg.train.batch_size,
     )
 
 

@@ -203,7 +203,7 @@ def test_compare_runs_seeds_in_single_thread_processes(tmp_path, synth_dir):
 
 
 def test_compare_generates_synth_arm_once_before_its_parallel_runs(tmp_path, monkeypatch):
-    import fedpose.engine.parallel as parallel
+    import fedpose.engine.experiment as experiment
 
     root = tmp_path / "synth"
     found_before_runs = []
@@ -211,9 +211,9 @@ def test_compare_generates_synth_arm_once_before_its_parallel_runs(tmp_path, mon
     def run_in_process(jobs, *_):
         # the worker processes would race to render the same files into one folder
         found_before_runs.append((root / "annotations.json").is_file())
-        return {job.name: main(job.args) for job in jobs}
+        return {job.name: job.run_here() for job in jobs}
 
-    monkeypatch.setattr(parallel, "run_jobs", run_in_process)
+    monkeypatch.setattr(experiment, "run_jobs", run_in_process)
     sets = tiny_cli_args(
         tmp_path / "runs", root, "data.synth_n=24", "data.synth_size=32", "data.test_fraction=0.25"
     )
