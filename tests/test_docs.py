@@ -214,14 +214,14 @@ def test_extending_example_runs_in_fedpose_compare(tmp_path):
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
-    run_dir = tmp_path / "runs" / "try-fedavgm"
-    assert "fedavgm" in (run_dir / "report.md").read_text()
-    metrics = (run_dir / "fedavgm-s0" / "metrics.jsonl").read_text()
+    run_dir = tmp_path / "runs" / "try-velocity"
+    assert "fedavg-velocity" in (run_dir / "report.md").read_text()
+    metrics = (run_dir / "fedavg-velocity-s0" / "metrics.jsonl").read_text()
     rows = [json.loads(x) for x in metrics.splitlines()]
-    assert [r["method"] for r in rows] == ["fedavgm", "fedavgm"]
+    assert [r["method"] for r in rows] == ["fedavg-velocity", "fedavg-velocity"]
     assert all(r["velocity_norm"] > 0 for r in rows)
     # the copy, not the installed package, ran: the repository's own strategies are untouched
-    assert "fedavgm" not in (ROOT / "src/fedpose/fl/strategies/__init__.py").read_text()
+    assert "fedavg-velocity" not in (ROOT / "src/fedpose/fl/strategies/__init__.py").read_text()
 
 
 def _example_dataset() -> tuple[str, str]:

@@ -283,4 +283,78 @@ def test_report_tables_what_the_server_did(tmp_path):
             r.update(aggregated=[0, 1], weights=[0.25, 0.75], coefficients=[0.3, 0.9])
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     text = write_report(load_arms([runs]), tmp_path / "out", "t").read_text()
-    assert "| fedgh | 0.500 | 1.200 | 0: 0.250, 1: 0.750 |" in text
+    assert "| fedgh | 0.500 | 1.200 | – | 0: 0.250, 1: 0.750 |" in text  # no cosines: no step ratio
+
+
+def _cpu_run(folder: Path, label: str, seed: int, cpu: str | None, pck: float) -> None:
+    run = folder / f"{label}-s{seed}"
+    run.mkdir(parents=True)
+    runtime = {"cpu_model": cpu} if cpu else {}
+    config = {"seed": seed, "fed": {"rounds": 2, "method": label}, "runtime": runtime}
+    (run / "config.json").write_text(json.dumps(config))
+    rows = [{"round": r, "pck_mean": pck + r + seed} for r in (1, 2)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_report_refuses_runs_of_different_cpu_models_unless_told(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    for seed in (0, 1):
+        _cpu_run(runs, "fedavg", seed, "AMD EPYC 7763 64-Core Processor", 50.0)
+        _cpu_run(runs, "fedgh", seed, "Intel(R) Xeon(R) Platinum 8370C" if seed else None, 51.0)
+    out = tmp_path / "report"
+    assert main(["report", str(runs), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "--mixed-cpus" in err[0]
+    assert "Xeon" in err[0] and "EPYC" in err[0]
+    assert not out.exists()  # nothing written
+    assert main(["report", str(runs), "--out", str(out), "--mixed-cpus"]) == 0
+    assert "CPU model of the runs" in (out / "report.md").read_text()
+    # a run without a recorded model (made before it was recorded) does not count as another
+    (runs / "fedgh-s1").rename(tmp_path / "aside")
+    assert main(["report", str(runs), "--out", str(tmp_path / "again")]) == 0
+
+
+def test_step_ratio_from_the_logged_gram_quantities():
+    from fedpose.report.experiment import step_ratio
+
+    d = [[3.0, 0.0], [-1.0, 2.0]]  # two updates, in conflict
+    norms = [math.hypot(*x) for x in d]
+    cos = [
+        [
+            sum(a * b for a, b in zip(x, y, strict=True)) / (nx * ny)
+            for y, ny in zip(d, norms, strict=True)
+        ]
+        for x, nx in zip(d, norms, strict=True)
+    ]
+    psi, coef = [0.5, 0.5], [0.7, 0.4]
+    step = [sum(c * x[i] for c, x in zip(coef, d, strict=True)) for i in range(2)]
+    plain = [sum(c * x[i] for c, x in zip(psi, d, strict=True)) for i in range(2)]
+    row = {"coefficients": coef, "weights": psi, "cosine": cos, "update_norms": norms}
+    assert step_ratio(row) == pytest.approx(math.hypot(*step) / math.hypot(*plain))
+    assert step_ratio({**row, "coefficients": psi}) == pytest.approx(1.0)
+    assert step_ratio({"weights": psi}) is None
+
+
+def test_tuning_table_names_each_methods_grid_and_its_choice(tmp_path):
+    runs = tmp_path / "tune"
+    grid = {
+        "fedavgm-m0.5": ({"method": "fedavgm", "server_momentum": 0.5}, 40.0),
+        "fedavgm-m0.9": ({"method": "fedavgm", "server_momentum": 0.9}, 42.0),
+        "fedadam-lr0.01": ({"method": "fedadam", "server_lr": 0.01}, 41.0),
+        "fedadam-lr0.001": ({"method": "fedadam", "server_lr": 0.001}, 39.0),
+    }
+    for label, (fed, pck) in grid.items():
+        for seed in (0, 1):
+            run = runs / f"{label}-s{seed}"
+            run.mkdir(parents=True)
+            config = {"seed": seed, "data": {"val_fraction": 0.2}, "fed": {"rounds": 2, **fed}}
+            (run / "config.json").write_text(json.dumps(config))
+            rows = [{"round": r, "pck_mean": pck + seed} for r in (1, 2)]
+            (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = write_report(load_arms([runs]), tmp_path / "out", "t").read_text()
+    assert "Scored on a validation split" in text
+    assert "| fedavgm | fedavgm-m0.9 | fed.server_momentum=0.9 | 2 | 42.50 ± 0.71 | yes |" in text
+    assert "| fedavgm | fedavgm-m0.5 | fed.server_momentum=0.5 | 2 | 40.50 ± 0.71 |  |" in text
+    assert "| fedadam | fedadam-lr0.01 | fed.server_lr=0.01 | 2 | 41.50 ± 0.71 | yes |" in text
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["tuning"]["fedadam"]["chosen"] == "fedadam-lr0.01"

@@ -122,6 +122,7 @@ def cmd_compare(args) -> int:
         jobs=args.jobs,
         baselines=tuple(_split(args.baselines)),
         command=args.command_line,
+        mixed_cpus=args.mixed_cpus,
     )
     try:
         report = run_comparison(plan, console)
@@ -148,6 +149,7 @@ def cmd_report(args) -> int:
         notes=notes,
         commit=args.commit,
         target_pck=args.target_pck,
+        mixed_cpus=args.mixed_cpus,
     )
     console.print(report.read_text().split("## Curves")[0], markup=False, highlight=False)
     console.print(f"report: {report}")
@@ -552,6 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="fedavg,fedaw",
         help="labels that paired differences are taken against",
     )
+    _add_mixed_cpus(p)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("report", help="regenerate a comparison report from run directories")
@@ -581,6 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="add time-to-target-PCK columns (simulated seconds)",
     )
+    _add_mixed_cpus(p)
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on its dataset's test split")
@@ -744,6 +748,14 @@ def _add_data_source(b: argparse.ArgumentParser) -> None:
     b.add_argument("--model", default="pose_resnet50")
     b.add_argument("--device", default="auto", help="auto | cpu | cuda")
     b.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+
+
+def _add_mixed_cpus(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--mixed-cpus",
+        action="store_true",
+        help="report runs made on different CPU models (config.json runtime.cpu_model) together",
+    )
 
 
 def _add_flower_run(p: argparse.ArgumentParser, rounds: int) -> None:

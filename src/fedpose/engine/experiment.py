@@ -37,6 +37,7 @@ class Comparison:
     jobs: int = 1  # worker processes
     baselines: tuple[str, ...] = ("fedavg", "fedaw")
     command: str = ""  # the command line, for the report
+    mixed_cpus: bool = False  # report runs made on different CPU models together
 
 
 class ComparisonError(RuntimeError):
@@ -141,4 +142,5 @@ def run_comparison(plan: Comparison, console: Console | None = None) -> Path:
         command=plan.command,
         produced_by=plan.command,
         target_pck=base.fed.target_pck,
+        mixed_cpus=plan.mixed_cpus,
     )
