@@ -291,18 +291,59 @@ def _stop(pids: list[int]) -> None:
             time.sleep(0.5)
 
 
+def _start_local_superlink(home: Path, env: dict) -> subprocess.Popen:
+    """The SuperLink `flwr run` starts for its default local federation, with Flower's own
+    command line (flwr/cli/local_superlink.py), started here so that the test owns its PID and
+    waits longer than Flower's 15 s on a busy machine; `flwr run` finds it running."""
+    import urllib.request
+
+    logs = home / "local-superlink"
+    logs.mkdir(parents=True)
+    http = env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]
+    command = [
+        "flower-superlink",
+        "--insecure",
+        "--simulation",
+        "--isolation",
+        "subprocess",
+        "--control-api-address",
+        f"127.0.0.1:{env['FLWR_LOCAL_CONTROL_API_PORT']}",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        http,
+        "--log-file",
+        str(logs / "superlink.log"),
+        "--database",
+        str(logs / "state.db"),
+    ]
+    proc = subprocess.Popen(
+        command, env=env, cwd=env["PWD"], start_new_session=True, stdout=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(1)
+    raise AssertionError(f"the local SuperLink did not start: {(logs / 'superlink.log')}")
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("flwr") is None, reason="flwr not on PATH")
 def test_plain_flwr_run_on_the_default_local_federation(tmp_path):
     """`flwr run APP --stream` with no federation named: Flower's own local simulation (its
     default 2 virtual SuperNodes, Ray) runs the quick start to completion, and `fedpose
-    flower-pull` brings its results back. cwd is tmp_path: the detached SuperLink and the apps
-    work there (data/, runs/)."""
+    flower-pull` brings its results back. cwd is tmp_path: the SuperLink and the apps work
+    there (data/, runs/)."""
     pytest.importorskip("ray")
     home = tmp_path / "flwr-home"
     bin_dir = str(Path(sys.executable).parent)
     env = os.environ | {
         "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+        "PWD": str(tmp_path),
         "PYTHONPATH": str(REPO / "src"),
         "FLWR_HOME": str(home),
         # the local SuperLink's fixed ports (39091/39093), moved to free ones
@@ -319,15 +360,11 @@ def test_plain_flwr_run_on_the_default_local_federation(tmp_path):
             ["flwr", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
         )
 
+    superlink = _start_local_superlink(home, env)
     try:
-        for _ in range(2):
-            # Flower gives its local SuperLink 15 s to start; on a busy machine the first start
-            # can take longer (the SuperLink is then up for the second try)
-            run = flwr("run", str(REPO), "--stream", timeout=600)
-            if "Failed to start local SuperLink" not in run.stdout + run.stderr:
-                break
-            flwr("ls")
+        run = flwr("run", str(REPO), "--stream", timeout=600)
         output = run.stdout + run.stderr
+        assert (home / "config.toml").read_text().count('address = ":local:"') == 1
         found = re.search(r"Successfully started run (\d+)", output)
         assert found, output[-3000:]
         run_id = found.group(1)
@@ -353,5 +390,5 @@ def test_plain_flwr_run_on_the_default_local_federation(tmp_path):
         assert len((pulled / "metrics.csv").read_text().splitlines()) == 4
         assert json.loads((pulled / "config.json").read_text())["fed"]["num_clients"] == 2
     finally:
-        _stop(_processes_naming(str(home)))
+        _stop([superlink.pid, *_processes_naming(str(home))])
     assert _processes_naming(str(home)) == []
