@@ -13,19 +13,32 @@ import shlex
 import sys
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
-from fedpose.config import ConfigError, DataConfig, load_config
-from fedpose.data import DATASETS, synth_arm_annotations
+# Only light modules at the top: `--help`, `--version` and argument errors must not wait for
+# torch (2-11 s); each command imports what it needs. tests/test_cli_light.py checks it.
+from fedpose.config import DATASETS, ConfigError, DataConfig, load_config
 from fedpose.data.records import DatasetError
-from fedpose.fl.server import FederationError
 from fedpose.tools import ToolError
+from fedpose.version import plain_console, version_line
 
-console = Console()
-err_console = Console(stderr=True, soft_wrap=True)
+console = plain_console()
+err_console = plain_console(stderr=True, soft_wrap=True)
 
 METHODS = "fedavg,fedprox,fedbn,feddyn,fedaw,fedgh"
+METHOD_CHOICES = (
+    "fedavg",
+    "fedprox",
+    "fedbn",
+    "feddyn",
+    "fedaw",
+    "fedgh",
+    "fedgh-noproj",
+    "fedgh-noaw",
+    "fedavg-clip",
+    "median",
+    "trimmed-mean",
+)
 RUN_INTERRUPTED = "the last checkpoint is kept; rerun with --resume"
 FLOWER_INTERRUPTED = "every Flower process was stopped"
 
@@ -153,6 +166,8 @@ def cmd_compare(args) -> int:
             else:
                 run_federation(cfg, resume=resume, console=console)
     if jobs:
+        from fedpose.data import synth_arm_annotations
+
         for data in synth_data.values():
             # generated here, once: parallel runs would each render the same set into one folder
             synth_arm_annotations(data, workers=args.jobs)
@@ -533,7 +548,9 @@ def cmd_flower_sim(args) -> int:
     from fedpose.tools.flower_demo import demo_config, terminate_on_sigterm
     from fedpose.tools.flower_sim import run_flower_simulation
 
-    cfg = demo_config(args.config, args.supernodes, args.rounds, args.overrides)
+    cfg = demo_config(
+        args.config, args.supernodes, args.rounds, args.overrides, default_name="flower-sim"
+    )
     console.print(
         f"[bold]{cfg.name}[/]: {cfg.fed.method} on {cfg.data.dataset}, "
         f"{args.supernodes} virtual SuperNodes, {args.rounds} rounds; runs in "
@@ -569,6 +586,7 @@ def cmd_flower_config(args) -> int:
 @functools.cache
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedpose", description=__doc__)
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="centralized training and evaluation")
@@ -583,7 +601,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="several methods and seeds, then a report")
     _add_config(p)
-    p.add_argument("--methods", default=METHODS)
+    p.add_argument(
+        "--methods",
+        default=METHODS,
+        metavar="M1,M2,...",
+        help=f"comma-separated aggregation methods (default: {METHODS}); choices: "
+        f"{', '.join(_method_names())}",
+    )
     p.add_argument(
         "--variant",
         action="append",
@@ -812,6 +836,19 @@ def _add_flower_run(p: argparse.ArgumentParser, rounds: int) -> None:
     _add_overrides(p)
 
 
+def _method_names() -> tuple[str, ...]:
+    # fl.strategies.STRATEGY_NAMES is the one list, but importing it loads torch;
+    # tests/test_cli_light.py checks that this copy is the same
+    return METHOD_CHOICES
+
+
+def _federation_error() -> type[BaseException] | tuple:
+    """fl.server's FederationError once that module is loaded (only then can it be raised);
+    importing it up front would load torch for `--help`."""
+    module = sys.modules.get("fedpose.fl.server")
+    return getattr(module, "FederationError", ())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # reports name the command that wrote them
@@ -823,7 +860,7 @@ def main(argv: list[str] | None = None) -> int:
         # no markup (messages hold "[record ...]") and no wrapping
         err_console.print(f"error: {e}", markup=False, highlight=False)
         return 2
-    except FederationError as e:  # the input was fine; the run itself failed
+    except _federation_error() as e:  # the input was fine; the run itself failed
         err_console.print(f"error: {e}", markup=False, highlight=False)
         return 1
     except KeyboardInterrupt:

@@ -82,12 +82,18 @@ class FlowerDemoError(ToolError):
 
 # ----------------------------------------------------------------------------- configuration
 def demo_config(
-    config_path: str | None, supernodes: int, rounds: int, overrides: list[str]
+    config_path: str | None,
+    supernodes: int,
+    rounds: int,
+    overrides: list[str],
+    default_name: str = "flower-demo",
 ) -> Config:
-    """The demo's Config: the file (or the tiny default) + overrides, one client per SuperNode,
-    and absolute paths (the Flower processes do not share this process's working directory)."""
+    """The demo's Config: the file (or the tiny default, named `default_name` unless an override
+    names it) + overrides, one client per SuperNode, and absolute paths (the Flower processes do
+    not share this process's working directory)."""
     if config_path is None:
-        cfg = config_from_dict(merge_dicts(TINY, parse_overrides(overrides)))
+        tiny = {**TINY, "name": default_name}
+        cfg = config_from_dict(merge_dicts(tiny, parse_overrides(overrides)))
     else:
         cfg = load_config(config_path, overrides)
     if supernodes < 1 or rounds < 1:
