@@ -253,6 +253,8 @@ def cmd_eval(args) -> int:
 
     model, cfg, skeleton = load_model(args.checkpoint)
     apply_overrides(cfg, args.overrides)
+    if args.dump and cfg.data.dataset != "coco":
+        raise ConfigError(f"--dump writes COCO results; the model's data is {cfg.data.dataset}")
     records, _ = load_split(cfg.data, args.split)
     ev = evaluate_model(model, records, skeleton, cfg, resolve_device(cfg.train.device))
     result = ev["result"]
@@ -275,6 +277,13 @@ def cmd_eval(args) -> int:
     if cfg.data.dataset == "coco" and has_keypoint_ap(skeleton):
         ap = split_ap(records, ev["preds"], ev["confidence"], cfg.data, args.split)
     _print_keypoint_ap(ap, cfg.data.dataset)
+    if args.dump:
+        from fedpose.metrics.coco_ap import write_split_results
+
+        out = write_split_results(
+            args.dump, records, ev["preds"], ev["confidence"], cfg.data, args.split
+        )
+        console.print(f"wrote {out}", markup=False, highlight=False)
     print(f"mean PCK: {result.mean:.2f}")
     return 0
 
@@ -664,6 +673,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a checkpoint on its dataset's test split")
     p.add_argument("checkpoint")
     p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument(
+        "--dump",
+        default=None,
+        metavar="RESULTS.json",
+        help="coco: also write the predictions as a COCO keypoint results file",
+    )
     _add_overrides(p, "e.g. -c data.root=/path/to/lsp")
     p.set_defaults(func=cmd_eval)
 

@@ -18,6 +18,10 @@ class DataConfig:
     root: str = "data/synth-arm"  # image folder (lsp: the dataset folder)
     ann: str = ""  # mpii/coco: training annotation file (synth-arm: written beside the images)
     test_ann: str = ""  # mpii/coco: test annotation file
+    # coco: the image folders of `ann` and `test_ann` when they differ (COCO's train2017/ and
+    # val2017/, as the pose toolkits' per-split image prefixes); "" = root
+    train_root: str = ""
+    test_root: str = ""
     headboxes: str = ""  # mpii: gt_valid.mat for PCKh
     lsp_labels: str = "pc"  # lsp: pc (joints.mat) or oc (joints_OC.mat)
     synth_n: int = 2060  # synth-arm: images generated when root does not exist yet

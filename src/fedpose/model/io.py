@@ -263,13 +263,15 @@ def decode_state(tree: Any, tensors: dict[str, torch.Tensor], classes: dict[str,
 def config_hash(config: dict) -> str:
     """A hash of the settings a resumed run must share with the run that wrote the checkpoint.
 
-    Left out: where the run lives (name, out_dir, data.root), how far it goes (fed.rounds,
-    train.epochs) and how it is computed without changing the numbers (workers, device): those may
-    change on resume.
+    Left out: where the run lives (name, out_dir, data.root and the per-split image folders), how
+    far it goes (fed.rounds, train.epochs) and how it is computed without changing the numbers
+    (workers, device): those may change on resume.
     """
     settings = json.loads(json.dumps(config))
     for section, key in (
         ("data", "root"),
+        ("data", "train_root"),
+        ("data", "test_root"),
         ("data", "workers"),
         ("fed", "rounds"),
         ("train", "epochs"),

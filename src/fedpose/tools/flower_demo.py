@@ -107,7 +107,7 @@ def absolute_paths(cfg: Config) -> Config:
     cfg = copy.deepcopy(cfg)
     cfg.out_dir = str(Path(cfg.out_dir).resolve())
     d = cfg.data
-    for attr in ("root", "ann", "test_ann", "headboxes"):
+    for attr in ("root", "train_root", "test_root", "ann", "test_ann", "headboxes"):
         if getattr(d, attr):
             setattr(d, attr, str(Path(getattr(d, attr)).resolve()))
     if cfg.model.pretrained:
