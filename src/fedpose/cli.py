@@ -303,17 +303,28 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from fedpose.model.conventions import describe_model
     from fedpose.model.export import ONNX_OPSET, export_onnx
-    from fedpose.model.io import load_model
+    from fedpose.model.io import load_any_model
 
-    model, cfg, skeleton = load_model(args.checkpoint)
+    model, cfg, skeleton = load_any_model(args.checkpoint)
     size = cfg.data.input_size
-    out = export_onnx(model, size, args.onnx, skeleton)
+    conventions = describe_model(cfg, skeleton)
+    out = export_onnx(model, size, args.onnx, skeleton, conventions=conventions)
     console.print(
         f"image: batch x 3 x {size} x {size} -> heatmaps: batch x "
         f"{skeleton.num_joints} x {size // 4} x {size // 4}, ONNX opset {ONNX_OPSET}"
     )
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_model_from_checkpoint(args) -> int:
+    from fedpose.model.io import model_from_checkpoint, save_model
+
+    weights, cfg, skeleton = model_from_checkpoint(args.checkpoint, args.config)
+    save_model(args.out, weights, cfg, skeleton)
+    print(f"wrote {args.out}")
     return 0
 
 
@@ -688,10 +699,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("export", help="write a model file as ONNX")
-    p.add_argument("checkpoint")
+    p = sub.add_parser("export", help="write a model file (or a run's checkpoint) as ONNX")
+    p.add_argument(
+        "checkpoint",
+        help="model.safetensors, or RUN/checkpoints/last.safetensors (with RUN/config.json)",
+    )
     p.add_argument("--onnx", required=True, metavar="OUT.onnx", help="the ONNX file to write")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "model-from-checkpoint",
+        help="write a run's checkpoint as a model file that eval, predict and export read",
+    )
+    p.add_argument("checkpoint", help="RUN/checkpoints/last.safetensors (or previous)")
+    p.add_argument("--out", required=True, metavar="MODEL.safetensors")
+    p.add_argument(
+        "--config",
+        default=None,
+        metavar="CONFIG.json",
+        help="the run's config.json (default: two folders above the checkpoint)",
+    )
+    p.set_defaults(func=cmd_model_from_checkpoint)
 
     p = sub.add_parser("score", help="score a predictions file with the dataset's metric")
     p.add_argument("--dataset", required=True, choices=list(DATASETS))
