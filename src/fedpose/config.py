@@ -79,6 +79,10 @@ class FedConfig:
     partition: str = "attribute"  # iid | attribute | dirichlet | quantity
     partition_attr: str = "view"  # attribute | dirichlet: view | pose | facing
     dirichlet_alpha: float = 0.5
+    # 0: draw once, then give each empty client one record of the largest (fedpose's rule);
+    # > 0: redraw until every client has at least this many records, as flwr-datasets'
+    # DirichletPartitioner's min_partition_size (docs/algorithms.md, "Partitions")
+    dirichlet_min_size: int = 0
     quantity_alpha: float = 0.5
     eval_every: int = 1
     checkpoint_every: int = 1
@@ -424,6 +428,7 @@ def _checks(cfg: Config) -> Iterator[str | None]:
     yield _choice("fed.partition", f.partition, PARTITIONS)
     yield None if f.partition_attr else "fed.partition_attr: must not be empty"
     yield _range("fed.dirichlet_alpha", f.dirichlet_alpha, 0, low_open=True)
+    yield _range("fed.dirichlet_min_size", f.dirichlet_min_size, 0)
     yield _range("fed.quantity_alpha", f.quantity_alpha, 0, low_open=True)
     yield _range("fed.eval_every", f.eval_every, 1)
     yield _range("fed.checkpoint_every", f.checkpoint_every, 1)
