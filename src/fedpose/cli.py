@@ -362,6 +362,28 @@ def cmd_data_synth_arm(args) -> int:
     return 0
 
 
+def cmd_data_download(args) -> int:
+    from fedpose.data.download import SOURCES, download_dataset
+
+    source = SOURCES[args.name]
+    origin = args.from_file or args.url or source.url
+    console.print(f"{args.name}: from {origin} (licence and citation: {source.page})", markup=False)
+    reported = [0]
+
+    def progress(done: int, total: int | None) -> None:
+        if done - reported[0] >= 5 * 2**20 or (total and done == total):
+            reported[0] = done
+            of = f" of {total / 2**20:.1f}" if total else ""
+            console.print(f"  {done / 2**20:.1f}{of} MiB", markup=False)
+
+    dest, fetched = download_dataset(
+        args.name, args.to, url=args.url, from_file=args.from_file, progress=progress
+    )
+    state = "unpacked and checked" if fetched else "already there and complete"
+    console.print(f"{args.name}: {state} in {dest}", markup=False, highlight=False)
+    return 0
+
+
 def cmd_data_inspect(args) -> int:
     from fedpose.data.inspect import inspect_dataset, summary_tables
 
@@ -508,11 +530,11 @@ def cmd_bench_train(args) -> int:
 
 
 def _default_root(dataset: str) -> str:
-    """The shared datasets folder beside the checkout, where the tests look too."""
-    import os
+    """$FEDPOSE_DATASETS/<dataset> (where the tests look too) when set, else data/<dataset>
+    (where `fedpose data download` puts it)."""
+    from fedpose.data.download import default_destination
 
-    base = Path(os.environ.get("FEDPOSE_DATASETS", Path.cwd().parent / "shared" / "datasets"))
-    return str(base / dataset)
+    return str(default_destination(dataset))
 
 
 def cmd_bench_flower(args) -> int:
@@ -744,6 +766,25 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--size", type=int, default=128)
     d.set_defaults(func=cmd_data_synth_arm)
+    d = dsub.add_parser(
+        "download", help="fetch a public dataset from its source, check it and unpack it"
+    )
+    d.add_argument("name", choices=["lsp"], help="the dataset (MPII and COCO: docs/datasets.md)")
+    d.add_argument(
+        "--to",
+        default=None,
+        metavar="DIR",
+        help="destination folder (default: $FEDPOSE_DATASETS/NAME if set, else data/NAME)",
+    )
+    d.add_argument("--url", default=None, help="another address of the same archive")
+    d.add_argument(
+        "--from",
+        dest="from_file",
+        default=None,
+        metavar="ARCHIVE",
+        help="unpack a local copy of the archive instead of downloading it",
+    )
+    d.set_defaults(func=cmd_data_download)
     d = dsub.add_parser("inspect", help="load a dataset and summarise it")
     d.add_argument("--dataset", required=True, choices=list(DATASETS))
     d.add_argument("--root", required=True)
