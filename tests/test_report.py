@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -275,3 +276,31 @@ def test_report_tables_what_the_server_did(tmp_path):
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     text = write_report(load_arms([runs]), tmp_path / "out", "t").read_text()
     assert "| fedgh | 0.500 | 1.200 | 0: 0.250, 1: 0.750 |" in text
+
+
+def test_round_progress_prints_plain_lines_as_runs_advance(tmp_path):
+    from rich.console import Console
+
+    from fedpose.engine.progress import RoundProgress, last_round
+
+    out = io.StringIO()
+    console = Console(file=out, width=200)  # not a terminal: plain lines
+    runs = {name: (tmp_path / name, 3) for name in ("fedaw-s0", "fedgh-s0")}
+    for run_dir, _ in runs.values():
+        run_dir.mkdir()
+    metrics = tmp_path / "fedaw-s0" / "metrics.jsonl"
+    with RoundProgress(console, runs) as progress:
+        progress.poll(runs, force=True)
+        metrics.write_text('{"round": 1}\n{"round": 2}\n{"rou')  # the last line being written
+        assert last_round(tmp_path / "fedaw-s0") == 2
+        progress.poll(runs, force=True)
+        progress.poll(runs, force=True)  # nothing new: nothing printed
+        metrics.write_text('{"round": 1}\n{"round": 2}\n{"round": 3}\n')
+        progress.finished("fedaw-s0", "done in 4 s")
+    assert out.getvalue().splitlines() == [
+        "fedaw-s0: round 0/3",
+        "fedgh-s0: round 0/3",
+        "fedaw-s0: round 2/3",
+        "fedaw-s0: round 3/3",
+        "fedaw-s0: done in 4 s",
+    ]

@@ -130,6 +130,7 @@ def _variants(args) -> list[tuple[str, list[str]]]:
 
 def cmd_compare(args) -> int:
     from fedpose.engine.parallel import Job, run_jobs
+    from fedpose.engine.progress import RoundProgress
     from fedpose.engine.runner import run_federation
     from fedpose.metrics.log import read_metrics
     from fedpose.report.experiment import load_arms, write_report
@@ -139,6 +140,7 @@ def cmd_compare(args) -> int:
     seeds = _seeds(args.seeds)
     run_dirs: list[Path] = []
     jobs: list[Job] = []
+    watched: dict[str, tuple[Path, int]] = {}  # job name -> (run folder, rounds)
     synth_data: dict[str, DataConfig] = {}  # by root: each synth-arm set its parallel runs read
     # seed-major: each seed's paired set of runs completes before the next seed starts
     for seed in seeds:
@@ -163,6 +165,7 @@ def cmd_compare(args) -> int:
                         cfg.run_dir.parent / f"{label}-s{seed}.log",
                     )
                 )
+                watched[cfg.name] = (cfg.run_dir, cfg.fed.rounds)
             else:
                 run_federation(cfg, resume=resume, console=console)
     if jobs:
@@ -176,11 +179,16 @@ def cmd_compare(args) -> int:
             "each; logs beside the run directories"
         )
 
-        def done(job: Job, code: int, seconds: float) -> None:
-            state = "done" if code == 0 else f"FAILED (exit {code}, see {job.log})"
-            console.print(f"{job.name}: {state} in {seconds:.0f} s")
+        with RoundProgress(console, watched) as progress:
 
-        codes = run_jobs(jobs, args.jobs, done)
+            def done(job: Job, code: int, seconds: float) -> None:
+                state = "done" if code == 0 else f"FAILED (exit {code}, see {job.log})"
+                progress.finished(job.name, f"{state} in {seconds:.0f} s")
+
+            def tick(running: list[Job]) -> None:
+                progress.poll(job.name for job in running)
+
+            codes = run_jobs(jobs, args.jobs, done, tick)
         failed = [n for n, c in codes.items() if c != 0]
         if failed:
             err_console.print(

@@ -26,10 +26,14 @@ class Job:
 
 
 def run_jobs(
-    jobs: list[Job], workers: int, on_done: Callable[[Job, int, float], None] | None = None
+    jobs: list[Job],
+    workers: int,
+    on_done: Callable[[Job, int, float], None] | None = None,
+    on_tick: Callable[[list[Job]], None] | None = None,
 ) -> dict[str, int]:
     """Run every job as `python -m fedpose.cli ARGS`, at most `workers` at once; exit codes by
-    job name. `on_done(job, exit code, seconds)` is called as each one finishes."""
+    job name. `on_done(job, exit code, seconds)` is called as each one finishes, `on_tick(the
+    jobs running)` every poll (for progress shown meanwhile)."""
     env = {**os.environ, **SINGLE_THREAD}
     queue = list(jobs)
     running: list[tuple[Job, subprocess.Popen, float, object]] = []
@@ -48,6 +52,8 @@ def run_jobs(
                 )
                 running.append((job, proc, time.perf_counter(), log))
             time.sleep(0.2)
+            if on_tick:
+                on_tick([job for job, *_ in running])
             for item in list(running):
                 job, proc, started, log = item
                 if proc.poll() is None:
