@@ -17,7 +17,8 @@ from rich.table import Table
 
 # Only light modules at the top: `--help`, `--version` and argument errors must not wait for
 # torch (2-11 s); each command imports what it needs. tests/test_cli_light.py checks it.
-from fedpose.config import DATASETS, ConfigError, DataConfig, load_config
+from fedpose.config import ConfigError, DataConfig, load_config
+from fedpose.data import DATASETS
 from fedpose.data.records import DatasetError
 from fedpose.tools import ToolError
 from fedpose.version import plain_console, version_line
@@ -253,8 +254,8 @@ def _seeds(text: str) -> list[int]:
 def cmd_eval(args) -> int:
     from fedpose.config import apply_overrides
     from fedpose.data import load_split
+    from fedpose.engine.evaluate import evaluate_model
     from fedpose.metrics.coco_ap import has_keypoint_ap, split_ap
-    from fedpose.metrics.evaluate import evaluate_model
     from fedpose.metrics.pck import grouped_table
     from fedpose.model.inference import resolve_device
     from fedpose.model.io import load_model
@@ -264,7 +265,14 @@ def cmd_eval(args) -> int:
     if args.dump and cfg.data.dataset != "coco":
         raise ConfigError(f"--dump writes COCO results; the model's data is {cfg.data.dataset}")
     records, _ = load_split(cfg.data, args.split)
-    ev = evaluate_model(model, records, skeleton, cfg, resolve_device(cfg.train.device))
+    ev = evaluate_model(
+        model,
+        records,
+        skeleton,
+        resolve_device(cfg.train.device),
+        input_size=cfg.data.input_size,
+        flip_test=cfg.train.flip_test,
+    )
     result = ev["result"]
     table = Table(title=f"{skeleton.name}: {len(records)} {args.split} records")
     table.add_column("joint")

@@ -38,12 +38,19 @@ from pathlib import Path
 import numpy as np
 
 from fedpose import seeding
-from fedpose.config import Config, FedConfig
+from fedpose.config import Config, FedConfig, choice_problem
 from fedpose.data.records import SKELETONS, PoseRecord, Skeleton
 
-PARTITIONS = ("iid", "attribute", "dirichlet", "quantity")
+PARTITIONS = ("iid", "attribute", "dirichlet", "quantity")  # the `fed.partition` names
 # draws of the redraw rule before giving up (flwr-datasets' DirichletPartitioner gives up after 11)
 DIRICHLET_MAX_DRAWS = 100
+
+
+def partition_problem(method: str) -> str | None:
+    """Why `fed.partition` names no partitioner (None when it does)."""
+    return choice_problem("fed.partition", method, PARTITIONS)
+
+
 DERIVED_ATTRIBUTES = ("pose", "facing")
 
 

@@ -33,8 +33,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from fedpose.config import Config, ConfigError, config_from_dict
-from fedpose.data import DATASETS
-from fedpose.data.records import SKELETONS, Skeleton
+from fedpose.data import DATASETS, skeleton_named
+from fedpose.data.records import Skeleton
 from fedpose.model.conventions import describe_model, portable_config
 from fedpose.model.pose_resnet import PoseResNet, build_model
 
@@ -224,7 +224,7 @@ def load_model(path: str | Path) -> tuple[PoseResNet, Config, Skeleton]:
         cfg = config_from_dict(config)
     except ConfigError as e:
         raise ModelFileError(f"{path}: the model's config is invalid: {e}") from None
-    skeleton = SKELETONS.get(skeleton_name)
+    skeleton = skeleton_named(skeleton_name)
     if skeleton is None:
         raise ModelFileError(f"{path}: unknown skeleton {skeleton_name!r}")
     return _built(path, weights, cfg, skeleton), cfg, skeleton
