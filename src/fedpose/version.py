@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from importlib import metadata
 
@@ -27,12 +26,11 @@ def version_line() -> str:
 
 
 def plain_console(stderr: bool = False, **kwargs: object) -> Console:
-    """A rich Console: the terminal's width in a terminal, else PLAIN_WIDTH columns unless
-    $COLUMNS says otherwise (rich reads it)."""
+    """A rich Console: the terminal's width in a terminal, else PLAIN_WIDTH columns. Outside a
+    terminal $COLUMNS is not followed: tools export it (pytest-xdist's workers, some CI runners
+    set 80) for a terminal that is not there."""
     stream = sys.stderr if stderr else sys.stdout
-    width = None
-    if not _is_terminal(stream) and not os.environ.get("COLUMNS"):
-        width = PLAIN_WIDTH
+    width = None if _is_terminal(stream) else PLAIN_WIDTH
     return Console(stderr=stderr, width=width, **kwargs)  # type: ignore[arg-type]
 
 
