@@ -769,7 +769,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSON: image file name -> [[x, y], ...]; coco: or a COCO keypoint results list",
     )
     p.add_argument("--headboxes", default=None, help="mpii: gt_valid.mat")
-    p.add_argument("--split", default="test", help="lsp: train | test | all")
+    p.add_argument("--split", default="test", choices=["train", "test", "all"], help="lsp's split")
     p.add_argument("--labels", default="pc", choices=["pc", "oc"], help="lsp labels")
     p.add_argument("--alpha", type=float, default=None, help="threshold (default: standard)")
     p.set_defaults(func=cmd_score)
