@@ -140,3 +140,15 @@ def test_a_checkpoint_with_another_runs_config_is_refused(run_dir, tmp_path, cap
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not the config" in err[0] and not out.exists()
+
+
+def test_a_new_setting_at_its_default_keeps_old_checkpoints_resumable():
+    from fedpose.config import Config
+    from fedpose.model.io import config_hash
+
+    now = Config().to_dict()
+    before = json.loads(json.dumps(now))
+    del before["fed"]["dirichlet_min_size"]  # a config.json written before the setting existed
+    assert config_hash(before) == config_hash(now)
+    now["fed"]["dirichlet_min_size"] = 10
+    assert config_hash(before) != config_hash(now)

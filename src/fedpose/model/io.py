@@ -340,6 +340,10 @@ def decode_state(tree: Any, tensors: dict[str, torch.Tensor], classes: dict[str,
 
 
 # ----------------------------------------------------------------------------- checkpoints
+# (section, key, default) of settings newer than some checkpoints
+LATER_SETTINGS = (("fed", "dirichlet_min_size", 0),)
+
+
 def config_hash(config: dict) -> str:
     """A hash of the settings a resumed run must share with the run that wrote the checkpoint.
 
@@ -360,6 +364,11 @@ def config_hash(config: dict) -> str:
         settings.get(section, {}).pop(key, None)
     for key in ("name", "out_dir"):
         settings.pop(key, None)
+    # settings added later are left out at their defaults, so that a checkpoint written before
+    # they existed (whose config lacks them) still resumes
+    for section, key, default in LATER_SETTINGS:
+        if settings.get(section, {}).get(key, default) == default:
+            settings.get(section, {}).pop(key, None)
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
