@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedpose.config import ConfigError, DataConfig, choice_problem
@@ -25,6 +22,8 @@ from fedpose.data.records import (
     MPII,
     SKELETONS,
     DatasetError,
+    DatasetKind,
+    FileOptions,
     PoseRecord,
     Skeleton,
 )
@@ -178,17 +177,6 @@ def _load_synth_split(cfg: DataConfig, split: str) -> tuple[list[PoseRecord], Sk
 
 
 # ----------------------------------------------------------------------------- files as given
-@dataclass(frozen=True)
-class FileOptions:
-    """What `load_files` may be told besides root and annotation file."""
-
-    split: str = "all"  # lsp: train | test | all
-    labels: str = "pc"  # lsp: pc | oc
-    headboxes: str | Path | None = None  # mpii: gt_valid.mat
-    # coco / synth-arm: filled with the annotations the loader passes over, by reason
-    skipped: Counter | None = field(default=None, compare=False)
-
-
 def _need_ann(ann: str | Path | None, root: Path, dataset: str) -> Path:
     if not ann:
         raise DatasetError(root, f"the {dataset} dataset needs its annotation file (--ann)")
@@ -211,15 +199,6 @@ def _coco_files(root: Path, ann: str | Path | None, opt: FileOptions) -> list[Po
 def _synth_files(root: Path, ann: str | Path | None, opt: FileOptions) -> list[PoseRecord]:
     ann_path = Path(ann) if ann else root / SYNTH_ANN
     return load_coco(ann_path, ann_path.parent / SYNTH_IMAGES, opt.skipped)
-
-
-@dataclass(frozen=True)
-class DatasetKind:
-    skeleton: Skeleton
-    # the configured train or test split (DataConfig, "train" | "test") -> records, skeleton
-    load_split: Callable[[DataConfig, str], tuple[list[PoseRecord], Skeleton]]
-    # every record of the files as given (root, annotation file or None, options)
-    load_files: Callable[[Path, str | Path | None, FileOptions], list[PoseRecord]]
 
 
 DATASETS: dict[str, DatasetKind] = {

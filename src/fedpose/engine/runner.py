@@ -12,7 +12,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fedpose.config import Config, ConfigError
 from fedpose.data.partition import client_statistics
-from fedpose.data.site import evaluation_partition
 from fedpose.engine.federation import Federation, ServerSide, build_client_side
 from fedpose.engine.local import LocalTransport
 from fedpose.engine.run import Engine, client_row, prepare_run_dir, run_lifecycle
@@ -45,6 +44,8 @@ class InProcessEngine(Engine):
         self.transport = (self.transport_factory or LocalTransport)(self.federation)
         if isinstance(self.transport, LocalTransport):
             self.transport.observer = observer
+            # FedBN's sites are also scored with their own BatchNorm tensors
+            self.federation.client_state = self.transport.client_states.get
 
     def client_sizes(self) -> list[int]:
         assert self.federation is not None
@@ -53,7 +54,7 @@ class InProcessEngine(Engine):
     def clients(self) -> list[dict]:
         f = self.federation
         assert f is not None
-        test_parts = evaluation_partition(f.test_records, f.cfg)
+        test_parts = f.test_parts
         stats = client_statistics(f.train_records, f.parts)
         return [
             client_row(

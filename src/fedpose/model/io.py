@@ -340,8 +340,15 @@ def decode_state(tree: Any, tensors: dict[str, torch.Tensor], classes: dict[str,
 
 
 # ----------------------------------------------------------------------------- checkpoints
-# (section, key, default) of settings newer than some checkpoints
-LATER_SETTINGS = (("fed", "dirichlet_min_size", 0),)
+ADDED_SETTINGS = (
+    ("data", "val_fraction", 0.0),
+    ("fed", "server_opt", "sgd"),
+    ("fed", "server_momentum", 0.0),
+    ("fed", "server_beta1", 0.9),
+    ("fed", "server_beta2", 0.99),
+    ("fed", "server_tau", 1e-3),
+    ("fed", "dirichlet_min_size", 0),
+)
 
 
 def config_hash(config: dict) -> str:
@@ -364,9 +371,9 @@ def config_hash(config: dict) -> str:
         settings.get(section, {}).pop(key, None)
     for key in ("name", "out_dir"):
         settings.pop(key, None)
-    # settings added later are left out at their defaults, so that a checkpoint written before
-    # they existed (whose config lacks them) still resumes
-    for section, key, default in LATER_SETTINGS:
+    # settings added after runs were made, left out at their defaults: a run written before
+    # they existed still resumes
+    for section, key, default in ADDED_SETTINGS:
         if settings.get(section, {}).get(key, default) == default:
             settings.get(section, {}).pop(key, None)
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
