@@ -336,7 +336,7 @@ def test_eval_of_synth_arm_says_why_there_is_no_ap(tmp_path, capsys, synth_dir):
     cfg.model.depth, cfg.model.width, cfg.model.deconv_filters = 18, 4, 8
     model = PoseResNet(ARM.num_joints, depth=18, width=4, deconv_filters=8)
     save_model(tmp_path / "model.safetensors", model.state_dict(), cfg, ARM)
-    assert main(["eval", str(tmp_path / "model.safetensors")]) == 0
+    assert main(["eval", str(tmp_path / "model.safetensors"), "-c", f"data.root={synth_dir}"]) == 0
     out = capsys.readouterr().out
     assert "keypoint AP: not reported for synth-arm" in out
     assert not any(line.split(":")[0] in AP_NAMES for line in out.splitlines())

@@ -67,7 +67,14 @@ def _add_resume(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--force",
         action="store_true",
-        help="with --resume: accept a checkpoint of another method, seed or config",
+        help="with --resume: accept a checkpoint of another method, seed or config; "
+        "write into a run folder another command made",
+    )
+
+
+def _add_name(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--name", default=None, help="run folder name under out_dir (default: the config's name)"
     )
 
 
@@ -79,7 +86,7 @@ def cmd_train(args) -> int:
     from fedpose.model.io import MODEL_FILE
     from fedpose.train import train_centralized
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides + _name(args))
     record = train_centralized(cfg, resume=args.resume, console=console, force=args.force)
     console.print(f"model: {cfg.run_dir / MODEL_FILE}")
     console.print(f"mean PCK: {record.get('pck_mean', float('nan')):.2f}")
@@ -91,12 +98,17 @@ def cmd_run(args) -> int:
     from fedpose.metrics.log import read_metrics
     from fedpose.report.compare import final_eval
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides + _name(args))
     run_federation(cfg, resume=args.resume, console=console, force=args.force)
     last = final_eval(read_metrics(cfg.run_dir)) or {}  # the last round is always evaluated
     console.print(f"run directory: {cfg.run_dir}")
     console.print(f"mean PCK: {last.get('pck_mean', float('nan')):.2f}")
     return 0
+
+
+def _name(args) -> list[str]:
+    """--name NAME as the override it stands for."""
+    return [f"name={args.name}"] if args.name else []
 
 
 def _variants(args) -> list[tuple[str, list[str]]]:
@@ -116,12 +128,22 @@ def _variants(args) -> list[tuple[str, list[str]]]:
 
 
 def cmd_compare(args) -> int:
+    from fedpose.run_dir import claim, mark
+
+    base = load_config(args.config, args.overrides)
+    folder = Path(base.out_dir) / (args.name or base.name)
+    # the comparison's folder is its own: locked, and never one a `run` or `train` made
+    with claim(folder, base.out_dir, "compare", force=args.force):
+        mark(folder, "compare")
+        return _compare(args, base)
+
+
+def _compare(args, base) -> int:
     from fedpose.engine.parallel import Job, run_jobs
     from fedpose.engine.runner import run_federation
     from fedpose.metrics.log import read_metrics
     from fedpose.report.experiment import load_arms, write_report
 
-    base = load_config(args.config, args.overrides)
     name = args.name or base.name
     seeds = _seeds(args.seeds)
     run_dirs: list[Path] = []
@@ -228,7 +250,7 @@ def _seeds(text: str) -> list[int]:
 
 
 def cmd_eval(args) -> int:
-    from fedpose.config import apply_overrides
+    from fedpose.config import data_from_user
     from fedpose.data import load_split
     from fedpose.metrics.coco_ap import has_keypoint_ap, split_ap
     from fedpose.metrics.evaluate import evaluate_model
@@ -237,7 +259,7 @@ def cmd_eval(args) -> int:
     from fedpose.model.io import load_model
 
     model, cfg, skeleton = load_model(args.checkpoint)
-    apply_overrides(cfg, args.overrides)
+    cfg = data_from_user(cfg, args.overrides)  # the model file's own paths are never used
     records, _ = load_split(cfg.data, args.split)
     ev = evaluate_model(model, records, skeleton, cfg, resolve_device(cfg.train.device))
     result = ev["result"]
@@ -265,10 +287,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    from fedpose.files import check_not_an_input
     from fedpose.model.inference import predict_image
     from fedpose.model.io import load_model
     from fedpose.report.draw import draw_skeleton
 
+    check_not_an_input(args.out, args.checkpoint, args.image)
     model, cfg, skeleton = load_model(args.checkpoint)
     joints, confidence = predict_image(model, args.image, cfg.data.input_size, skeleton)
     draw_skeleton(args.image, joints, confidence, skeleton, args.out)
@@ -279,9 +303,11 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from fedpose.files import check_not_an_input
     from fedpose.model.export import ONNX_OPSET, export_onnx
     from fedpose.model.io import load_model
 
+    check_not_an_input(args.onnx, args.checkpoint)
     model, cfg, skeleton = load_model(args.checkpoint)
     size = cfg.data.input_size
     out = export_onnx(model, size, args.onnx, skeleton)
@@ -574,11 +600,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="centralized training and evaluation")
     _add_config(p)
     _add_resume(p)
+    _add_name(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("run", help="one federated run on the in-process engine")
     _add_config(p)
     _add_resume(p)
+    _add_name(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("compare", help="several methods and seeds, then a report")
@@ -594,6 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0", help="paired seeds: 0,1,2 or 0-9")
     p.add_argument("--name", default=None, help="report name (default: the config's name)")
     p.add_argument("--resume", action="store_true", help="keep finished runs, resume the rest")
+    p.add_argument("--force", action="store_true", help="write into a folder another command made")
     p.add_argument(
         "--jobs",
         type=int,

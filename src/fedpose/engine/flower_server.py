@@ -47,6 +47,7 @@ from fedpose.metrics.log import read_jsonl
 from fedpose.metrics.pck import score_counts
 from fedpose.model.inference import resolve_device
 from fedpose.model.io import MODEL_FILE, save_model
+from fedpose.run_dir import append_line, claim, write_file
 
 TIMING_FILE = "flower_timing.jsonl"
 # how often the ServerApp asks the SuperLink for replies: replies are pulled at most this late
@@ -373,8 +374,7 @@ class FlowerTransport:
             f"{row['roundtrip_s']:.2f} s (training {row['train_s']:.2f} s)"
         )
         if self.timing_path is not None:
-            with open(self.timing_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_line(self.timing_path, json.dumps(row))
 
     def state_dict(self) -> dict:
         # Client state (FedBN BatchNorm, FedDyn g_k) stays on the SuperNodes, in context.state
@@ -422,7 +422,14 @@ def run_flower_server(grid: Grid, settings: AppSettings, log=print) -> Federated
     """The ServerApp: fedpose's server loop over a FlowerTransport. It loads no training data:
     the model comes from the config (seeded, as on every engine), the sample counts from the
     clients; evaluation is federated (each client scores its own test records) and, with
-    `central-eval`, also central on the config's test split, which must then exist here."""
+    `central-eval`, also central on the config's test split, which must then exist here.
+    The run folder is checked and locked for the whole run (fedpose.run_dir.claim)."""
+    cfg = settings.config
+    with claim(cfg.run_dir, cfg.out_dir, "run"):
+        return _serve_claimed(grid, settings, log)
+
+
+def _serve_claimed(grid: Grid, settings: AppSettings, log) -> FederatedServer:
     cfg = settings.config
     log(
         f"run {cfg.name}: {cfg.fed.method} {cfg.fed.mode}, {cfg.fed.rounds} rounds, "
@@ -444,7 +451,8 @@ def run_flower_server(grid: Grid, settings: AppSettings, log=print) -> Federated
         grid, cfg.fed.num_clients, settings.reply_timeout, settings.connect_timeout, timing, log
     )
     transport.connect()
-    (run_dir / "clients.json").write_text(
+    write_file(
+        run_dir / "clients.json",
         json.dumps(
             [
                 {
@@ -457,7 +465,7 @@ def run_flower_server(grid: Grid, settings: AppSettings, log=print) -> Federated
                 for k, i in sorted(transport.clients.items())
             ],
             indent=2,
-        )
+        ),
     )
     central = load_split(cfg.data, "test")[0] if settings.central_eval else None
 
@@ -505,7 +513,7 @@ def run_flower_server(grid: Grid, settings: AppSettings, log=print) -> Federated
     log(f"finished at round {server.state.round}; run directory {run_dir.resolve()}")
     if cfg.fed.dp_epsilon > 0:
         report = privacy_report(cfg.fed, releases_per_client(read_jsonl(run_dir / "metrics.jsonl")))
-        (run_dir / "privacy.json").write_text(json.dumps(report, indent=2))
+        write_file(run_dir / "privacy.json", json.dumps(report, indent=2))
         rdp = (
             f"epsilon {report['epsilon_rdp']:.4g} at delta {report['delta_rdp']:g} (Flower's "
             f"RDP accountant)"

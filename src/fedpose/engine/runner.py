@@ -4,7 +4,6 @@ server loop, save the final model. Both engines (in-process and Flower) run this
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from rich.console import Console
@@ -17,23 +16,15 @@ from fedpose.engine.local import LocalTransport
 from fedpose.fl.server import FederatedServer
 from fedpose.model.io import MODEL_FILE, save_model
 from fedpose.provenance import runtime_info
+from fedpose.run_dir import claim, write_file
+from fedpose.run_dir import start as start_run_dir
 
 
-def prepare_run_dir(cfg: Config, resume: bool) -> Path:
-    """The run's directory with its config.json; a fresh start clears the previous results."""
-    run_dir = cfg.run_dir
-    if not resume and run_dir.exists():
-        for stale in ("metrics.jsonl", "checkpoints", MODEL_FILE):
-            p = run_dir / stale
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(
-        json.dumps({**cfg.to_dict(), "runtime": runtime_info()}, indent=2)
-    )
-    return run_dir
+def prepare_run_dir(cfg: Config, resume: bool, command: str = "run") -> Path:
+    """The run's directory with its config.json; a fresh start clears the previous results.
+    Called on a claimed folder (fedpose.run_dir.claim), after every other check has passed."""
+    config_json = json.dumps({**cfg.to_dict(), "runtime": runtime_info()}, indent=2)
+    return start_run_dir(cfg.run_dir, command, resume, config_json)
 
 
 def run_federation(
@@ -59,6 +50,13 @@ def run_federation(
             "engine only (Flower's LocalDpMod on each SuperNode)"
         )
     federation = build_federation(cfg)
+    # the folder is checked and locked before its checkpoint is read: a second run of the same
+    # name stops here, and nothing is read or written through a link
+    with claim(cfg.run_dir, cfg.out_dir, "run", force=force):
+        return _run_claimed(cfg, federation, resume, console, transport_factory, force)
+
+
+def _run_claimed(cfg, federation, resume, console, transport_factory, force) -> FederatedServer:
     transport = (transport_factory or LocalTransport)(federation)
     server = FederatedServer(
         cfg,
@@ -82,7 +80,7 @@ def run_federation(
         )
     run_dir = prepare_run_dir(cfg, resumed)
     stats = client_statistics(federation.train_records, federation.parts)
-    (run_dir / "clients.json").write_text(json.dumps(stats, indent=2, default=str))
+    write_file(run_dir / "clients.json", json.dumps(stats, indent=2, default=str))
     with Progress(
         TextColumn(f"[bold]{cfg.name}[/] {cfg.fed.method}"),
         BarColumn(),

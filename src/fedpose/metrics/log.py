@@ -3,8 +3,9 @@ the format, so every reader treats a line still being written the same way."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from fedpose.bounded import ParseError, loads_json
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -25,11 +26,11 @@ def read_jsonl(path: str | Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
+            rows.append(loads_json(line, f"{path} [line {number}]"))
+        except ParseError:
             if number == len(lines):
                 break
-            raise ValueError(f"{path} [line {number}]: not valid JSON: {e}") from None
+            raise
     return rows
 
 

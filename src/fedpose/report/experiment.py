@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedpose.bounded import read_json
 from fedpose.metrics.log import read_metrics
 from fedpose.report.stats import (
     TAIL,
@@ -102,7 +103,9 @@ def load_arms(paths: list[Path]) -> dict[str, Arm]:
             raise FileNotFoundError(f"{path}: no run directories (metrics.jsonl) inside")
         for d in dirs:
             config_path = d / "config.json"
-            config = json.loads(config_path.read_text()) if config_path.exists() else {}
+            config = read_json(config_path) if config_path.exists() else {}
+            if not isinstance(config, dict):
+                raise ValueError(f"{config_path}: not a JSON object")
             m = _SEED_SUFFIX.match(d.name)
             label = m["label"] if m else d.name
             seed = int(config.get("seed", m["seed"] if m else 0))
