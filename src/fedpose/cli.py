@@ -11,6 +11,7 @@ import functools
 import math
 import shlex
 import sys
+import warnings
 from pathlib import Path
 
 from rich.console import Console
@@ -156,7 +157,7 @@ def _compare(args, base) -> int:
             cfg = load_config(args.config, run_sets)
             run_dirs.append(cfg.run_dir)
             rows = read_metrics(cfg.run_dir)
-            if args.resume and rows and rows[-1]["round"] >= cfg.fed.rounds:
+            if args.resume and rows and rows[-1].get("round", 0) >= cfg.fed.rounds:
                 console.print(f"{cfg.name}: finished earlier, kept")
                 continue
             # a run killed before its first checkpoint resumes by starting over
@@ -841,7 +842,21 @@ def _add_flower_run(p: argparse.ArgumentParser, rounds: int) -> None:
     _add_overrides(p)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Data warnings as one `warning:` line; others as Python prints them."""
+    from fedpose.data.records import DatasetWarning
+
+    if issubclass(category, DatasetWarning):
+        err_console.print(f"warning: {message}", markup=False, highlight=False)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
+_python_show_warning = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.showwarning = _show_warning
     args = build_parser().parse_args(argv)
     # reports name the command that wrote them
     args.command_line = shlex.join(["fedpose", *(sys.argv[1:] if argv is None else argv)])

@@ -12,6 +12,7 @@ def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
     none), and two processes writing the same file at once (each with its own temporary) never let
     a reader see a partial one."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)  # a leftover (or a planted link) is removed, never written through
     try:
         write(tmp)
         os.replace(tmp, path)

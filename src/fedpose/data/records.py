@@ -14,6 +14,10 @@ from fedpose.bounded import ParseError
 from fedpose.bounded import read_json as read_bounded_json
 
 
+class DatasetWarning(UserWarning):
+    """Data that loads but looks wrong (the command line prints it as one `warning:` line)."""
+
+
 class DatasetError(ValueError):
     """Malformed or missing pose data. The message names the file and, where known, the record."""
 

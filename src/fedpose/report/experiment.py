@@ -104,13 +104,25 @@ def load_arms(paths: list[Path]) -> dict[str, Arm]:
         for d in dirs:
             config_path = d / "config.json"
             config = read_json(config_path) if config_path.exists() else {}
-            if not isinstance(config, dict):
-                raise ValueError(f"{config_path}: not a JSON object")
+            problem = _config_problem(config)
+            if problem:
+                raise ValueError(f"{config_path}: {problem}")
             m = _SEED_SUFFIX.match(d.name)
             label = m["label"] if m else d.name
-            seed = int(config.get("seed", m["seed"] if m else 0))
+            seed = config.get("seed", int(m["seed"]) if m else 0)
+            if isinstance(seed, bool) or not isinstance(seed, int):
+                raise ValueError(
+                    f"{config_path}: key 'seed': expected an integer, found {seed!r:.40}"
+                )
             rows = read_metrics(d)
             centralized = bool(rows) and "round" not in rows[0] and "epoch" in rows[0]
+            key = "epoch" if centralized else "round"
+            for number, r in enumerate(rows, start=1):
+                if key not in r:
+                    # every row of one run counts the same way (rounds, or epochs read as rounds)
+                    raise ValueError(
+                        f"{d / 'metrics.jsonl'} [row {number}]: key {key!r} is missing"
+                    )
             if centralized:
                 rows = [{**r, "round": r["epoch"]} for r in rows]
             run = Run(d, label, seed, config, rows, centralized)
@@ -129,6 +141,20 @@ def _pm(mean: float, std: float, digits: int = 2) -> str:
 
 def _signed(x: float) -> str:
     return "–" if math.isnan(x) else f"{x:+.2f}"
+
+
+def _config_problem(config: object) -> str | None:
+    """What a run's config.json holds of the wrong type for the report (None: sound)."""
+    if not isinstance(config, dict):
+        return "not a JSON object"
+    for section in ("data", "model", "fed", "train", "runtime"):
+        if not isinstance(config.get(section, {}), dict):
+            return f"key {section!r}: expected an object"
+    for section, key in (("fed", "rounds"), ("train", "epochs")):
+        value = config.get(section, {}).get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            return f"key '{section}.{key}': expected an integer >= 0, found {value!r:.40}"
+    return None
 
 
 def _setting(arms: dict[str, Arm]) -> list[str]:
