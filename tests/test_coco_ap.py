@@ -358,3 +358,31 @@ def test_own_data_without_area_ids_or_categories(tmp_path, capsys, coco_dir, gt)
     (tmp_path / "res.json").write_text(json.dumps(results))
     code, lines = _score(capsys, coco_dir, ann, tmp_path / "res.json")
     assert code == 0 and lines["AP"] == "1.000" and lines["mean PCK"] == "100.00"
+
+
+def test_pck_of_results_matches_by_distance_after_dropping_duplicates(
+    tmp_path, capsys, coco_dir, ann, gt
+):
+    # exact predictions, each with a far duplicate scored higher, an exact duplicate, and a
+    # result for every annotation without labelled keypoints (their keypoints are all 0):
+    # none of those may take a person's slot, so PCK stays 100
+    exact = [
+        {"image_id": a["image_id"], "category_id": 1, "keypoints": a["keypoints"], "score": 0.5}
+        for a in _people(gt)
+    ]
+    far = [
+        {
+            **r,
+            "keypoints": [v + 1000.0 if i % 3 < 2 else v for i, v in enumerate(r["keypoints"])],
+            "score": 0.9,
+        }
+        for r in exact
+    ]
+    unlabelled = [
+        {"image_id": a["image_id"], "category_id": 1, "keypoints": a["keypoints"], "score": 0.95}
+        for a in gt["annotations"]
+        if a["num_keypoints"] == 0 and not a["iscrowd"]
+    ]
+    path = tmp_path / "res.json"
+    path.write_text(json.dumps(far + exact + exact[:1] + unlabelled))
+    assert _score(capsys, coco_dir, ann, path)[1]["mean PCK"] == "100.00"
