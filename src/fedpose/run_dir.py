@@ -243,6 +243,7 @@ def start(run_dir: str | Path, command: str, resume: bool, config_json: str) -> 
     move the previous run's results aside and delete them, record the command and write
     `config.json`. Call it after every other check (config, data, checkpoint) has passed."""
     run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     probe = run_dir / ".write-test"
     write_file(probe, b"")
     probe.unlink()
