@@ -21,6 +21,7 @@ from fedpose.model.io import _tensor_digest, save_checkpoint, save_model
 from fedpose.model.pose_resnet import PoseResNet
 
 DEEP = "[" * 100_000 + "]" * 100_000
+FEDDYN_2 = ("fed.method=feddyn", "fed.rounds=2")
 
 
 def _one_error_line(capsys) -> str:
@@ -180,9 +181,10 @@ def _run_args(tmp_path: Path, synth_dir: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, synth_dir) -> Path:
-    """The runs folder of one finished federated run `t` and one centralized run `c`."""
+    """The runs folder of one finished federated run `t` (FedDyn: client states on disk) and
+    one centralized run `c`."""
     out = tmp_path_factory.mktemp("finished")
-    assert main(["run", *_run_args(out, synth_dir)]) == 0
+    assert main(["run", *_run_args(out, synth_dir, "fed.method=feddyn")]) == 0
     assert main(["train", *_run_args(out, synth_dir, "train.epochs=1", "name=c")]) == 0
     return out
 
@@ -217,7 +219,7 @@ def test_a_checksum_consistent_but_malformed_checkpoint_is_one_error_line(
     for path in ckpt_dir.glob("*.safetensors"):
         path.unlink()
     save_checkpoint(ckpt_dir, state, identity)
-    extra = ["train.epochs=2", "name=c"] if command == "train" else ["fed.rounds=2"]
+    extra = ["train.epochs=2", "name=c"] if command == "train" else FEDDYN_2
     capsys.readouterr()
     assert main([command, *_run_args(tmp_path, synth_dir, *extra), "--resume"]) == 2
     line = _one_error_line(capsys)
@@ -239,14 +241,17 @@ def test_deeply_nested_checkpoint_state_is_one_error_line(tmp_path, synth_dir, f
         "sha256": _tensor_digest(tensors),
     }
     save_file(tensors, str(ckpt_dir / "last.safetensors"), metadata)
-    assert main(["run", *_run_args(tmp_path, synth_dir, "fed.rounds=2"), "--resume"]) == 2
+    assert main(["run", *_run_args(tmp_path, synth_dir, *FEDDYN_2), "--resume"]) == 2
     assert "last.safetensors" in _one_error_line(capsys)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "pickled", "empty"])
-def test_a_damaged_client_state_file_is_one_error_line(tmp_path, synth_dir, capsys, damage):
-    args = _run_args(tmp_path, synth_dir, "fed.method=feddyn")
-    assert main(["run", *args]) == 0
+def test_a_damaged_client_state_file_is_one_error_line(
+    tmp_path, synth_dir, finished, capsys, damage
+):
+    import shutil
+
+    shutil.copytree(finished, tmp_path, dirs_exist_ok=True)
     files = sorted((tmp_path / "runs" / "t" / "checkpoints" / "client_state").iterdir())
     assert files
     for path in files:
@@ -258,6 +263,6 @@ def test_a_damaged_client_state_file_is_one_error_line(tmp_path, synth_dir, caps
         else:
             path.write_bytes(b"")
     capsys.readouterr()
-    assert main(["run", *args, "-c", "fed.rounds=2", "--resume"]) == 2
+    assert main(["run", *_run_args(tmp_path, synth_dir, *FEDDYN_2), "--resume"]) == 2
     line = _one_error_line(capsys)
     assert "client_state" in line and "damaged client state file" in line
