@@ -27,6 +27,7 @@ from fedpose.report.stats import (
     tail_rows,
     tail_window,
 )
+from fedpose.run_dir import write_file
 
 _SEED_SUFFIX = re.compile(r"^(?P<label>.+)-s(?P<seed>\d+)$")
 
@@ -279,8 +280,9 @@ def write_report(
             f"- not scored, stopped at round {r.last_round} of {r.total_rounds}: {r.path.name}"
         )
     lines.append("")
-    md_path.write_text("\n".join(lines))
-    (out_dir / f"{prefix}summary.json").write_text(json.dumps(summary, indent=2))
+    # new files renamed into place: a link in the report folder is replaced, not written through
+    write_file(md_path, "\n".join(lines))
+    write_file(out_dir / f"{prefix}summary.json", json.dumps(summary, indent=2))
     return md_path
 
 
