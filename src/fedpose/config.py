@@ -301,15 +301,20 @@ def merge_dicts(base: dict, extra: dict) -> dict:
     return out
 
 
-# Fields that name a place on disk. A model file's config never chooses where anything is read
-# or written: these are reset before its config is used (data_from_user)
-PATH_FIELDS = {"data": ("root", "ann", "test_ann", "headboxes"), "model": ("pretrained",)}
+# Fields that name a place on disk, or how this machine computes. A model file's config never
+# chooses where anything is read or written, nor how many processes or which device: these are
+# reset to the defaults before its config is used (data_from_user)
+PATH_FIELDS = {
+    "data": ("root", "ann", "test_ann", "headboxes", "workers", "cache_mb"),
+    "model": ("pretrained",),
+    "train": ("device", "threads"),
+}
 
 
 def data_from_user(cfg: Config, overrides: list[str]) -> Config:
-    """A model file's config with every path reset to the default, `overrides` (the command
-    line's) applied, and data generation off: the data to evaluate on is the user's to name.
-    A dataset other than synth-arm needs `data.root` from the overrides."""
+    """A model file's config with every PATH_FIELDS entry reset to the default, `overrides`
+    (the command line's) applied, and data generation off: the data to evaluate on is the
+    user's to name. A dataset other than synth-arm needs `data.root` from the overrides."""
     defaults = Config()
     for section, names in PATH_FIELDS.items():
         for name in list(names) + [
