@@ -360,3 +360,14 @@ def test_round_retries_are_bounded(capsys):
         and f"fed.round_retries: 1000000000 is out of range; allowed: [0, {MAX_ROUND_RETRIES}]"
         in err[0]
     )
+
+
+def test_a_diverged_centralized_training_saves_nothing(tmp_path, synth_dir, capsys):
+    args = _cli_args(tmp_path, synth_dir)
+    diverge = ["-c", "train.epochs=1", "-c", "train.optimizer=sgd", "-c", "train.lr=1e30"]
+    assert main(["train", "configs/demo.toml", *args, *diverge]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "epoch 1: tensor" in err[0] and "NaN or Inf" in err[0], err
+    run_dir = tmp_path / "runs" / "t"
+    assert not (run_dir / "model.safetensors").exists()
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists()

@@ -22,6 +22,7 @@ from fedpose.model.inference import resolve_device
 from fedpose.model.io import (
     MODEL_FILE,
     ModelFileError,
+    check_finite,
     field_problem,
     load_checkpoint,
     run_identity,
@@ -214,8 +215,10 @@ def _train_claimed(cfg: Config, resume: bool, console: Console, force: bool) -> 
             if (epoch + 1) % max(cfg.train.eval_every, 1) == 0 or epoch + 1 == epochs:
                 ev = evaluate_model(model, test_records, skeleton, cfg, device)
                 record.update({k: ev[k] for k in ("pck_mean", "pck_per_joint", "heatmap_acc")})
-            append_line(metrics_path, json.dumps(record))
             weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            # a diverged model is never logged, checkpointed or saved: the last good files stay
+            check_finite(f"{run_dir}: epoch {epoch + 1}", weights)
+            append_line(metrics_path, json.dumps(record))
             save_checkpoint(
                 ckpt_dir,
                 {
