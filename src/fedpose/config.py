@@ -1,17 +1,20 @@
-"""Plain dataclass configuration, loaded from TOML with `section.key=value` overrides."""
+"""Plain dataclass configuration, loaded from TOML with `section.key=value` overrides.
+
+This module imports nothing of fedpose: every room reads its section from here. The names that
+registries own (fed.method, data.dataset, fed.partition, fed.selection) are checked by those
+registries, all at once by the run lifecycle's prepare step (engine/run.py: check_config)."""
 
 from __future__ import annotations
 
 import ast
+import json
 import math
 import re
-from collections.abc import Iterator
+import tomllib
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
-
-# the one bounded JSON/TOML reader: a leaf module that imports nothing of fedpose
-from fedpose.bounded import ParseError, read_toml
 
 
 @dataclass
@@ -29,6 +32,10 @@ class DataConfig:
     # error, so a typo in root never fills a new folder (`fedpose data synth-arm` renders one)
     generate: bool = False
     test_fraction: float = 0.2  # synth-arm / coco without test_ann: held-out share
+    # > 0: a validation split carved from every client's training records (this share of each,
+    # seeded); clients train on the rest and the run is scored on it instead of the test split
+    # (tuning; in-process engine)
+    val_fraction: float = 0.0
     input_size: int = 64  # network input side (square); heatmaps are a quarter of it
     sigma: float = 2.0  # Gaussian heatmap sigma in heatmap pixels
     augment: bool = True
@@ -69,7 +76,8 @@ class TrainConfig:
 
 @dataclass
 class FedConfig:
-    # fedavg | fedprox | fedbn | feddyn | fedaw | fedgh | fedgh-noproj | fedgh-noaw
+    # fedavg | fedprox | fedbn | feddyn | fedaw | fedgh | fedgh-noproj | fedgh-noaw | scaffold
+    # | fedavgm | fedadam | fedyogi | fedadagrad (fedavg with a server optimiser, see server_opt)
     # | fedavg-clip | median | trimmed-mean (robust aggregation, docs/privacy.md)
     method: str = "fedgh"
     rounds: int = 10
@@ -83,7 +91,16 @@ class FedConfig:
     quantity_alpha: float = 0.5
     eval_every: int = 1
     checkpoint_every: int = 1
-    server_lr: float = 1.0  # eta in w + eta * update
+    server_lr: float = 1.0  # eta in w + eta * update (the server optimiser's learning rate)
+    # server optimiser applied to every strategy's aggregate update (fl/strategies/server_opt.py):
+    # sgd | adam | yogi | adagrad; sgd with server_momentum = 0 is the plain step w + eta * update.
+    # fedavgm / fedadam / fedyogi / fedadagrad are fedavg with sgd+momentum / adam / yogi / adagrad.
+    # adam, yogi and adagrad move every coordinate by about server_lr: use e.g. 1e-2, not 1.
+    server_opt: str = "sgd"
+    server_momentum: float = 0.0  # sgd: beta in m <- beta m + update (FedAvgM; fedavgm needs > 0)
+    server_beta1: float = 0.9  # adam | yogi | adagrad: first-moment decay
+    server_beta2: float = 0.99  # adam | yogi: second-moment decay
+    server_tau: float = 1e-3  # adam | yogi | adagrad: the adaptivity floor in m / (sqrt(v) + tau)
     # The heatmap loss is small (~5e-3), so are its gradients: larger mu / alpha pin the clients
     # to the global model (results/hparam_sweep.md)
     prox_mu: float = 1e-4
@@ -162,8 +179,10 @@ class Config:
         return asdict(self)
 
     def validate(self) -> Config:
-        """Check every named choice and range; ConfigError names the key, the value and what is
-        allowed. Runs as the config is loaded, before anything is written."""
+        """Check every type, range and fixed choice of the config's own values; ConfigError names
+        the key, the value and what is allowed. Runs as the config is loaded, before anything is
+        written. Names of registered things (strategies, datasets, partitions, selection
+        policies) are for their registries to check (engine/run.py: check_config)."""
         for problem in _checks(self):
             if problem is not None:
                 raise ConfigError(problem)
@@ -346,12 +365,9 @@ def config_from_dict(values: dict) -> Config:
 
 
 # ----------------------------------------------------------------------------- validation
-DATASETS = ("lsp", "mpii", "coco", "synth-arm")
 DEPTHS = (18, 34, 50, 101, 152)
 OPTIMIZERS = ("adam", "sgd")
-PARTITIONS = ("iid", "attribute", "dirichlet", "quantity")
 MODES = ("sync", "async")
-SELECTIONS = ("random", "deadline", "utility")
 GH_VARIANTS = ("pcgrad", "symmetric")
 GH_ORDERS = ("random", "index")
 GH_METHODS = ("gram", "direct")
@@ -370,10 +386,15 @@ MAX_ROUND_RETRIES = 100
 _NAME_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+= -]*")
 
 
-def _choice(key: str, value: Any, allowed: tuple) -> str | None:
+def choice_problem(key: str, value: Any, allowed: tuple) -> str | None:
+    """None when `value` is one of `allowed`, else the message saying so (the registries use it
+    for their names, so every unknown name reads the same)."""
     if value in allowed:
         return None
     return f"{key}: {value!r} is not allowed; use one of {', '.join(map(str, allowed))}"
+
+
+_choice = choice_problem
 
 
 def _range(
@@ -419,13 +440,13 @@ def _checks(cfg: Config) -> Iterator[str | None]:
     yield None if cfg.out_dir else "out_dir: must not be empty"
     yield _range("seed", cfg.seed, 0)
 
-    yield _choice("data.dataset", d.dataset, DATASETS)
     yield None if d.root else "data.root: must not be empty"
     yield _choice("data.lsp_labels", d.lsp_labels, LSP_LABELS)
     yield _range("data.synth_seed", d.synth_seed, 0)
     yield _range("data.synth_n", d.synth_n, 1, MAX_SYNTH_N)
     yield _range("data.synth_size", d.synth_size, 16, MAX_SYNTH_SIZE)
     yield _range("data.test_fraction", d.test_fraction, 0, 1, low_open=True, high_open=True)
+    yield _range("data.val_fraction", d.val_fraction, 0, 1, high_open=True)
     yield (
         None
         if 32 <= d.input_size <= MAX_INPUT_SIZE and d.input_size % 32 == 0
@@ -466,23 +487,18 @@ def _checks(cfg: Config) -> Iterator[str | None]:
         else f"train.device: {t.device!r} is not allowed; use auto, cpu, cuda, cuda:N or mps"
     )
 
-    # the strategy registry is the one list of methods (a new strategy registers only there);
-    # imported here because fl/strategies itself imports this module
-    from fedpose.fl.strategies import STRATEGY_NAMES
-
-    yield _choice("fed.method", f.method, STRATEGY_NAMES)
     yield _range("fed.rounds", f.rounds, 1)
     yield _range("fed.num_clients", f.num_clients, 1)
     yield _range("fed.clients_per_round", f.clients_per_round, 0, f.num_clients)
     yield _range("fed.local_epochs", f.local_epochs, 1)
     yield _range("fed.local_steps", f.local_steps, 0)
-    yield _choice("fed.partition", f.partition, PARTITIONS)
     yield None if f.partition_attr else "fed.partition_attr: must not be empty"
     yield _range("fed.dirichlet_alpha", f.dirichlet_alpha, 0, low_open=True)
     yield _range("fed.quantity_alpha", f.quantity_alpha, 0, low_open=True)
     yield _range("fed.eval_every", f.eval_every, 1)
     yield _range("fed.checkpoint_every", f.checkpoint_every, 1)
     yield _range("fed.server_lr", f.server_lr, 0, low_open=True)
+    yield from _server_opt_checks(f)
     yield _range("fed.prox_mu", f.prox_mu, 0)
     yield _range("fed.dyn_alpha", f.dyn_alpha, 0)
     yield _range("fed.aw_alpha", f.aw_alpha, 0)
@@ -499,7 +515,6 @@ def _checks(cfg: Config) -> Iterator[str | None]:
     yield _range("fed.concurrency", f.concurrency, 1)
     yield _range("fed.buffer_size", f.buffer_size, 1)
     yield _range("fed.staleness_exponent", f.staleness_exponent, 0)
-    yield _choice("fed.selection", f.selection, SELECTIONS)
     yield _range("fed.deadline", f.deadline, 0)
     yield _range("fed.utility_explore", f.utility_explore, 0, 1)
     yield _range("fed.target_pck", f.target_pck, 0, 100)
@@ -519,9 +534,126 @@ def _checks(cfg: Config) -> Iterator[str | None]:
     yield _range("system.fault_rate", s.fault_rate, 0, 1)
 
 
+SERVER_OPTS = ("sgd", "adam", "yogi", "adagrad")
+# FedAvg with a server optimiser: the optimiser each method name implies
+SERVER_OPT_METHODS = {
+    "fedavgm": "sgd",
+    "fedadam": "adam",
+    "fedyogi": "yogi",
+    "fedadagrad": "adagrad",
+}
+
+
+def _server_opt_checks(f: FedConfig) -> Iterator[str | None]:
+    yield _choice("fed.server_opt", f.server_opt, SERVER_OPTS)
+    yield _range("fed.server_momentum", f.server_momentum, 0, 1, high_open=True)
+    yield _range("fed.server_beta1", f.server_beta1, 0, 1, high_open=True)
+    yield _range("fed.server_beta2", f.server_beta2, 0, 1, high_open=True)
+    yield _range("fed.server_tau", f.server_tau, 0, low_open=True)
+    implied = SERVER_OPT_METHODS.get(f.method)
+    if implied is not None and f.server_opt not in ("sgd", implied):
+        yield (
+            f"fed.server_opt: {f.server_opt!r} contradicts fed.method {f.method!r} (FedAvg with "
+            f"{implied}); use fed.method=fedavg with fed.server_opt={f.server_opt}"
+        )
+    if f.method == "fedavgm" and f.server_momentum <= 0:
+        yield (
+            "fed.server_momentum: fedavgm needs a momentum > 0 (e.g. fed.server_momentum=0.9); "
+            "with 0 it is fedavg"
+        )
+
+
 def _speeds(speeds: list) -> str | None:
     # the count is checked against fed.num_clients when the federation is built
     for i, v in enumerate(speeds):
         if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
             return f"system.speeds[{i}]: {v!r} is out of range; allowed: a number > 0"
     return None
+
+
+# ----------------------------------------------------------------------------- bounded reading
+# The one way fedpose parses JSON and TOML from a file (fedpose.bounded is its public face; it
+# lives here because the config, which reads TOML, imports nothing of fedpose). Python's `json`
+# and `tomllib` parse nesting recursively, so a file of 100 000 `[` ends in a RecursionError (a
+# traceback) instead of a message: the nesting is counted first, outside strings, and anything
+# deeper than MAX_DEPTH is refused with a ValueError naming the source.
+MAX_DEPTH = 64
+# strings removed before counting brackets: a "[" inside a string is no nesting
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+_TOML_STRING = re.compile(
+    r'"""(?:[^\\]|\\.)*?"""|\'\'\'.*?\'\'\'|"(?:[^"\\\n]|\\.)*"|\'[^\'\n]*\'|#[^\n]*', re.S
+)
+_BRACKET = re.compile(r"[\[\]{}]")
+# a TOML dotted key (a.b.c = 1, [a.b.c]) nests one table per dot
+_DOTTED = re.compile(r"(?:[A-Za-z0-9_-]*\s*\.\s*){" + str(MAX_DEPTH + 1) + ",}")
+
+
+class ParseError(ValueError):
+    """A JSON or TOML text that cannot be read: the message names its source."""
+
+
+def nesting_depth(text: str, strings: re.Pattern[str] = _JSON_STRING) -> int:
+    """The deepest bracket nesting of `text` outside strings (an upper bound for TOML)."""
+    depth = deepest = 0
+    for m in _BRACKET.finditer(strings.sub("", text)):
+        if m.group() in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth = max(depth - 1, 0)
+    return deepest
+
+
+def _check_depth(text: str, source: object, strings: re.Pattern[str]) -> None:
+    # a quick bound first: only a text with many brackets can be too deep
+    if text.count("[") + text.count("{") > MAX_DEPTH and nesting_depth(text, strings) > MAX_DEPTH:
+        raise ParseError(f"{source}: nested deeper than {MAX_DEPTH} levels")
+
+
+def loads_json(
+    text: str | bytes,
+    source: object,
+    object_pairs_hook: Callable[[list[tuple[str, Any]]], Any] | None = None,
+) -> Any:
+    """`json.loads(text)`, or ParseError naming `source` (a file, `file [line N]`, ...)."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ParseError(f"{source}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    _check_depth(text, source, _JSON_STRING)
+    try:
+        return json.loads(text, object_pairs_hook=object_pairs_hook)
+    except json.JSONDecodeError as e:
+        raise ParseError(f"{source}: not valid JSON: {e}") from None
+    except RecursionError:  # a backstop: the depth check should have caught it
+        raise ParseError(f"{source}: nested too deeply") from None
+
+
+def read_json(path: str | Path, object_pairs_hook=None) -> Any:
+    """The JSON value of a file, or ParseError / OSError naming it."""
+    path = Path(path)
+    return loads_json(path.read_bytes(), path, object_pairs_hook)
+
+
+def loads_toml(text: str, source: object) -> dict:
+    """`tomllib.loads(text)`, or ParseError naming `source`."""
+    _check_depth(text, source, _TOML_STRING)
+    if text.count(".") > MAX_DEPTH and _DOTTED.search(_TOML_STRING.sub("", text)):
+        raise ParseError(f"{source}: a dotted key nested deeper than {MAX_DEPTH} levels")
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ParseError(f"{source}: not valid TOML: {e}") from None
+    except RecursionError:
+        raise ParseError(f"{source}: nested too deeply") from None
+
+
+def read_toml(path: str | Path) -> dict:
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ParseError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return loads_toml(text, path)

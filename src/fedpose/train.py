@@ -1,4 +1,9 @@
-"""Centralized training: all data in one place. The upper bound federated runs are compared to."""
+"""Centralized training: all data in one place. The upper bound federated runs are compared to.
+
+It goes through the steps of the run lifecycle (engine/run.py) around its epoch loop: the config
+checked once (check_config), the model of the server side (build_server_side: the same seeded
+model as every federated run), the records, the checkpoint read before the run folder is
+claimed (prepare_run_dir), a RunObserver that sees every epoch, the model file at the end."""
 
 from __future__ import annotations
 
@@ -17,8 +22,10 @@ from fedpose.data.dataset import PoseDataset, make_epochs_loader
 from fedpose.data.image_cache import ImageCache
 from fedpose.data.partition import partition
 from fedpose.data.records import Skeleton
-from fedpose.metrics.evaluate import evaluate_model
-from fedpose.model.inference import resolve_device
+from fedpose.engine.evaluate import evaluate_model
+from fedpose.engine.federation import build_server_side
+from fedpose.engine.run import check_config, prepare_run_dir
+from fedpose.fl.observer import RunObserver
 from fedpose.model.io import (
     MODEL_FILE,
     ModelFileError,
@@ -31,11 +38,8 @@ from fedpose.model.io import (
     tensors_problem,
 )
 from fedpose.model.optim import make_optimizer
-from fedpose.model.pose_resnet import build_model, load_pretrained
 from fedpose.model.train_step import TrainStep
-from fedpose.provenance import runtime_info
 from fedpose.run_dir import append_line, claim, read_regular, write_file
-from fedpose.run_dir import start as start_run_dir
 
 LOSS_READ_EVERY = 16  # training steps between reads of the loss (each read syncs a GPU)
 
@@ -51,14 +55,19 @@ def _training_records(cfg: Config) -> tuple[list, Skeleton, str]:
 
 
 def train_centralized(
-    cfg: Config, resume: bool = False, console: Console | None = None, force: bool = False
+    cfg: Config,
+    resume: bool = False,
+    console: Console | None = None,
+    force: bool = False,
+    observer: RunObserver | None = None,
 ) -> dict:
     """Train on all data; `resume` continues from the run's checkpoint (`force`: even one written
-    by another method, seed or config, or into a folder another command made)."""
-    cfg.validate()
+    by another method, seed or config, or into a folder another command made).
+    `observer.round_done(epoch, record)` sees every epoch."""
+    check_config(cfg)
     # checked and locked for the whole run: links, another process, another command's folder
     with claim(cfg.run_dir, cfg.out_dir, "train", force=force):
-        return _train_claimed(cfg, resume, console or Console(), force)
+        return _train_claimed(cfg, resume, console or Console(), force, observer or RunObserver())
 
 
 def _checkpoint_schema(model: torch.nn.Module) -> Callable[[dict], str | None]:
@@ -102,18 +111,32 @@ def _resume(ckpt_dir, identity: dict, force: bool, objects: tuple, console: Cons
     return state
 
 
-def _train_claimed(cfg: Config, resume: bool, console: Console, force: bool) -> dict:
-    device = resolve_device(cfg.train.device)
+def _drop_rows_after(metrics_path, epoch: int) -> None:
+    """Keep the metrics rows of epochs up to `epoch`; torn or damaged lines go too."""
+    keep = []
+    for line in read_regular(metrics_path).decode(errors="replace").splitlines():
+        try:
+            row = loads_json(line, metrics_path)
+        except ValueError:
+            continue
+        value = row.get("epoch") if isinstance(row, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool) and value <= epoch:
+            keep.append(line)
+    write_file(metrics_path, "".join(line + "\n" for line in keep))
+
+
+def _train_claimed(
+    cfg: Config, resume: bool, console: Console, force: bool, observer: RunObserver
+) -> dict:
     train_records, skeleton, only = _training_records(cfg)
     test_records, _ = load_split(cfg.data, "test")
+    server = build_server_side(cfg, skeleton)
+    device = server.device
     console.print(
         f"{cfg.data.dataset}: {len(train_records)} train{only}, {len(test_records)} test "
         f"records, {skeleton.num_joints} joints; device {device}"
     )
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, skeleton.num_joints)
-    if cfg.model.pretrained:
-        load_pretrained(model, cfg.model.pretrained)
+    model = server.model
     model.to(device)
     optimizer = make_optimizer(model, cfg.train)
     step = TrainStep(
@@ -146,18 +169,10 @@ def _train_claimed(cfg: Config, resume: bool, console: Console, force: bool) -> 
     ckpt_dir = run_dir / "checkpoints"
     identity = run_identity(cfg.to_dict())
     metrics_path = run_dir / "metrics.jsonl"
-    state = (
-        _resume(ckpt_dir, identity, force, (model, optimizer, scheduler), console)
-        if resume
-        else None
-    )
+    objects = (model, optimizer, scheduler)
+    state = _resume(ckpt_dir, identity, force, objects, console) if resume else None
     start = state["epoch"] if state is not None else 0
-    start_run_dir(
-        run_dir,
-        "train",
-        state is not None,
-        json.dumps({**cfg.to_dict(), "runtime": runtime_info()}, indent=2),
-    )
+    prepare_run_dir(cfg, resume=state is not None, command="train")
     if state is not None:
         # rows written after the checkpoint (a kill between a row and its checkpoint) belong
         # to epochs that run again
@@ -213,7 +228,14 @@ def _train_claimed(cfg: Config, resume: bool, console: Console, force: bool) -> 
                 "img_per_s": n / seconds,
             }
             if (epoch + 1) % max(cfg.train.eval_every, 1) == 0 or epoch + 1 == epochs:
-                ev = evaluate_model(model, test_records, skeleton, cfg, device)
+                ev = evaluate_model(
+                    model,
+                    test_records,
+                    skeleton,
+                    device,
+                    input_size=cfg.data.input_size,
+                    flip_test=cfg.train.flip_test,
+                )
                 record.update({k: ev[k] for k in ("pck_mean", "pck_per_joint", "heatmap_acc")})
             weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
             # a diverged model is never logged, checkpointed or saved: the last good files stay
@@ -233,21 +255,10 @@ def _train_claimed(cfg: Config, resume: bool, console: Console, force: bool) -> 
                 bar.update(
                     task, info=f"loss {record['train_loss']:.6f}  PCK {record['pck_mean']:.1f}%"
                 )
+            observer.round_done(epoch + 1, record)
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     save_model(run_dir / MODEL_FILE, weights, cfg, skeleton)
     record["wall_seconds"] = time.perf_counter() - t_start
+    observer.finished(None)
+    observer.closed()
     return record
-
-
-def _drop_rows_after(metrics_path, epoch: int) -> None:
-    """Keep the metrics rows of epochs up to `epoch`; torn or damaged lines go too."""
-    keep = []
-    for line in read_regular(metrics_path).decode(errors="replace").splitlines():
-        try:
-            row = loads_json(line, metrics_path)
-        except ValueError:
-            continue
-        value = row.get("epoch") if isinstance(row, dict) else None
-        if isinstance(value, int) and not isinstance(value, bool) and value <= epoch:
-            keep.append(line)
-    write_file(metrics_path, "".join(line + "\n" for line in keep))

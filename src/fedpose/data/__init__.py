@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-from fedpose.config import ConfigError, DataConfig
+from fedpose.config import ConfigError, DataConfig, choice_problem
 from fedpose.data.coco import load_coco, write_coco
 from fedpose.data.lsp import load_lsp
 from fedpose.data.mpii import load_mpii, load_mpii_headboxes
@@ -24,6 +22,8 @@ from fedpose.data.records import (
     MPII,
     SKELETONS,
     DatasetError,
+    DatasetKind,
+    FileOptions,
     PoseRecord,
     Skeleton,
 )
@@ -68,11 +68,7 @@ def load_split(cfg: DataConfig, split: str) -> tuple[list[PoseRecord], Skeleton]
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be train or test, not {split!r}")
-    if cfg.dataset not in DATASETS:
-        raise ConfigError(
-            f"data.dataset: unknown dataset {cfg.dataset!r}; known: {', '.join(DATASETS)}"
-        )
-    records, skeleton = DATASETS[cfg.dataset].load_split(cfg, split)
+    records, skeleton = dataset_kind(cfg.dataset).load_split(cfg, split)
     limit = cfg.max_train if split == "train" else cfg.max_test
     return (records[:limit] if limit > 0 else records), skeleton
 
@@ -176,15 +172,6 @@ def _load_synth_split(cfg: DataConfig, split: str) -> tuple[list[PoseRecord], Sk
 
 
 # ----------------------------------------------------------------------------- files as given
-@dataclass(frozen=True)
-class FileOptions:
-    """What `load_files` may be told besides root and annotation file."""
-
-    split: str = "all"  # lsp: train | test | all
-    labels: str = "pc"  # lsp: pc | oc
-    headboxes: str | Path | None = None  # mpii: gt_valid.mat
-
-
 def _need_ann(ann: str | Path | None, root: Path, dataset: str) -> Path:
     if not ann:
         raise DatasetError(root, f"the {dataset} dataset needs its annotation file (--ann)")
@@ -209,21 +196,30 @@ def _synth_files(root: Path, ann: str | Path | None, _opt: FileOptions) -> list[
     return load_coco(ann_path, ann_path.parent / SYNTH_IMAGES)
 
 
-@dataclass(frozen=True)
-class DatasetKind:
-    skeleton: Skeleton
-    # the configured train or test split (DataConfig, "train" | "test") -> records, skeleton
-    load_split: Callable[[DataConfig, str], tuple[list[PoseRecord], Skeleton]]
-    # every record of the files as given (root, annotation file or None, options)
-    load_files: Callable[[Path, str | Path | None, FileOptions], list[PoseRecord]]
-
-
 DATASETS: dict[str, DatasetKind] = {
     "lsp": DatasetKind(LSP, _load_lsp_split, _lsp_files),
     "mpii": DatasetKind(MPII, _load_mpii_split, _mpii_files),
     "coco": DatasetKind(COCO, _load_real_coco_split, _coco_files),
     "synth-arm": DatasetKind(ARM, _load_synth_split, _synth_files),
 }
+
+
+def dataset_problem(dataset: str) -> str | None:
+    """Why `data.dataset` names no registered dataset (None when it does)."""
+    return choice_problem("data.dataset", dataset, tuple(DATASETS))
+
+
+def dataset_kind(dataset: str) -> DatasetKind:
+    """The registered dataset of that name; ConfigError naming the known ones otherwise."""
+    problem = dataset_problem(dataset)
+    if problem:
+        raise ConfigError(problem)
+    return DATASETS[dataset]
+
+
+def skeleton_named(name: str) -> Skeleton | None:
+    """The skeleton a model file names (Skeleton.name), among the registered datasets'."""
+    return next((k.skeleton for k in DATASETS.values() if k.skeleton.name == name), None)
 
 
 def load_files(
@@ -236,7 +232,5 @@ def load_files(
     inspecting and scoring read. root: the image folder (lsp: the dataset folder; synth-arm: the
     folder holding annotations.json and images/); ann: the annotation file (mpii, coco; synth-arm:
     optional). Malformed data raises DatasetError, exactly as training would."""
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)}")
-    kind = DATASETS[dataset]
+    kind = dataset_kind(dataset)
     return kind.load_files(Path(root), ann, options or FileOptions()), kind.skeleton

@@ -8,7 +8,9 @@ Arrays (`pack_state`: a JSON layout and one byte buffer), not one Array per tens
                                  train-samples, test-samples, error (why the node is refused)
   train request  "weights": packed ArrayRecord (global state dict)
                  "config":  ConfigRecord client-id, version, round, seed
+                 "control": packed {"c": SCAFFOLD's server control variate} (SCAFFOLD only)
   train reply    "update":  packed ArrayRecord {"delta": flat float32 update,
+                            "control-delta": SCAFFOLD's c_k⁺ − c_k (SCAFFOLD only),
                             "averaged/<name>": tensors the server averages by sample count}
                  "metrics": MetricRecord num-examples, train-loss, steps, seconds, and the
                             handler's timing (handler-started, handler-seconds, process-age)
@@ -48,8 +50,8 @@ from fedpose.config import (
     parse_overrides,
 )
 from fedpose.data.records import PoseRecord, Skeleton
+from fedpose.engine.evaluate import evaluate_counts
 from fedpose.fl.messages import TrainReply, TrainRequest
-from fedpose.metrics.evaluate import evaluate_counts
 from fedpose.metrics.pck import score_counts
 from fedpose.model.inference import load_weights
 
@@ -130,7 +132,7 @@ def unpack_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
 
 
 def request_to_content(request: TrainRequest) -> RecordDict:
-    return RecordDict(
+    content = RecordDict(
         {
             "weights": pack_state(request.weights),
             "config": ConfigRecord(
@@ -145,6 +147,9 @@ def request_to_content(request: TrainRequest) -> RecordDict:
             ),
         }
     )
+    if request.control is not None:  # SCAFFOLD's server control variate
+        content["control"] = pack_state({"c": request.control})
+    return content
 
 
 def content_to_request(content: RecordDict) -> TrainRequest:
@@ -157,10 +162,12 @@ def content_to_request(content: RecordDict) -> TrainRequest:
         seed=int(cfg["seed"]),
         rule=str(cfg["client-rule"]),
         coef=float(cfg["client-coef"]),
+        control=record_to_state(content["control"])["c"] if "control" in content else None,
     )
 
 
 _AVERAGED = "averaged/"  # name prefix of the averaged tensors in a reply's packed "update"
+_CONTROL_DELTA = "control-delta"  # SCAFFOLD: c_k⁺ − c_k in a reply's packed "update"
 
 
 def reply_to_content(reply: TrainReply, timing: dict[str, float] | None = None) -> RecordDict:
@@ -182,8 +189,13 @@ def reply_to_content(reply: TrainReply, timing: dict[str, float] | None = None) 
         }
     )
     if reply.delta is not None:
+        extra = {} if reply.control_delta is None else {_CONTROL_DELTA: reply.control_delta}
         content["update"] = pack_state(
-            {"delta": reply.delta, **{_AVERAGED + name: t for name, t in reply.averaged.items()}}
+            {
+                "delta": reply.delta,
+                **extra,
+                **{_AVERAGED + name: t for name, t in reply.averaged.items()},
+            }
         )
     return content
 
@@ -204,6 +216,7 @@ def content_to_reply(content: RecordDict) -> TrainReply:
         steps=int(metrics["steps"]),
         seconds=float(metrics["seconds"]),
         error=str(cfg["error"]) or None,
+        control_delta=update.get(_CONTROL_DELTA),
     )
 
 
@@ -246,7 +259,14 @@ def count_correct(
     """Per-joint (correct, counted) of `weights` on `records`, by the evaluator central
     evaluation uses, so counts summed over sites equal the central counts."""
     load_weights(model, weights)
-    return evaluate_counts(model, records, skeleton, cfg, device)
+    return evaluate_counts(
+        model,
+        records,
+        skeleton,
+        device,
+        input_size=cfg.data.input_size,
+        flip_test=cfg.train.flip_test,
+    )
 
 
 def evaluation_to_content(ev: SiteEvaluation) -> RecordDict:

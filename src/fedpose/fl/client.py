@@ -2,8 +2,9 @@
 
 The training request says which objective the client minimises (the strategy's client rule and
 its coefficient, as Flower's FedProx sends its mu): plain (FedAvg, FedBN, FedAW, FedGH), prox
-(FedProx: + μ/2 ‖w − w_t‖²) or dyn (FedDyn: − ⟨g_k, w⟩ + α/2 ‖w − w_t‖², with g_k the client's
-running linear term). Client state (FedBN's BatchNorm tensors, FedDyn's g_k) stays with the client.
+(FedProx: + μ/2 ‖w − w_t‖²), dyn (FedDyn: − ⟨g_k, w⟩ + α/2 ‖w − w_t‖², with g_k the client's
+running linear term) or scaffold (SCAFFOLD: gradients corrected by c − c_k). Client state
+(FedBN's BatchNorm tensors, FedDyn's g_k, SCAFFOLD's c_k) stays with the client.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedpose.config import Config, TrainConfig
+from fedpose.config import FedConfig, TrainConfig
 from fedpose.data.dataset import PoseDataset, make_loader
 from fedpose.fl.messages import CLIENT_RULES, TrainReply, TrainRequest
 from fedpose.fl.params import ModelLayout, flatten
@@ -25,26 +26,33 @@ from fedpose.model.optim import make_optimizer
 from fedpose.model.train_step import TrainStep
 
 DYN_GRAD_FLAT = "flat"  # client_state["dyn_grad"][DYN_GRAD_FLAT]: g_k over layout.agg_names
+SCAFFOLD_KEY, SCAFFOLD_FLAT = "scaffold", "flat"  # client_state["scaffold"]["flat"]: c_k
 
 
-def local_batches(dataset: PoseDataset, request: TrainRequest, cfg: Config) -> Iterator[dict]:
+def local_batches(
+    dataset: PoseDataset,
+    request: TrainRequest,
+    fed: FedConfig,
+    batch_size: int,
+    workers: int = 0,
+) -> Iterator[dict]:
     """The batches of one round of local work: `fed.local_steps` batches when set (across local
-    epochs as needed), else `fed.local_epochs` epochs. Shuffled by the request's seed, augmented
-    by the global round, so a client's work is a function of the request alone."""
-    fed = cfg.fed
+    epochs as needed), else `fed.local_epochs` epochs, of `batch_size` (train.batch_size) records
+    loaded by `workers` processes (data.workers). Shuffled by the request's seed, augmented by the
+    global round, so a client's work is a function of the request alone."""
     max_steps = fed.local_steps if fed.local_steps > 0 else None
     steps, epoch = 0, 0
     while True:
         dataset.set_epoch(request.round * max(fed.local_epochs, 1) + epoch)
         loader = make_loader(
             dataset,
-            cfg.train.batch_size,
+            batch_size,
             shuffle=True,
             seed=request.seed,
             epoch=epoch,
-            workers=cfg.data.workers,
+            workers=workers,
             # a trailing batch of one breaks BatchNorm in training mode
-            drop_last=len(dataset) % cfg.train.batch_size == 1 and len(dataset) > 1,
+            drop_last=len(dataset) % batch_size == 1 and len(dataset) > 1,
         )
         for batch in loader:
             yield batch
@@ -83,9 +91,17 @@ def local_train(
     dyn_grad = dyn_grad_by_name(client_state, layout) if request.rule == "dyn" else None
     if dyn_grad is not None:
         dyn_grad = {n: g.to(device) for n, g in dyn_grad.items()}
+    scaffold = (
+        ScaffoldCorrection(client_state, request, layout, device)
+        if request.rule == "scaffold"
+        else None
+    )
 
     def regularize() -> None:
-        _add_regularizer_grads(params, base, dyn_grad, layout, request.coef)
+        if scaffold is not None:
+            scaffold(params)
+        else:
+            _add_regularizer_grads(params, base, dyn_grad, layout, request.coef)
 
     step = TrainStep(
         model,
@@ -103,6 +119,9 @@ def local_train(
     trained = {n: t.detach().cpu() for n, t in model.state_dict().items()}
     delta = flatten(trained, layout.agg_names) - flatten(request.weights, layout.agg_names)
     new_state = _next_client_state(client_state, trained, delta, request, layout)
+    control_delta = None
+    if scaffold is not None:
+        new_state[SCAFFOLD_KEY], control_delta = scaffold.finish()
     reply = TrainReply(
         client_id=request.client_id,
         version=request.version,
@@ -114,8 +133,53 @@ def local_train(
         train_loss_sq=float(np.mean(np.square(losses))) if losses else math.nan,
         steps=len(losses),
         seconds=time.perf_counter() - started,
+        control_delta=control_delta,
     )
     return reply, new_state
+
+
+class ScaffoldCorrection:
+    """SCAFFOLD's client side (Karimireddy et al. 2020): every local step uses the corrected
+    gradient g − c_k + c, and afterwards the client's control variate becomes
+
+        c_k⁺ = (1/K) Σ_{i<K} g_i,   the mean of the K raw minibatch gradients of this round.
+
+    With plain SGD at learning rate η_l that is exactly option II, c_k⁺ = c_k − c +
+    (w_t − w_k)/(K η_l): the K corrected steps move w by −η_l Σ (g_i − c_k + c). Written as the
+    mean gradient it stays in gradient units under Adam, where (w_t − w_k)/(K η_l) does not.
+    c_k starts at 0 and is client state (`client_state["scaffold"]["flat"]`), kept like
+    FedDyn's."""
+
+    def __init__(
+        self, client_state: dict, request: TrainRequest, layout: ModelLayout, device
+    ) -> None:
+        size = layout.slices[-1][2] if layout.slices else 0
+        stored = client_state.get(SCAFFOLD_KEY, {}).get(SCAFFOLD_FLAT)
+        self.c_k = stored.to(torch.float32) if stored is not None else torch.zeros(size)
+        c = request.control if request.control is not None else torch.zeros(size)
+        correction = (c - self.c_k).to(device)  # − c_k + c, added to every step's gradient
+        self.grad_sum = torch.zeros(size, dtype=torch.float32, device=device)
+        self.layout = layout
+        self.correction = {n: correction[a:b].view(layout.shapes[n]) for n, a, b in layout.slices}
+        self.sums = {n: self.grad_sum[a:b].view(layout.shapes[n]) for n, a, b in layout.slices}
+        self.steps = 0
+
+    @torch.no_grad()
+    def __call__(self, params: dict) -> None:
+        for name in self.layout.agg_names:
+            p = params[name]
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            self.sums[name].add_(p.grad)
+            p.grad.add_(self.correction[name])
+        self.steps += 1
+
+    def finish(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """(the client's new state entry {flat: c_k⁺}, c_k⁺ − c_k for the server)."""
+        if self.steps == 0:  # no local step: nothing learnt about the client's gradient
+            return {SCAFFOLD_FLAT: self.c_k}, torch.zeros_like(self.c_k)
+        new = (self.grad_sum / self.steps).cpu()
+        return {SCAFFOLD_FLAT: new}, new - self.c_k
 
 
 def dyn_grad_by_name(client_state: dict, layout: ModelLayout) -> dict[str, torch.Tensor] | None:

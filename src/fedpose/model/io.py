@@ -33,7 +33,8 @@ from safetensors.torch import save as save_safetensors
 
 from fedpose.bounded import ParseError, loads_json
 from fedpose.config import Config, ConfigError, config_from_dict
-from fedpose.data.records import SKELETONS, Skeleton
+from fedpose.data import skeleton_named
+from fedpose.data.records import Skeleton
 from fedpose.model.pose_resnet import PoseResNet, build_model
 from fedpose.run_dir import write_file
 
@@ -154,7 +155,7 @@ def load_model(path: str | Path) -> tuple[PoseResNet, Config, Skeleton]:
         cfg = config_from_dict(config)
     except ConfigError as e:
         raise ModelFileError(f"{path}: the model's config is invalid: {e}") from None
-    skeleton = SKELETONS.get(skeleton_name)
+    skeleton = skeleton_named(skeleton_name)
     if skeleton is None:
         raise ModelFileError(f"{path}: unknown skeleton {skeleton_name!r}")
     check_finite(path, weights)
@@ -317,6 +318,16 @@ def field_problem(
 
 
 # ----------------------------------------------------------------------------- checkpoints
+ADDED_SETTINGS = (
+    ("data", "val_fraction", 0.0),
+    ("fed", "server_opt", "sgd"),
+    ("fed", "server_momentum", 0.0),
+    ("fed", "server_beta1", 0.9),
+    ("fed", "server_beta2", 0.99),
+    ("fed", "server_tau", 1e-3),
+)
+
+
 def config_hash(config: dict) -> str:
     """A hash of the settings a resumed run must share with the run that wrote the checkpoint.
 
@@ -336,6 +347,11 @@ def config_hash(config: dict) -> str:
         settings.get(section, {}).pop(key, None)
     for key in ("name", "out_dir"):
         settings.pop(key, None)
+    # settings added after runs were made, left out at their defaults: a run written before
+    # they existed still resumes
+    for section, key, default in ADDED_SETTINGS:
+        if settings.get(section, {}).get(key, default) == default:
+            settings.get(section, {}).pop(key, None)
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 

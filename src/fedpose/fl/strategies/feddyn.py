@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from fedpose.config import FedConfig
 from fedpose.fl.strategies.base import Aggregation, RoundInput, Strategy, weighted_sum
 
 
@@ -26,6 +27,10 @@ class FedDyn(Strategy):
             raise ValueError(f"FedDyn needs alpha > 0, got {alpha}")
         self.alpha = alpha
         self.server_lr = server_lr
+
+    @classmethod
+    def from_config(cls, fed: FedConfig, _seed: int) -> Strategy:
+        return cls(alpha=fed.dyn_alpha, server_lr=fed.server_lr)
 
     @property
     def client_coef(self) -> float:
@@ -41,7 +46,5 @@ class FedDyn(Strategy):
         # one multiply-add on some instruction sets and not on others
         h.sub_(total * (self.alpha / inputs.num_clients))
         update = total.mul_(self.server_lr / k).sub_(h * (self.server_lr / self.alpha))
-        if inputs.add_to is not None:
-            update = inputs.add_to.add_(update)
         diagnostics = {"weights": [1.0 / k] * k, "conflict_share": None, "h_norm": float(h.norm())}
         return Aggregation(update, {**state, "h": h}, diagnostics)

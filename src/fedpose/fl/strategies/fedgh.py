@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fedpose.config import FedConfig
 from fedpose.fl.gram import (
     conflict_share,
     cosine_from_gram,
@@ -55,7 +56,7 @@ def column_groups(slices: list[tuple[str, int, int]], p: int) -> list[tuple[int,
 
 @dataclass
 class FedGH(Strategy):
-    """The options are the `fed.gh_*` settings (see FedConfig); build_strategy maps them."""
+    """The options are the `fed.gh_*` settings (see FedConfig); `from_config` maps them."""
 
     alpha: float = 5.0  # FedAW's Gompertz steepness (fed.aw_alpha)
     tau: float = 0.0  # cosine below which two updates conflict
@@ -70,6 +71,27 @@ class FedGH(Strategy):
     project: bool = True  # False: no projection ("fedgh-noproj")
     layer_stats: bool = False  # log each tensor's conflict share (costs a second Gram pass)
     name: str = "fedgh"
+
+    @classmethod
+    def from_config(
+        cls, fed: FedConfig, seed: int, *, adaptive: bool = True, project: bool = True
+    ) -> Strategy:
+        """FedGH from the `fed.*` settings; the ablations register with adaptive=False
+        ("fedgh-noaw") or project=False ("fedgh-noproj")."""
+        return cls(
+            alpha=fed.aw_alpha,
+            tau=fed.gh_tau,
+            variant=fed.gh_variant,
+            order=fed.gh_order,
+            per_layer=fed.gh_per_layer,
+            rescale=fed.gh_rescale,
+            method=fed.gh_method,
+            server_lr=fed.server_lr,
+            seed=seed,
+            adaptive=adaptive,
+            project=project,
+            layer_stats=fed.gh_layer_stats,
+        )
 
     def __post_init__(self) -> None:
         check_options(self.variant, self.order, self.method)
@@ -97,11 +119,11 @@ class FedGH(Strategy):
             psi = sample_weights(inputs.counts)
 
         if self.method == "direct" and self.project:
-            update = self._direct(deltas, psi, grams, groups, seed, inputs.add_to)
+            update = self._direct(deltas, psi, grams, groups, seed)
             coef = None
         else:
             coef = self._coefficients(psi, grams, seed)  # (G, K): weights on the raw Δ_k
-            update = self._combine(deltas, coef, groups, inputs.add_to)
+            update = self._combine(deltas, coef, groups)
 
         diagnostics = {
             "weights": psi.tolist(),
@@ -135,19 +157,15 @@ class FedGH(Strategy):
         return torch.from_numpy(coef * self.server_lr)
 
     @staticmethod
-    def _combine(deltas, coef, groups, add_to) -> torch.Tensor:
+    def _combine(deltas, coef, groups) -> torch.Tensor:
         if len(groups) == 1:
-            return weighted_sum(deltas, coef[0], add_to)
-        out = (
-            torch.zeros(deltas.shape[1], dtype=deltas.dtype, device=deltas.device)
-            if add_to is None
-            else add_to
-        )
+            return weighted_sum(deltas, coef[0])
+        out = torch.zeros(deltas.shape[1], dtype=deltas.dtype, device=deltas.device)
         for (s, e), c in zip(groups, coef, strict=True):
             weighted_sum(deltas[:, s:e], c, out[s:e])
         return out
 
-    def _direct(self, deltas, psi, grams, groups, seed, add_to) -> torch.Tensor:
+    def _direct(self, deltas, psi, grams, groups, seed) -> torch.Tensor:
         """The reference path: the vector loop of fl/harmonize.py, group by group."""
         out = torch.zeros(deltas.shape[1], dtype=deltas.dtype, device=deltas.device)
         for (s, e), g in zip(groups, grams.numpy(), strict=True):
@@ -165,7 +183,7 @@ class FedGH(Strategy):
                 have = exact_dot(part, part)
                 scale *= math.sqrt(target / have) if have > 0 else 1.0
             out[s:e] = part.mul_(scale)
-        return out if add_to is None else add_to.add_(out)
+        return out
 
 
 def layer_conflicts(
