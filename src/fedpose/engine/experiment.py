@@ -93,26 +93,27 @@ def run_comparison(plan: Comparison, console: Console | None = None) -> Path:
     Raises ComparisonError naming the runs that failed."""
     console = console or Console()
     base = load_config(plan.config, plan.overrides)
-    folder = Path(base.out_dir) / (plan.name or base.name)
-    # the comparison's folder is its own: locked, and never one a `run` or `train` made
-    with claim(folder, base.out_dir, "compare", force=plan.force):
-        mark(folder, "compare")
-        return _run_claimed(plan, base, console)
-
-
-def _run_claimed(plan: Comparison, base, console: Console) -> Path:
     name = plan.name or base.name
-    run_dirs: list[Path] = []
-    jobs: list[Job] = []
-    synth_data: dict[str, DataConfig] = {}  # by root: each synth-arm set its parallel runs read
     runs = [
         (label, seed, plan.overrides + sets + [f"seed={seed}", f"name={name}/{label}-s{seed}"])
         for seed in plan.seeds
         for label, sets in plan.variants
     ]
-    # every run's config checked before the first one starts: a typo in the last variant
-    # does not wait for the others to finish
+    # every run's config checked before the first one starts (and before the folder is
+    # claimed): a typo in the last variant does not wait for the others to finish
     configs = [check_config(load_config(plan.config, run_sets)) for _, _, run_sets in runs]
+    folder = Path(base.out_dir) / name
+    # the comparison's folder is its own: locked, and never one a `run` or `train` made
+    with claim(folder, base.out_dir, "compare", force=plan.force):
+        mark(folder, "compare")
+        return _run_claimed(plan, base, runs, configs, console)
+
+
+def _run_claimed(plan: Comparison, base, runs: list, configs: list, console: Console) -> Path:
+    name = plan.name or base.name
+    run_dirs: list[Path] = []
+    jobs: list[Job] = []
+    synth_data: dict[str, DataConfig] = {}  # by root: each synth-arm set its parallel runs read
     for (label, seed, run_sets), cfg in zip(runs, configs, strict=True):
         run_dirs.append(cfg.run_dir)
         rows = read_metrics(cfg.run_dir)
