@@ -79,5 +79,5 @@ def test_utility_exploration_share():
 
 
 def test_unknown_policy_is_a_clear_error():
-    with pytest.raises(ValueError, match="random, deadline or utility"):
+    with pytest.raises(ValueError, match="use one of random, deadline, utility"):
         Selector("fastest", 1, 0)

@@ -22,6 +22,10 @@ class DataConfig:
     root: str = "data/synth-arm"  # image folder (lsp: the dataset folder)
     ann: str = ""  # mpii/coco: training annotation file (synth-arm: written beside the images)
     test_ann: str = ""  # mpii/coco: test annotation file
+    # coco: the image folders of `ann` and `test_ann` when they differ (COCO's train2017/ and
+    # val2017/, as the pose toolkits' per-split image prefixes); "" = root
+    train_root: str = ""
+    test_root: str = ""
     headboxes: str = ""  # mpii: gt_valid.mat for PCKh
     lsp_labels: str = "pc"  # lsp: pc (joints.mat) or oc (joints_OC.mat)
     synth_n: int = 2060  # synth-arm: images generated when root does not exist yet
@@ -84,6 +88,10 @@ class FedConfig:
     partition: str = "attribute"  # iid | attribute | dirichlet | quantity
     partition_attr: str = "view"  # attribute | dirichlet: view | pose | facing
     dirichlet_alpha: float = 0.5
+    # 0: draw once, then give each empty client one record of the largest (fedpose's rule);
+    # > 0: redraw until every client has at least this many records, as flwr-datasets'
+    # DirichletPartitioner's min_partition_size (docs/algorithms.md, "Partitions")
+    dirichlet_min_size: int = 0
     quantity_alpha: float = 0.5
     eval_every: int = 1
     checkpoint_every: int = 1
@@ -436,6 +444,7 @@ def _checks(cfg: Config) -> Iterator[str | None]:
     yield _range("fed.local_steps", f.local_steps, 0)
     yield None if f.partition_attr else "fed.partition_attr: must not be empty"
     yield _range("fed.dirichlet_alpha", f.dirichlet_alpha, 0, low_open=True)
+    yield _range("fed.dirichlet_min_size", f.dirichlet_min_size, 0)
     yield _range("fed.quantity_alpha", f.quantity_alpha, 0, low_open=True)
     yield _range("fed.eval_every", f.eval_every, 1)
     yield _range("fed.checkpoint_every", f.checkpoint_every, 1)

@@ -17,6 +17,8 @@ from fedpose.config import ConfigError, DataConfig, load_config
 from fedpose.data import synth_arm_annotations
 from fedpose.data.records import DatasetError
 from fedpose.engine.parallel import Job, run_jobs
+from fedpose.engine.progress import RoundProgress
+from fedpose.engine.run import check_config
 from fedpose.engine.runner import run_federation
 from fedpose.fl.server import FederationError
 from fedpose.metrics.log import read_metrics
@@ -93,24 +95,31 @@ def run_comparison(plan: Comparison, console: Console | None = None) -> Path:
     name = plan.name or base.name
     run_dirs: list[Path] = []
     jobs: list[Job] = []
+    watched: dict[str, tuple[Path, int]] = {}  # job name -> (run folder, rounds), for progress
     synth_data: dict[str, DataConfig] = {}  # by root: each synth-arm set its parallel runs read
-    for seed in plan.seeds:
-        for label, sets in plan.variants:
-            run_sets = plan.overrides + sets + [f"seed={seed}", f"name={name}/{label}-s{seed}"]
-            cfg = load_config(plan.config, run_sets)
-            run_dirs.append(cfg.run_dir)
-            rows = read_metrics(cfg.run_dir)
-            if plan.resume and rows and rows[-1]["round"] >= cfg.fed.rounds:
-                console.print(f"{cfg.name}: finished earlier, kept")
-                continue
-            # a run killed before its first checkpoint resumes by starting over
-            if plan.jobs > 1:
-                if cfg.data.dataset == "synth-arm":
-                    synth_data[cfg.data.root] = cfg.data
-                log = cfg.run_dir.parent / f"{label}-s{seed}.log"
-                jobs.append(Job(cfg.name, run_one, (plan.config, run_sets, plan.resume), log))
-            else:
-                run_federation(cfg, resume=plan.resume, console=console)
+    runs = [
+        (label, seed, plan.overrides + sets + [f"seed={seed}", f"name={name}/{label}-s{seed}"])
+        for seed in plan.seeds
+        for label, sets in plan.variants
+    ]
+    # every run's config checked before the first one starts: a typo in the last variant
+    # does not wait for the others to finish
+    configs = [check_config(load_config(plan.config, run_sets)) for _, _, run_sets in runs]
+    for (label, seed, run_sets), cfg in zip(runs, configs, strict=True):
+        run_dirs.append(cfg.run_dir)
+        rows = read_metrics(cfg.run_dir)
+        if plan.resume and rows and rows[-1]["round"] >= cfg.fed.rounds:
+            console.print(f"{cfg.name}: finished earlier, kept")
+            continue
+        # a run killed before its first checkpoint resumes by starting over
+        if plan.jobs > 1:
+            if cfg.data.dataset == "synth-arm":
+                synth_data[cfg.data.root] = cfg.data
+            log = cfg.run_dir.parent / f"{label}-s{seed}.log"
+            jobs.append(Job(cfg.name, run_one, (plan.config, run_sets, plan.resume), log))
+            watched[cfg.name] = (cfg.run_dir, cfg.fed.rounds)
+        else:
+            run_federation(cfg, resume=plan.resume, console=console)
     if jobs:
         for data in synth_data.values():
             # generated here, once: parallel runs would each render the same set into one folder
@@ -120,11 +129,16 @@ def run_comparison(plan: Comparison, console: Console | None = None) -> Path:
             "each; logs beside the run directories"
         )
 
-        def done(job: Job, code: int, seconds: float) -> None:
-            state = "done" if code == 0 else f"FAILED (exit {code}, see {job.log})"
-            console.print(f"{job.name}: {state} in {seconds:.0f} s")
+        with RoundProgress(console, watched) as progress:
 
-        codes = run_jobs(jobs, plan.jobs, done)
+            def done(job: Job, code: int, seconds: float) -> None:
+                state = "done" if code == 0 else f"FAILED (exit {code}, see {job.log})"
+                progress.finished(job.name, f"{state} in {seconds:.0f} s")
+
+            def tick(running: list[Job]) -> None:
+                progress.poll(job.name for job in running)
+
+            codes = run_jobs(jobs, plan.jobs, done, tick)
         failed = [n for n, c in codes.items() if c != 0]
         if failed:
             raise ComparisonError(f"{len(failed)} run(s) failed: {', '.join(failed)}")
