@@ -14,6 +14,8 @@ from fedpose.config import Config, ConfigError
 from fedpose.data.partition import client_statistics
 from fedpose.engine.federation import build_federation
 from fedpose.engine.local import LocalTransport
+from fedpose.engine.secure_local import SecureLocalTransport
+from fedpose.fl.secure import needs_sketch
 from fedpose.fl.server import FederatedServer
 from fedpose.model.io import MODEL_FILE, save_model
 from fedpose.provenance import runtime_info
@@ -34,6 +36,16 @@ def prepare_run_dir(cfg: Config, resume: bool) -> Path:
         json.dumps({**cfg.to_dict(), "runtime": runtime_info()}, indent=2)
     )
     return run_dir
+
+
+def local_transport(federation):
+    """The in-process transport; under `fed.secure` the sites keep their updates (secure_local)."""
+    transport = LocalTransport(federation)
+    fed = federation.cfg.fed
+    if not fed.secure:
+        return transport
+    width = fed.sketch_width if needs_sketch(federation.strategy) else None
+    return SecureLocalTransport(transport, federation.layout, width, fed.sketch_secret)
 
 
 def run_federation(
@@ -59,7 +71,7 @@ def run_federation(
             "engine only (Flower's LocalDpMod on each SuperNode)"
         )
     federation = build_federation(cfg)
-    transport = (transport_factory or LocalTransport)(federation)
+    transport = (transport_factory or local_transport)(federation)
     server = FederatedServer(
         cfg,
         federation.initial_weights(),

@@ -35,6 +35,8 @@ class TrainReply:
     steps: int = 0
     seconds: float = 0.0  # wall-clock compute time on the client
     error: str | None = None  # set when the client failed; the server drops the reply
+    # secure aggregation (fl/secure.py): the update's CountSketch (m,) float64; `delta` is None
+    sketch: torch.Tensor | None = None
     # set by the server's reply check (fl/reply_check.py): `averaged` as one float64 vector,
     # packed once for both the finiteness check and the weighted average; never sent
     averaged_flat: torch.Tensor | None = field(default=None, repr=False, compare=False)

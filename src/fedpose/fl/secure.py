@@ -1,0 +1,192 @@
+"""Secure aggregation for every linear strategy, conflict-aware ones included: the server side.
+
+Every strategy this module supports ends in one weighted sum Σ_k c_k Δ_k (fl/strategies/base.py),
+and the conflict-aware ones (FedAW, FedGH, PCGrad = "fedgh-noaw") compute the c_k from the K x K
+Gram matrix of the updates alone. So a round needs two things from the sites, neither of which is
+one site's update:
+
+  phase 1  each site k sends its sample count n_k and, for a conflict-aware method, a CountSketch
+           y_k = S Δ_k of width m (fl/sketch.py; S keyed by a secret the sites share and the
+           server never sees). The server estimates Ĝ = Y Yᵀ and runs the strategy's own
+           coefficient code on it (`plan_round`): FedGH's `plan`, FedAW's `fedadp_weights`.
+  phase 2  each site sends c_k Δ_k (and its share of the BatchNorm statistics) through secure
+           aggregation; the server obtains only the sum (`SecureSum.secure_sum`) and finishes the
+           step (`finish_round`: FedDyn's h, the server learning rate is already in c).
+
+The server loop (fl/server.py) talks to the sites only through its transport: in secure mode the
+transport's replies carry no update (`TrainReply.delta` is None, `TrainReply.sketch` is set) and
+the transport answers `secure_sum`. In-process (engine/secure_local.py) the sites' updates stay in
+a site-side store and the sum is exact; on Flower (engine/flower_secagg.py) it runs through
+Flower's SecAgg+. Nothing here sees a Δ_k: `plan_round` gets the sketches and the counts,
+`finish_round` the sum.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from fedpose.fl.gram import conflict_share, cosine_from_gram
+from fedpose.fl.messages import TrainReply
+from fedpose.fl.sketch import sketch_gram
+from fedpose.fl.strategies.base import Aggregation, RoundInput, Strategy, sample_weights
+from fedpose.fl.strategies.fedavg import FedAvg
+from fedpose.fl.strategies.fedaw import FedAW, fedadp_weights
+from fedpose.fl.strategies.feddyn import FedDyn
+from fedpose.fl.strategies.fedgh import FedGH
+
+# methods whose server step is a weighted sum with coefficients from counts or a Gram matrix
+SECURE_METHODS = (
+    "fedavg",
+    "fedprox",
+    "fedbn",
+    "feddyn",
+    "fedaw",
+    "fedgh",
+    "fedgh-noproj",
+    "fedgh-noaw",
+)
+# of those, the ones that need the Gram matrix, hence the sketches
+SKETCH_METHODS = ("fedaw", "fedgh", "fedgh-noproj", "fedgh-noaw")
+
+
+class SecureSum(Protocol):
+    """The sites' side of phase 2, as the server reaches it through its transport."""
+
+    def secure_sum(
+        self, client_ids: list[int], coef: list[float], avg_weights: list[float]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(Σ_k coef_k Δ_k as a flat float32 (P,) tensor, Σ_k avg_weights_k · BN statistics_k)
+        over the listed clients' updates of this round, which the transport holds site-side."""
+        ...
+
+
+def secure_config_problems(fed) -> Iterator[str | None]:
+    """What the config validator says about the fed.secure* settings."""
+    if fed.sketch_width < 1:
+        yield f"fed.sketch_width: {fed.sketch_width} is out of range; allowed: >= 1"
+    if not (fed.secagg_clip > 0 and math.isfinite(fed.secagg_clip)):
+        yield f"fed.secagg_clip: {fed.secagg_clip} is out of range; allowed: > 0"
+    if not 0 < fed.secagg_threshold <= 1:
+        yield f"fed.secagg_threshold: {fed.secagg_threshold} is out of range; allowed: (0, 1]"
+    if not fed.secure:
+        return
+    method = fed.method.strip().lower()
+    if method not in SECURE_METHODS:
+        yield (
+            f"fed.secure: {fed.method} reads each update itself (clipping, medians, trimming) "
+            f"and cannot run under secure aggregation; use one of {', '.join(SECURE_METHODS)}"
+        )
+    if fed.mode != "sync":
+        yield "fed.secure: secure aggregation runs synchronous rounds only (fed.mode = sync)"
+    if method in SKETCH_METHODS:
+        if fed.gh_per_layer or fed.gh_layer_stats:
+            yield (
+                "fed.secure: per-layer harmonization and per-layer statistics need one sketch "
+                "per tensor; set fed.gh_per_layer and fed.gh_layer_stats to false"
+            )
+        if fed.gh_method != "gram":
+            yield "fed.secure: FedGH's direct method reads the updates; use fed.gh_method = gram"
+
+
+def needs_sketch(strategy: Strategy) -> bool:
+    return isinstance(strategy, FedAW | FedGH)
+
+
+def supported(strategy: Strategy) -> bool:
+    return isinstance(strategy, FedAvg | FedDyn | FedAW | FedGH)
+
+
+@dataclass
+class SecurePlan:
+    """Phase 1's outcome: site k contributes coef[k] Δ_k and avg_weights[k] of its BatchNorm
+    statistics to the secure sum."""
+
+    coef: list[float]
+    avg_weights: list[float]
+    state: dict
+    diagnostics: dict
+
+
+def check_secure_reply(reply: TrainReply, width: int | None) -> tuple[str | None, float]:
+    """(why the server cannot use this phase-1 reply, or None; the estimated update norm ‖y_k‖,
+    NaN without a sketch). Sites check their own update's finiteness before sending it."""
+    if reply.error:
+        return reply.error, math.nan
+    if reply.delta is not None:
+        return "a secure reply must not carry the update itself", math.nan
+    if isinstance(reply.num_samples, bool) or not isinstance(reply.num_samples, int):
+        return f"sample count {reply.num_samples!r} is not an integer", math.nan
+    if reply.num_samples <= 0:
+        return "no training samples", math.nan
+    if width is None:
+        return None, math.nan
+    y = reply.sketch
+    if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.numel() != width:
+        got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        return f"sketch of shape {got}, expected ({width},) (fed.sketch_width)", math.nan
+    norm = float(torch.linalg.vector_norm(y.double()))
+    if not math.isfinite(norm):
+        return "non-finite values in the sketch", norm
+    return None, norm
+
+
+def plan_round(
+    strategy: Strategy,
+    sketches: torch.Tensor | None,
+    p: int,
+    counts: torch.Tensor,
+    client_ids: list[int],
+    num_clients: int,
+    state: dict,
+) -> SecurePlan:
+    """The coefficients from the counts and (conflict-aware methods) the sketches, by the
+    strategy's own code: the estimated Gram matrix stands where the exact one stood."""
+    k = len(client_ids)
+    avg = sample_weights(counts).tolist()
+    # the server holds no update: the strategies' Gram-space code reads only the Gram matrix
+    no_updates = RoundInput(torch.empty(k, 0), counts, client_ids, num_clients, [])
+    if isinstance(strategy, FedGH | FedAW):
+        if sketches is None:
+            raise ValueError(f"{strategy.name} under secure aggregation needs the sketches")
+        gram = sketch_gram(sketches, p)
+        if isinstance(strategy, FedGH):
+            coef, new_state, diag = strategy.plan(gram[None], no_updates, state)
+            diag["gram"] = {"path": "CountSketch estimate", "width": int(sketches.shape[1])}
+            return SecurePlan(coef[0].tolist(), avg, new_state, diag)
+        psi, theta, angles = fedadp_weights(
+            gram, counts, client_ids, state.get("theta", {}), strategy.alpha
+        )
+        diag = {
+            "weights": psi.tolist(),
+            "conflict_share": conflict_share(cosine_from_gram(gram), strategy.tau),
+            "angles": angles,
+            "gram": {"path": "CountSketch estimate", "width": int(sketches.shape[1])},
+        }
+        coef = (strategy.server_lr * psi).tolist()
+        return SecurePlan(coef, avg, {**state, "theta": theta}, diag)
+    if isinstance(strategy, FedDyn):
+        return SecurePlan([1.0] * k, avg, state, {})  # FedDyn's server reads Σ_k Δ_k
+    if isinstance(strategy, FedAvg):
+        w = sample_weights(counts)
+        diag = {"weights": w.tolist(), "conflict_share": None}
+        return SecurePlan((strategy.server_lr * w).tolist(), avg, dict(state), diag)
+    raise ValueError(f"{strategy.name} cannot run under secure aggregation")
+
+
+def finish_round(
+    strategy: Strategy,
+    plan: SecurePlan,
+    total: torch.Tensor,
+    num_clients: int,
+    add_to: torch.Tensor | None = None,
+) -> Aggregation:
+    """The strategy's update from the secure sum Σ_k coef_k Δ_k (`total`, reused)."""
+    if isinstance(strategy, FedDyn):
+        return strategy.step(total, len(plan.coef), num_clients, plan.state, add_to)
+    update = total if add_to is None else add_to.add_(total)
+    return Aggregation(update, plan.state, dict(plan.diagnostics))
