@@ -212,3 +212,28 @@ def test_secure_config_problems(tmp_path, synth_dir, overrides, message):
 def test_secure_fedgh_in_process_needs_the_secret(tmp_path, synth_dir):
     with pytest.raises(ValueError, match="sketch secret"):
         _run(tmp_path, synth_dir, "nosecret", "fed.secure=true")
+
+
+def test_round_diagnostics_are_zero_for_an_injective_sketch_and_not_for_a_narrow_one():
+    from fedpose.tools.secure_study import round_diagnostics
+
+    d = _updates(k=4, p=400)
+    counts = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    inputs = RoundInput(d, counts, [0, 1, 2, 3], 4, [("w", 0, 400)])
+    strategy = FedGH()
+    rows = round_diagnostics(strategy, inputs, strategy.initial_state(), [8, 512], keys=2)
+    wide = [r for r in rows if r["width"] == 512]
+    narrow = [r for r in rows if r["width"] == 8]
+    assert all(r["cos_err_max"] == 0 and r["flip_share"] == 0 for r in wide)
+    assert all(abs(r["step_cos_err"]) < 1e-12 for r in wide)
+    assert any(r["cos_err_max"] > 0.01 for r in narrow)
+    assert wide[0]["projections_exact"] > 0  # the updates conflict: PCGrad decisions exist
+
+
+def test_pcgrad_decisions_follow_the_sign_of_the_inner_products():
+    from fedpose.fl.harmonize import pcgrad_decisions
+
+    g = torch.tensor([[1.0, -0.5, 0.2], [-0.5, 1.0, 0.1], [0.2, 0.1, 1.0]], dtype=torch.float64)
+    hits = pcgrad_decisions(g, order="index")
+    # client 0 visits 1 (conflict) then 2; client 1 visits 0 (conflict) then 2; 2 none
+    assert hits.tolist() == [[True, False], [True, False], [False, False]]

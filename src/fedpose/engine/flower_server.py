@@ -415,7 +415,9 @@ def _server_main(grid: Grid, context: Context) -> None:
     def log(text: str) -> None:
         console.print(f"[fedpose] {text}", markup=False, highlight=False)
 
-    run_flower_server(grid, settings, log)
+    from fedpose.engine.flower_secagg import maybe_inspect
+
+    run_flower_server(maybe_inspect(grid), settings, log)
 
 
 def run_flower_server(grid: Grid, settings: AppSettings, log=print) -> FederatedServer:
@@ -440,9 +442,24 @@ def run_flower_server(grid: Grid, settings: AppSettings, log=print) -> Federated
     timing = run_dir / TIMING_FILE
     if not settings.resume:
         timing.unlink(missing_ok=True)
-    transport = FlowerTransport(
-        grid, cfg.fed.num_clients, settings.reply_timeout, settings.connect_timeout, timing, log
-    )
+    if cfg.fed.secure:
+        from fedpose.engine.flower_secagg import FlowerSecureTransport, check_server_config
+
+        check_server_config(cfg.fed)
+        transport = FlowerSecureTransport(
+            grid,
+            cfg.fed.num_clients,
+            layout,
+            cfg.fed,
+            settings.reply_timeout,
+            settings.connect_timeout,
+            timing,
+            log,
+        )
+    else:
+        transport = FlowerTransport(
+            grid, cfg.fed.num_clients, settings.reply_timeout, settings.connect_timeout, timing, log
+        )
     transport.connect()
     (run_dir / "clients.json").write_text(
         json.dumps(

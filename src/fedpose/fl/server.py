@@ -33,6 +33,7 @@ from typing import Protocol
 import torch
 
 from fedpose.config import Config
+from fedpose.fl import secure
 from fedpose.fl.messages import TrainReply, TrainRequest
 from fedpose.fl.params import ModelLayout, unflatten_add_, weighted_average
 from fedpose.fl.reply_check import (
@@ -41,7 +42,6 @@ from fedpose.fl.reply_check import (
     norm_problem,
     norm_reference,
 )
-from fedpose.fl import secure
 from fedpose.fl.selection import Selector
 from fedpose.fl.strategies.base import RoundInput, Strategy
 from fedpose.fl.system import SystemModel
@@ -222,6 +222,9 @@ class FederatedServer:
         secure sum of c_k Δ_k. Synchronous rounds only, so no staleness step."""
         t0 = time.perf_counter()
         ids = [r.client_id for r in replies]
+        if len(replies) < 2:
+            # the sum of one update is that update: the round passes without aggregation
+            return {"weights": [], "conflict_share": None, "secure": "skipped: fewer than 2"}
         sketches = (
             torch.stack([r.sketch for r in replies]) if secure.needs_sketch(self.strategy) else None
         )
@@ -236,7 +239,8 @@ class FederatedServer:
         self._check_finite()
         self.state.updates_applied += 1
         self.state.strategy = result.state
-        return {**result.diagnostics, "secure": True, "agg_seconds": time.perf_counter() - t0}
+        diag = {**result.diagnostics, **getattr(self.transport, "last_sum", {})}
+        return {**diag, "secure": True, "agg_seconds": time.perf_counter() - t0}
 
     def _check_finite(self) -> None:
         bad = [
