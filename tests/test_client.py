@@ -18,7 +18,7 @@ def _train(fed, cfg, weights, rule, state=None):
     dataset = fed.client_dataset(0)
     return local_train(
         fed.model,
-        local_batches(dataset, request, cfg),
+        local_batches(dataset, request, cfg.fed, cfg.train.batch_size, cfg.data.workers),
         request,
         state or {},
         cfg.train,

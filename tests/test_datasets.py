@@ -23,7 +23,9 @@ def _key(record) -> tuple[str, str]:
 
 
 def test_unknown_dataset_and_missing_annotation_are_clear_errors(tmp_path):
-    with pytest.raises(ValueError, match="unknown dataset 'h36m'; known: lsp, mpii, coco"):
+    with pytest.raises(
+        ValueError, match="data.dataset: 'h36m' is not allowed; use one of lsp, mpii, coco"
+    ):
         load_files("h36m", tmp_path)
     for name in ("mpii", "coco"):
         with pytest.raises(DatasetError, match=f"the {name} dataset needs its annotation file"):

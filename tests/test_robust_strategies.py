@@ -14,7 +14,7 @@ from fedpose.fl.strategies.base import RoundInput
 from fedpose.metrics.log import read_jsonl
 
 
-def _inputs(deltas, counts=None, add_to=None) -> RoundInput:
+def _inputs(deltas, counts=None) -> RoundInput:
     deltas = torch.as_tensor(deltas, dtype=torch.float32)
     k, p = deltas.shape
     counts = torch.ones(k) if counts is None else counts
@@ -24,7 +24,6 @@ def _inputs(deltas, counts=None, add_to=None) -> RoundInput:
         client_ids=list(range(k)),
         num_clients=k,
         slices=[("w", 0, p)],
-        add_to=add_to,
     )
 
 
@@ -104,18 +103,6 @@ def test_clipping_leaves_small_updates_alone():
     counts = [3.0, 1.0, 2.0, 4.0]
     clipped = _aggregate("fedavg-clip", deltas, counts, clip_norm=1e3)
     assert torch.equal(clipped, _aggregate("fedavg", deltas, counts))
-
-
-@pytest.mark.parametrize("method", ["fedavg-clip", "median", "trimmed-mean"])
-def test_add_to_is_updated_in_place(method):
-    deltas = _honest(k=5, p=40)
-    base = torch.randn(40)
-    strategy = build_strategy(FedConfig(method=method, clip_norm=0.05, trim_ratio=0.2))
-    expected = base + strategy.aggregate(_inputs(deltas), {}).update
-    target = base.clone()
-    result = strategy.aggregate(_inputs(deltas, add_to=target), {})
-    assert result.update is target
-    assert torch.allclose(target, expected)
 
 
 def test_bad_parameters_are_refused():

@@ -205,8 +205,10 @@ def test_secure_fedgh_with_a_narrow_sketch_trains_and_logs_its_estimate(tmp_path
     ],
 )
 def test_secure_config_problems(tmp_path, synth_dir, overrides, message):
+    from fedpose.engine.run import check_config
+
     with pytest.raises(ConfigError, match=message):
-        tiny_config(tmp_path, synth_dir, "fed.secure=true", *overrides)
+        check_config(tiny_config(tmp_path, synth_dir, "fed.secure=true", *overrides))
 
 
 def test_secure_fedgh_in_process_needs_the_secret(tmp_path, synth_dir):

@@ -154,7 +154,8 @@ def test_async_records_staleness_and_weights_it(tmp_path, synth_dir):
     assert any(s > 0 for r in rows for s in r["staleness"])
     # the fastest client (0) comes back first: the first buffer holds it
     assert 0 in rows[0]["aggregated"]
-    sizes = {c["client"]: c["size"] for c in json.loads((cfg.run_dir / "clients.json").read_text())}
+    clients = json.loads((cfg.run_dir / "clients.json").read_text())
+    sizes = {c["client"]: c["samples"] for c in clients}
     for r in rows:
         # FedAvg over the buffer: weights proportional to n_k (1 + s)^-1
         raw = [sizes[k] / (1 + s) for k, s in zip(r["aggregated"], r["staleness"], strict=True)]

@@ -14,7 +14,7 @@ from fedpose.fl.strategies import STRATEGY_NAMES, build_strategy
 from fedpose.fl.strategies.base import RoundInput
 
 
-def _inputs(deltas, counts, ids=None, m=4, slices=None, add_to=None) -> RoundInput:
+def _inputs(deltas, counts, ids=None, m=4, slices=None) -> RoundInput:
     deltas = torch.as_tensor(deltas, dtype=torch.float32)
     k, p = deltas.shape
     return RoundInput(
@@ -23,7 +23,6 @@ def _inputs(deltas, counts, ids=None, m=4, slices=None, add_to=None) -> RoundInp
         client_ids=list(range(k)) if ids is None else ids,
         num_clients=m,
         slices=slices if slices is not None else [("w", 0, p)],
-        add_to=add_to,
     )
 
 
@@ -44,10 +43,6 @@ def test_fedavg_is_the_weighted_mean():
     n = inp.counts / inp.counts.sum()
     torch.testing.assert_close(agg.update, (n[:, None] * inp.deltas.double()).sum(0).float())
     assert agg.diagnostics["weights"] == pytest.approx(n.tolist())
-    # fused into the global weights
-    w = torch.randn(64)
-    fused = _strategy("fedavg").aggregate(_random_inputs(add_to=w.clone()), {}).update
-    torch.testing.assert_close(fused, w + agg.update)
 
 
 def _fedadp_by_hand(deltas, counts, thetas_before, alpha=5.0):

@@ -230,8 +230,8 @@ def _seeds(text: str) -> list[int]:
 def cmd_eval(args) -> int:
     from fedpose.config import apply_overrides
     from fedpose.data import load_split
+    from fedpose.engine.evaluate import evaluate_model
     from fedpose.metrics.coco_ap import has_keypoint_ap, split_ap
-    from fedpose.metrics.evaluate import evaluate_model
     from fedpose.metrics.pck import grouped_table
     from fedpose.model.inference import resolve_device
     from fedpose.model.io import load_model
@@ -239,7 +239,14 @@ def cmd_eval(args) -> int:
     model, cfg, skeleton = load_model(args.checkpoint)
     apply_overrides(cfg, args.overrides)
     records, _ = load_split(cfg.data, args.split)
-    ev = evaluate_model(model, records, skeleton, cfg, resolve_device(cfg.train.device))
+    ev = evaluate_model(
+        model,
+        records,
+        skeleton,
+        resolve_device(cfg.train.device),
+        input_size=cfg.data.input_size,
+        flip_test=cfg.train.flip_test,
+    )
     result = ev["result"]
     table = Table(title=f"{skeleton.name}: {len(records)} {args.split} records")
     table.add_column("joint")

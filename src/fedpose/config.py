@@ -1,4 +1,8 @@
-"""Plain dataclass configuration, loaded from TOML with `section.key=value` overrides."""
+"""Plain dataclass configuration, loaded from TOML with `section.key=value` overrides.
+
+This module imports nothing of fedpose: every room reads its section from here. The names that
+registries own (fed.method, data.dataset, fed.partition, fed.selection) are checked by those
+registries, all at once by the run lifecycle's prepare step (engine/run.py: check_config)."""
 
 from __future__ import annotations
 
@@ -165,8 +169,10 @@ class Config:
         return asdict(self)
 
     def validate(self) -> Config:
-        """Check every named choice and range; ConfigError names the key, the value and what is
-        allowed. Runs as the config is loaded, before anything is written."""
+        """Check every type, range and fixed choice of the config's own values; ConfigError names
+        the key, the value and what is allowed. Runs as the config is loaded, before anything is
+        written. Names of registered things (strategies, datasets, partitions, selection
+        policies) are for their registries to check (engine/run.py: check_config)."""
         for problem in _checks(self):
             if problem is not None:
                 raise ConfigError(problem)
@@ -304,12 +310,9 @@ def config_from_dict(values: dict) -> Config:
 
 
 # ----------------------------------------------------------------------------- validation
-DATASETS = ("lsp", "mpii", "coco", "synth-arm")
 DEPTHS = (18, 34, 50, 101, 152)
 OPTIMIZERS = ("adam", "sgd")
-PARTITIONS = ("iid", "attribute", "dirichlet", "quantity")
 MODES = ("sync", "async")
-SELECTIONS = ("random", "deadline", "utility")
 GH_VARIANTS = ("pcgrad", "symmetric")
 GH_ORDERS = ("random", "index")
 GH_METHODS = ("gram", "direct")
@@ -319,10 +322,15 @@ FAULT_KINDS = ("exception", "nan", "wrong_shape", "exploding_norm", "timeout")
 _NAME_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+= -]*")
 
 
-def _choice(key: str, value: Any, allowed: tuple) -> str | None:
+def choice_problem(key: str, value: Any, allowed: tuple) -> str | None:
+    """None when `value` is one of `allowed`, else the message saying so (the registries use it
+    for their names, so every unknown name reads the same)."""
     if value in allowed:
         return None
     return f"{key}: {value!r} is not allowed; use one of {', '.join(map(str, allowed))}"
+
+
+_choice = choice_problem
 
 
 def _range(
@@ -368,7 +376,6 @@ def _checks(cfg: Config) -> Iterator[str | None]:
     yield None if cfg.out_dir else "out_dir: must not be empty"
     yield _range("seed", cfg.seed, 0)
 
-    yield _choice("data.dataset", d.dataset, DATASETS)
     yield None if d.root else "data.root: must not be empty"
     yield _choice("data.lsp_labels", d.lsp_labels, LSP_LABELS)
     yield _range("data.synth_n", d.synth_n, 1)
@@ -415,17 +422,11 @@ def _checks(cfg: Config) -> Iterator[str | None]:
         else f"train.device: {t.device!r} is not allowed; use auto, cpu, cuda, cuda:N or mps"
     )
 
-    # the strategy registry is the one list of methods (a new strategy registers only there);
-    # imported here because fl/strategies itself imports this module
-    from fedpose.fl.strategies import STRATEGY_NAMES
-
-    yield _choice("fed.method", f.method, STRATEGY_NAMES)
     yield _range("fed.rounds", f.rounds, 1)
     yield _range("fed.num_clients", f.num_clients, 1)
     yield _range("fed.clients_per_round", f.clients_per_round, 0, f.num_clients)
     yield _range("fed.local_epochs", f.local_epochs, 1)
     yield _range("fed.local_steps", f.local_steps, 0)
-    yield _choice("fed.partition", f.partition, PARTITIONS)
     yield None if f.partition_attr else "fed.partition_attr: must not be empty"
     yield _range("fed.dirichlet_alpha", f.dirichlet_alpha, 0, low_open=True)
     yield _range("fed.quantity_alpha", f.quantity_alpha, 0, low_open=True)
@@ -448,15 +449,14 @@ def _checks(cfg: Config) -> Iterator[str | None]:
     yield _range("fed.concurrency", f.concurrency, 1)
     yield _range("fed.buffer_size", f.buffer_size, 1)
     yield _range("fed.staleness_exponent", f.staleness_exponent, 0)
-    yield _choice("fed.selection", f.selection, SELECTIONS)
     yield _range("fed.deadline", f.deadline, 0)
     yield _range("fed.utility_explore", f.utility_explore, 0, 1)
     yield _range("fed.target_pck", f.target_pck, 0, 100)
     yield _range("fed.round_retries", f.round_retries, 0)
     yield _range("fed.max_norm_ratio", f.max_norm_ratio, 0)
-    from fedpose.fl.secure import secure_config_problems  # imports this module, hence here
-
-    yield from secure_config_problems(f)
+    yield _range("fed.sketch_width", f.sketch_width, 1)
+    yield _range("fed.secagg_clip", f.secagg_clip, 0, low_open=True)
+    yield _range("fed.secagg_threshold", f.secagg_threshold, 0, 1, low_open=True)
 
     yield _range("system.speed", s.speed, 0, low_open=True)
     yield _range("system.speed_spread", s.speed_spread, 1)

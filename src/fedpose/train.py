@@ -15,7 +15,7 @@ from fedpose.data.dataset import PoseDataset, make_epochs_loader
 from fedpose.data.image_cache import ImageCache
 from fedpose.data.partition import partition
 from fedpose.data.records import Skeleton
-from fedpose.metrics.evaluate import evaluate_model
+from fedpose.engine.evaluate import evaluate_model
 from fedpose.model.inference import resolve_device
 from fedpose.model.io import MODEL_FILE, load_checkpoint, run_identity, save_checkpoint, save_model
 from fedpose.model.optim import make_optimizer
@@ -157,7 +157,14 @@ def train_centralized(
                 "img_per_s": n / seconds,
             }
             if (epoch + 1) % max(cfg.train.eval_every, 1) == 0 or epoch + 1 == epochs:
-                ev = evaluate_model(model, test_records, skeleton, cfg, device)
+                ev = evaluate_model(
+                    model,
+                    test_records,
+                    skeleton,
+                    device,
+                    input_size=cfg.data.input_size,
+                    flip_test=cfg.train.flip_test,
+                )
                 record.update({k: ev[k] for k in ("pck_mean", "pck_per_joint", "heatmap_acc")})
             with metrics_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedpose.config import ConfigError, DataConfig
+from fedpose.config import ConfigError, DataConfig, choice_problem
 from fedpose.data.coco import load_coco, write_coco
 from fedpose.data.lsp import load_lsp
 from fedpose.data.mpii import load_mpii, load_mpii_headboxes
@@ -68,11 +68,7 @@ def load_split(cfg: DataConfig, split: str) -> tuple[list[PoseRecord], Skeleton]
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be train or test, not {split!r}")
-    if cfg.dataset not in DATASETS:
-        raise ConfigError(
-            f"data.dataset: unknown dataset {cfg.dataset!r}; known: {', '.join(DATASETS)}"
-        )
-    records, skeleton = DATASETS[cfg.dataset].load_split(cfg, split)
+    records, skeleton = dataset_kind(cfg.dataset).load_split(cfg, split)
     limit = cfg.max_train if split == "train" else cfg.max_test
     return (records[:limit] if limit > 0 else records), skeleton
 
@@ -219,6 +215,24 @@ DATASETS: dict[str, DatasetKind] = {
 }
 
 
+def dataset_problem(dataset: str) -> str | None:
+    """Why `data.dataset` names no registered dataset (None when it does)."""
+    return choice_problem("data.dataset", dataset, tuple(DATASETS))
+
+
+def dataset_kind(dataset: str) -> DatasetKind:
+    """The registered dataset of that name; ConfigError naming the known ones otherwise."""
+    problem = dataset_problem(dataset)
+    if problem:
+        raise ConfigError(problem)
+    return DATASETS[dataset]
+
+
+def skeleton_named(name: str) -> Skeleton | None:
+    """The skeleton a model file names (Skeleton.name), among the registered datasets'."""
+    return next((k.skeleton for k in DATASETS.values() if k.skeleton.name == name), None)
+
+
 def load_files(
     dataset: str,
     root: str | Path,
@@ -229,7 +243,5 @@ def load_files(
     inspecting and scoring read. root: the image folder (lsp: the dataset folder; synth-arm: the
     folder holding annotations.json and images/); ann: the annotation file (mpii, coco; synth-arm:
     optional). Malformed data raises DatasetError, exactly as training would."""
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)}")
-    kind = DATASETS[dataset]
+    kind = dataset_kind(dataset)
     return kind.load_files(Path(root), ann, options or FileOptions()), kind.skeleton

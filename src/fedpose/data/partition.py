@@ -34,10 +34,17 @@ from pathlib import Path
 import numpy as np
 
 from fedpose import seeding
-from fedpose.config import Config, FedConfig
+from fedpose.config import Config, FedConfig, choice_problem
 from fedpose.data.records import SKELETONS, PoseRecord, Skeleton
 
-PARTITIONS = ("iid", "attribute", "dirichlet", "quantity")
+PARTITIONS = ("iid", "attribute", "dirichlet", "quantity")  # the `fed.partition` names
+
+
+def partition_problem(method: str) -> str | None:
+    """Why `fed.partition` names no partitioner (None when it does)."""
+    return choice_problem("fed.partition", method, PARTITIONS)
+
+
 DERIVED_ATTRIBUTES = ("pose", "facing")
 
 

@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from fedpose.config import Config, ConfigError, DataConfig
-from fedpose.data import SYNTH_ANN, load_split
+from fedpose.data import SYNTH_ANN, dataset_kind, load_split
 from fedpose.data.coco import load_coco, write_coco
 from fedpose.data.partition import partition
-from fedpose.data.records import ARM, COCO, LSP, MPII, DatasetError, PoseRecord, Skeleton
+from fedpose.data.records import DatasetError, PoseRecord, Skeleton
 
 # node config keys (flower-supernode --node-config) that describe a site's data
 DATA_ROOT = "data-root"
@@ -33,17 +33,11 @@ SITE_KEYS = ("data-root", "dataset", "ann", "test-ann", "headboxes", "lsp-labels
 TRAIN_FILE = "train.json"
 TEST_FILE = "test.json"
 IMAGES = "images"
-DATASET_SKELETONS: dict[str, Skeleton] = {"lsp": LSP, "mpii": MPII, "coco": COCO, "synth-arm": ARM}
 
 
 def dataset_skeleton(dataset: str) -> Skeleton:
     """The skeleton a dataset's records (and so the model's heatmaps) have."""
-    try:
-        return DATASET_SKELETONS[dataset]
-    except KeyError:
-        raise ConfigError(
-            f"data.dataset: unknown dataset {dataset!r}; known: {', '.join(DATASET_SKELETONS)}"
-        ) from None
+    return dataset_kind(dataset).skeleton
 
 
 def is_site(node_config: Mapping) -> bool:

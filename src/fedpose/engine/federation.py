@@ -1,6 +1,9 @@
-"""Everything a federated run is made of, built from one Config: data, partition, model,
-strategy. Both engines (in-process and Flower) build it the same way, so they run the same
-federation."""
+"""The two sides of a federated run, each built from the config.
+
+The server side (`build_server_side`) is the seeded initial model, its parameter layout and the
+strategy: no data, so a Flower ServerApp builds exactly what the in-process engine builds. The
+client side (`build_client_side`) is the records, the partition and each client's dataset. A
+`Federation` holds both in one process: the in-process engine and Flower's partition shortcut."""
 
 from __future__ import annotations
 
@@ -8,82 +11,40 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedpose.config import Config
+from fedpose.config import Config, DataConfig
 from fedpose.data import load_split
 from fedpose.data.dataset import PoseDataset
 from fedpose.data.image_cache import ImageCache
 from fedpose.data.partition import partition
 from fedpose.data.records import PoseRecord, Skeleton
+from fedpose.data.site import dataset_skeleton
+from fedpose.engine.evaluate import evaluate_model
 from fedpose.fl.params import ModelLayout, model_layout
 from fedpose.fl.strategies import build_strategy
 from fedpose.fl.strategies.base import Strategy
-from fedpose.metrics.evaluate import evaluate_model
 from fedpose.model.inference import load_weights, resolve_device
 from fedpose.model.pose_resnet import PoseResNet, build_model, load_pretrained
 
 
 @dataclass
-class Federation:
-    cfg: Config
+class ServerSide:
+    """The model every engine and every site starts from, its layout and the strategy."""
+
     skeleton: Skeleton
-    train_records: list[PoseRecord]
-    test_records: list[PoseRecord]
-    parts: list[list[int]]
     model: PoseResNet
     layout: ModelLayout
     strategy: Strategy
     device: torch.device
-    _datasets: dict[int, PoseDataset] = field(default_factory=dict)
-    image_cache: ImageCache | None = None  # decoded images, shared by every client's dataset
-
-    @property
-    def client_sizes(self) -> list[int]:
-        return [len(p) for p in self.parts]
 
     def initial_weights(self) -> dict[str, torch.Tensor]:
         return {n: t.detach().clone() for n, t in self.model.state_dict().items()}
 
-    def client_dataset(self, client: int) -> PoseDataset:
-        if client not in self._datasets:
-            records = [self.train_records[i] for i in self.parts[client]]
-            d = self.cfg.data
-            self._datasets[client] = PoseDataset(
-                records,
-                self.skeleton,
-                d.input_size,
-                d.sigma,
-                train=d.augment,
-                seed=self.cfg.seed,
-                image_cache=self.image_cache,
-            )
-        return self._datasets[client]
 
-    def evaluate(self, weights: dict[str, torch.Tensor]) -> dict:
-        """The global model's PCK on the test split, as metrics.jsonl records it."""
-        load_weights(self.model, weights)
-        ev = evaluate_model(self.model, self.test_records, self.skeleton, self.cfg, self.device)
-        return {k: ev[k] for k in ("pck_mean", "pck_per_joint", "heatmap_acc")}
-
-
-def build_federation(cfg: Config) -> Federation:
-    train_records, skeleton = load_split(cfg.data, "train")
-    test_records, _ = load_split(cfg.data, "test")
-    parts = partition(train_records, cfg.fed, cfg.seed)
-    if len(parts) != cfg.fed.num_clients:
-        raise ValueError(f"partition made {len(parts)} clients, config says {cfg.fed.num_clients}")
+def build_server_side(cfg: Config, skeleton: Skeleton | None = None) -> ServerSide:
+    """The server side of `cfg` (the dataset's registered skeleton unless given)."""
+    skeleton = skeleton or dataset_skeleton(cfg.data.dataset)
     model, layout, strategy = build_model_and_strategy(cfg, skeleton)
-    return Federation(
-        cfg,
-        skeleton,
-        train_records,
-        test_records,
-        parts,
-        model,
-        layout,
-        strategy,
-        resolve_device(cfg.train.device),
-        image_cache=ImageCache(cfg.data.cache_mb << 20) if cfg.data.cache_mb > 0 else None,
-    )
+    return ServerSide(skeleton, model, layout, strategy, resolve_device(cfg.train.device))
 
 
 def build_model_and_strategy(
@@ -98,3 +59,126 @@ def build_model_and_strategy(
     strategy = build_strategy(cfg.fed, seed=cfg.seed)
     layout = model_layout(model, keep_bn_local=strategy.keep_bn_local)
     return model, layout, strategy
+
+
+@dataclass
+class ClientSide:
+    """Every client's training records (its share of the partition) and the test split."""
+
+    data: DataConfig
+    seed: int
+    skeleton: Skeleton
+    train_records: list[PoseRecord]
+    test_records: list[PoseRecord]
+    parts: list[list[int]]
+    image_cache: ImageCache | None = None  # decoded images, shared by every client's dataset
+    _datasets: dict[int, PoseDataset] = field(default_factory=dict)
+
+    @property
+    def client_sizes(self) -> list[int]:
+        return [len(p) for p in self.parts]
+
+    def client_dataset(self, client: int) -> PoseDataset:
+        if client not in self._datasets:
+            records = [self.train_records[i] for i in self.parts[client]]
+            d = self.data
+            self._datasets[client] = PoseDataset(
+                records,
+                self.skeleton,
+                d.input_size,
+                d.sigma,
+                train=d.augment,
+                seed=self.seed,
+                image_cache=self.image_cache,
+            )
+        return self._datasets[client]
+
+
+def build_client_side(cfg: Config) -> ClientSide:
+    """Load both splits and partition the training records (fed.partition, fed.num_clients)."""
+    train_records, skeleton = load_split(cfg.data, "train")
+    test_records, _ = load_split(cfg.data, "test")
+    parts = partition(train_records, cfg.fed, cfg.seed)
+    if len(parts) != cfg.fed.num_clients:
+        raise ValueError(f"partition made {len(parts)} clients, config says {cfg.fed.num_clients}")
+    return ClientSide(
+        cfg.data,
+        cfg.seed,
+        skeleton,
+        train_records,
+        test_records,
+        parts,
+        image_cache=ImageCache(cfg.data.cache_mb << 20) if cfg.data.cache_mb > 0 else None,
+    )
+
+
+@dataclass
+class Federation:
+    """Both sides in one process; its evaluation is central, on the whole test split."""
+
+    cfg: Config
+    server: ServerSide
+    clients: ClientSide
+
+    # the parts the in-process transport and Flower's partition shortcut use
+    @property
+    def skeleton(self) -> Skeleton:
+        return self.server.skeleton
+
+    @property
+    def model(self) -> PoseResNet:
+        return self.server.model
+
+    @property
+    def layout(self) -> ModelLayout:
+        return self.server.layout
+
+    @property
+    def strategy(self) -> Strategy:
+        return self.server.strategy
+
+    @property
+    def device(self) -> torch.device:
+        return self.server.device
+
+    @property
+    def train_records(self) -> list[PoseRecord]:
+        return self.clients.train_records
+
+    @property
+    def test_records(self) -> list[PoseRecord]:
+        return self.clients.test_records
+
+    @property
+    def parts(self) -> list[list[int]]:
+        return self.clients.parts
+
+    @property
+    def client_sizes(self) -> list[int]:
+        return self.clients.client_sizes
+
+    def client_dataset(self, client: int) -> PoseDataset:
+        return self.clients.client_dataset(client)
+
+    def initial_weights(self) -> dict[str, torch.Tensor]:
+        return self.server.initial_weights()
+
+    def evaluate(self, weights: dict[str, torch.Tensor]) -> dict:
+        """The global model's PCK on the test split, as metrics.jsonl records it."""
+        load_weights(self.model, weights)
+        ev = evaluate_model(
+            self.model,
+            self.test_records,
+            self.skeleton,
+            self.device,
+            input_size=self.cfg.data.input_size,
+            flip_test=self.cfg.train.flip_test,
+        )
+        return {k: ev[k] for k in ("pck_mean", "pck_per_joint", "heatmap_acc")}
+
+
+def build_federation(cfg: Config) -> Federation:
+    """Both sides of `cfg`: the client side first, so that unreadable data fails before the
+    model is built."""
+    clients = build_client_side(cfg)
+    return Federation(cfg, build_server_side(cfg, clients.skeleton), clients)

@@ -333,7 +333,7 @@ def _client_train(msg: Message, context: Context) -> Message:
         request = content_to_request(msg.content)
         reply, state = local_train(
             side.model,
-            local_batches(side.dataset, request, cfg),
+            local_batches(side.dataset, request, cfg.fed, cfg.train.batch_size, cfg.data.workers),
             request,
             records_to_client_state(context.state),
             cfg.train,

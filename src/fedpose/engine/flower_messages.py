@@ -47,8 +47,8 @@ from fedpose.config import (
     parse_overrides,
 )
 from fedpose.data.records import PoseRecord, Skeleton
+from fedpose.engine.evaluate import evaluate_counts
 from fedpose.fl.messages import TrainReply, TrainRequest
-from fedpose.metrics.evaluate import evaluate_counts
 from fedpose.metrics.pck import score_counts
 from fedpose.model.inference import load_weights
 
@@ -250,7 +250,14 @@ def count_correct(
     """Per-joint (correct, counted) of `weights` on `records`, by the evaluator central
     evaluation uses, so counts summed over sites equal the central counts."""
     load_weights(model, weights)
-    return evaluate_counts(model, records, skeleton, cfg, device)
+    return evaluate_counts(
+        model,
+        records,
+        skeleton,
+        device,
+        input_size=cfg.data.input_size,
+        flip_test=cfg.train.flip_test,
+    )
 
 
 def evaluation_to_content(ev: SiteEvaluation) -> RecordDict:

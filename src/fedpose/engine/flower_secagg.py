@@ -62,7 +62,6 @@ from fedpose.engine.flower_messages import (
     record_to_state,
     settings_from_run_config,
 )
-from fedpose.engine.flower_server import FlowerTransport
 from fedpose.fl.messages import TrainReply, TrainRequest
 from fedpose.fl.params import ModelLayout, weighted_average
 from fedpose.fl.secure import SKETCH_METHODS
@@ -218,11 +217,21 @@ class SecureAggregationError(RuntimeError):
     """SecAgg+ could not produce the round's sum (too few clients left to unmask it)."""
 
 
-class FlowerSecureTransport(FlowerTransport):
-    """FlowerTransport whose replies hold sketches and whose `secure_sum` runs SecAgg+."""
+def secure_transport(transport, layout: ModelLayout, fed):
+    """The ServerApp's transport for this run: under fed.secure, wrapped for SecAgg+ (and the
+    run config checked for a secret it must not hold)."""
+    if not fed.secure:
+        return transport
+    check_server_config(fed)
+    return FlowerSecureTransport(transport, layout, fed)
 
-    def __init__(self, grid, num_clients: int, layout: ModelLayout, fed, *args, **kwargs):
-        super().__init__(grid, num_clients, *args, **kwargs)
+
+class FlowerSecureTransport:
+    """A FlowerTransport (engine/flower_server.py, wrapped: every other attribute is its)
+    whose replies hold sketches and whose `secure_sum` runs SecAgg+."""
+
+    def __init__(self, inner, layout: ModelLayout, fed):
+        self.inner = inner
         self.layout = layout
         self.fed = fed
         self._global_avg: dict[str, torch.Tensor] = {}
@@ -230,8 +239,11 @@ class FlowerSecureTransport(FlowerTransport):
         self._counters: dict[int, dict[str, torch.Tensor]] = {}
         self.last_sum: dict = {}
 
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
     def receive(self, client_id: int) -> TrainReply:
-        reply = super().receive(client_id)
+        reply = self.inner.receive(client_id)
         # the integer counters came in the clear (content_to_reply puts them in `averaged`)
         self._counters[client_id] = reply.averaged
         reply.averaged = {}
@@ -241,16 +253,15 @@ class FlowerSecureTransport(FlowerTransport):
         # the BatchNorm statistics the sites' changes are measured from
         self._global_avg = {n: request.weights[n] for n in self.layout.avg_names}
         self._round = request.round
-        super().send(request)
+        self.inner.send(request)
 
     def secure_sum(
         self, client_ids: list[int], coef: list[float], avg_weights: list[float]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        nodes = {
-            self.node_of[k]: (c, a) for k, c, a in zip(client_ids, coef, avg_weights, strict=True)
-        }
+        rows = zip(client_ids, coef, avg_weights, strict=True)
+        nodes = {self.inner.node_of[k]: (c, a) for k, c, a in rows}
         plan = _RoundPlan(
-            self.grid,
+            self.inner.grid,
             {
                 node: {"coef": c, "avg-weight": a, "clip": self.fed.secagg_clip}
                 for node, (c, a) in nodes.items()
@@ -272,9 +283,9 @@ class FlowerSecureTransport(FlowerTransport):
             max_weight=1.0,
             clipping_range=self.fed.secagg_clip,
             quantization_range=QUANTISATION_LEVELS,
-            timeout=self.reply_timeout,
+            timeout=self.inner.reply_timeout,
         )
-        workflow(self.grid, context)
+        workflow(self.inner.grid, context)
         if plan.aggregate is None:
             raise SecureAggregationError(
                 f"round {self._round + 1}: SecAgg+ halted (too few of the clients "

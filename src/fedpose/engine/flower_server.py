@@ -40,6 +40,7 @@ from fedpose.engine.flower_messages import (
     request_to_content,
     settings_from_run_config,
 )
+from fedpose.engine.flower_secagg import maybe_inspect, secure_transport
 from fedpose.engine.runner import prepare_run_dir
 from fedpose.fl.messages import TrainReply, TrainRequest
 from fedpose.fl.server import FederatedServer
@@ -415,8 +416,6 @@ def _server_main(grid: Grid, context: Context) -> None:
     def log(text: str) -> None:
         console.print(f"[fedpose] {text}", markup=False, highlight=False)
 
-    from fedpose.engine.flower_secagg import maybe_inspect
-
     run_flower_server(maybe_inspect(grid), settings, log)
 
 
@@ -442,24 +441,10 @@ def run_flower_server(grid: Grid, settings: AppSettings, log=print) -> Federated
     timing = run_dir / TIMING_FILE
     if not settings.resume:
         timing.unlink(missing_ok=True)
-    if cfg.fed.secure:
-        from fedpose.engine.flower_secagg import FlowerSecureTransport, check_server_config
-
-        check_server_config(cfg.fed)
-        transport = FlowerSecureTransport(
-            grid,
-            cfg.fed.num_clients,
-            layout,
-            cfg.fed,
-            settings.reply_timeout,
-            settings.connect_timeout,
-            timing,
-            log,
-        )
-    else:
-        transport = FlowerTransport(
-            grid, cfg.fed.num_clients, settings.reply_timeout, settings.connect_timeout, timing, log
-        )
+    transport = FlowerTransport(
+        grid, cfg.fed.num_clients, settings.reply_timeout, settings.connect_timeout, timing, log
+    )
+    transport = secure_transport(transport, layout, cfg.fed)  # SecAgg+ under fed.secure
     transport.connect()
     (run_dir / "clients.json").write_text(
         json.dumps(

@@ -3,11 +3,14 @@ simulated clock. It is the embedded default and the reference the Flower engine 
 
 from __future__ import annotations
 
+import time
+
 from fedpose.engine.federation import Federation
 from fedpose.fl.client import local_batches, local_train
 from fedpose.fl.client_state import ClientStateStore
 from fedpose.fl.faults import FaultPlan
 from fedpose.fl.messages import TrainReply, TrainRequest
+from fedpose.fl.observer import STATE_READ, STATE_WRITE, RunObserver
 
 
 class LocalTransport:
@@ -17,10 +20,12 @@ class LocalTransport:
     `send`, because a request carries everything the client needs. A client that raises is
     reported as a failed reply, never as a crash of the server. Client state lives in files
     beside the checkpoint, so memory does not grow with the size of the federation.
+    `observer` (set by the run lifecycle) sees the time spent reading and writing client state.
     """
 
-    def __init__(self, federation: Federation):
+    def __init__(self, federation: Federation, observer: RunObserver | None = None):
         self.fed = federation
+        self.observer = observer or RunObserver()
         self.requests: dict[int, TrainRequest] = {}
         self.client_states = ClientStateStore(
             federation.cfg.run_dir / "checkpoints" / "client_state"
@@ -34,7 +39,9 @@ class LocalTransport:
         request = self.requests.pop(client_id)
         f = self.fed
         # outside the try: the runner's own storage failing is no client's fault; it stops the run
+        t0 = time.perf_counter()
         client_state = self.client_states.get(client_id)
+        self.observer.phase(STATE_READ, time.perf_counter() - t0)
         try:
             dataset = f.client_dataset(client_id)
             fault = self.faults.fault(request.round, client_id)
@@ -48,7 +55,9 @@ class LocalTransport:
                 )
             reply, state = local_train(
                 f.model,
-                local_batches(dataset, request, f.cfg),
+                local_batches(
+                    dataset, request, f.cfg.fed, f.cfg.train.batch_size, f.cfg.data.workers
+                ),
                 request,
                 client_state,
                 f.cfg.train,
@@ -62,7 +71,9 @@ class LocalTransport:
                 version=request.version,
                 error=f"client crashed: {type(e).__name__}: {e}",
             )
+        t0 = time.perf_counter()
         self.client_states.put(client_id, state)
+        self.observer.phase(STATE_WRITE, time.perf_counter() - t0)
         return reply
 
     def state_dict(self) -> dict:

@@ -54,6 +54,7 @@ class SecureLocalTransport:
                 "set fed.sketch_secret (in-process) or each SuperNode's sketch-secret (Flower)"
             )
         self._sites = LocalSites(inner, width, secret)
+        self.local = inner  # the sites' own transport (the engine hands it its observer)
         self.layout = layout
 
     def send(self, request: TrainRequest) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedpose.config import Config, TrainConfig
+from fedpose.config import FedConfig, TrainConfig
 from fedpose.data.dataset import PoseDataset, make_loader
 from fedpose.fl.messages import CLIENT_RULES, TrainReply, TrainRequest
 from fedpose.fl.params import ModelLayout, flatten
@@ -27,24 +27,30 @@ from fedpose.model.train_step import TrainStep
 DYN_GRAD_FLAT = "flat"  # client_state["dyn_grad"][DYN_GRAD_FLAT]: g_k over layout.agg_names
 
 
-def local_batches(dataset: PoseDataset, request: TrainRequest, cfg: Config) -> Iterator[dict]:
+def local_batches(
+    dataset: PoseDataset,
+    request: TrainRequest,
+    fed: FedConfig,
+    batch_size: int,
+    workers: int = 0,
+) -> Iterator[dict]:
     """The batches of one round of local work: `fed.local_steps` batches when set (across local
-    epochs as needed), else `fed.local_epochs` epochs. Shuffled by the request's seed, augmented
-    by the global round, so a client's work is a function of the request alone."""
-    fed = cfg.fed
+    epochs as needed), else `fed.local_epochs` epochs, of `batch_size` (train.batch_size) records
+    loaded by `workers` processes (data.workers). Shuffled by the request's seed, augmented by the
+    global round, so a client's work is a function of the request alone."""
     max_steps = fed.local_steps if fed.local_steps > 0 else None
     steps, epoch = 0, 0
     while True:
         dataset.set_epoch(request.round * max(fed.local_epochs, 1) + epoch)
         loader = make_loader(
             dataset,
-            cfg.train.batch_size,
+            batch_size,
             shuffle=True,
             seed=request.seed,
             epoch=epoch,
-            workers=cfg.data.workers,
+            workers=workers,
             # a trailing batch of one breaks BatchNorm in training mode
-            drop_last=len(dataset) % cfg.train.batch_size == 1 and len(dataset) > 1,
+            drop_last=len(dataset) % batch_size == 1 and len(dataset) > 1,
         )
         for batch in loader:
             yield batch

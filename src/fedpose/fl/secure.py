@@ -66,13 +66,7 @@ class SecureSum(Protocol):
 
 
 def secure_config_problems(fed) -> Iterator[str | None]:
-    """What the config validator says about the fed.secure* settings."""
-    if fed.sketch_width < 1:
-        yield f"fed.sketch_width: {fed.sketch_width} is out of range; allowed: >= 1"
-    if not (fed.secagg_clip > 0 and math.isfinite(fed.secagg_clip)):
-        yield f"fed.secagg_clip: {fed.secagg_clip} is out of range; allowed: > 0"
-    if not 0 < fed.secagg_threshold <= 1:
-        yield f"fed.secagg_threshold: {fed.secagg_threshold} is out of range; allowed: (0, 1]"
+    """What fed.secure asks of the other settings (the ranges are Config.validate's)."""
     if not fed.secure:
         return
     method = fed.method.strip().lower()
@@ -183,10 +177,8 @@ def finish_round(
     plan: SecurePlan,
     total: torch.Tensor,
     num_clients: int,
-    add_to: torch.Tensor | None = None,
 ) -> Aggregation:
     """The strategy's update from the secure sum Σ_k coef_k Δ_k (`total`, reused)."""
     if isinstance(strategy, FedDyn):
-        return strategy.step(total, len(plan.coef), num_clients, plan.state, add_to)
-    update = total if add_to is None else add_to.add_(total)
-    return Aggregation(update, plan.state, dict(plan.diagnostics))
+        return strategy.step(total, len(plan.coef), num_clients, plan.state)
+    return Aggregation(total, plan.state, dict(plan.diagnostics))

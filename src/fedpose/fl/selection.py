@@ -25,6 +25,14 @@ from collections.abc import Callable
 import numpy as np
 
 from fedpose import seeding
+from fedpose.config import choice_problem
+
+POLICIES = ("random", "deadline", "utility")  # the `fed.selection` names
+
+
+def selection_problem(policy: str) -> str | None:
+    """Why `fed.selection` names no selection policy (None when it does)."""
+    return choice_problem("fed.selection", policy, POLICIES)
 
 
 class Selector:
@@ -39,8 +47,9 @@ class Selector:
         penalty: float = 2.0,
         cutoff: float = 0.95,
     ):
-        if policy not in ("random", "deadline", "utility"):
-            raise ValueError(f"unknown selection {policy!r}: use random, deadline or utility")
+        problem = selection_problem(policy)
+        if problem:
+            raise ValueError(problem)
         self.policy = policy
         self.per_round = per_round
         self.seed = seed

@@ -25,16 +25,18 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from fedpose.config import Config
+from fedpose.config import FedConfig, SystemConfig
 from fedpose.fl import secure
 from fedpose.fl.messages import TrainReply, TrainRequest
+from fedpose.fl.observer import AGGREGATION, CHECKPOINT, EVALUATION, REPLY_CHECKS, RunObserver
 from fedpose.fl.params import ModelLayout, unflatten_add_, weighted_average
 from fedpose.fl.reply_check import (
     NORM_HISTORY,
@@ -45,7 +47,7 @@ from fedpose.fl.reply_check import (
 from fedpose.fl.selection import Selector
 from fedpose.fl.strategies.base import RoundInput, Strategy
 from fedpose.fl.system import SystemModel
-from fedpose.model.io import load_checkpoint, run_identity, save_checkpoint
+from fedpose.model.io import load_checkpoint, save_checkpoint
 from fedpose.seeding import client_seed
 
 
@@ -93,9 +95,14 @@ class FederationError(RuntimeError):
 
 
 class FederatedServer:
+    """The round loop over a Transport. It reads the `fed` and `system` sections of the config,
+    the seed and the clients' batch size (the simulated time of `fed.local_steps`); `identity`
+    is what its checkpoints must match to be resumed (model/io.py: run_identity)."""
+
     def __init__(
         self,
-        cfg: Config,
+        fed: FedConfig,
+        system: SystemConfig,
         weights: dict[str, torch.Tensor],
         layout: ModelLayout,
         strategy: Strategy,
@@ -103,8 +110,17 @@ class FederatedServer:
         client_sizes: list[int],
         evaluate: Callable[[dict[str, torch.Tensor]], dict] | None = None,
         run_dir: Path | None = None,
+        *,
+        seed: int = 0,
+        batch_size: int = 1,
+        identity: dict[str, str] | None = None,
+        observer: RunObserver | None = None,
     ):
-        self.cfg = cfg
+        self.fed = fed
+        self.seed = seed
+        self.batch_size = batch_size
+        self.identity = dict(identity or {})
+        self.observer = observer or RunObserver()
         self.weights = {n: t.clone() for n, t in weights.items()}
         self.layout = layout
         self.strategy = strategy
@@ -112,12 +128,11 @@ class FederatedServer:
         self.client_sizes = client_sizes
         self.evaluate = evaluate
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        fed = cfg.fed
-        self.system = SystemModel(cfg.system, fed.num_clients, cfg.seed)
+        self.system = SystemModel(system, fed.num_clients, seed)
         self.selector = Selector(
             fed.selection,
             fed.clients_per_round,
-            cfg.seed,
+            seed,
             fed.deadline,
             fed.utility_explore,
             fed.utility_round_time,
@@ -126,20 +141,28 @@ class FederatedServer:
         self.state = ServerState(strategy=strategy.initial_state())
         self.model_bytes = sum(t.numel() * t.element_size() for t in weights.values())
 
+    @contextmanager
+    def _timed(self, phase: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.observer.phase(phase, time.perf_counter() - t0)
+
     # ----------------------------------------------------------------------------- timing model
     def expected_time(self, client: int) -> float:
-        fed = self.cfg.fed
+        fed = self.fed
         if fed.local_steps > 0:
-            samples = fed.local_steps * self.cfg.train.batch_size
+            samples = fed.local_steps * self.batch_size
         else:
             samples = fed.local_epochs * self.client_sizes[client]
         return self.system.round_time(client, samples, self.model_bytes)
 
     def timeout(self) -> float:
         """How long the server waits for a client that never answers."""
-        if self.cfg.fed.deadline > 0:
-            return self.cfg.fed.deadline
-        return 2.0 * max(self.expected_time(k) for k in range(self.cfg.fed.num_clients))
+        if self.fed.deadline > 0:
+            return self.fed.deadline
+        return 2.0 * max(self.expected_time(k) for k in range(self.fed.num_clients))
 
     def _request(
         self, client: int, version: int, seq: int, weights: dict[str, torch.Tensor]
@@ -149,7 +172,7 @@ class FederatedServer:
             version=version,
             round=seq,
             weights=weights,
-            seed=client_seed(self.cfg.seed, seq, client),
+            seed=client_seed(self.seed, seq, client),
             rule=self.strategy.client_rule,
             coef=self.strategy.client_coef,
         )
@@ -158,14 +181,14 @@ class FederatedServer:
     def aggregate(self, replies: list[TrainReply], staleness: list[int]) -> dict:
         """Apply one aggregation of sound replies (sorted by client id) to the global model."""
         replies = sorted(replies, key=lambda r: r.client_id)
-        a = self.cfg.fed.staleness_exponent
+        a = self.fed.staleness_exponent
         samples = torch.tensor([float(r.num_samples) for r in replies], dtype=torch.float64)
         discount = torch.tensor([(1.0 + s) ** (-a) for s in staleness], dtype=torch.float64)
         counts = samples * discount
         step = 1.0
-        if not self.cfg.fed.staleness_renormalise and float(samples.sum()) > 0:
+        if not self.fed.staleness_renormalise and float(samples.sum()) > 0:
             step = float(counts.sum() / samples.sum())
-        if self.cfg.fed.secure:
+        if self.fed.secure:
             return self._aggregate_secure(replies, counts)
         # each update moves into the matrix and its reply lets go of it: the server holds K + 1
         # updates at most, not the replies' K plus a stacked copy of K
@@ -177,7 +200,7 @@ class FederatedServer:
             deltas=deltas,
             counts=counts,
             client_ids=[r.client_id for r in replies],
-            num_clients=self.cfg.fed.num_clients,
+            num_clients=self.fed.num_clients,
             slices=self.layout.slices,
         )
         t0 = time.perf_counter()
@@ -205,7 +228,7 @@ class FederatedServer:
             raise FederationError(
                 f"round {self.state.round + 1}: the aggregated model is not finite ({bad[0]}"
                 f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}; {self.strategy.name}, "
-                f"fed.server_lr = {self.cfg.fed.server_lr}); nothing was written"
+                f"fed.server_lr = {self.fed.server_lr}); nothing was written"
             )
         self.state.updates_applied += 1
         agg_seconds = time.perf_counter() - t0
@@ -230,10 +253,10 @@ class FederatedServer:
         )
         p = self.layout.slices[-1][2] if self.layout.agg_names else 0
         plan = secure.plan_round(
-            self.strategy, sketches, p, counts, ids, self.cfg.fed.num_clients, self.state.strategy
+            self.strategy, sketches, p, counts, ids, self.fed.num_clients, self.state.strategy
         )
         total, averaged = self.transport.secure_sum(ids, plan.coef, plan.avg_weights)
-        result = secure.finish_round(self.strategy, plan, total, self.cfg.fed.num_clients)
+        result = secure.finish_round(self.strategy, plan, total, self.fed.num_clients)
         unflatten_add_(self.weights, self.layout, result.update)
         self.weights.update(averaged)
         self._check_finite()
@@ -253,19 +276,26 @@ class FederatedServer:
             raise FederationError(
                 f"round {self.state.round + 1}: the aggregated model is not finite ({bad[0]}"
                 f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}; {self.strategy.name}, "
-                f"fed.server_lr = {self.cfg.fed.server_lr}); nothing was written"
+                f"fed.server_lr = {self.fed.server_lr}); nothing was written"
             )
 
     # ----------------------------------------------------------------------------- the loops
     def run(self, progress: Callable[[int, dict], None] | None = None) -> dict:
-        if self.cfg.fed.mode == "async":
+        """Run the rounds left; the observer's round_done (and `progress`, when given) sees
+        each one's record. Returns the last record."""
+        if self.fed.mode == "async":
             return self._run_async(progress)
-        if self.cfg.fed.mode != "sync":
-            raise ValueError(f"unknown fed.mode {self.cfg.fed.mode!r}: use sync or async")
+        if self.fed.mode != "sync":
+            raise ValueError(f"unknown fed.mode {self.fed.mode!r}: use sync or async")
         return self._run_sync(progress)
 
+    def _round_done(self, progress, record: dict) -> None:
+        self.observer.round_done(self.state.round, record)
+        if progress:
+            progress(self.state.round, record)
+
     def _run_sync(self, progress) -> dict:
-        fed = self.cfg.fed
+        fed = self.fed
         record: dict = {}
         while self.state.round < fed.rounds:
             t = self.state.round
@@ -283,17 +313,16 @@ class FederatedServer:
                         f"{rejected[first]}"
                     )
                 self.state.clock += self.timeout()  # the failed attempt's wait
-            diag = (
-                self.aggregate(replies, [0] * len(replies))
-                if replies
-                else {"weights": [], "conflict_share": None, "agg_seconds": 0.0}
-            )
+            if replies:
+                with self._timed(AGGREGATION):
+                    diag = self.aggregate(replies, [0] * len(replies))
+            else:
+                diag = {"weights": [], "conflict_share": None, "agg_seconds": 0.0}
             self.state.round += 1
             record = self._log(
                 selected, dropped, rejected, replies, [0] * len(replies), diag, wall0
             )
-            if progress:
-                progress(self.state.round, record)
+            self._round_done(progress, record)
         self._check_trained()
         return record
 
@@ -305,7 +334,7 @@ class FederatedServer:
         for k in selected:
             if k not in dropped:
                 self.transport.send(self._request(k, t, t, self.weights))
-        arrived = [self.transport.receive(k) for k in selected if k not in dropped]
+        arrived = [self._receive(k) for k in selected if k not in dropped]
         replies, rejected = self._accept(arrived)
         for reply in replies:
             self.selector.observe(reply.client_id, reply.train_loss, reply.train_loss_sq)
@@ -314,15 +343,24 @@ class FederatedServer:
         self.state.clock += max(times + [waited, 0.0])
         return selected, dropped, rejected, replies
 
+    def _receive(self, client: int) -> TrainReply:
+        reply = self.transport.receive(client)
+        self.observer.trained(reply)
+        return reply
+
     def _accept(self, arrived: list[TrainReply]) -> tuple[list[TrainReply], dict[int, str]]:
         """Split replies into sound ones and {client: reason} for the refused ones."""
+        with self._timed(REPLY_CHECKS):
+            return self._check_replies(arrived)
+
+    def _check_replies(self, arrived: list[TrainReply]) -> tuple[list[TrainReply], dict[int, str]]:
         rejected: dict[int, str] = {}
         sound: list[tuple[TrainReply, float]] = []
-        width = self.cfg.fed.sketch_width if secure.needs_sketch(self.strategy) else None
+        width = self.fed.sketch_width if secure.needs_sketch(self.strategy) else None
         for reply in arrived:
             problem, norm = (
                 secure.check_secure_reply(reply, width)
-                if self.cfg.fed.secure
+                if self.fed.secure
                 else check_reply(reply, self.layout, self.weights)
             )
             if problem:
@@ -332,7 +370,7 @@ class FederatedServer:
         reference = norm_reference(self.state.norms, [n for _, n in sound])
         replies = []
         for reply, norm in sound:
-            problem = norm_problem(norm, reference, self.cfg.fed.max_norm_ratio)
+            problem = norm_problem(norm, reference, self.fed.max_norm_ratio)
             if problem:
                 rejected[reply.client_id] = problem
             else:
@@ -349,7 +387,7 @@ class FederatedServer:
             )
 
     def _run_async(self, progress) -> dict:
-        fed = self.cfg.fed
+        fed = self.fed
         st = self.state
         record: dict = {}
         if st.round == 0 and not st.pending and not st.snapshots:
@@ -372,7 +410,7 @@ class FederatedServer:
                 dropped.append(job.client_id)
                 accepted = []
             else:
-                accepted, refused = self._accept([self.transport.receive(job.client_id)])
+                accepted, refused = self._accept([self._receive(job.client_id)])
                 rejected.update(refused)
                 for k, why in refused.items():
                     first_failure = first_failure or f"client {k}: {why}"
@@ -383,13 +421,14 @@ class FederatedServer:
             if st.futile >= patience:
                 raise FederationError(
                     f"asynchronous mode: no update can arrive: the last {st.futile} clients all "
-                    f"dropped out or failed (system.dropout = {self.cfg.system.dropout}"
+                    f"dropped out or failed (system.dropout = {self.system.cfg.dropout}"
                     + (f"; first failure: {first_failure})" if first_failure else ")")
                 )
             if len(st.buffer) >= fed.buffer_size:
                 buffer = sorted(st.buffer, key=lambda r: r.client_id)
                 staleness = [st.round - r.version for r in buffer]
-                diag = self.aggregate(buffer, staleness)
+                with self._timed(AGGREGATION):
+                    diag = self.aggregate(buffer, staleness)
                 st.buffer = []
                 st.round += 1
                 st.snapshots[st.round] = {n: t.clone() for n, t in self.weights.items()}
@@ -397,8 +436,7 @@ class FederatedServer:
                 record = self._log(selected, dropped, rejected, buffer, staleness, diag, wall0)
                 selected, dropped, rejected = [], [], {}
                 wall0 = time.perf_counter()
-                if progress:
-                    progress(st.round, record)
+                self._round_done(progress, record)
             else:
                 self._fill_async()
         self._check_trained()
@@ -408,7 +446,7 @@ class FederatedServer:
         """Give idle clients work until `concurrency` are busy, and forget unused versions."""
         st = self.state
         busy = {p.client_id for p in st.pending}
-        slots = self.cfg.fed.concurrency - len(busy)
+        slots = self.fed.concurrency - len(busy)
         if slots > 0:
             idle = [k for k in self.system.available(st.dispatched) if k not in busy]
             picks = self.selector.select(
@@ -433,7 +471,7 @@ class FederatedServer:
 
     # ----------------------------------------------------------------------------- logging
     def _log(self, selected, dropped, rejected, replies, staleness, diag, wall0) -> dict:
-        fed = self.cfg.fed
+        fed = self.fed
         t = self.state.round
         losses = [r.train_loss for r in replies]
         counts = [r.num_samples for r in replies]
@@ -444,7 +482,7 @@ class FederatedServer:
         )
         record = {
             "round": t,
-            "method": fed.method,
+            "method": self.strategy.name,
             "mode": fed.mode,
             "selected": sorted(selected),
             "aggregated": [r.client_id for r in replies],
@@ -457,13 +495,15 @@ class FederatedServer:
             **{k: v for k, v in diag.items()},
         }
         if self.evaluate is not None and (t % max(fed.eval_every, 1) == 0 or t == fed.rounds):
-            record.update(self.evaluate(self.weights))
+            with self._timed(EVALUATION):
+                record.update(self.evaluate(self.weights))
         record["wall_seconds"] = time.perf_counter() - wall0
         if self.run_dir is not None:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             if t % max(fed.checkpoint_every, 1) == 0 or t == fed.rounds:
-                self.save_checkpoint()
+                with self._timed(CHECKPOINT):
+                    self.save_checkpoint()
         return record
 
     # ----------------------------------------------------------------------------- checkpoints
@@ -478,15 +518,21 @@ class FederatedServer:
             "selector": self.selector.state_dict(),
             "transport": self.transport.state_dict(),
         }
-        save_checkpoint(self.checkpoint_dir(), state, run_identity(self.cfg.to_dict()))
+        save_checkpoint(self.checkpoint_dir(), state, self.identity)
 
     def load_checkpoint(self, force: bool = False) -> tuple[bool, list[str]]:
         """Continue from the run's newest sound checkpoint: (found one, warnings)."""
-        payload, warnings = load_checkpoint(
-            self.checkpoint_dir(), CHECKPOINT_CLASSES, run_identity(self.cfg.to_dict()), force=force
-        )
+        assert self.run_dir is not None
+        payload, warnings = read_checkpoint(self.run_dir, self.identity, force)
         if payload is None:
             return False, warnings
+        self.restore(payload)
+        return True, warnings
+
+    def restore(self, payload: dict) -> None:
+        """Continue from a checkpoint read by `read_checkpoint`: the model, the loop's state,
+        the selector and the transport; metrics.jsonl loses the rounds after the checkpoint and
+        asynchronous work in flight is sent again (so the transport must be ready)."""
         self.weights = payload["weights"]
         self.state = payload["server"]
         self.selector.load_state_dict(payload["selector"])
@@ -508,7 +554,14 @@ class FederatedServer:
                         job.client_id, job.version, job.seq, self.state.snapshots[job.version]
                     )
                 )
-        return True, warnings
+
+
+def read_checkpoint(
+    run_dir: Path, identity: dict[str, str], force: bool = False
+) -> tuple[dict | None, list[str]]:
+    """The newest sound server checkpoint of a run and warnings about the ones passed over;
+    (None, warnings) without one. It reads only: the run folder is left as it is."""
+    return load_checkpoint(Path(run_dir) / "checkpoints", CHECKPOINT_CLASSES, identity, force=force)
 
 
 CHECKPOINT_CLASSES = {"ServerState": ServerState, "Pending": Pending, "TrainReply": TrainReply}

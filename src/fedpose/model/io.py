@@ -30,7 +30,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from fedpose.config import Config, ConfigError, config_from_dict
-from fedpose.data.records import SKELETONS, Skeleton
+from fedpose.data import skeleton_named
+from fedpose.data.records import Skeleton
 from fedpose.model.pose_resnet import PoseResNet, build_model
 
 MODEL_FILE = "model.safetensors"
@@ -150,7 +151,7 @@ def load_model(path: str | Path) -> tuple[PoseResNet, Config, Skeleton]:
         cfg = config_from_dict(config)
     except ConfigError as e:
         raise ModelFileError(f"{path}: the model's config is invalid: {e}") from None
-    skeleton = SKELETONS.get(skeleton_name)
+    skeleton = skeleton_named(skeleton_name)
     if skeleton is None:
         raise ModelFileError(f"{path}: unknown skeleton {skeleton_name!r}")
     model = build_model(cfg.model, skeleton.num_joints)

@@ -2,13 +2,13 @@
 
 Every method starts from the same input, the K client updates as the server receives them (a
 K x P float32 buffer, one row per client) and the global weights w (P,), and ends with the new
-global model w + update written into the same preallocated buffer (`RoundInput.add_to`), so
-memory policy is identical for all. Times are the minimum over the repeats, interleaved across
+global model: the strategy's update added to w, as the server adds it, so memory policy is
+identical for all. Times are the minimum over the repeats, interleaved across
 methods so that a burst of load elsewhere on the machine does not favour one of them. The direct
 FedGH loop (K² vector passes, the reference) runs once. Peak memory is measured separately, one
 fresh process per method (the peak resident set size of a process never goes down): the growth
 of the peak over the process's size after importing torch, in model sizes (4P bytes); it
-includes the K updates, w and the output buffer, K + 2 model sizes.
+includes the K updates, w and the update, K + 2 model sizes.
 """
 
 from __future__ import annotations
@@ -93,9 +93,8 @@ def _peak_in_child(name: str, k: int, p: int, seed: int) -> float:
         client_ids=list(range(k)),
         num_clients=k,
         slices=[("all", 0, p)],
-        add_to=target,
     )
-    strategy.aggregate(inputs, strategy.initial_state())
+    target.add_(strategy.aggregate(inputs, strategy.initial_state()).update)
     peak = _status_kib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return (peak - start) * 1024 / (4 * p)
 
@@ -170,10 +169,9 @@ def _time_steps(k: int, p: int, repeats: int, seed: int) -> tuple[dict, float, f
             client_ids=list(range(k)),
             num_clients=k,
             slices=[("all", 0, p)],
-            add_to=target,
         )
         t0 = time.perf_counter()
-        strategy.aggregate(inputs, strategy.initial_state())
+        target.add_(strategy.aggregate(inputs, strategy.initial_state()).update)
         return time.perf_counter() - t0
 
     for r in range(repeats + 1):  # round 0 warms up every code path (and is not counted)

@@ -200,7 +200,7 @@ def sketch_study(cfg, widths: list[int], keys: int) -> list[dict]:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.unlink(missing_ok=True)
         rec = _Recording(federation.strategy, widths, keys, out)
-        federation.strategy = rec
+        federation.server.strategy = rec
         recorders.append(rec)
         return LocalTransport(federation)
 

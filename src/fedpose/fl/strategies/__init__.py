@@ -1,8 +1,17 @@
-"""Server aggregation strategies, one module each, and `build_strategy` to pick one by name."""
+"""Server aggregation strategies, one module each, and the registry that names them.
+
+`STRATEGIES` is the one list of methods: `fed.method` name -> builder (FedConfig, seed) ->
+Strategy. A builder is the strategy's own `from_config`, which takes its options from the `fed.*`
+settings beside its constructor. A new strategy is one file and one line here
+(docs/extending.md).
+"""
 
 from __future__ import annotations
 
-from fedpose.config import FedConfig
+from collections.abc import Callable
+from functools import partial
+
+from fedpose.config import ConfigError, FedConfig, choice_problem
 from fedpose.fl.strategies.base import Aggregation, RoundInput, Strategy
 from fedpose.fl.strategies.clipped import ClippedFedAvg
 from fedpose.fl.strategies.fedavg import FedAvg
@@ -14,65 +23,43 @@ from fedpose.fl.strategies.fedprox import FedProx
 from fedpose.fl.strategies.median import CoordinateMedian
 from fedpose.fl.strategies.trimmed_mean import TrimmedMean
 
-STRATEGY_NAMES = (
-    "fedavg",
-    "fedprox",
-    "fedbn",
-    "feddyn",
-    "fedaw",
-    "fedgh",
-    "fedgh-noproj",
-    "fedgh-noaw",
-    "fedavg-clip",
-    "median",
-    "trimmed-mean",
-)
+STRATEGIES: dict[str, Callable[[FedConfig, int], Strategy]] = {
+    "fedavg": FedAvg.from_config,
+    "fedprox": FedProx.from_config,
+    "fedbn": FedBN.from_config,
+    "feddyn": FedDyn.from_config,
+    "fedaw": FedAW.from_config,
+    "fedgh": FedGH.from_config,
+    "fedgh-noproj": partial(FedGH.from_config, project=False),
+    "fedgh-noaw": partial(FedGH.from_config, adaptive=False),
+    "fedavg-clip": ClippedFedAvg.from_config,
+    "median": CoordinateMedian.from_config,
+    "trimmed-mean": TrimmedMean.from_config,
+}
+STRATEGY_NAMES = tuple(STRATEGIES)
+
+
+def method_problem(method: str) -> str | None:
+    """Why `fed.method` names no registered strategy (None when it does)."""
+    return choice_problem("fed.method", method, STRATEGY_NAMES)
 
 
 def build_strategy(fed_cfg: FedConfig, seed: int = 0) -> Strategy:
-    """The strategy named by `fed_cfg.method`, configured from `fed_cfg`.
+    """The strategy registered as `fed_cfg.method`, configured from `fed_cfg`.
 
-    `seed` seeds FedGH's random projection order (together with the round number).
+    `seed` seeds any randomness of the rule (FedGH's projection order, with the round number).
     """
-    f = fed_cfg
-    name = f.method.strip().lower()
-    lr = f.server_lr
-    if name == "fedavg":
-        return FedAvg(server_lr=lr)
-    if name == "fedprox":
-        return FedProx(mu=f.prox_mu, server_lr=lr)
-    if name == "fedbn":
-        return FedBN(server_lr=lr)
-    if name == "feddyn":
-        return FedDyn(alpha=f.dyn_alpha, server_lr=lr)
-    if name == "fedaw":
-        return FedAW(alpha=f.aw_alpha, tau=f.gh_tau, server_lr=lr)
-    if name in ("fedgh", "fedgh-noproj", "fedgh-noaw"):
-        return FedGH(
-            alpha=f.aw_alpha,
-            tau=f.gh_tau,
-            variant=f.gh_variant,
-            order=f.gh_order,
-            per_layer=f.gh_per_layer,
-            rescale=f.gh_rescale,
-            method=f.gh_method,
-            server_lr=lr,
-            seed=seed,
-            adaptive=name != "fedgh-noaw",
-            project=name != "fedgh-noproj",
-            layer_stats=f.gh_layer_stats,
-            name=name,
-        )
-    if name == "fedavg-clip":
-        return ClippedFedAvg(clip_norm=f.clip_norm, server_lr=lr)
-    if name == "median":
-        return CoordinateMedian(server_lr=lr)
-    if name == "trimmed-mean":
-        return TrimmedMean(trim_ratio=f.trim_ratio, server_lr=lr)
-    raise ValueError(f"unknown fed.method {f.method!r}; valid: {', '.join(STRATEGY_NAMES)}")
+    problem = method_problem(fed_cfg.method)
+    if problem:
+        raise ConfigError(problem)
+    strategy = STRATEGIES[fed_cfg.method](fed_cfg, seed)
+    # the registered name is what metrics.jsonl records, also for a class under several names
+    strategy.name = fed_cfg.method
+    return strategy
 
 
 __all__ = [
+    "STRATEGIES",
     "STRATEGY_NAMES",
     "Aggregation",
     "ClippedFedAvg",
@@ -87,4 +74,5 @@ __all__ = [
     "Strategy",
     "TrimmedMean",
     "build_strategy",
+    "method_problem",
 ]

@@ -9,9 +9,9 @@ new state, and diagnostics for metrics.jsonl. The update already includes the se
 (the server averages those by n_k) and know nothing of transports.
 
 Every strategy ends in one weighted sum over the rows of `deltas` (`weighted_sum`, fl/gram.py), a
-single pass over the K x P matrix in a fixed order. A caller that passes `add_to` (e.g. the flat
-global weights) gets that sum fused with the addition: `add_to` is updated in place and returned
-as `Aggregation.update`. Given the same updates, every strategy returns the same bits on every
+single pass over the K x P matrix in a fixed order. The server adds the returned update to the
+global weights tensor by tensor (after scaling it by any staleness step), so a strategy never
+sees the global weights. Given the same updates, every strategy returns the same bits on every
 machine: weights and other scalars are computed in float64 with correctly rounded operations and
 exactly rounded or fixed-order sums, never with a BLAS or a vectorised reduction.
 """
@@ -23,12 +23,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fedpose.config import FedConfig
 from fedpose.fl.gram import weighted_sum
 
 
 @dataclass
 class Aggregation:
-    update: torch.Tensor  # (P,) added to the global weights (or `RoundInput.add_to`, updated)
+    update: torch.Tensor  # (P,) added to the global weights
     state: dict = field(default_factory=dict)
     diagnostics: dict = field(default_factory=dict)  # JSON-serialisable
 
@@ -40,9 +41,6 @@ class RoundInput:
     client_ids: list[int]
     num_clients: int  # clients in the federation (FedDyn's m)
     slices: list[tuple[str, int, int]]  # (tensor name, start, end) in P, for per-layer options
-    # optional (P,) float32 tensor the update is added to in place (saves a pass and a P-sized
-    # allocation); the strategy then returns it as Aggregation.update
-    add_to: torch.Tensor | None = None
 
 
 class Strategy:
@@ -52,6 +50,14 @@ class Strategy:
     client_rule: str = "plain"  # plain | prox | dyn: the local objective clients minimise
     client_coef: float = 0.0  # its coefficient, sent to the clients with every request
     keep_bn_local: bool = False  # FedBN: BatchNorm modules never leave the client
+
+    @classmethod
+    def from_config(cls, fed: FedConfig, _seed: int) -> Strategy:
+        """The strategy with its options taken from `fed` (the `fed.*` settings): by default
+        only the server learning rate. The second argument, the run's seed, seeds any randomness
+        of the rule (FedGH's). A strategy with options of its own overrides this, beside its
+        constructor."""
+        return cls(server_lr=fed.server_lr)
 
     def initial_state(self) -> dict:
         return {}

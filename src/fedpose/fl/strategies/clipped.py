@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from fedpose.config import FedConfig
 from fedpose.fl.strategies.base import (
     Aggregation,
     RoundInput,
@@ -41,11 +42,15 @@ class ClippedFedAvg(Strategy):
         self.clip_norm = clip_norm
         self.server_lr = server_lr
 
+    @classmethod
+    def from_config(cls, fed: FedConfig, _seed: int) -> Strategy:
+        return cls(clip_norm=fed.clip_norm, server_lr=fed.server_lr)
+
     def aggregate(self, inputs: RoundInput, state: dict) -> Aggregation:
         p = sample_weights(inputs.counts)
         factors, norms = clip_factors(inputs.deltas, self.clip_norm)
         # scaling the weights instead of the rows keeps it one pass over the K x P matrix
-        update = weighted_sum(inputs.deltas, self.server_lr * p * factors, inputs.add_to)
+        update = weighted_sum(inputs.deltas, self.server_lr * p * factors)
         diagnostics = {
             "weights": p.tolist(),
             "conflict_share": None,

@@ -24,5 +24,5 @@ class FedAvg(Strategy):
 
     def aggregate(self, inputs: RoundInput, state: dict) -> Aggregation:
         p = sample_weights(inputs.counts)
-        update = weighted_sum(inputs.deltas, self.server_lr * p, inputs.add_to)
+        update = weighted_sum(inputs.deltas, self.server_lr * p)
         return Aggregation(update, dict(state), {"weights": p.tolist(), "conflict_share": None})

@@ -26,6 +26,7 @@ import math
 
 import torch
 
+from fedpose.config import FedConfig
 from fedpose.fl.gram import (
     conflict_share,
     cosine_from_gram,
@@ -93,6 +94,10 @@ class FedAW(Strategy):
         self.tau = tau
         self.server_lr = server_lr
 
+    @classmethod
+    def from_config(cls, fed: FedConfig, _seed: int) -> Strategy:
+        return cls(alpha=fed.aw_alpha, tau=fed.gh_tau, server_lr=fed.server_lr)
+
     def initial_state(self) -> dict:
         return {"theta": {}}
 
@@ -101,7 +106,7 @@ class FedAW(Strategy):
         psi, theta_state, angles = fedadp_weights(
             gram, inputs.counts, inputs.client_ids, state.get("theta", {}), self.alpha
         )
-        update = weighted_sum(inputs.deltas, self.server_lr * psi, inputs.add_to)
+        update = weighted_sum(inputs.deltas, self.server_lr * psi)
         diagnostics = {
             "weights": psi.tolist(),
             "conflict_share": conflict_share(cosine_from_gram(gram), self.tau),

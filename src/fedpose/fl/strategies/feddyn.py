@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from fedpose.config import FedConfig
 from fedpose.fl.strategies.base import Aggregation, RoundInput, Strategy, weighted_sum
 
 
@@ -27,6 +28,10 @@ class FedDyn(Strategy):
         self.alpha = alpha
         self.server_lr = server_lr
 
+    @classmethod
+    def from_config(cls, fed: FedConfig, _seed: int) -> Strategy:
+        return cls(alpha=fed.dyn_alpha, server_lr=fed.server_lr)
+
     @property
     def client_coef(self) -> float:
         return self.alpha
@@ -35,7 +40,7 @@ class FedDyn(Strategy):
         deltas = inputs.deltas
         k = len(deltas)
         total = weighted_sum(deltas, torch.ones(k, dtype=torch.float64))  # Σ_k Δ_k
-        return self.step(total, k, inputs.num_clients, state, inputs.add_to)
+        return self.step(total, k, inputs.num_clients, state)
 
     def step(
         self,
@@ -43,7 +48,6 @@ class FedDyn(Strategy):
         k: int,
         num_clients: int,
         state: dict,
-        add_to: torch.Tensor | None = None,
     ) -> Aggregation:
         """The server step from the plain sum Σ_k Δ_k of the round's k updates (all FedDyn's
         server reads; the secure path passes the securely aggregated sum). `total` is reused."""
@@ -53,7 +57,5 @@ class FedDyn(Strategy):
         # one multiply-add on some instruction sets and not on others
         h.sub_(total * (self.alpha / num_clients))
         update = total.mul_(self.server_lr / k).sub_(h * (self.server_lr / self.alpha))
-        if add_to is not None:
-            update = add_to.add_(update)
         diagnostics = {"weights": [1.0 / k] * k, "conflict_share": None, "h_norm": float(h.norm())}
         return Aggregation(update, {**state, "h": h}, diagnostics)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fedpose.config import FedConfig
 from fedpose.fl.gram import (
     conflict_share,
     cosine_from_gram,
@@ -55,7 +56,7 @@ def column_groups(slices: list[tuple[str, int, int]], p: int) -> list[tuple[int,
 
 @dataclass
 class FedGH(Strategy):
-    """The options are the `fed.gh_*` settings (see FedConfig); build_strategy maps them."""
+    """The options are the `fed.gh_*` settings (see FedConfig); `from_config` maps them."""
 
     alpha: float = 5.0  # FedAW's Gompertz steepness (fed.aw_alpha)
     tau: float = 0.0  # cosine below which two updates conflict
@@ -71,6 +72,27 @@ class FedGH(Strategy):
     layer_stats: bool = False  # log each tensor's conflict share (costs a second Gram pass)
     name: str = "fedgh"
 
+    @classmethod
+    def from_config(
+        cls, fed: FedConfig, seed: int, *, adaptive: bool = True, project: bool = True
+    ) -> Strategy:
+        """FedGH from the `fed.*` settings; the ablations register with adaptive=False
+        ("fedgh-noaw") or project=False ("fedgh-noproj")."""
+        return cls(
+            alpha=fed.aw_alpha,
+            tau=fed.gh_tau,
+            variant=fed.gh_variant,
+            order=fed.gh_order,
+            per_layer=fed.gh_per_layer,
+            rescale=fed.gh_rescale,
+            method=fed.gh_method,
+            server_lr=fed.server_lr,
+            seed=seed,
+            adaptive=adaptive,
+            project=project,
+            layer_stats=fed.gh_layer_stats,
+        )
+
     def __post_init__(self) -> None:
         check_options(self.variant, self.order, self.method)
 
@@ -85,10 +107,10 @@ class FedGH(Strategy):
         if self.method == "direct" and self.project:
             psi, new_state, diagnostics = self._weights(grams, inputs, state)
             seed = fedgh_order_seed(self.seed, state.get("round", 0))
-            update = self._direct(deltas, psi, grams, groups, seed, inputs.add_to)
+            update = self._direct(deltas, psi, grams, groups, seed)
         else:
             coef, new_state, diagnostics = self.plan(grams, inputs, state)
-            update = self._combine(deltas, coef, groups, inputs.add_to)
+            update = self._combine(deltas, coef, groups)
         diagnostics["gram"] = gram_record(max((e - s for s, e in groups), default=0))
         if self.layer_stats:
             diagnostics["layer_conflict"] = layer_conflicts(deltas, inputs.slices, self.tau)
@@ -150,19 +172,15 @@ class FedGH(Strategy):
         return torch.from_numpy(coef * self.server_lr)
 
     @staticmethod
-    def _combine(deltas, coef, groups, add_to) -> torch.Tensor:
+    def _combine(deltas, coef, groups) -> torch.Tensor:
         if len(groups) == 1:
-            return weighted_sum(deltas, coef[0], add_to)
-        out = (
-            torch.zeros(deltas.shape[1], dtype=deltas.dtype, device=deltas.device)
-            if add_to is None
-            else add_to
-        )
+            return weighted_sum(deltas, coef[0])
+        out = torch.zeros(deltas.shape[1], dtype=deltas.dtype, device=deltas.device)
         for (s, e), c in zip(groups, coef, strict=True):
             weighted_sum(deltas[:, s:e], c, out[s:e])
         return out
 
-    def _direct(self, deltas, psi, grams, groups, seed, add_to) -> torch.Tensor:
+    def _direct(self, deltas, psi, grams, groups, seed) -> torch.Tensor:
         """The reference path: the vector loop of fl/harmonize.py, group by group."""
         out = torch.zeros(deltas.shape[1], dtype=deltas.dtype, device=deltas.device)
         for (s, e), g in zip(groups, grams.numpy(), strict=True):
@@ -180,7 +198,7 @@ class FedGH(Strategy):
                 have = exact_dot(part, part)
                 scale *= math.sqrt(target / have) if have > 0 else 1.0
             out[s:e] = part.mul_(scale)
-        return out if add_to is None else add_to.add_(out)
+        return out
 
 
 def layer_conflicts(

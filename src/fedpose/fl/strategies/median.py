@@ -37,11 +37,6 @@ def rank_shares(rows: torch.Tensor, first: int, stop: int) -> list[float]:
     return (counts / max(kept.numel(), 1)).tolist() if p else [1.0 / k] * k
 
 
-def add_update(update: torch.Tensor, add_to: torch.Tensor | None) -> torch.Tensor:
-    """The strategy's (P,) update, added in place to `add_to` when the caller passed one."""
-    return update if add_to is None else add_to.add_(update)
-
-
 class CoordinateMedian(Strategy):
     name = "median"
 
@@ -51,7 +46,7 @@ class CoordinateMedian(Strategy):
     def aggregate(self, inputs: RoundInput, state: dict) -> Aggregation:
         median, shares = coordinate_median(inputs.deltas)
         return Aggregation(
-            add_update(median * self.server_lr, inputs.add_to),
+            median * self.server_lr,
             dict(state),
             {"weights": shares, "conflict_share": None},
         )

@@ -17,8 +17,9 @@ import math
 
 import torch
 
+from fedpose.config import FedConfig
 from fedpose.fl.strategies.base import Aggregation, RoundInput, Strategy
-from fedpose.fl.strategies.median import add_update, rank_shares
+from fedpose.fl.strategies.median import rank_shares
 
 
 def trimmed_count(num_updates: int, ratio: float) -> int:
@@ -45,6 +46,10 @@ class TrimmedMean(Strategy):
         self.trim_ratio = trim_ratio
         self.server_lr = server_lr
 
+    @classmethod
+    def from_config(cls, fed: FedConfig, _seed: int) -> Strategy:
+        return cls(trim_ratio=fed.trim_ratio, server_lr=fed.server_lr)
+
     def aggregate(self, inputs: RoundInput, state: dict) -> Aggregation:
         mean, shares = coordinate_trimmed_mean(inputs.deltas, self.trim_ratio)
         update = mean * self.server_lr
@@ -53,4 +58,4 @@ class TrimmedMean(Strategy):
             "conflict_share": None,
             "trimmed": trimmed_count(inputs.deltas.shape[0], self.trim_ratio),
         }
-        return Aggregation(add_update(update, inputs.add_to), dict(state), diagnostics)
+        return Aggregation(update, dict(state), diagnostics)

@@ -1,5 +1,6 @@
-"""Evaluating a model: predict every test record, score with the dataset's PCK. The one evaluator
-of centralized training, federated runs and `fedpose eval`."""
+"""Evaluating a model: predict every test record (model/inference.py), score with the dataset's
+PCK (metrics/). The one evaluator of centralized training, federated runs and `fedpose eval`; it
+sits above model/ and metrics/, which know nothing of each other."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedpose.config import Config
 from fedpose.data.records import PoseRecord, Skeleton
 from fedpose.metrics.heatmap import heatmap_hits
 from fedpose.metrics.pck import pck_counts, score_counts
@@ -20,8 +20,10 @@ def evaluate_model(
     model: nn.Module,
     records: Sequence[PoseRecord],
     skeleton: Skeleton,
-    cfg: Config,
     device: torch.device,
+    *,
+    input_size: int,
+    flip_test: bool,
 ) -> dict:
     """{"pck_mean", "pck_per_joint", "heatmap_acc"} (what metrics.jsonl records), "result" (the
     PCKResult), "preds" (N, J, 2) and "confidence" (N, J), the heatmap peaks (for COCO keypoint
@@ -38,7 +40,9 @@ def evaluate_model(
         hits[0] += h
         hits[1] += c
 
-    preds, confidence = predict_with_confidence(model, records, skeleton, cfg, device, count)
+    preds, confidence = predict_with_confidence(
+        model, records, skeleton, device, count, input_size=input_size, flip_test=flip_test
+    )
     result = score_counts(*pck_counts(preds, records, skeleton), skeleton)
     counted = hits[1] > 0
     per_joint = hits[0][counted] / hits[1][counted]
@@ -57,12 +61,16 @@ def evaluate_counts(
     model: nn.Module,
     records: Sequence[PoseRecord],
     skeleton: Skeleton,
-    cfg: Config,
     device: torch.device,
+    *,
+    input_size: int,
+    flip_test: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-joint (correct, counted) counts of the model on the records. Counts of disjoint
     record sets (the sites of a federation) add up to the counts of their union."""
-    preds, _ = predict_with_confidence(model, records, skeleton, cfg, device)
+    preds, _ = predict_with_confidence(
+        model, records, skeleton, device, input_size=input_size, flip_test=flip_test
+    )
     return pck_counts(preds, records, skeleton)
 
 
@@ -70,12 +78,15 @@ def predict_with_confidence(
     model: nn.Module,
     records: Sequence[PoseRecord],
     skeleton: Skeleton,
-    cfg: Config,
     device: torch.device,
     on_heatmaps: Callable[[torch.Tensor, dict], None] | None = None,
+    *,
+    input_size: int,
+    flip_test: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Predictions (N, J, 2) in image pixels and each joint's heatmap peak (N, J), with the
-    config's input size and flip test; `on_heatmaps` as in `predict_records`."""
+    """Predictions (N, J, 2) in image pixels and each joint's heatmap peak (N, J), at that
+    input size (data.input_size), flip-tested or not (train.flip_test); `on_heatmaps` as in
+    `predict_records`."""
     confidence = np.zeros((len(records), skeleton.num_joints))
     if not records:
         return np.zeros((0, skeleton.num_joints, 2)), confidence
@@ -83,8 +94,8 @@ def predict_with_confidence(
         model,
         records,
         skeleton,
-        cfg.data.input_size,
-        flip_test=cfg.train.flip_test,
+        input_size,
+        flip_test=flip_test,
         device=device,
         confidence=confidence,
         on_heatmaps=on_heatmaps,

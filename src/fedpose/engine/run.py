@@ -1,0 +1,181 @@
+"""One run, from the config to the saved model: the lifecycle every engine, tool and face uses.
+
+    prepare      check_config: the config's values and every registry's names, once; then
+                 the engine's own conditions. Nothing is written yet.
+    server side  build_server_side: the seeded model, its layout, the strategy (no data).
+    client side  the engine's `prepare`: in-process, the records, the partition and the
+                 datasets (unreadable data fails here); Flower: the central test split, if asked.
+    checkpoint   with resume, read (and checked) before the run folder is touched.
+    run folder   prepare_run_dir: the one call that claims the folder and clears stale results.
+    rounds       the engine starts its transport, clients.json is written, FederatedServer runs.
+    finish       the model file, then the engine's own outputs (Flower: privacy.json).
+
+A RunObserver (fl/observer.py) watches all of it: progress bars, timing, benchmarks.
+`engine/runner.py: run_federation` is the in-process engine's face of it,
+`engine/flower_server.py: run_flower_server` the Flower ServerApp's; centralized training
+(train.py) uses the same steps around its epoch loop.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from fedpose.config import Config, ConfigError
+from fedpose.data import dataset_problem
+from fedpose.data.partition import partition_problem
+from fedpose.engine.federation import ServerSide, build_server_side
+from fedpose.fl.observer import RunObserver
+from fedpose.fl.secure import secure_config_problems
+from fedpose.fl.selection import selection_problem
+from fedpose.fl.server import FederatedServer, Transport, read_checkpoint
+from fedpose.fl.strategies import method_problem
+from fedpose.model.io import MODEL_FILE, run_identity, save_model
+from fedpose.provenance import runtime_info
+
+CLIENTS_FILE = "clients.json"
+
+
+# ----------------------------------------------------------------------------- prepare
+def check_config(cfg: Config) -> Config:
+    """Validate a run's config once, before anything is written: its own values
+    (Config.validate) and the names each registry owns (strategies, datasets, partitions,
+    selection policies). ConfigError names the key, the value and what is allowed."""
+    cfg.validate()
+    for problem in (
+        dataset_problem(cfg.data.dataset),
+        method_problem(cfg.fed.method),
+        partition_problem(cfg.fed.partition),
+        selection_problem(cfg.fed.selection),
+        *secure_config_problems(cfg.fed),
+    ):
+        if problem:
+            raise ConfigError(problem)
+    return cfg
+
+
+def prepare_run_dir(cfg: Config, resume: bool) -> Path:
+    """Claim the run's folder: create it with its config.json; a fresh start (`resume` false)
+    clears the previous results. The one call that touches the run folder before the rounds."""
+    run_dir = cfg.run_dir
+    if not resume and run_dir.exists():
+        for stale in ("metrics.jsonl", "checkpoints", MODEL_FILE):
+            p = run_dir / stale
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(
+        json.dumps({**cfg.to_dict(), "runtime": runtime_info()}, indent=2)
+    )
+    return run_dir
+
+
+def client_row(client: int, site: str, samples: int, test_samples: int, **extra) -> dict:
+    """One client's line of clients.json, the same shape on every engine: its id, its site (or
+    partition), its training and test records, then engine-specific extras (Flower: its node;
+    in-process: its records' attribute counts)."""
+    return {
+        "client": client,
+        "site": site,
+        "samples": samples,
+        "test_samples": test_samples,
+        **extra,
+    }
+
+
+# ----------------------------------------------------------------------------- engines
+class Engine:
+    """Where the clients are. The lifecycle calls `check`, `prepare` (before the run folder is
+    touched), `start` (after), then runs the rounds over `transport`, and `finish`."""
+
+    transport: Transport
+
+    def check(self, cfg: Config) -> None:
+        """The engine's own conditions on the config (ConfigError)."""
+
+    def prepare(self, cfg: Config, server: ServerSide) -> None:
+        """Load what the engine needs before anything is written (data that may be bad)."""
+
+    def start(self, run_dir: Path, resumed: bool, observer: RunObserver) -> None:
+        """Set up `transport` (and reach the clients) in the claimed run folder; `resumed`: a
+        checkpoint is about to be restored."""
+        raise NotImplementedError
+
+    def client_sizes(self) -> list[int]:
+        raise NotImplementedError
+
+    def clients(self) -> list[dict]:
+        """clients.json: one client_row per client."""
+        raise NotImplementedError
+
+    def evaluate(self, weights: dict[str, torch.Tensor], version: int) -> dict:
+        """The metrics of the global model `weights` after `version` rounds."""
+        raise NotImplementedError
+
+    def finish(self, cfg: Config, run_dir: Path, server: FederatedServer) -> None:
+        """The engine's own outputs once the model is saved."""
+
+
+# ----------------------------------------------------------------------------- the lifecycle
+def run_lifecycle(
+    cfg: Config,
+    engine: Engine,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    observer: RunObserver | None = None,
+) -> FederatedServer:
+    """Run (or resume) one federated run on `engine`; returns the finished server.
+
+    Nothing in the run folder changes until the config, the data and the checkpoint have been
+    checked, so a failed start leaves the previous run as it was. `resume` without a checkpoint
+    starts over; `force` resumes from a checkpoint of another method, seed or config.
+    """
+    observer = observer or RunObserver()
+    check_config(cfg)
+    engine.check(cfg)
+    server_side = build_server_side(cfg)
+    engine.prepare(cfg, server_side)
+    identity = run_identity(cfg.to_dict())
+    payload = None
+    if resume:
+        payload, warnings = read_checkpoint(cfg.run_dir, identity, force)
+        for warning in warnings:
+            observer.message(f"warning: {warning}")
+    run_dir = prepare_run_dir(cfg, payload is not None)
+    try:
+        engine.start(run_dir, payload is not None, observer)
+        (run_dir / CLIENTS_FILE).write_text(json.dumps(engine.clients(), indent=2, default=str))
+        server = FederatedServer(
+            cfg.fed,
+            cfg.system,
+            server_side.initial_weights(),
+            server_side.layout,
+            server_side.strategy,
+            engine.transport,
+            engine.client_sizes(),
+            evaluate=lambda weights: engine.evaluate(weights, server.state.round),
+            run_dir=run_dir,
+            seed=cfg.seed,
+            batch_size=cfg.train.batch_size,
+            identity=identity,
+            observer=observer,
+        )
+        if payload is not None:
+            server.restore(payload)
+            observer.message(f"resumed {cfg.name} at round {server.state.round}")
+        elif resume:
+            observer.message(f"{cfg.name}: no checkpoint yet, starting over")
+        observer.started(server)
+        server.run()
+        save_model(run_dir / MODEL_FILE, server.weights, cfg, server_side.skeleton)
+        engine.finish(cfg, run_dir, server)
+        observer.finished(server)
+    finally:
+        observer.closed()
+    return server
