@@ -4,8 +4,6 @@ engine/secure_local.py)."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from fedtiny import tiny_config
@@ -56,7 +54,7 @@ def test_coefficients_from_injective_sketches_equal_the_exact_ones(strategy):
 
 def test_sketch_gram_is_unbiased_over_keys():
     d = _updates(k=3, p=200).double()
-    m, keys = 16, 3000
+    m, keys = 16, 1500
     est = torch.zeros(3, 3, dtype=torch.float64)
     sq = torch.zeros(3, 3, dtype=torch.float64)
     for key in range(keys):
@@ -175,24 +173,6 @@ def test_secure_run_equals_the_plain_run_with_an_injective_sketch(tmp_path, synt
             assert r.sketch is None
     assert ("sum", 4) in spies[0].received
     assert all(isinstance(x, tuple) or x.sketch is None or x.sketch.numel() != p for x in replies)
-
-
-def test_secure_fedgh_with_a_narrow_sketch_trains_and_logs_its_estimate(tmp_path, synth_dir):
-    server = _run(
-        tmp_path,
-        synth_dir,
-        "narrow",
-        "fed.secure=true",
-        "fed.sketch_width=64",
-        "fed.sketch_secret=consortium",
-    )
-    import json
-
-    lines = (server.run_dir / "metrics.jsonl").read_text().splitlines()
-    rec = json.loads(lines[-1])
-    assert rec["secure"] is True
-    assert rec["gram"] == {"path": "CountSketch estimate", "width": 64}
-    assert math.isfinite(sum(rec["coefficients"]))
 
 
 @pytest.mark.parametrize(
