@@ -4,6 +4,7 @@ ServerApp writes down every message it receives."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -21,6 +22,7 @@ from fedpose.engine.flower_secagg import (
     quantisation_bound,
 )
 from fedpose.engine.runner import run_federation
+from fedpose.fl.params import model_layout
 from fedpose.tools.flower_demo import demo_config, renamed, run_flower
 
 
@@ -134,3 +136,77 @@ def test_secure_flower_run_reveals_no_update_and_matches(tmp_path, method, width
     assert rows[-1]["secure"] is True and rows[-1]["secagg_clients"] == 2
     assert rows[-1]["secagg_clipped"] == 0
     assert np.isfinite(rows[-1]["train_loss"])
+
+
+# ----------------------------------------------------------------------------- SecAgg+ in process
+class _SitesGrid:
+    """A Grid whose nodes are ClientApp mods in this process: the SecAgg+ workflow talks to
+    fedpose's client_secure_mod exactly as over a SuperLink. `drop`: node -> the SecAgg+ stage
+    at which it stops answering."""
+
+    def __init__(self, run_config: dict, updates: dict[int, torch.Tensor], drop: dict | None):
+        from flwr.app import Context, RecordDict
+
+        from fedpose.engine.flower_messages import pack_state
+        from fedpose.engine.flower_secagg import _KEPT
+
+        self.drop = drop or {}
+        self.contexts = {}
+        for node, delta in updates.items():
+            ctx = Context(
+                run_id=1, node_id=node, node_config={}, state=RecordDict(), run_config=run_config
+            )
+            ctx.state[_KEPT] = pack_state({"delta": delta})  # what phase 1 left on the site
+            self.contexts[node] = ctx
+
+    def send_and_receive(self, messages, *, timeout=None):  # noqa: ARG002 (Grid signature)
+        from flwr.app import Error, Message
+
+        from fedpose.engine.flower_secagg import client_secure_mod
+
+        replies = []
+        for sent in messages:
+            node = sent.metadata.dst_node_id
+            # each node gets its own copy, as over the wire (the mod edits what it receives)
+            msg = Message(
+                copy.deepcopy(sent.content),
+                dst_node_id=node,
+                message_type=sent.metadata.message_type,
+                group_id=sent.metadata.group_id,
+            )
+            if self.drop.get(node) == msg.content["secaggplus_configs"]["stage"]:
+                replies.append(Message(Error(code=0, reason="site gone"), reply_to=msg))
+                continue
+            replies.append(client_secure_mod(msg, self.contexts[node], None))
+        return replies
+
+
+@pytest.mark.parametrize("drop", [None, {103: "collect_masked_vectors"}])
+def test_secaggplus_sums_the_weighted_updates_and_survives_a_dropout(monkeypatch, drop):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedpose.engine.flower_messages import CONFIG_KEY
+    from fedpose.engine.flower_secagg import FlowerSecureTransport
+
+    for attr, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+    cfg = demo_config(None, 3, 1, ["fed.secure=true", "fed.method=fedavg"])
+    gen = torch.Generator().manual_seed(0)
+    deltas = {101 + k: (torch.randn(500, generator=gen) * 0.01).float() for k in range(3)}
+    grid = _SitesGrid({CONFIG_KEY: json.dumps(cfg.to_dict())}, deltas, drop)
+    inner = type("Inner", (), {})()
+    inner.grid, inner.node_of, inner.reply_timeout = grid, {0: 101, 1: 102, 2: 103}, 30.0
+    layout = model_layout(torch.nn.Linear(2, 2))  # no BatchNorm statistics
+    transport = FlowerSecureTransport(inner, layout, cfg.fed)
+    coef = [0.2, 0.5, 0.3]
+    total, averaged = transport.secure_sum([0, 1, 2], coef, [1 / 3] * 3)
+    kept = [k for k in range(3) if (drop or {}).get(101 + k) is None]
+    scale = sum(coef) / sum(coef[k] for k in kept)
+    expected = sum(coef[k] * deltas[101 + k].double() for k in kept) * scale
+    bound = quantisation_bound(len(kept), cfg.fed.secagg_clip) * scale
+    err = float((total.double() - expected).abs().max())
+    assert err <= bound + 4 * 2.0**-24 * float(expected.abs().max())
+    assert err > 0  # it did go through the quantiser: not a copy of the plain sum
+    assert transport.last_sum["secagg_clients"] == len(kept)
+    assert transport.last_sum["secagg_dropped"] == 3 - len(kept)
+    assert averaged == {}
