@@ -47,7 +47,7 @@ from fedpose.fl.server import FederatedServer
 from fedpose.metrics.log import read_jsonl
 from fedpose.metrics.pck import score_counts
 from fedpose.model.inference import resolve_device
-from fedpose.model.io import MODEL_FILE, save_model
+from fedpose.model.io import MODEL_FILE, run_identity, save_model
 
 TIMING_FILE = "flower_timing.jsonl"
 # how often the ServerApp asks the SuperLink for replies: replies are pulled at most this late
@@ -472,7 +472,8 @@ def run_flower_server(grid: Grid, settings: AppSettings, log=print) -> Federated
         return result
 
     server = FederatedServer(
-        cfg,
+        cfg.fed,
+        cfg.system,
         {n: t.detach().clone() for n, t in model.state_dict().items()},
         layout,
         strategy,
@@ -480,6 +481,9 @@ def run_flower_server(grid: Grid, settings: AppSettings, log=print) -> Federated
         transport.client_sizes(),
         evaluate=evaluate,
         run_dir=run_dir,
+        seed=cfg.seed,
+        batch_size=cfg.train.batch_size,
+        identity=run_identity(cfg.to_dict()),
     )
     if settings.resume:
         resumed, warnings = server.load_checkpoint()
