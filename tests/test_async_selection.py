@@ -63,12 +63,15 @@ def _server(*overrides: str, strategy=None, num_clients: int = 4) -> FederatedSe
     )
     deltas = {k: torch.full((P,), 0.01 * (k + 1)) for k in range(num_clients)}
     return FederatedServer(
-        cfg,
+        cfg.fed,
+        cfg.system,
         {"w": torch.zeros(P)},
         LAYOUT,
         strategy or FedAvg(),
         FixedTransport(deltas),
         [10] * num_clients,
+        seed=cfg.seed,
+        batch_size=cfg.train.batch_size,
     )
 
 
@@ -213,17 +216,29 @@ def test_oort_round_time_defaults_to_the_median_of_the_candidates():
     assert s.utility(2, [1, 1, 1], times, round_time=2.0) == pytest.approx((2.0 / 8.0) ** 2)
 
 
-def test_oort_explores_at_least_one_client_when_epsilon_is_positive():
-    s = Selector("utility", per_round=4, seed=0, explore=0.1)
+def test_oort_explores_an_epsilon_share_of_picks_not_a_fixed_slot():
+    # two picks among ten clients, ε = 0.1: the exploited candidates are the top two (8, 9);
+    # a fixed exploring slot put a client outside them into almost every round
+    s = Selector("utility", per_round=2, seed=0, explore=0.1)
     for k in range(10):
         s.observe(k, float(k), float(k) ** 2)
-    explored = set()
-    for r in range(30):
+    rounds = 2000
+    outside = 0
+    for r in range(rounds):
         picks = s.select(list(range(10)), r, [1] * 10, lambda k: 1.0)
-        assert len(picks) == 4 and {7, 8, 9} <= set(picks)
-        explored |= set(picks) - {7, 8, 9}
-    # ε m = 0.4 would round to no explorer; one explorer a round reaches beyond the top four
-    assert explored - {6}
+        assert len(picks) == 2 and 9 in picks  # one pick is always exploited
+        outside += bool(set(picks) - {8, 9})
+    # P(at least one explorer) = 1 − 0.9² = 0.19, and an explorer misses {8, 9} 8 times in 9
+    assert 0.10 < outside / rounds < 0.25
+    # with many picks some rounds explore several clients, some none
+    s4 = Selector("utility", per_round=4, seed=0, explore=0.3)
+    for k in range(10):
+        s4.observe(k, float(k), float(k) ** 2)
+    beyond = {
+        len(set(s4.select(list(range(10)), r, [1] * 10, lambda k: 1.0)) - {6, 7, 8, 9})
+        for r in range(200)
+    }
+    assert {0, 1, 2} <= beyond
 
 
 def test_oort_picks_probabilistically_among_near_top_candidates():

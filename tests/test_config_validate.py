@@ -166,7 +166,8 @@ def test_every_registered_strategy_is_an_allowed_method():
     from fedpose.fl.strategies import STRATEGY_NAMES
 
     for name in STRATEGY_NAMES:
-        assert check_config(load_config(None, [f"fed.method={name}"])).fed.method == name
+        sets = [f"fed.method={name}"] + (["fed.server_momentum=0.9"] if name == "fedavgm" else [])
+        assert check_config(load_config(None, sets)).fed.method == name
     with pytest.raises(ConfigError, match="fed.method"):
         check_config(load_config(None, ["fed.method=fedgh2"]))
 

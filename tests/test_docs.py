@@ -3,6 +3,7 @@ run verbatim."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -115,19 +116,32 @@ def test_dataset_sections_show_an_inspect_command(name):
 EXTENDING_DOC = ROOT / "docs" / "extending.md"
 
 
-def _apply_registration(init: Path, snippets: list[str]) -> None:
-    """The three edits of docs/extending.md step 2, placed where the page says."""
-    import_line, names_start, branch = snippets
+def _apply_registration(init: Path, snippets: list[str], package: str, table: str) -> None:
+    """The two edits a registration section of docs/extending.md asks for, placed where it
+    says: the import after the package's last loader import, the line first in the table."""
+    import_line, entry = snippets
     text = init.read_text()
     lines = text.splitlines(keepends=True)
-    last_import = max(i for i, x in enumerate(lines) if x.startswith("from fedpose.fl.strategies."))
-    lines.insert(last_import + 1, import_line)
-    text = "".join(lines)
-    opening = names_start.splitlines()[0]
-    assert text.count(opening) == 1, f"{init} has no single {opening!r}"
-    text = text.replace(opening + "\n", names_start, 1)
-    final_raise = text.index('    raise ValueError(f"unknown fed.method')
-    init.write_text(text[:final_raise] + branch + text[final_raise:])
+    last_import = max(
+        node.end_lineno
+        for node in ast.parse(text).body
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(f"{package}.")
+    )
+    lines.insert(last_import, import_line)
+    opening = [i for i, x in enumerate(lines) if x.startswith(f"{table}: dict[")]
+    assert len(opening) == 1, f"{init} has no single {table} table"
+    lines.insert(opening[0] + 1, entry)
+    init.write_text("".join(lines))
+
+
+def _registration(section: str) -> list[str]:
+    """The import and the table line of a registration section (its first two python blocks;
+    a further block shows an optional step)."""
+    blocks = [
+        text for lang, text, _ in _blocks(_sections(EXTENDING_DOC)[section]) if lang == "python"
+    ]
+    assert len(blocks) >= 2 and blocks[0].startswith("from fedpose."), blocks
+    return blocks[:2]
 
 
 def _example_rule() -> tuple[str, str]:
@@ -150,25 +164,22 @@ def test_extending_example_rule_is_fedavg_with_server_momentum():
     d2 = torch.tensor([[0.0, 2.0, 0.0], [2.0, 0.0, 4.0]])
     counts = torch.tensor([1.0, 3.0], dtype=torch.float64)
 
-    def inputs(deltas, add_to=None):
+    def inputs(deltas):
         return RoundInput(
             deltas=deltas,
             counts=counts,
             client_ids=[0, 1],
             num_clients=2,
             slices=[("w", 0, 3)],
-            add_to=add_to,
         )
 
     first = rule.aggregate(inputs(d1), rule.initial_state())
     mean1 = 0.25 * d1[0] + 0.75 * d1[1]  # n_k / n = 1/4, 3/4
     torch.testing.assert_close(first.update, 2.0 * mean1)
     assert first.diagnostics["weights"] == [0.25, 0.75]
-    weights = torch.ones(3)
-    second = rule.aggregate(inputs(d2, add_to=weights), first.state)
+    second = rule.aggregate(inputs(d2), first.state)
     velocity = 0.5 * mean1 + (0.25 * d2[0] + 0.75 * d2[1])
-    assert second.update is weights  # added in place, as the server asked
-    torch.testing.assert_close(weights, 1.0 + 2.0 * velocity)
+    torch.testing.assert_close(second.update, 2.0 * velocity)
     torch.testing.assert_close(second.state["velocity"], velocity)
 
 
@@ -178,17 +189,19 @@ def test_extending_example_runs_in_fedpose_compare(tmp_path):
     applied to a copy of the package, and its smoke command: the new rule trains and reports."""
     sections = _sections(EXTENDING_DOC)
     target, code = _example_rule()
-    registration = [
-        text for lang, text, _ in _blocks(sections["2. Registered by name"]) if lang == "python"
-    ]
-    assert len(registration) == 3
+    registration = _registration("2. Registered by name")
     smoke = _commands(sections["3. Run it"])[0]
 
     shutil.copytree(
         ROOT / "src", tmp_path / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
     )
     (tmp_path / target).write_text(code)
-    _apply_registration(tmp_path / "src/fedpose/fl/strategies/__init__.py", registration)
+    _apply_registration(
+        tmp_path / "src/fedpose/fl/strategies/__init__.py",
+        registration,
+        "fedpose.fl.strategies",
+        "STRATEGIES",
+    )
     (tmp_path / "configs").symlink_to(ROOT / "configs")
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "src"), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
@@ -201,14 +214,102 @@ def test_extending_example_runs_in_fedpose_compare(tmp_path):
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
-    run_dir = tmp_path / "runs" / "try-fedavgm"
-    assert "fedavgm" in (run_dir / "report.md").read_text()
-    metrics = (run_dir / "fedavgm-s0" / "metrics.jsonl").read_text()
+    run_dir = tmp_path / "runs" / "try-velocity"
+    assert "fedavg-velocity" in (run_dir / "report.md").read_text()
+    metrics = (run_dir / "fedavg-velocity-s0" / "metrics.jsonl").read_text()
     rows = [json.loads(x) for x in metrics.splitlines()]
-    assert [r["method"] for r in rows] == ["fedavgm", "fedavgm"]
+    assert [r["method"] for r in rows] == ["fedavg-velocity", "fedavg-velocity"]
     assert all(r["velocity_norm"] > 0 for r in rows)
     # the copy, not the installed package, ran: the repository's own strategies are untouched
-    assert "fedavgm" not in (ROOT / "src/fedpose/fl/strategies/__init__.py").read_text()
+    assert "fedavg-velocity" not in (ROOT / "src/fedpose/fl/strategies/__init__.py").read_text()
+
+
+def _example_dataset() -> tuple[str, str]:
+    """(path, code) of the dataset loader docs/extending.md writes."""
+    blocks = _blocks(_sections(EXTENDING_DOC)["A dataset in one file"])
+    _, code, before = next(b for b in blocks if b[0] == "python")
+    return FILE_NAME.search(before).group(1), code
+
+
+def _write_arm_csv(folder: Path, synth_dir: Path) -> int:
+    """labels.csv for the generated synth-arm images, in the page's columns; the row count."""
+    from fedpose.config import DataConfig
+    from fedpose.data import load_split
+
+    data = DataConfig(dataset="synth-arm", root=str(synth_dir))
+    folder.mkdir(parents=True)
+    lines = ["image,split,x0,y0,x1,y1,x2,y2"]
+    for split in ("train", "test"):
+        for r in load_split(data, split)[0]:
+            xy = ",".join(f"{v:.2f}" for v in r.joints.reshape(-1).tolist())
+            lines.append(f"{os.path.relpath(r.image, folder)},{split},{xy}")
+    (folder / "labels.csv").write_text("\n".join(lines) + "\n")
+    return len(lines) - 1
+
+
+def test_extending_example_dataset_loads_its_csv_and_names_bad_rows(tmp_path, synth_dir):
+    _, code = _example_dataset()
+    namespace: dict = {}
+    exec(compile(code, "armcsv.py", "exec"), namespace)  # the page's file, as written
+    rows = _write_arm_csv(tmp_path / "arm", synth_dir)
+    from fedpose.config import DataConfig
+
+    cfg = DataConfig(dataset="arm-csv", root=str(tmp_path / "arm"))
+    train, skeleton = namespace["load_armcsv_split"](cfg, "train")
+    test, _ = namespace["load_armcsv_split"](cfg, "test")
+    assert skeleton.name == "arm-csv" and len(train) + len(test) == rows and test
+    assert all(r.image.is_file() for r in train[:3])
+    csv = tmp_path / "arm" / "labels.csv"
+    csv.write_text(csv.read_text() + "images/x.png,train,1,2,3,four,5,6\n")
+    with pytest.raises(Exception, match=f"labels.csv \\[record {rows + 1}\\]: needs numbers"):
+        namespace["load_armcsv"](tmp_path / "arm")
+
+
+@pytest.mark.slow
+def test_extending_example_dataset_trains_and_inspects(tmp_path, synth_dir):
+    """SLOW (a fresh interpreter, about 10 s of CPU): the page's loader file and its two
+    registration lines, applied to a copy of the package, and its two commands."""
+    target, code = _example_dataset()
+    registration = _registration("A dataset registered by name")
+    commands = _commands(_sections(EXTENDING_DOC)["A dataset: train on it"])
+    assert [c[0] for c in commands] == ["run", "data"]
+
+    shutil.copytree(
+        ROOT / "src", tmp_path / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+    )
+    (tmp_path / target).write_text(code)
+    _apply_registration(
+        tmp_path / "src/fedpose/data/__init__.py", registration, "fedpose.data", "DATASETS"
+    )
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    root = next(x.split("=", 1)[1] for x in commands[0] if x.startswith("data.root="))
+    _write_arm_csv(tmp_path / root, synth_dir)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "src"), "OMP_NUM_THREADS": "1"}
+    for argv in commands:
+        done = subprocess.run(
+            [sys.executable, "-m", "fedpose.cli", *argv],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+    run_dir = tmp_path / "runs" / "try-armcsv"
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2] and rows[-1]["pck_mean"] is not None
+    model = subprocess.run(
+        [sys.executable, "-m", "fedpose.cli", "eval", str(run_dir / "model.safetensors")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert model.returncode == 0 and "arm-csv" in model.stdout, model.stdout + model.stderr
+    # the copy, not the installed package, ran: the repository's own table is untouched
+    assert "arm-csv" not in (ROOT / "src/fedpose/data/__init__.py").read_text()
 
 
 def test_readme_library_names_exist():

@@ -174,13 +174,7 @@ def test_fedavg_equals_flower_fedavg(monkeypatch):
     cfg = Config()
     cfg.fed.method, cfg.fed.num_clients = "fedavg", len(counts)
     server = FederatedServer(
-        cfg.fed,
-        cfg.system,
-        base,
-        layout,
-        build_strategy(cfg.fed),
-        transport=None,
-        client_sizes=counts,
+        cfg.fed, cfg.system, base, layout, build_strategy(cfg.fed), None, client_sizes=counts
     )
     replies = [
         TrainReply(

@@ -284,12 +284,32 @@ def test_sites_train_like_the_in_process_engine_and_evaluate_federated(
     assert "Per-site PCK" in report
     site_table = report.split("Per-site PCK")[1]
     site_row = next(line for line in site_table.splitlines() if line.startswith(f"| {label} | "))
+    last = [rows[-1]["site_pck"][k] for k in ("0", "1", "2")]
     assert (
         site_row
         == f"| {label} | "
-        + " | ".join(f"{rows[-1]['site_pck'][k]:.2f}" for k in ("0", "1", "2"))
+        + " | ".join(f"{v:.2f}" for v in [*last, min(last), max(last) - min(last)])
         + " |"
     )
+    # the in-process engine scores the same sites from its central predictions
+    assert [r["site_pck"] for r in local_rows] == [r["site_pck"] for r in rows]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_scaffold_sites_keep_their_control_variates_like_the_in_process_engine(tmp_path, synth):
+    # c travels with each request, c_k⁺ − c_k with each reply, c_k stays in the node's state
+    sets = ("fed.rounds=3", "fed.method=scaffold", "fed.clients_per_round=2")
+    cfg = _tiny(tmp_path, synth, *sets)
+    split_into_sites(cfg, tmp_path / "sites")
+    local = run_federation(cfg)
+    flower_cfg = _tiny(tmp_path, synth, *sets, "name=flower")
+    server, _, _, _ = _run_sites(flower_cfg, _site_configs(tmp_path / "sites", 3))
+    assert server.state.strategy["c"].abs().sum() > 0
+    torch.testing.assert_close(
+        server.state.strategy["c"], local.state.strategy["c"], rtol=0, atol=0
+    )
+    for name, t in local.weights.items():
+        assert torch.equal(server.weights[name], t), name
 
 
 def test_federated_counts_add_up_to_central_evaluation(tmp_path, synth):

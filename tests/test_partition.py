@@ -83,6 +83,17 @@ def test_by_attribute_one_view_per_client():
         assert {RECORDS[i].attributes["view"] for i in part} == {view}
 
 
+def test_by_attribute_views_times_subsets():
+    parts = by_attribute(RECORDS, "view", 8, seed=3)
+    _assert_cover(parts, len(RECORDS), 8)
+    for v, view in enumerate(sorted(VIEWS)):
+        pair = parts[2 * v : 2 * v + 2]
+        assert all({RECORDS[i].attributes["view"] for i in p} == {view} for p in pair)
+        assert abs(len(pair[0]) - len(pair[1])) <= 1  # equal subsets
+    assert by_attribute(RECORDS, "view", 8, seed=3) == parts  # seeded
+    assert by_attribute(RECORDS, "view", 8, seed=4) != parts
+
+
 def test_by_attribute_round_robin_and_errors():
     parts = by_attribute(RECORDS, "view", 2)
     _assert_cover(parts, len(RECORDS), 2)

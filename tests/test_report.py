@@ -203,7 +203,7 @@ def test_compare_runs_seeds_in_single_thread_processes(tmp_path, synth_dir):
 
 
 def test_compare_generates_synth_arm_once_before_its_parallel_runs(tmp_path, monkeypatch):
-    import fedpose.engine.parallel as parallel
+    import fedpose.engine.experiment as experiment
 
     root = tmp_path / "synth"
     found_before_runs = []
@@ -211,9 +211,9 @@ def test_compare_generates_synth_arm_once_before_its_parallel_runs(tmp_path, mon
     def run_in_process(jobs, *_):
         # the worker processes would race to render the same files into one folder
         found_before_runs.append((root / "annotations.json").is_file())
-        return {job.name: main(job.args) for job in jobs}
+        return {job.name: job.run_here() for job in jobs}
 
-    monkeypatch.setattr(parallel, "run_jobs", run_in_process)
+    monkeypatch.setattr(experiment, "run_jobs", run_in_process)
     sets = tiny_cli_args(
         tmp_path / "runs", root, "data.synth_n=24", "data.synth_size=32", "data.test_fraction=0.25"
     )
@@ -223,6 +223,15 @@ def test_compare_generates_synth_arm_once_before_its_parallel_runs(tmp_path, mon
     assert len(list((root / "images").glob("*.png"))) == 24
     assert not list(root.rglob("*.tmp"))  # every file renamed into place
     assert "| fedavg | 2 |" in (tmp_path / "runs" / "t" / "report.md").read_text()
+
+
+def test_compare_checks_every_variant_before_the_first_run(tmp_path, capsys):
+    sets = tiny_cli_args(tmp_path / "runs", tmp_path / "synth")
+    args = ["compare", "configs/demo.toml", "--methods", "fedavg,fedgh2", "--seeds", "0-1"]
+    assert main([*args, *sets]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: fed.method: 'fedgh2'"), err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "synth").exists()
 
 
 def test_centralized_runs_join_the_report_with_epochs_as_rounds(tmp_path):
@@ -274,4 +283,78 @@ def test_report_tables_what_the_server_did(tmp_path):
             r.update(aggregated=[0, 1], weights=[0.25, 0.75], coefficients=[0.3, 0.9])
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     text = write_report(load_arms([runs]), tmp_path / "out", "t").read_text()
-    assert "| fedgh | 0.500 | 1.200 | 0: 0.250, 1: 0.750 |" in text
+    assert "| fedgh | 0.500 | 1.200 | – | 0: 0.250, 1: 0.750 |" in text  # no cosines: no step ratio
+
+
+def _cpu_run(folder: Path, label: str, seed: int, cpu: str | None, pck: float) -> None:
+    run = folder / f"{label}-s{seed}"
+    run.mkdir(parents=True)
+    runtime = {"cpu_model": cpu} if cpu else {}
+    config = {"seed": seed, "fed": {"rounds": 2, "method": label}, "runtime": runtime}
+    (run / "config.json").write_text(json.dumps(config))
+    rows = [{"round": r, "pck_mean": pck + r + seed} for r in (1, 2)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_report_refuses_runs_of_different_cpu_models_unless_told(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    for seed in (0, 1):
+        _cpu_run(runs, "fedavg", seed, "AMD EPYC 7763 64-Core Processor", 50.0)
+        _cpu_run(runs, "fedgh", seed, "Intel(R) Xeon(R) Platinum 8370C" if seed else None, 51.0)
+    out = tmp_path / "report"
+    assert main(["report", str(runs), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "--mixed-cpus" in err[0]
+    assert "Xeon" in err[0] and "EPYC" in err[0]
+    assert not out.exists()  # nothing written
+    assert main(["report", str(runs), "--out", str(out), "--mixed-cpus"]) == 0
+    assert "CPU model of the runs" in (out / "report.md").read_text()
+    # a run without a recorded model (made before it was recorded) does not count as another
+    (runs / "fedgh-s1").rename(tmp_path / "aside")
+    assert main(["report", str(runs), "--out", str(tmp_path / "again")]) == 0
+
+
+def test_step_ratio_from_the_logged_gram_quantities():
+    from fedpose.report.experiment import step_ratio
+
+    d = [[3.0, 0.0], [-1.0, 2.0]]  # two updates, in conflict
+    norms = [math.hypot(*x) for x in d]
+    cos = [
+        [
+            sum(a * b for a, b in zip(x, y, strict=True)) / (nx * ny)
+            for y, ny in zip(d, norms, strict=True)
+        ]
+        for x, nx in zip(d, norms, strict=True)
+    ]
+    psi, coef = [0.5, 0.5], [0.7, 0.4]
+    step = [sum(c * x[i] for c, x in zip(coef, d, strict=True)) for i in range(2)]
+    plain = [sum(c * x[i] for c, x in zip(psi, d, strict=True)) for i in range(2)]
+    row = {"coefficients": coef, "weights": psi, "cosine": cos, "update_norms": norms}
+    assert step_ratio(row) == pytest.approx(math.hypot(*step) / math.hypot(*plain))
+    assert step_ratio({**row, "coefficients": psi}) == pytest.approx(1.0)
+    assert step_ratio({"weights": psi}) is None
+
+
+def test_tuning_table_names_each_methods_grid_and_its_choice(tmp_path):
+    runs = tmp_path / "tune"
+    grid = {
+        "fedavgm-m0.5": ({"method": "fedavgm", "server_momentum": 0.5}, 40.0),
+        "fedavgm-m0.9": ({"method": "fedavgm", "server_momentum": 0.9}, 42.0),
+        "fedadam-lr0.01": ({"method": "fedadam", "server_lr": 0.01}, 41.0),
+        "fedadam-lr0.001": ({"method": "fedadam", "server_lr": 0.001}, 39.0),
+    }
+    for label, (fed, pck) in grid.items():
+        for seed in (0, 1):
+            run = runs / f"{label}-s{seed}"
+            run.mkdir(parents=True)
+            config = {"seed": seed, "data": {"val_fraction": 0.2}, "fed": {"rounds": 2, **fed}}
+            (run / "config.json").write_text(json.dumps(config))
+            rows = [{"round": r, "pck_mean": pck + seed} for r in (1, 2)]
+            (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = write_report(load_arms([runs]), tmp_path / "out", "t").read_text()
+    assert "Scored on a validation split" in text
+    assert "| fedavgm | fedavgm-m0.9 | fed.server_momentum=0.9 | 2 | 42.50 ± 0.71 | yes |" in text
+    assert "| fedavgm | fedavgm-m0.5 | fed.server_momentum=0.5 | 2 | 40.50 ± 0.71 |  |" in text
+    assert "| fedadam | fedadam-lr0.01 | fed.server_lr=0.01 | 2 | 41.50 ± 0.71 | yes |" in text
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["tuning"]["fedadam"]["chosen"] == "fedadam-lr0.01"

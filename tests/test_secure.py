@@ -219,3 +219,33 @@ def test_pcgrad_decisions_follow_the_sign_of_the_inner_products():
     hits = pcgrad_decisions(g, order="index")
     # client 0 visits 1 (conflict) then 2; client 1 visits 0 (conflict) then 2; 2 none
     assert hits.tolist() == [[True, False], [True, False], [False, False]]
+
+
+@pytest.mark.parametrize("method, opt", [("fedadam", "sgd"), ("fedgh", "adam")])
+def test_server_optimisers_step_on_the_secure_sum(method, opt):
+    from fedpose.config import FedConfig
+    from fedpose.fl.gram import weighted_sum
+    from fedpose.fl.secure import finish_round
+    from fedpose.fl.strategies import build_strategy
+
+    fed = FedConfig(method=method, server_opt=opt, server_lr=0.1, num_clients=3)
+    plain_s, secure_s = build_strategy(fed), build_strategy(fed)
+    counts = torch.tensor([2.0, 5.0, 3.0], dtype=torch.float64)
+    plain_state, secure_state = plain_s.initial_state(), secure_s.initial_state()
+    for seed in range(2):  # the second round reads the optimiser's moments
+        d = _updates(k=3, seed=seed)
+        plain = plain_s.aggregate(RoundInput(d, counts, [0, 1, 2], 3, [("w", 0, 300)]), plain_state)
+        y = torch.stack([count_sketch(row, 1024, "key") for row in d])  # injective: exact Gram
+        plan = plan_round(secure_s, y, 300, counts, [0, 1, 2], 3, secure_state)
+        total = weighted_sum(d, torch.tensor(plan.coef, dtype=torch.float64))
+        secure = finish_round(secure_s, plan, total, 3)
+        assert torch.equal(secure.update, plain.update)
+        plain_state, secure_state = plain.state, secure.state
+    assert "server_opt" in secure_state
+
+
+def test_scaffold_is_refused_under_secure_aggregation(tmp_path, synth_dir):
+    from fedpose.engine.run import check_config
+
+    with pytest.raises(ConfigError, match="control variates"):
+        check_config(tiny_config(tmp_path, synth_dir, "fed.secure=true", "fed.method=scaffold"))

@@ -35,6 +35,10 @@ def test_same_seed_same_numbers(tmp_path, synth_dir):
         ("fed.method=fedgh",),
         ("fed.method=feddyn",),
         ("fed.method=fedbn",),
+        # the server optimiser's moments and step count live in the checkpoint
+        ("fed.method=fedgh", "fed.server_opt=adam", "fed.server_lr=0.01"),
+        # SCAFFOLD: c in the strategy state, each c_k in the client states, two of four a round
+        ("fed.method=scaffold", "fed.clients_per_round=2"),
         (
             "fed.method=fedgh",
             "fed.mode=async",
@@ -208,3 +212,60 @@ def test_server_averages_each_clients_own_batchnorm_statistics(tmp_path, synth_d
     assert torch.allclose(server.weights[name].double(), expected, atol=1e-6)
     # the clients really differ, so averaging one client's statistics four times would fail
     assert not torch.allclose(replies[0].averaged[name], replies[1].averaged[name])
+
+
+def test_every_site_is_scored_on_its_own_test_records_and_fedbn_with_its_own_bn(
+    tmp_path, synth_dir
+):
+    from fedpose.metrics.pck import score_counts
+
+    cfg = tiny_config(tmp_path, synth_dir, "name=bn", "fed.method=fedbn", "fed.rounds=1")
+    server = run_federation(cfg)
+    row = _metrics(cfg)[-1]
+    assert set(row["site_pck"]) == {"0", "1", "2", "3"}  # one view each
+    assert set(row["site_pck_local_bn"]) == set(row["site_pck"])
+    # the sites' counts add up to the whole test split's
+    from fedpose.engine.evaluate import evaluate_counts
+    from fedpose.engine.federation import build_federation
+
+    fed = build_federation(cfg)
+    fed.model.load_state_dict(server.weights)
+    total = [0, 0]
+    for idx in fed.test_parts:
+        correct, counted = evaluate_counts(
+            fed.model,
+            [fed.test_records[i] for i in idx],
+            fed.skeleton,
+            fed.device,
+            input_size=cfg.data.input_size,
+            flip_test=cfg.train.flip_test,
+        )
+        total = [total[0] + correct, total[1] + counted]
+    assert score_counts(*total, fed.skeleton).mean == pytest.approx(row["pck_mean"])
+    # with its own BatchNorm a site scores differently from the global model's averaged one
+    assert row["site_pck_local_bn"] != row["site_pck"]
+
+
+def test_validation_split_is_carved_from_the_clients_and_replaces_the_test_split(
+    tmp_path, synth_dir
+):
+    from fedpose.engine.federation import build_federation
+
+    plain = build_federation(tiny_config(tmp_path, synth_dir))
+    cfg = tiny_config(tmp_path, synth_dir, "name=val", "data.val_fraction=0.25")
+    fed = build_federation(cfg)
+    train_ids = {id(fed.train_records[i]) for p in fed.parts for i in p}
+    val_ids = {id(r) for r in fed.test_records}
+    # held out of the training records, never trained on, never the test split
+    assert val_ids and not val_ids & train_ids
+    assert {r.image for r in fed.test_records}.isdisjoint({r.image for r in plain.test_records})
+    for before, after, held in zip(plain.parts, fed.parts, fed.test_parts, strict=True):
+        assert len(after) + len(held) == len(before) and held  # every client gives some
+    # each site is scored on its own held-out records
+    views = [{fed.test_records[i].attributes["view"] for i in p} for p in fed.test_parts]
+    assert all(len(v) == 1 for v in views) and len(set.union(*views)) == 4
+    # the same records for every method: tuning runs are paired
+    other = build_federation(
+        tiny_config(tmp_path, synth_dir, "data.val_fraction=0.25", "fed.method=fedavg")
+    )
+    assert [r.image for r in other.test_records] == [r.image for r in fed.test_records]

@@ -72,11 +72,12 @@ def test_utility_exploration_share():
     sizes = [1] * 10
     for k in range(10):
         s.observe(k, float(k))
-    picks = s.select(list(range(10)), 0, sizes, lambda k: 1.0)
-    assert {9, 8} <= set(picks)  # the exploited half: the top two utilities
-    assert len(picks) == 4
+    for r in range(20):
+        picks = s.select(list(range(10)), r, sizes, lambda k: 1.0)
+        assert 9 in picks  # at least one pick is exploited, and the top utility wins it
+        assert len(picks) == 4
 
 
 def test_unknown_policy_is_a_clear_error():
-    with pytest.raises(ValueError, match="random, deadline or utility"):
+    with pytest.raises(ValueError, match="use one of random, deadline, utility"):
         Selector("fastest", 1, 0)

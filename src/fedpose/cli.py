@@ -16,8 +16,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from fedpose.config import ConfigError, DataConfig, load_config
-from fedpose.data import DATASETS, synth_arm_annotations
+from fedpose.config import ConfigError, load_config
+from fedpose.data import DATASETS
 from fedpose.data.records import DatasetError
 from fedpose.fl.server import FederationError
 from fedpose.tools import ToolError
@@ -102,89 +102,33 @@ def cmd_run(args) -> int:
 def _variants(args) -> list[tuple[str, list[str]]]:
     """(label, overrides) per compared variant: --variant LABEL:key=value;key=value, or one
     variant per --methods entry."""
+    from fedpose.engine.experiment import method_variants, parse_variant
+
     if not args.variant:
-        return [
-            (m.strip(), [f"fed.method={m.strip()}"]) for m in args.methods.split(",") if m.strip()
-        ]
-    out = []
-    for spec in args.variant:
-        label, _, sets = spec.partition(":")
-        if not label or "/" in label:
-            raise ConfigError(f"--variant {spec!r}: expected LABEL:key=value;key=value")
-        out.append((label, [x.strip() for x in sets.split(";") if x.strip()]))
-    return out
+        return method_variants(args.methods)
+    return [parse_variant(spec) for spec in args.variant]
 
 
 def cmd_compare(args) -> int:
-    from fedpose.engine.parallel import Job, run_jobs
-    from fedpose.engine.runner import run_federation
-    from fedpose.metrics.log import read_metrics
-    from fedpose.report.experiment import load_arms, write_report
+    from fedpose.engine.experiment import Comparison, ComparisonError, run_comparison
 
-    base = load_config(args.config, args.overrides)
-    name = args.name or base.name
-    seeds = _seeds(args.seeds)
-    run_dirs: list[Path] = []
-    jobs: list[Job] = []
-    synth_data: dict[str, DataConfig] = {}  # by root: each synth-arm set its parallel runs read
-    # seed-major: each seed's paired set of runs completes before the next seed starts
-    for seed in seeds:
-        for label, sets in _variants(args):
-            run_sets = args.overrides + sets + [f"seed={seed}", f"name={name}/{label}-s{seed}"]
-            cfg = load_config(args.config, run_sets)
-            run_dirs.append(cfg.run_dir)
-            rows = read_metrics(cfg.run_dir)
-            if args.resume and rows and rows[-1]["round"] >= cfg.fed.rounds:
-                console.print(f"{cfg.name}: finished earlier, kept")
-                continue
-            # a run killed before its first checkpoint resumes by starting over
-            resume = args.resume
-            if args.jobs > 1:
-                if cfg.data.dataset == "synth-arm":
-                    synth_data[cfg.data.root] = cfg.data
-                cli_args = ["run", args.config, *(a for x in run_sets for a in ("-c", x))]
-                jobs.append(
-                    Job(
-                        cfg.name,
-                        cli_args + (["--resume"] if resume else []),
-                        cfg.run_dir.parent / f"{label}-s{seed}.log",
-                    )
-                )
-            else:
-                run_federation(cfg, resume=resume, console=console)
-    if jobs:
-        for data in synth_data.values():
-            # generated here, once: parallel runs would each render the same set into one folder
-            synth_arm_annotations(data, workers=args.jobs)
-        console.print(
-            f"{len(jobs)} runs in {min(args.jobs, len(jobs))} processes, one thread "
-            "each; logs beside the run directories"
-        )
-
-        def done(job: Job, code: int, seconds: float) -> None:
-            state = "done" if code == 0 else f"FAILED (exit {code}, see {job.log})"
-            console.print(f"{job.name}: {state} in {seconds:.0f} s")
-
-        codes = run_jobs(jobs, args.jobs, done)
-        failed = [n for n, c in codes.items() if c != 0]
-        if failed:
-            err_console.print(
-                f"error: {len(failed)} run(s) failed: {', '.join(failed)}",
-                markup=False,
-                highlight=False,
-            )
-            return 1
-    arms = load_arms(run_dirs)
-    command = args.command_line
-    report = write_report(
-        arms,
-        base.run_dir.parent / name,
-        f"fedpose compare: {name}",
+    plan = Comparison(
+        args.config,
+        args.overrides,
+        _variants(args),
+        _seeds(args.seeds),
+        name=args.name,
+        resume=args.resume,
+        jobs=args.jobs,
         baselines=tuple(_split(args.baselines)),
-        command=command,
-        produced_by=command,
-        target_pck=base.fed.target_pck,
+        command=args.command_line,
+        mixed_cpus=args.mixed_cpus,
     )
+    try:
+        report = run_comparison(plan, console)
+    except ComparisonError as e:
+        err_console.print(f"error: {e}", markup=False, highlight=False)
+        return 1
     console.print(report.read_text().split("## Curves")[0], markup=False, highlight=False)
     console.print(f"report: {report}")
     return 0
@@ -205,6 +149,7 @@ def cmd_report(args) -> int:
         notes=notes,
         commit=args.commit,
         target_pck=args.target_pck,
+        mixed_cpus=args.mixed_cpus,
     )
     console.print(report.read_text().split("## Curves")[0], markup=False, highlight=False)
     console.print(f"report: {report}")
@@ -217,14 +162,9 @@ def _split(text: str) -> list[str]:
 
 def _seeds(text: str) -> list[int]:
     """'0,1,2' or '0-9' (or a mix: '0-4,7')."""
-    seeds: list[int] = []
-    for part in _split(str(text)):
-        lo, dash, hi = part.partition("-")
-        try:
-            seeds += list(range(int(lo), int(hi) + 1)) if dash else [int(part)]
-        except ValueError:
-            raise ConfigError(f"--seeds {text!r}: expected e.g. 0,1,2 or 0-9") from None
-    return seeds
+    from fedpose.engine.experiment import parse_seeds
+
+    return parse_seeds(text)
 
 
 def cmd_eval(args) -> int:
@@ -566,8 +506,9 @@ def cmd_flower_sim(args) -> int:
 
 def cmd_flower_config(args) -> int:
     from fedpose.engine.flower_messages import run_config_toml
+    from fedpose.engine.run import check_config
 
-    print(run_config_toml(load_config(args.config, args.overrides)), end="")
+    print(run_config_toml(check_config(load_config(args.config, args.overrides))), end="")
     return 0
 
 
@@ -613,6 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="fedavg,fedaw",
         help="labels that paired differences are taken against",
     )
+    _add_mixed_cpus(p)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("report", help="regenerate a comparison report from run directories")
@@ -642,6 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="add time-to-target-PCK columns (simulated seconds)",
     )
+    _add_mixed_cpus(p)
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on its dataset's test split")
@@ -837,6 +780,14 @@ def _add_data_source(b: argparse.ArgumentParser) -> None:
     b.add_argument("--model", default="pose_resnet50")
     b.add_argument("--device", default="auto", help="auto | cpu | cuda")
     b.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+
+
+def _add_mixed_cpus(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--mixed-cpus",
+        action="store_true",
+        help="report runs made on different CPU models (config.json runtime.cpu_model) together",
+    )
 
 
 def _add_flower_run(p: argparse.ArgumentParser, rounds: int) -> None:

@@ -28,6 +28,10 @@ class DataConfig:
     synth_seed: int = 0
     synth_size: int = 128  # synth-arm: rendered image side in pixels
     test_fraction: float = 0.2  # synth-arm / coco without test_ann: held-out share
+    # > 0: a validation split carved from every client's training records (this share of each,
+    # seeded); clients train on the rest and the run is scored on it instead of the test split
+    # (tuning; in-process engine)
+    val_fraction: float = 0.0
     input_size: int = 64  # network input side (square); heatmaps are a quarter of it
     sigma: float = 2.0  # Gaussian heatmap sigma in heatmap pixels
     augment: bool = True
@@ -68,7 +72,8 @@ class TrainConfig:
 
 @dataclass
 class FedConfig:
-    # fedavg | fedprox | fedbn | feddyn | fedaw | fedgh | fedgh-noproj | fedgh-noaw
+    # fedavg | fedprox | fedbn | feddyn | fedaw | fedgh | fedgh-noproj | fedgh-noaw | scaffold
+    # | fedavgm | fedadam | fedyogi | fedadagrad (fedavg with a server optimiser, see server_opt)
     # | fedavg-clip | median | trimmed-mean (robust aggregation, docs/privacy.md)
     method: str = "fedgh"
     rounds: int = 10
@@ -82,7 +87,16 @@ class FedConfig:
     quantity_alpha: float = 0.5
     eval_every: int = 1
     checkpoint_every: int = 1
-    server_lr: float = 1.0  # eta in w + eta * update
+    server_lr: float = 1.0  # eta in w + eta * update (the server optimiser's learning rate)
+    # server optimiser applied to every strategy's aggregate update (fl/strategies/server_opt.py):
+    # sgd | adam | yogi | adagrad; sgd with server_momentum = 0 is the plain step w + eta * update.
+    # fedavgm / fedadam / fedyogi / fedadagrad are fedavg with sgd+momentum / adam / yogi / adagrad.
+    # adam, yogi and adagrad move every coordinate by about server_lr: use e.g. 1e-2, not 1.
+    server_opt: str = "sgd"
+    server_momentum: float = 0.0  # sgd: beta in m <- beta m + update (FedAvgM; fedavgm needs > 0)
+    server_beta1: float = 0.9  # adam | yogi | adagrad: first-moment decay
+    server_beta2: float = 0.99  # adam | yogi: second-moment decay
+    server_tau: float = 1e-3  # adam | yogi | adagrad: the adaptivity floor in m / (sqrt(v) + tau)
     # The heatmap loss is small (~5e-3), so are its gradients: larger mu / alpha pin the clients
     # to the global model (results/hparam_sweep.md)
     prox_mu: float = 1e-4
@@ -382,6 +396,7 @@ def _checks(cfg: Config) -> Iterator[str | None]:
     yield _range("data.synth_seed", d.synth_seed, 0)
     yield _range("data.synth_size", d.synth_size, 16)
     yield _range("data.test_fraction", d.test_fraction, 0, 1, low_open=True, high_open=True)
+    yield _range("data.val_fraction", d.val_fraction, 0, 1, high_open=True)
     yield (
         None
         if d.input_size >= 32 and d.input_size % 32 == 0
@@ -433,6 +448,7 @@ def _checks(cfg: Config) -> Iterator[str | None]:
     yield _range("fed.eval_every", f.eval_every, 1)
     yield _range("fed.checkpoint_every", f.checkpoint_every, 1)
     yield _range("fed.server_lr", f.server_lr, 0, low_open=True)
+    yield from _server_opt_checks(f)
     yield _range("fed.prox_mu", f.prox_mu, 0)
     yield _range("fed.dyn_alpha", f.dyn_alpha, 0)
     yield _range("fed.aw_alpha", f.aw_alpha, 0)
@@ -469,6 +485,35 @@ def _checks(cfg: Config) -> Iterator[str | None]:
     for kind in s.faults:
         yield _choice("system.faults", kind, FAULT_KINDS)
     yield _range("system.fault_rate", s.fault_rate, 0, 1)
+
+
+SERVER_OPTS = ("sgd", "adam", "yogi", "adagrad")
+# FedAvg with a server optimiser: the optimiser each method name implies
+SERVER_OPT_METHODS = {
+    "fedavgm": "sgd",
+    "fedadam": "adam",
+    "fedyogi": "yogi",
+    "fedadagrad": "adagrad",
+}
+
+
+def _server_opt_checks(f: FedConfig) -> Iterator[str | None]:
+    yield _choice("fed.server_opt", f.server_opt, SERVER_OPTS)
+    yield _range("fed.server_momentum", f.server_momentum, 0, 1, high_open=True)
+    yield _range("fed.server_beta1", f.server_beta1, 0, 1, high_open=True)
+    yield _range("fed.server_beta2", f.server_beta2, 0, 1, high_open=True)
+    yield _range("fed.server_tau", f.server_tau, 0, low_open=True)
+    implied = SERVER_OPT_METHODS.get(f.method)
+    if implied is not None and f.server_opt not in ("sgd", implied):
+        yield (
+            f"fed.server_opt: {f.server_opt!r} contradicts fed.method {f.method!r} (FedAvg with "
+            f"{implied}); use fed.method=fedavg with fed.server_opt={f.server_opt}"
+        )
+    if f.method == "fedavgm" and f.server_momentum <= 0:
+        yield (
+            "fed.server_momentum: fedavgm needs a momentum > 0 (e.g. fed.server_momentum=0.9); "
+            "with 0 it is fedavg"
+        )
 
 
 def _speeds(speeds: list) -> str | None:

@@ -1,8 +1,9 @@
 """What a run's numbers depend on besides its config: code version, thread count, Gram path.
 
-A whole run is bit-reproducible only for the same code, CPU family and thread count (aggregation
+A whole run is bit-reproducible only for the same code, CPU model and thread count (aggregation
 alone is, on every machine), so every run directory records them beside the resolved config
-(`config.json`, key "runtime").
+(`config.json`, key "runtime"; the CPU model as /proc/cpuinfo's "model name", which `fedpose
+report` uses to refuse pairing runs made on different CPUs).
 """
 
 from __future__ import annotations
@@ -47,11 +48,25 @@ def gram_path() -> str:
     return gram_record(1)["path"]
 
 
+def cpu_model() -> str:
+    """The CPU's model name as /proc/cpuinfo (and lscpu) gives it, e.g. "AMD EPYC 7763 64-Core
+    Processor"; the platform's processor or architecture name where there is none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def runtime_info() -> dict:
     return {
         "torch_threads": torch.get_num_threads(),
         "gram_path": gram_path(),
         "torch": torch.__version__,
         "machine": platform.machine(),
+        "cpu_model": cpu_model(),
         "commit": git_commit(),
     }

@@ -19,6 +19,10 @@ SELECTION = 9001
 # the label-skew and quantity-skew partitions
 DIRICHLET_PARTITION = 1
 QUANTITY_PARTITION = 2
+# the equal subsets of each attribute value when clients are a multiple of the values
+ATTRIBUTE_SUBSETS = 4
+# the validation records held out of each client's training records (data.val_fraction)
+VALIDATION = 3
 # FedGH's random visit order: one seed per (run seed, round), spaced by a prime so that runs with
 # neighbouring seeds never share an order
 FEDGH_ORDER_STRIDE = 1_000_003

@@ -1,4 +1,9 @@
-"""Centralized training: all data in one place. The upper bound federated runs are compared to."""
+"""Centralized training: all data in one place. The upper bound federated runs are compared to.
+
+It goes through the steps of the run lifecycle (engine/run.py) around its epoch loop: the config
+checked once (check_config), the model of the server side (build_server_side: the same seeded
+model as every federated run), the records, the checkpoint read before the run folder is
+claimed (prepare_run_dir), a RunObserver that sees every epoch, the model file at the end."""
 
 from __future__ import annotations
 
@@ -16,12 +21,12 @@ from fedpose.data.image_cache import ImageCache
 from fedpose.data.partition import partition
 from fedpose.data.records import Skeleton
 from fedpose.engine.evaluate import evaluate_model
-from fedpose.model.inference import resolve_device
+from fedpose.engine.federation import build_server_side
+from fedpose.engine.run import check_config, prepare_run_dir
+from fedpose.fl.observer import RunObserver
 from fedpose.model.io import MODEL_FILE, load_checkpoint, run_identity, save_checkpoint, save_model
 from fedpose.model.optim import make_optimizer
-from fedpose.model.pose_resnet import build_model, load_pretrained
 from fedpose.model.train_step import TrainStep
-from fedpose.provenance import runtime_info
 
 LOSS_READ_EVERY = 16  # training steps between reads of the loss (each read syncs a GPU)
 
@@ -37,23 +42,26 @@ def _training_records(cfg: Config) -> tuple[list, Skeleton, str]:
 
 
 def train_centralized(
-    cfg: Config, resume: bool = False, console: Console | None = None, force: bool = False
+    cfg: Config,
+    resume: bool = False,
+    console: Console | None = None,
+    force: bool = False,
+    observer: RunObserver | None = None,
 ) -> dict:
     """Train on all data; `resume` continues from the run's checkpoint (`force`: even one written
-    by another method, seed or config)."""
+    by another method, seed or config). `observer.round_done(epoch, record)` sees every epoch."""
     console = console or Console()
-    cfg.validate()
-    device = resolve_device(cfg.train.device)
+    observer = observer or RunObserver()
+    check_config(cfg)
     train_records, skeleton, only = _training_records(cfg)
     test_records, _ = load_split(cfg.data, "test")
+    server = build_server_side(cfg, skeleton)
+    device = server.device
     console.print(
         f"{cfg.data.dataset}: {len(train_records)} train{only}, {len(test_records)} test "
         f"records, {skeleton.num_joints} joints; device {device}"
     )
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, skeleton.num_joints)
-    if cfg.model.pretrained:
-        load_pretrained(model, cfg.model.pretrained)
+    model = server.model
     model.to(device)
     optimizer = make_optimizer(model, cfg.train)
     step = TrainStep(
@@ -100,12 +108,7 @@ def train_centralized(
         scheduler.load_state_dict(state["scheduler"])
         start = state["epoch"]
         console.print(f"resumed at epoch {start}")
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        metrics_path.unlink(missing_ok=True)
-    (run_dir / "config.json").write_text(
-        json.dumps({**cfg.to_dict(), "runtime": runtime_info()}, indent=2)
-    )
+    prepare_run_dir(cfg, resume=state is not None)
 
     # one loader for every epoch: its worker processes start once
     loader = make_epochs_loader(
@@ -183,7 +186,10 @@ def train_centralized(
                 bar.update(
                     task, info=f"loss {record['train_loss']:.6f}  PCK {record['pck_mean']:.1f}%"
                 )
+            observer.round_done(epoch + 1, record)
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     save_model(run_dir / MODEL_FILE, weights, cfg, skeleton)
     record["wall_seconds"] = time.perf_counter() - t_start
+    observer.finished(None)
+    observer.closed()
     return record

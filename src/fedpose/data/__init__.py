@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from fedpose.config import ConfigError, DataConfig, choice_problem
@@ -24,6 +22,8 @@ from fedpose.data.records import (
     MPII,
     SKELETONS,
     DatasetError,
+    DatasetKind,
+    FileOptions,
     PoseRecord,
     Skeleton,
 )
@@ -165,15 +165,6 @@ def _load_synth_split(cfg: DataConfig, split: str) -> tuple[list[PoseRecord], Sk
 
 
 # ----------------------------------------------------------------------------- files as given
-@dataclass(frozen=True)
-class FileOptions:
-    """What `load_files` may be told besides root and annotation file."""
-
-    split: str = "all"  # lsp: train | test | all
-    labels: str = "pc"  # lsp: pc | oc
-    headboxes: str | Path | None = None  # mpii: gt_valid.mat
-
-
 def _need_ann(ann: str | Path | None, root: Path, dataset: str) -> Path:
     if not ann:
         raise DatasetError(root, f"the {dataset} dataset needs its annotation file (--ann)")
@@ -196,15 +187,6 @@ def _coco_files(root: Path, ann: str | Path | None, _opt: FileOptions) -> list[P
 def _synth_files(root: Path, ann: str | Path | None, _opt: FileOptions) -> list[PoseRecord]:
     ann_path = Path(ann) if ann else root / SYNTH_ANN
     return load_coco(ann_path, ann_path.parent / SYNTH_IMAGES)
-
-
-@dataclass(frozen=True)
-class DatasetKind:
-    skeleton: Skeleton
-    # the configured train or test split (DataConfig, "train" | "test") -> records, skeleton
-    load_split: Callable[[DataConfig, str], tuple[list[PoseRecord], Skeleton]]
-    # every record of the files as given (root, annotation file or None, options)
-    load_files: Callable[[Path, str | Path | None, FileOptions], list[PoseRecord]]
 
 
 DATASETS: dict[str, DatasetKind] = {

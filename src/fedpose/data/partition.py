@@ -222,18 +222,28 @@ def by_attribute(
     skeleton: Skeleton | None = None,
 ) -> list[list[int]]:
     """Whole attribute values per client, in sorted value order; with fewer clients than values,
-    values are dealt round-robin. More clients than values raises ValueError."""
+    values are dealt round-robin. With a multiple m of the values' count as clients, each value's
+    records are split into m seeded, equal subsets (value i → clients i·m … i·m + m − 1: views ×
+    subsets). Other counts above the values' raise ValueError."""
     _check_counts(len(records), num_clients)
     labels = record_labels(records, attr, num_clusters=num_clients, seed=seed, skeleton=skeleton)
     values = sorted(set(labels))
+    if len(values) < num_clients and num_clients % len(values) == 0:
+        subsets = num_clients // len(values)
+        rng = seeding.stream(seed, seeding.ATTRIBUTE_SUBSETS)
+        parts: list[list[int]] = []
+        for value in values:
+            idx = rng.permutation([i for i, lab in enumerate(labels) if lab == value])
+            parts += [sorted(int(i) for i in chunk) for chunk in np.array_split(idx, subsets)]
+        return parts
     if len(values) < num_clients:
         raise ValueError(
-            f"partition by attribute {attr!r} needs at least one value per client: "
-            f"{len(values)} values ({', '.join(values)}) for {num_clients} clients; "
-            "use fewer clients or the dirichlet partition"
+            f"partition by attribute {attr!r} needs at least one value per client, or a "
+            f"multiple of the values' count: {len(values)} values ({', '.join(values)}) for "
+            f"{num_clients} clients; use fewer clients or the dirichlet partition"
         )
     client_of = {v: i % num_clients for i, v in enumerate(values)}
-    parts: list[list[int]] = [[] for _ in range(num_clients)]
+    parts = [[] for _ in range(num_clients)]
     for i, label in enumerate(labels):
         parts[client_of[label]].append(i)
     return parts

@@ -4,11 +4,14 @@ input checks every loader shares."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from fedpose.config import DataConfig
 
 
 class DatasetError(ValueError):
@@ -217,6 +220,27 @@ ARM = Skeleton(
 )
 
 SKELETONS = {s.name: s for s in (LSP, MPII, COCO, ARM)}
+
+
+# --- what a dataset provides (data/__init__.py: DATASETS) -----------------------------------------
+@dataclass(frozen=True)
+class FileOptions:
+    """What `load_files` may be told besides root and annotation file."""
+
+    split: str = "all"  # lsp: train | test | all
+    labels: str = "pc"  # lsp: pc | oc
+    headboxes: str | Path | None = None  # mpii: gt_valid.mat
+
+
+@dataclass(frozen=True)
+class DatasetKind:
+    """One registered dataset: its skeleton and its two loaders."""
+
+    skeleton: Skeleton
+    # the configured train or test split (DataConfig, "train" | "test") -> records, skeleton
+    load_split: Callable[[DataConfig, str], tuple[list[PoseRecord], Skeleton]]
+    # every record of the files as given (root, annotation file or None, options)
+    load_files: Callable[[Path, str | Path | None, FileOptions], list[PoseRecord]]
 
 
 # --- validation shared by the loaders -------------------------------------------------------------

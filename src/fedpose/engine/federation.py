@@ -7,21 +7,25 @@ client side (`build_client_side`) is the records, the partition and each client'
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from fedpose import seeding
 from fedpose.config import Config, DataConfig
 from fedpose.data import load_split
 from fedpose.data.dataset import PoseDataset
 from fedpose.data.image_cache import ImageCache
 from fedpose.data.partition import partition
 from fedpose.data.records import PoseRecord, Skeleton
-from fedpose.data.site import dataset_skeleton
+from fedpose.data.site import dataset_skeleton, evaluation_partition
 from fedpose.engine.evaluate import evaluate_model
 from fedpose.fl.params import ModelLayout, model_layout
 from fedpose.fl.strategies import build_strategy
 from fedpose.fl.strategies.base import Strategy
+from fedpose.metrics.pck import pck_counts, score_counts
 from fedpose.model.inference import load_weights, resolve_device
 from fedpose.model.pose_resnet import PoseResNet, build_model, load_pretrained
 
@@ -73,6 +77,9 @@ class ClientSide:
     parts: list[list[int]]
     image_cache: ImageCache | None = None  # decoded images, shared by every client's dataset
     _datasets: dict[int, PoseDataset] = field(default_factory=dict)
+    # each client's records among test_records (None: the test split partitioned like the
+    # training data); set when test_records is a validation split carved from the clients
+    test_parts: list[list[int]] | None = None
 
     @property
     def client_sizes(self) -> list[int]:
@@ -101,6 +108,15 @@ def build_client_side(cfg: Config) -> ClientSide:
     parts = partition(train_records, cfg.fed, cfg.seed)
     if len(parts) != cfg.fed.num_clients:
         raise ValueError(f"partition made {len(parts)} clients, config says {cfg.fed.num_clients}")
+    test_parts = None
+    if cfg.data.val_fraction > 0:
+        parts, held_out = carve_validation(parts, cfg.data.val_fraction, cfg.seed)
+        # the run is scored on the held-out training records, never on the test split
+        test_records = [train_records[i] for part in held_out for i in part]
+        test_parts, start = [], 0
+        for part in held_out:
+            test_parts.append(list(range(start, start + len(part))))
+            start += len(part)
     return ClientSide(
         cfg.data,
         cfg.seed,
@@ -109,7 +125,24 @@ def build_client_side(cfg: Config) -> ClientSide:
         test_records,
         parts,
         image_cache=ImageCache(cfg.data.cache_mb << 20) if cfg.data.cache_mb > 0 else None,
+        test_parts=test_parts,
     )
+
+
+def carve_validation(
+    parts: list[list[int]], fraction: float, seed: int
+) -> tuple[list[list[int]], list[list[int]]]:
+    """(training parts, validation parts): a seeded `fraction` of every client's records (at
+    least one where the client has two or more) is held out; the same for every method, so
+    tuning runs are paired like the test runs."""
+    rng = seeding.stream(seed, seeding.VALIDATION)
+    train, held_out = [], []
+    for part in parts:
+        order = [part[int(i)] for i in rng.permutation(len(part))]
+        n = min(max(round(fraction * len(part)), 1), len(part) - 1) if len(part) > 1 else 0
+        held_out.append(sorted(order[:n]))
+        train.append(sorted(order[n:]))
+    return train, held_out
 
 
 @dataclass
@@ -119,6 +152,10 @@ class Federation:
     cfg: Config
     server: ServerSide
     clients: ClientSide
+    # a client's state by id (set by the in-process engine): FedBN's sites are also scored with
+    # their own BatchNorm tensors
+    client_state: Callable[[int], dict] | None = None
+    _test_parts: list[list[int]] | None = None
 
     # the parts the in-process transport and Flower's partition shortcut use
     @property
@@ -163,18 +200,58 @@ class Federation:
     def initial_weights(self) -> dict[str, torch.Tensor]:
         return self.server.initial_weights()
 
-    def evaluate(self, weights: dict[str, torch.Tensor]) -> dict:
-        """The global model's PCK on the test split, as metrics.jsonl records it."""
+    @property
+    def test_parts(self) -> list[list[int]]:
+        """Each client's own records among test_records: the test split partitioned like the
+        training data (what a Flower site holds, data/site.py), or its validation share."""
+        if self._test_parts is None:
+            self._test_parts = self.clients.test_parts or evaluation_partition(
+                self.test_records, self.cfg
+            )
+        return self._test_parts
+
+    def _evaluate(self, weights: dict[str, torch.Tensor], records: list[PoseRecord]) -> dict:
         load_weights(self.model, weights)
-        ev = evaluate_model(
+        return evaluate_model(
             self.model,
-            self.test_records,
+            records,
             self.skeleton,
             self.device,
             input_size=self.cfg.data.input_size,
             flip_test=self.cfg.train.flip_test,
         )
-        return {k: ev[k] for k in ("pck_mean", "pck_per_joint", "heatmap_acc")}
+
+    def evaluate(self, weights: dict[str, torch.Tensor]) -> dict:
+        """The global model's PCK on the test split, as metrics.jsonl records it, and each
+        site's PCK on its own test records (`site_pck`, from the same predictions; FedBN also
+        with each site's own BatchNorm tensors, `site_pck_local_bn`)."""
+        ev = self._evaluate(weights, self.test_records)
+        out = {k: ev[k] for k in ("pck_mean", "pck_per_joint", "heatmap_acc")}
+        sites: dict[str, float | None] = {}
+        for k, idx in enumerate(self.test_parts):
+            if idx:
+                records = [self.test_records[i] for i in idx]
+                counts = pck_counts(ev["preds"][idx], records, self.skeleton)
+                sites[str(k)] = _finite(score_counts(*counts, self.skeleton).mean)
+        out["site_pck"] = sites
+        if self.strategy.keep_bn_local and self.client_state is not None:
+            out["site_pck_local_bn"] = self._local_bn_scores(weights)
+        return out
+
+    def _local_bn_scores(self, weights: dict[str, torch.Tensor]) -> dict[str, float | None]:
+        """Each site's PCK of the global model with the site's own BatchNorm tensors (FedBN's
+        deployed model); sites that never trained are left out."""
+        out: dict[str, float | None] = {}
+        for k, idx in enumerate(self.test_parts):
+            local = self.client_state(k).get("local") if self.client_state else None
+            if idx and local:
+                records = [self.test_records[i] for i in idx]
+                out[str(k)] = _finite(self._evaluate({**weights, **local}, records)["pck_mean"])
+        return out
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
 
 
 def build_federation(cfg: Config) -> Federation:

@@ -8,7 +8,9 @@ Arrays (`pack_state`: a JSON layout and one byte buffer), not one Array per tens
                                  train-samples, test-samples, error (why the node is refused)
   train request  "weights": packed ArrayRecord (global state dict)
                  "config":  ConfigRecord client-id, version, round, seed
+                 "control": packed {"c": SCAFFOLD's server control variate} (SCAFFOLD only)
   train reply    "update":  packed ArrayRecord {"delta": flat float32 update,
+                            "control-delta": SCAFFOLD's c_k⁺ − c_k (SCAFFOLD only),
                             "averaged/<name>": tensors the server averages by sample count}
                  "metrics": MetricRecord num-examples, train-loss, steps, seconds, and the
                             handler's timing (handler-started, handler-seconds, process-age)
@@ -129,7 +131,7 @@ def unpack_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
 
 
 def request_to_content(request: TrainRequest) -> RecordDict:
-    return RecordDict(
+    content = RecordDict(
         {
             "weights": pack_state(request.weights),
             "config": ConfigRecord(
@@ -144,6 +146,9 @@ def request_to_content(request: TrainRequest) -> RecordDict:
             ),
         }
     )
+    if request.control is not None:  # SCAFFOLD's server control variate
+        content["control"] = pack_state({"c": request.control})
+    return content
 
 
 def content_to_request(content: RecordDict) -> TrainRequest:
@@ -156,10 +161,12 @@ def content_to_request(content: RecordDict) -> TrainRequest:
         seed=int(cfg["seed"]),
         rule=str(cfg["client-rule"]),
         coef=float(cfg["client-coef"]),
+        control=record_to_state(content["control"])["c"] if "control" in content else None,
     )
 
 
 _AVERAGED = "averaged/"  # name prefix of the averaged tensors in a reply's packed "update"
+_CONTROL_DELTA = "control-delta"  # SCAFFOLD: c_k⁺ − c_k in a reply's packed "update"
 
 
 def reply_to_content(reply: TrainReply, timing: dict[str, float] | None = None) -> RecordDict:
@@ -181,8 +188,13 @@ def reply_to_content(reply: TrainReply, timing: dict[str, float] | None = None) 
         }
     )
     if reply.delta is not None:
+        extra = {} if reply.control_delta is None else {_CONTROL_DELTA: reply.control_delta}
         content["update"] = pack_state(
-            {"delta": reply.delta, **{_AVERAGED + name: t for name, t in reply.averaged.items()}}
+            {
+                "delta": reply.delta,
+                **extra,
+                **{_AVERAGED + name: t for name, t in reply.averaged.items()},
+            }
         )
     return content
 
@@ -206,6 +218,7 @@ def content_to_reply(content: RecordDict) -> TrainReply:
         steps=int(metrics["steps"]),
         seconds=float(metrics["seconds"]),
         error=str(cfg["error"]) or None,
+        control_delta=update.get(_CONTROL_DELTA),
         # secure aggregation's phase 1 (engine/flower_secagg.py): a sketch instead of the update
         sketch=record_to_state(content["sketch"])["sketch"] if "sketch" in content else None,
     )

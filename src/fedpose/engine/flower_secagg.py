@@ -64,8 +64,9 @@ from fedpose.engine.flower_messages import (
 )
 from fedpose.fl.messages import TrainReply, TrainRequest
 from fedpose.fl.params import ModelLayout, weighted_average
-from fedpose.fl.secure import SKETCH_METHODS
+from fedpose.fl.secure import needs_sketch
 from fedpose.fl.sketch import count_sketch
+from fedpose.fl.strategies import build_strategy
 
 SKETCH_SECRET = "sketch-secret"  # node config key: the consortium secret (never the run config)
 _KEPT = "fedpose.secure.update"  # context.state key: this site's update of the round
@@ -127,7 +128,7 @@ def _keep_and_sketch(msg: Message, reply: Message, context: Context, fed) -> Mes
     del content["update"]
     if counters:
         content[COUNTERS] = ConfigRecord(counters)
-    if fed.method.strip().lower() in SKETCH_METHODS:
+    if needs_sketch(build_strategy(fed)):
         secret = str(context.node_config.get(SKETCH_SECRET, ""))
         if not secret:
             content["config"]["error"] = (

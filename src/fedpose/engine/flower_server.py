@@ -1,12 +1,12 @@
 """Flower 1.42 ServerApp: fedpose's own server loop over a Flower Grid.
 
-Nothing federated is implemented here. The ServerApp runs fedpose's FederatedServer (the same
-loop as the in-process engine: selection, aggregation, metrics, checkpoints) with a
-`FlowerTransport`, which sends each selected client its training request as a Flower Message and
-waits for exactly that client's reply. The ServerApp loads no training data: it builds the
-initial model from the Config (seeded, as every engine does) and learns each client's sample
-counts from the clients. What travels in the messages: `engine/flower_messages.py`; the
-ClientApp: `engine/flower_client.py`.
+Nothing federated is implemented here. The ServerApp runs fedpose's run lifecycle
+(engine/run.py: the same checks, server side, checkpoints and FederatedServer loop as the
+in-process engine) on a `FlowerEngine`, whose `FlowerTransport` sends each selected client its
+training request as a Flower Message and waits for exactly that client's reply. The ServerApp
+loads no training data: it builds the initial model from the Config (seeded, as every engine
+does) and learns each client's sample counts from the clients. What travels in the messages:
+`engine/flower_messages.py`; the ClientApp: `engine/flower_client.py`.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
+from fedpose.config import Config
 from fedpose.data import load_split
-from fedpose.data.site import dataset_skeleton
-from fedpose.engine.federation import build_model_and_strategy
+from fedpose.engine.federation import ServerSide
 from fedpose.engine.flower_dp import check_dp_config, privacy_report, releases_per_client
 from fedpose.engine.flower_messages import (
     CONNECT_TIMEOUT_S,
@@ -41,13 +41,12 @@ from fedpose.engine.flower_messages import (
     settings_from_run_config,
 )
 from fedpose.engine.flower_secagg import maybe_inspect, secure_transport
-from fedpose.engine.runner import prepare_run_dir
+from fedpose.engine.run import Engine, client_row, run_lifecycle
 from fedpose.fl.messages import TrainReply, TrainRequest
+from fedpose.fl.observer import RunObserver
 from fedpose.fl.server import FederatedServer
 from fedpose.metrics.log import read_jsonl
 from fedpose.metrics.pck import score_counts
-from fedpose.model.inference import resolve_device
-from fedpose.model.io import MODEL_FILE, run_identity, save_model
 
 TIMING_FILE = "flower_timing.jsonl"
 # how often the ServerApp asks the SuperLink for replies: replies are pulled at most this late
@@ -410,7 +409,6 @@ server_app = ServerApp()
 @server_app.main()
 def _server_main(grid: Grid, context: Context) -> None:
     settings = settings_from_run_config(context.run_config)
-    check_dp_config(settings.config.fed)
     console = Console(file=sys.stdout, width=100)
 
     def log(text: str) -> None:
@@ -419,11 +417,115 @@ def _server_main(grid: Grid, context: Context) -> None:
     run_flower_server(maybe_inspect(grid), settings, log)
 
 
+class FlowerEngine(Engine):
+    """The run lifecycle's Flower engine: the clients are SuperNodes reached over `grid`; their
+    sample counts come from them at `start`, evaluation is federated (each client scores its own
+    test records) and, with `central-eval`, also central on the config's test split, which must
+    then exist here."""
+
+    def __init__(self, grid: Grid, settings: AppSettings, log=print):
+        self.grid = grid
+        self.settings = settings
+        self.log = log
+        self.cfg = settings.config
+        self.central: list | None = None
+
+    def check(self, cfg: Config) -> None:
+        check_dp_config(cfg.fed)
+
+    def prepare(self, cfg: Config, server: ServerSide) -> None:
+        self.server_side = server
+        if self.settings.central_eval:
+            self.central = load_split(cfg.data, "test")[0]
+
+    def start(self, run_dir: Path, resumed: bool, _observer: RunObserver) -> None:
+        timing = run_dir / TIMING_FILE
+        if not resumed:
+            timing.unlink(missing_ok=True)
+        s = self.settings
+        self.transport = FlowerTransport(
+            self.grid,
+            self.cfg.fed.num_clients,
+            s.reply_timeout,
+            s.connect_timeout,
+            timing,
+            self.log,
+        )
+        # under fed.secure: replies hold sketches, the sum comes through SecAgg+
+        self.transport = secure_transport(self.transport, self.server_side.layout, self.cfg.fed)
+        self.transport.connect()
+
+    def client_sizes(self) -> list[int]:
+        return self.transport.client_sizes()
+
+    def clients(self) -> list[dict]:
+        return [
+            client_row(k, i.name, i.train_samples, i.test_samples, node=i.node)
+            for k, i in sorted(self.transport.clients.items())
+        ]
+
+    def evaluate(self, weights: dict[str, torch.Tensor], version: int) -> dict:
+        skeleton = self.server_side.skeleton
+        result = federated_metrics(self.transport.evaluate(weights, version), skeleton)
+        if self.central is not None:
+            correct, counted = count_correct(
+                self.server_side.model,
+                weights,
+                self.central,
+                skeleton,
+                self.cfg,
+                self.server_side.device,
+            )
+            score = score_counts(correct, counted, skeleton)
+            result.update(central_pck_mean=score.mean, central_pck_per_joint=score.per_joint)
+        return result
+
+    def finish(self, cfg: Config, run_dir: Path, server: FederatedServer) -> None:
+        self.log(f"finished at round {server.state.round}; run directory {run_dir.resolve()}")
+        if cfg.fed.dp_epsilon <= 0:
+            return
+        report = privacy_report(cfg.fed, releases_per_client(read_jsonl(run_dir / "metrics.jsonl")))
+        (run_dir / "privacy.json").write_text(json.dumps(report, indent=2))
+        rdp = (
+            f"epsilon {report['epsilon_rdp']:.4g} at delta {report['delta_rdp']:g} (Flower's "
+            f"RDP accountant)"
+            if report["epsilon_rdp"] is not None
+            else "no RDP accountant (pip install 'flwr[dp]')"
+        )
+        self.log(
+            f"local DP: sigma {report['noise_std']:.4g} per coordinate; a client released at most "
+            f"{report['releases_max']} updates: {rdp}; simple composition: epsilon "
+            f"{report['epsilon_composed_simple']:.4g} at delta {report['delta_composed_simple']:g}"
+            f"; details in privacy.json"
+        )
+
+
+class LogObserver(RunObserver):
+    """The ServerApp's log: the run's messages and one line per round."""
+
+    def __init__(self, rounds: int, log=print):
+        self.rounds = rounds
+        self.log = log
+
+    def message(self, text: str) -> None:
+        self.log(text)
+
+    def round_done(self, done: int, record: dict) -> None:
+        text = f"round {done}/{self.rounds}: aggregated {record['aggregated']}"
+        if record.get("train_loss") is not None:
+            text += f", loss {record['train_loss']:.5f}"
+        if record.get("pck_mean") is not None:
+            text += f", federated PCK {record['pck_mean']:.2f}"
+            text += "".join(
+                f"; client {k} {v:.2f}" for k, v in record["site_pck"].items() if v is not None
+            )
+        self.log(text)
+
+
 def run_flower_server(grid: Grid, settings: AppSettings, log=print) -> FederatedServer:
-    """The ServerApp: fedpose's server loop over a FlowerTransport. It loads no training data:
-    the model comes from the config (seeded, as on every engine), the sample counts from the
-    clients; evaluation is federated (each client scores its own test records) and, with
-    `central-eval`, also central on the config's test split, which must then exist here."""
+    """The ServerApp: fedpose's run lifecycle (engine/run.py) on the Flower engine. It loads no
+    training data: the model comes from the config (seeded, as on every engine), the sample
+    counts from the clients (see FlowerEngine)."""
     cfg = settings.config
     log(
         f"run {cfg.name}: {cfg.fed.method} {cfg.fed.mode}, {cfg.fed.rounds} rounds, "
@@ -434,94 +536,9 @@ def run_flower_server(grid: Grid, settings: AppSettings, log=print) -> Federated
             "resuming: client-local state (FedBN BatchNorm, FedDyn's term) lives in each run's "
             "context.state and starts empty in this run"
         )
-    run_dir = prepare_run_dir(cfg, settings.resume)
-    skeleton = dataset_skeleton(cfg.data.dataset)
-    model, layout, strategy = build_model_and_strategy(cfg, skeleton)
-    device = resolve_device(cfg.train.device)
-    timing = run_dir / TIMING_FILE
-    if not settings.resume:
-        timing.unlink(missing_ok=True)
-    transport = FlowerTransport(
-        grid, cfg.fed.num_clients, settings.reply_timeout, settings.connect_timeout, timing, log
+    return run_lifecycle(
+        cfg,
+        FlowerEngine(grid, settings, log),
+        resume=settings.resume,
+        observer=LogObserver(cfg.fed.rounds, log),
     )
-    transport = secure_transport(transport, layout, cfg.fed)  # SecAgg+ under fed.secure
-    transport.connect()
-    (run_dir / "clients.json").write_text(
-        json.dumps(
-            [
-                {
-                    "client": k,
-                    "site": i.name,
-                    "node": i.node,
-                    "samples": i.train_samples,
-                    "test_samples": i.test_samples,
-                }
-                for k, i in sorted(transport.clients.items())
-            ],
-            indent=2,
-        )
-    )
-    central = load_split(cfg.data, "test")[0] if settings.central_eval else None
-
-    def evaluate(weights: dict[str, torch.Tensor]) -> dict:
-        result = federated_metrics(transport.evaluate(weights, server.state.round), skeleton)
-        if central is not None:
-            correct, counted = count_correct(model, weights, central, skeleton, cfg, device)
-            score = score_counts(correct, counted, skeleton)
-            result.update(central_pck_mean=score.mean, central_pck_per_joint=score.per_joint)
-        return result
-
-    server = FederatedServer(
-        cfg.fed,
-        cfg.system,
-        {n: t.detach().clone() for n, t in model.state_dict().items()},
-        layout,
-        strategy,
-        transport,
-        transport.client_sizes(),
-        evaluate=evaluate,
-        run_dir=run_dir,
-        seed=cfg.seed,
-        batch_size=cfg.train.batch_size,
-        identity=run_identity(cfg.to_dict()),
-    )
-    if settings.resume:
-        resumed, warnings = server.load_checkpoint()
-        for warning in warnings:
-            log(f"warning: {warning}")
-        log(
-            f"resumed at round {server.state.round}"
-            if resumed
-            else "no checkpoint yet: starting over"
-        )
-
-    def progress(done: int, record: dict) -> None:
-        text = f"round {done}/{cfg.fed.rounds}: aggregated {record['aggregated']}"
-        if record.get("train_loss") is not None:
-            text += f", loss {record['train_loss']:.5f}"
-        if record.get("pck_mean") is not None:
-            text += f", federated PCK {record['pck_mean']:.2f}"
-            text += "".join(
-                f"; client {k} {v:.2f}" for k, v in record["site_pck"].items() if v is not None
-            )
-        log(text)
-
-    server.run(progress=progress)
-    save_model(run_dir / MODEL_FILE, server.weights, cfg, skeleton)
-    log(f"finished at round {server.state.round}; run directory {run_dir.resolve()}")
-    if cfg.fed.dp_epsilon > 0:
-        report = privacy_report(cfg.fed, releases_per_client(read_jsonl(run_dir / "metrics.jsonl")))
-        (run_dir / "privacy.json").write_text(json.dumps(report, indent=2))
-        rdp = (
-            f"epsilon {report['epsilon_rdp']:.4g} at delta {report['delta_rdp']:g} (Flower's "
-            f"RDP accountant)"
-            if report["epsilon_rdp"] is not None
-            else "no RDP accountant (pip install 'flwr[dp]')"
-        )
-        log(
-            f"local DP: sigma {report['noise_std']:.4g} per coordinate; a client released at most "
-            f"{report['releases_max']} updates: {rdp}; simple composition: epsilon "
-            f"{report['epsilon_composed_simple']:.4g} at delta {report['delta_composed_simple']:g}"
-            f"; details in privacy.json"
-        )
-    return server

@@ -12,7 +12,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fedpose.config import Config, ConfigError
 from fedpose.data.partition import client_statistics
-from fedpose.data.site import evaluation_partition
 from fedpose.engine.federation import Federation, ServerSide, build_client_side
 from fedpose.engine.local import LocalTransport
 from fedpose.engine.run import Engine, client_row, prepare_run_dir, run_lifecycle
@@ -64,6 +63,8 @@ class InProcessEngine(Engine):
         inner = getattr(self.transport, "local", self.transport)  # secure: the sites' transport
         if isinstance(inner, LocalTransport):
             inner.observer = observer
+            # FedBN's sites are also scored with their own BatchNorm tensors
+            self.federation.client_state = inner.client_states.get
 
     def client_sizes(self) -> list[int]:
         assert self.federation is not None
@@ -72,7 +73,7 @@ class InProcessEngine(Engine):
     def clients(self) -> list[dict]:
         f = self.federation
         assert f is not None
-        test_parts = evaluation_partition(f.test_records, f.cfg)
+        test_parts = f.test_parts
         stats = client_statistics(f.train_records, f.parts)
         return [
             client_row(

@@ -2,8 +2,9 @@
 
 The training request says which objective the client minimises (the strategy's client rule and
 its coefficient, as Flower's FedProx sends its mu): plain (FedAvg, FedBN, FedAW, FedGH), prox
-(FedProx: + μ/2 ‖w − w_t‖²) or dyn (FedDyn: − ⟨g_k, w⟩ + α/2 ‖w − w_t‖², with g_k the client's
-running linear term). Client state (FedBN's BatchNorm tensors, FedDyn's g_k) stays with the client.
+(FedProx: + μ/2 ‖w − w_t‖²), dyn (FedDyn: − ⟨g_k, w⟩ + α/2 ‖w − w_t‖², with g_k the client's
+running linear term) or scaffold (SCAFFOLD: gradients corrected by c − c_k). Client state
+(FedBN's BatchNorm tensors, FedDyn's g_k, SCAFFOLD's c_k) stays with the client.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from fedpose.model.optim import make_optimizer
 from fedpose.model.train_step import TrainStep
 
 DYN_GRAD_FLAT = "flat"  # client_state["dyn_grad"][DYN_GRAD_FLAT]: g_k over layout.agg_names
+SCAFFOLD_KEY, SCAFFOLD_FLAT = "scaffold", "flat"  # client_state["scaffold"]["flat"]: c_k
 
 
 def local_batches(
@@ -89,9 +91,17 @@ def local_train(
     dyn_grad = dyn_grad_by_name(client_state, layout) if request.rule == "dyn" else None
     if dyn_grad is not None:
         dyn_grad = {n: g.to(device) for n, g in dyn_grad.items()}
+    scaffold = (
+        ScaffoldCorrection(client_state, request, layout, device)
+        if request.rule == "scaffold"
+        else None
+    )
 
     def regularize() -> None:
-        _add_regularizer_grads(params, base, dyn_grad, layout, request.coef)
+        if scaffold is not None:
+            scaffold(params)
+        else:
+            _add_regularizer_grads(params, base, dyn_grad, layout, request.coef)
 
     step = TrainStep(
         model,
@@ -109,6 +119,9 @@ def local_train(
     trained = {n: t.detach().cpu() for n, t in model.state_dict().items()}
     delta = flatten(trained, layout.agg_names) - flatten(request.weights, layout.agg_names)
     new_state = _next_client_state(client_state, trained, delta, request, layout)
+    control_delta = None
+    if scaffold is not None:
+        new_state[SCAFFOLD_KEY], control_delta = scaffold.finish()
     reply = TrainReply(
         client_id=request.client_id,
         version=request.version,
@@ -120,8 +133,53 @@ def local_train(
         train_loss_sq=float(np.mean(np.square(losses))) if losses else math.nan,
         steps=len(losses),
         seconds=time.perf_counter() - started,
+        control_delta=control_delta,
     )
     return reply, new_state
+
+
+class ScaffoldCorrection:
+    """SCAFFOLD's client side (Karimireddy et al. 2020): every local step uses the corrected
+    gradient g − c_k + c, and afterwards the client's control variate becomes
+
+        c_k⁺ = (1/K) Σ_{i<K} g_i,   the mean of the K raw minibatch gradients of this round.
+
+    With plain SGD at learning rate η_l that is exactly option II, c_k⁺ = c_k − c +
+    (w_t − w_k)/(K η_l): the K corrected steps move w by −η_l Σ (g_i − c_k + c). Written as the
+    mean gradient it stays in gradient units under Adam, where (w_t − w_k)/(K η_l) does not.
+    c_k starts at 0 and is client state (`client_state["scaffold"]["flat"]`), kept like
+    FedDyn's."""
+
+    def __init__(
+        self, client_state: dict, request: TrainRequest, layout: ModelLayout, device
+    ) -> None:
+        size = layout.slices[-1][2] if layout.slices else 0
+        stored = client_state.get(SCAFFOLD_KEY, {}).get(SCAFFOLD_FLAT)
+        self.c_k = stored.to(torch.float32) if stored is not None else torch.zeros(size)
+        c = request.control if request.control is not None else torch.zeros(size)
+        correction = (c - self.c_k).to(device)  # − c_k + c, added to every step's gradient
+        self.grad_sum = torch.zeros(size, dtype=torch.float32, device=device)
+        self.layout = layout
+        self.correction = {n: correction[a:b].view(layout.shapes[n]) for n, a, b in layout.slices}
+        self.sums = {n: self.grad_sum[a:b].view(layout.shapes[n]) for n, a, b in layout.slices}
+        self.steps = 0
+
+    @torch.no_grad()
+    def __call__(self, params: dict) -> None:
+        for name in self.layout.agg_names:
+            p = params[name]
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            self.sums[name].add_(p.grad)
+            p.grad.add_(self.correction[name])
+        self.steps += 1
+
+    def finish(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """(the client's new state entry {flat: c_k⁺}, c_k⁺ − c_k for the server)."""
+        if self.steps == 0:  # no local step: nothing learnt about the client's gradient
+            return {SCAFFOLD_FLAT: self.c_k}, torch.zeros_like(self.c_k)
+        new = (self.grad_sum / self.steps).cpu()
+        return {SCAFFOLD_FLAT: new}, new - self.c_k
 
 
 def dyn_grad_by_name(client_state: dict, layout: ModelLayout) -> dict[str, torch.Tensor] | None:

@@ -57,6 +57,12 @@ def _unpack(packed: dict[str, torch.Tensor], metadata: dict) -> dict[str, dict[s
     return state
 
 
+def _write(path: Path, payload: bytes, stale: Path | None) -> None:
+    path.write_bytes(payload)
+    if stale is not None:
+        stale.unlink(missing_ok=True)
+
+
 class ClientStateStore:
     """{client id: {key: {tensor name: tensor}}}, in memory (directory=None) or on disk."""
 
@@ -95,6 +101,12 @@ class ClientStateStore:
             self._memory[client] = state
             return
         old = self._index.get(client)
+        stale = None  # the file this put makes obsolete, when no kept index names it
+        if old is not None:
+            if any(ix.get(client) == old for ix in self._kept):
+                self._superseded.add((client, old))
+            else:
+                stale = self._path(client, old)
         packed, metadata = _pack(state)
         if packed:
             generation = 0 if old is None else old + 1
@@ -111,15 +123,14 @@ class ClientStateStore:
             if self._writer is None:
                 self._writer = ThreadPoolExecutor(1, thread_name_prefix="client-state")
             path = self._path(client, generation)
-            self._pending[client] = self._writer.submit(path.write_bytes, payload)
+            # the stale file goes after the new one is written, by the writer too: the caller
+            # never waits for the disk
+            self._pending[client] = self._writer.submit(_write, path, payload, stale)
             self._index[client] = generation
         else:  # stateless clients (FedAvg and kin) cost no file at all
             self._index.pop(client, None)
-        if old is not None:
-            if any(ix.get(client) == old for ix in self._kept):
-                self._superseded.add((client, old))
-            else:
-                self._path(client, old).unlink(missing_ok=True)
+            if stale is not None:
+                stale.unlink(missing_ok=True)
 
     def _wait(self, client: int) -> None:
         write = self._pending.pop(client, None)

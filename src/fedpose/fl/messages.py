@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 # the local objectives a strategy can ask of its clients (see fl/client.py)
-CLIENT_RULES = ("plain", "prox", "dyn")
+CLIENT_RULES = ("plain", "prox", "dyn", "scaffold")
 
 
 @dataclass
@@ -17,8 +17,10 @@ class TrainRequest:
     round: int  # the server round (sync) or aggregation count (async) at sending time
     weights: dict[str, torch.Tensor]  # the full global state dict
     seed: int  # drives the client's data order and augmentation
-    rule: str = "plain"  # the client's objective: plain | prox | dyn
+    rule: str = "plain"  # the client's objective: plain | prox | dyn | scaffold
     coef: float = 0.0  # its coefficient: FedProx's mu, FedDyn's alpha
+    # SCAFFOLD: the server's control variate c, flat (P,) float32 over the aggregated tensors
+    control: torch.Tensor | None = None
 
 
 @dataclass
@@ -37,6 +39,8 @@ class TrainReply:
     error: str | None = None  # set when the client failed; the server drops the reply
     # secure aggregation (fl/secure.py): the update's CountSketch (m,) float64; `delta` is None
     sketch: torch.Tensor | None = None
+    # SCAFFOLD: the change of the client's control variate, c_k⁺ − c_k, flat (P,) float32
+    control_delta: torch.Tensor | None = None
     # set by the server's reply check (fl/reply_check.py): `averaged` as one float64 vector,
     # packed once for both the finiteness check and the weighted average; never sent
     averaged_flat: torch.Tensor | None = field(default=None, repr=False, compare=False)
@@ -49,6 +53,8 @@ class TrainReply:
             return "no update"
         if not bool(torch.isfinite(self.delta).all()):
             return "non-finite values in the update"
+        if self.control_delta is not None and not bool(torch.isfinite(self.control_delta).all()):
+            return "non-finite values in the control variate"
         floats = [t.reshape(-1) for t in self.averaged.values() if t.is_floating_point()]
         # one check over all of them first: dozens of tiny checks cost more than the data
         if floats and bool(torch.isfinite(torch.cat(floats)).all()):

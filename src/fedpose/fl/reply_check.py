@@ -66,7 +66,22 @@ def check_reply(
         bad = next(n for n, t in reply.averaged.items() if not bool(torch.isfinite(t).all()))
         return f"non-finite values in {bad}", norm
     reply.averaged_flat = flat
-    return None, norm
+    return _control_problem(reply.control_delta, expected), norm
+
+
+def _control_problem(control: torch.Tensor | None, expected: int) -> str | None:
+    """What is wrong with a reply's SCAFFOLD control change (absent is fine)."""
+    if control is None:
+        return None
+    if (
+        not isinstance(control, torch.Tensor)
+        or control.dtype != torch.float32
+        or tuple(control.shape) != (expected,)
+    ):
+        return f"control variate change is not a ({expected},) float32 vector"
+    if not bool(torch.isfinite(control).all()):
+        return "non-finite values in the control variate change"
+    return None
 
 
 def update_norm(reply: TrainReply) -> float:

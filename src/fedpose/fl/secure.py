@@ -30,28 +30,22 @@ from typing import Protocol
 
 import torch
 
+from fedpose.config import ConfigError
 from fedpose.fl.gram import conflict_share, cosine_from_gram
 from fedpose.fl.messages import TrainReply
 from fedpose.fl.sketch import sketch_gram
+from fedpose.fl.strategies import build_strategy
 from fedpose.fl.strategies.base import Aggregation, RoundInput, Strategy, sample_weights
 from fedpose.fl.strategies.fedavg import FedAvg
 from fedpose.fl.strategies.fedaw import FedAW, fedadp_weights
 from fedpose.fl.strategies.feddyn import FedDyn
 from fedpose.fl.strategies.fedgh import FedGH
+from fedpose.fl.strategies.server_opt import STATE_KEY as OPT_STATE
+from fedpose.fl.strategies.server_opt import WithServerOptimizer
 
-# methods whose server step is a weighted sum with coefficients from counts or a Gram matrix
-SECURE_METHODS = (
-    "fedavg",
-    "fedprox",
-    "fedbn",
-    "feddyn",
-    "fedaw",
-    "fedgh",
-    "fedgh-noproj",
-    "fedgh-noaw",
-)
-# of those, the ones that need the Gram matrix, hence the sketches
-SKETCH_METHODS = ("fedaw", "fedgh", "fedgh-noproj", "fedgh-noaw")
+# what runs under secure aggregation: a server step that is a weighted sum with coefficients from
+# the counts or a Gram matrix, optionally followed by a server optimiser (fedavgm, fedadam, ...)
+SECURE_KINDS = "FedAvg, FedProx, FedBN, FedDyn, FedAW, FedGH (and its ablations), server optimisers"
 
 
 class SecureSum(Protocol):
@@ -69,15 +63,18 @@ def secure_config_problems(fed) -> Iterator[str | None]:
     """What fed.secure asks of the other settings (the ranges are Config.validate's)."""
     if not fed.secure:
         return
-    method = fed.method.strip().lower()
-    if method not in SECURE_METHODS:
+    try:
+        strategy = build_strategy(fed)
+    except (ConfigError, ValueError):
+        return  # an unknown method or option: its registry says so
+    if not supported(strategy):
         yield (
-            f"fed.secure: {fed.method} reads each update itself (clipping, medians, trimming) "
-            f"and cannot run under secure aggregation; use one of {', '.join(SECURE_METHODS)}"
+            f"fed.secure: {fed.method} reads each update itself (clipping, medians, trimming, "
+            f"control variates) and cannot run under secure aggregation; secure runs {SECURE_KINDS}"
         )
     if fed.mode != "sync":
         yield "fed.secure: secure aggregation runs synchronous rounds only (fed.mode = sync)"
-    if method in SKETCH_METHODS:
+    if needs_sketch(strategy):
         if fed.gh_per_layer or fed.gh_layer_stats:
             yield (
                 "fed.secure: per-layer harmonization and per-layer statistics need one sketch "
@@ -87,12 +84,16 @@ def secure_config_problems(fed) -> Iterator[str | None]:
             yield "fed.secure: FedGH's direct method reads the updates; use fed.gh_method = gram"
 
 
+def _unwrapped(strategy: Strategy) -> Strategy:
+    return strategy.inner if isinstance(strategy, WithServerOptimizer) else strategy
+
+
 def needs_sketch(strategy: Strategy) -> bool:
-    return isinstance(strategy, FedAW | FedGH)
+    return isinstance(_unwrapped(strategy), FedAW | FedGH)
 
 
 def supported(strategy: Strategy) -> bool:
-    return isinstance(strategy, FedAvg | FedDyn | FedAW | FedGH)
+    return isinstance(_unwrapped(strategy), FedAvg | FedDyn | FedAW | FedGH)
 
 
 @dataclass
@@ -104,6 +105,7 @@ class SecurePlan:
     avg_weights: list[float]
     state: dict
     diagnostics: dict
+    optimizer_state: dict | None = None  # a server optimiser's, kept apart from the strategy's
 
 
 def check_secure_reply(reply: TrainReply, width: int | None) -> tuple[str | None, float]:
@@ -140,6 +142,11 @@ def plan_round(
 ) -> SecurePlan:
     """The coefficients from the counts and (conflict-aware methods) the sketches, by the
     strategy's own code: the estimated Gram matrix stands where the exact one stood."""
+    if isinstance(strategy, WithServerOptimizer):
+        inner_state = {k: v for k, v in state.items() if k != OPT_STATE}
+        plan = plan_round(strategy.inner, sketches, p, counts, client_ids, num_clients, inner_state)
+        plan.optimizer_state = state.get(OPT_STATE, {})
+        return plan
     k = len(client_ids)
     avg = sample_weights(counts).tolist()
     # the server holds no update: the strategies' Gram-space code reads only the Gram matrix
@@ -179,6 +186,11 @@ def finish_round(
     num_clients: int,
 ) -> Aggregation:
     """The strategy's update from the secure sum Σ_k coef_k Δ_k (`total`, reused)."""
+    if isinstance(strategy, WithServerOptimizer):
+        result = finish_round(strategy.inner, plan, total, num_clients)
+        update, opt_state = strategy.optimizer.step(result.update, plan.optimizer_state or {})
+        diagnostics = {**result.diagnostics, "server_step_norm": float(update.norm())}
+        return Aggregation(update, {**result.state, OPT_STATE: opt_state}, diagnostics)
     if isinstance(strategy, FedDyn):
         return strategy.step(total, len(plan.coef), num_clients, plan.state)
     return Aggregation(total, plan.state, dict(plan.diagnostics))

@@ -6,8 +6,9 @@
 - utility: Oort (Lai et al., OSDI 2021). A client's utility is its statistical utility
   |B_k| · sqrt(mean squared training loss), times (T / t_k)^α when its expected round time t_k
   exceeds the preferred round time T. Clients never seen come first (every client is tried
-  once). Of the m picks, an ε share (at least one when ε > 0 and m > 1; with m = 1 the single
-  pick explores with probability ε) explores uniformly among the clients not exploited; the rest
+  once). Each of the m picks explores with probability ε (Binomial(m, ε) explorers, at most
+  m − 1 when m > 1, so ε m on average and no fixed exploring slot), uniformly among the clients
+  not exploited; the rest
   are drawn with probability ∝ utility among the candidates whose utility is at least `cutoff`
   (0.95) times the utility of the last client that a plain top-m cut would admit.
 
@@ -154,7 +155,10 @@ class Selector:
         if self.explore <= 0:
             n_explore = 0
         elif m > 1:
-            n_explore = min(m - 1, max(1, round(self.explore * m)))
+            # each pick explores with probability ε (Binomial(m, ε) explorers, ε m on average),
+            # keeping one exploited pick: a fixed explorer slot would make half of every
+            # 2-client round random
+            n_explore = min(m - 1, int(rng.binomial(m, self.explore)))
         else:
             n_explore = int(rng.random() < self.explore)
         n_exploit = m - n_explore

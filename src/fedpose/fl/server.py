@@ -175,6 +175,7 @@ class FederatedServer:
             seed=client_seed(self.seed, seq, client),
             rule=self.strategy.client_rule,
             coef=self.strategy.client_coef,
+            control=self.strategy.client_control(self.state.strategy),
         )
 
     # ----------------------------------------------------------------------------- aggregation
@@ -196,12 +197,20 @@ class FederatedServer:
         for row, reply in zip(deltas, replies, strict=True):
             row.copy_(reply.delta)
             reply.delta = None
+        controls = None
+        if any(r.control_delta is not None for r in replies):  # SCAFFOLD's c_k⁺ − c_k
+            controls = torch.zeros_like(deltas)
+            for row, reply in zip(controls, replies, strict=True):
+                if reply.control_delta is not None:
+                    row.copy_(reply.control_delta)
+                reply.control_delta = None
         inputs = RoundInput(
             deltas=deltas,
             counts=counts,
             client_ids=[r.client_id for r in replies],
             num_clients=self.fed.num_clients,
             slices=self.layout.slices,
+            controls=controls,
         )
         t0 = time.perf_counter()
         result = self.strategy.aggregate(inputs, self.state.strategy)

@@ -261,6 +261,16 @@ def decode_state(tree: Any, tensors: dict[str, torch.Tensor], classes: dict[str,
 
 
 # ----------------------------------------------------------------------------- checkpoints
+ADDED_SETTINGS = (
+    ("data", "val_fraction", 0.0),
+    ("fed", "server_opt", "sgd"),
+    ("fed", "server_momentum", 0.0),
+    ("fed", "server_beta1", 0.9),
+    ("fed", "server_beta2", 0.99),
+    ("fed", "server_tau", 1e-3),
+)
+
+
 def config_hash(config: dict) -> str:
     """A hash of the settings a resumed run must share with the run that wrote the checkpoint.
 
@@ -279,6 +289,11 @@ def config_hash(config: dict) -> str:
         settings.get(section, {}).pop(key, None)
     for key in ("name", "out_dir"):
         settings.pop(key, None)
+    # settings added after runs were made, left out at their defaults: a run written before
+    # they existed still resumes
+    for section, key, default in ADDED_SETTINGS:
+        if settings.get(section, {}).get(key, default) == default:
+            settings.get(section, {}).pop(key, None)
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 

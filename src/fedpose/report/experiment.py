@@ -157,7 +157,44 @@ def _setting(arms: dict[str, Arm]) -> list[str]:
             f"thread(s), Gram path {runtime.get('gram_path')}, torch "
             f"{runtime.get('torch')}, {runtime.get('machine')}."
         )
+    if d.get("val_fraction"):
+        lines.append(
+            f"Scored on a validation split: {d['val_fraction']:.0%} of every client's training "
+            "records, held out of training (data.val_fraction); the test split is not used."
+        )
+    models = cpu_models(arms)
+    if models:
+        lines.append(
+            "CPU model of the runs: "
+            + "; ".join(f"{name} ({len(paths)} runs)" for name, paths in models.items())
+            + "."
+        )
     return lines
+
+
+def cpu_models(arms: dict[str, Arm]) -> dict[str, list[Path]]:
+    """{CPU model: runs made on it}, from each config.json's runtime (runs from before it was
+    recorded are left out)."""
+    out: dict[str, list[Path]] = {}
+    for arm in arms.values():
+        for run in arm.runs:
+            name = run.config.get("runtime", {}).get("cpu_model")
+            if name:
+                out.setdefault(str(name), []).append(run.path)
+    return out
+
+
+def check_one_cpu_model(arms: dict[str, Arm]) -> None:
+    """ValueError when the runs were made on more than one CPU model: the same code and seed give
+    different numbers on different CPUs (results/README.md), so paired differences across CPU
+    models mix the machine's effect into the method's."""
+    models = cpu_models(arms)
+    if len(models) > 1:
+        parts = [f"{name}: {len(paths)} runs, e.g. {paths[0]}" for name, paths in models.items()]
+        raise ValueError(
+            f"the runs were made on {len(models)} CPU models ({'; '.join(parts)}); paired "
+            "seeds are comparable only on one CPU model; pass --mixed-cpus to report them anyway"
+        )
 
 
 def write_report(
@@ -171,9 +208,13 @@ def write_report(
     commit: str | None = None,
     notes: str = "",
     target_pck: float = 0.0,
+    mixed_cpus: bool = False,
 ) -> Path:
     """Write report.md (or the name out_dir ends in, when it ends in .md), PNG curves beside it
-    and summary.json; returns the markdown path."""
+    and summary.json; returns the markdown path. Refuses (ValueError, before writing anything)
+    runs made on different CPU models unless `mixed_cpus`."""
+    if not mixed_cpus:
+        check_one_cpu_model(arms)
     out_dir = Path(out_dir)
     md_path = out_dir if out_dir.suffix == ".md" else out_dir / "report.md"
     out_dir = md_path.parent
@@ -235,7 +276,9 @@ def write_report(
     lines += _differences(arms, baselines, summary)
     if target_pck > 0:
         lines += _time_to_target(arms, target_pck)
+    lines += _tuning_table(arms, summary)
     lines += _site_table(arms)
+    lines += _site_table(arms, "site_pck_local_bn")
     lines += _aggregation_table(arms)
     lines += _figures(arms, out_dir, prefix)
     lines += _layer_conflicts(arms, out_dir, prefix)
@@ -330,35 +373,48 @@ def _time_to_target(arms: dict[str, Arm], target: float) -> list[str]:
     return lines
 
 
-def _site_table(arms: dict[str, Arm]) -> list[str]:
-    """Each site's own PCK (runs evaluated federated: every site scores its own test records),
-    scored like the mean PCK; nothing for centrally evaluated runs."""
+def _site_table(arms: dict[str, Arm], key: str = "site_pck") -> list[str]:
+    """Each site's own PCK, scored like the mean PCK (tail mean per run, then mean ± std over
+    seeds), with each run's worst site and its spread (best − worst site); nothing for runs
+    without per-site evaluations. `site_pck_local_bn`: FedBN's sites with their own BatchNorm."""
     per_arm: dict[str, dict[str, list[float]]] = {}
+    worst: dict[str, list[float]] = {}
+    spread: dict[str, list[float]] = {}
     for label, arm in arms.items():
         values: dict[str, list[float]] = {}
         for run in arm.complete_runs:
-            picked = [
-                r["site_pck"] for r in tail_rows(run.rows, run.total_rounds) if r.get("site_pck")
-            ]
+            picked = [r[key] for r in tail_rows(run.rows, run.total_rounds) if r.get(key)]
+            run_sites = []
             for site in sorted({k for p in picked for k in p}):
                 scores = [p[site] for p in picked if p.get(site) is not None]
                 if scores:
                     values.setdefault(site, []).append(float(np.mean(scores)))
+                    run_sites.append(float(np.mean(scores)))
+            if run_sites:
+                worst.setdefault(label, []).append(min(run_sites))
+                spread.setdefault(label, []).append(max(run_sites) - min(run_sites))
         per_arm[label] = values
     sites = sorted({k for v in per_arm.values() for k in v}, key=int)
     if not sites:
         return []
+    title = (
+        "## Per-site PCK (each site scores the global model on its own test records, the test "
+        "split partitioned like the training data; the mean PCK above sums their counts)"
+        if key == "site_pck"
+        else "## Per-site PCK with each site's own BatchNorm (FedBN's deployed models)"
+    )
+    shown = sites if len(sites) <= 12 else []  # a wide federation: worst and spread only
     lines = [
         "",
-        "## Per-site PCK (federated evaluation: each site scores its own test records; "
-        "the mean PCK above sums their counts)",
+        title,
         "",
-        "| method | " + " | ".join(f"site {k}" for k in sites) + " |",
-        "|---" * (len(sites) + 1) + "|",
+        "| method | " + " | ".join([*(f"site {k}" for k in shown), "worst site", "spread"]) + " |",
+        "|---" * (len(shown) + 3) + "|",
     ]
     for label, values in per_arm.items():
         if values:
-            cells = [_pm(*mean_std(values.get(k, []))) for k in sites]
+            cells = [_pm(*mean_std(values.get(k, []))) for k in shown]
+            cells += [_pm(*mean_std(worst.get(label, []))), _pm(*mean_std(spread.get(label, [])))]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 
@@ -369,18 +425,22 @@ def _aggregation_table(arms: dict[str, Arm]) -> list[str]:
     projections add to it) and each client's mean weight."""
     rows = []
     for label, arm in arms.items():
-        conflict, coef_sum, weights = [], [], {}
+        conflict, coef_sum, steps, weights = [], [], [], {}
         for r in (r for run in arm.complete_runs for r in run.rows):
             if r.get("conflict_share") is not None:
                 conflict.append(r["conflict_share"])
             if r.get("coefficients"):
                 coef_sum.append(sum(r["coefficients"]))
+            step = step_ratio(r)
+            if step is not None:
+                steps.append(step)
             for client, w in zip(r.get("aggregated") or [], r.get("weights") or []):  # noqa: B905
                 weights.setdefault(client, []).append(w)
         if conflict or coef_sum or weights:
             cells = [
                 f"{np.mean(conflict):.3f}" if conflict else "–",
                 f"{np.mean(coef_sum):.3f}" if coef_sum else "–",
+                f"{np.mean(steps):.3f}" if steps else "–",
                 ", ".join(f"{k}: {np.mean(weights[k]):.3f}" for k in sorted(weights)[:16]),
             ]
             rows.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -393,12 +453,88 @@ def _aggregation_table(arms: dict[str, Arm]) -> list[str]:
         "Conflict share: client-update pairs with negative cosine. Σ coefficients: the sum of "
         "the weights on the raw updates (1 for a weighted mean; projections add to it, so a "
         "larger sum is a longer step). Weights: each client's mean aggregation weight "
-        "(ψ_k for FedAW and FedGH, n_k/n for FedAvg).",
+        "(ψ_k for FedAW and FedGH, n_k/n for FedAvg). Step ratio: ‖Σ c_k Δ_k‖ / ‖Σ ψ_k Δ_k‖, "
+        "the length of the harmonised step over the unprojected one of the same round (from "
+        "the logged cosines and norms). Step controls: the baseline at this arm's step is "
+        "`fed.server_lr` = the step ratio; this arm at the baseline's step is "
+        "`fed.gh_rescale=true`. A difference is read as direction only where both are run.",
         "",
-        "| method | conflict share | Σ coefficients | mean weight by client |",
-        "|---|---|---|---|",
+        "| method | conflict share | Σ coefficients | step ratio | mean weight by client |",
+        "|---|---|---|---|---|",
         *rows,
     ]
+
+
+def _flat_settings(config: dict) -> dict[str, object]:
+    out = {}
+    for section, values in config.items():
+        if isinstance(values, dict) and section != "runtime":
+            out.update({f"{section}.{k}": repr(v) for k, v in values.items()})
+    return out
+
+
+def method_family(config: dict) -> str:
+    """The method a tuning grid point belongs to: fed.method, with its server optimiser."""
+    fed = config.get("fed", {})
+    method = str(fed.get("method"))
+    opt = fed.get("server_opt", "sgd")
+    if opt != "sgd" and method not in ("fedadam", "fedyogi", "fedadagrad"):
+        method += f"+{opt}"
+    elif fed.get("server_momentum", 0.0) > 0 and method != "fedavgm":
+        method += "+momentum"
+    return method
+
+
+def _tuning_table(arms: dict[str, Arm], summary: dict) -> list[str]:
+    """For runs scored on a validation split: each method's grid (the settings its arms differ
+    in), the runs per grid point, the validation score and the chosen point (the highest mean).
+    """
+    runs = [r for a in arms.values() for r in a.complete_runs]
+    if not runs or not all(r.config.get("data", {}).get("val_fraction") for r in runs):
+        return []
+    families: dict[str, list[Arm]] = {}
+    for arm in arms.values():
+        if arm.complete_runs:
+            families.setdefault(method_family(arm.complete_runs[0].config), []).append(arm)
+    lines = [
+        "",
+        "## Tuning on the validation split (each method's grid; chosen: the highest mean)",
+        "",
+        "| method | arm | settings | runs | validation PCK | chosen |",
+        "|---|---|---|---|---|---|",
+    ]
+    summary["tuning"] = {}
+    for family, members in families.items():
+        settings = [_flat_settings(a.complete_runs[0].config) for a in members]
+        varying = sorted(k for k in set().union(*settings) if len({s.get(k) for s in settings}) > 1)
+        varying = [k for k in varying if k not in ("name", "fed.method")]
+        means = {a.label: mean_std(list(a.scores().values()))[0] for a in members}
+        chosen = max(means, key=lambda k: -math.inf if math.isnan(means[k]) else means[k])
+        for arm, s in zip(members, settings, strict=True):
+            scores = list(arm.scores().values())
+            grid = ", ".join(f"{k}={s.get(k, '–')}" for k in varying) or "defaults"
+            mark = "yes" if arm.label == chosen else ""
+            lines.append(
+                f"| {family} | {arm.label} | {grid} | {len(scores)} | "
+                f"{_pm(*mean_std(scores))} | {mark} |"
+            )
+        summary["tuning"][family] = {"chosen": chosen, "grid": list(means), "means": means}
+    return lines
+
+
+def step_ratio(row: dict) -> float | None:
+    """‖Σ_k c_k Δ_k‖ / ‖Σ_k ψ_k Δ_k‖ for one FedGH round, from its metrics.jsonl record: the
+    Gram matrix is G_ij = cos_ij ‖Δ_i‖ ‖Δ_j‖, the coefficients c and the weights ψ are logged.
+    None where the record lacks them (other strategies, per-layer harmonisation)."""
+    coef, psi = row.get("coefficients"), row.get("weights")
+    cos, norms = row.get("cosine"), row.get("update_norms")
+    if not (coef and psi and cos and norms) or not len(coef) == len(psi) == len(norms):
+        return None
+    n = np.asarray(norms, dtype=np.float64)
+    gram = np.asarray(cos, dtype=np.float64) * np.outer(n, n)
+    c, w = np.asarray(coef, dtype=np.float64), np.asarray(psi, dtype=np.float64)
+    base = float(w @ gram @ w)
+    return math.sqrt(max(float(c @ gram @ c), 0.0) / base) if base > 0 else None
 
 
 # ----------------------------------------------------------------------------------- figures

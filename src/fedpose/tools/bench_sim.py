@@ -30,6 +30,16 @@ from pathlib import Path
 from rich.table import Table
 
 from fedpose.config import Config, load_config
+from fedpose.fl.messages import TrainReply
+from fedpose.fl.observer import (
+    AGGREGATION,
+    CHECKPOINT,
+    EVALUATION,
+    REPLY_CHECKS,
+    STATE_READ,
+    STATE_WRITE,
+    RunObserver,
+)
 from fedpose.tools import ToolError
 
 
@@ -82,95 +92,66 @@ def _images_needed(opts: SimBenchOptions) -> int:
     return math.ceil(opts.clients * opts.samples_per_client / 0.8) + 1
 
 
-# the runner's phases timed separately (see simulate)
-PHASES = ("state read", "state write", "reply checks", "aggregation", "checkpoint")
-
-
-def _timed(fn, seconds: dict[str, float], phase: str):
-    def call(*args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            seconds[phase] += time.perf_counter() - t0
-
-    return call
-
-
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+# the runner's phases timed separately (RunObserver.phase)
+PHASES = (STATE_READ, STATE_WRITE, REPLY_CHECKS, AGGREGATION, CHECKPOINT)
+
+
+class SimObserver(RunObserver):
+    """Times a run through the lifecycle's hooks: the clients' training, the evaluations, the
+    runner's timed phases, and a mark after every round. Round 1 pays one-time costs (lazy
+    imports, allocator growth): it only warms up, and everything is counted from its end."""
+
+    def __init__(self) -> None:
+        self.train_seconds: list[float] = []
+        self.eval_seconds = 0.0
+        self.phase_seconds = dict.fromkeys(PHASES, 0.0)
+        self.marks: list[tuple[float, float, float]] = []  # (wall, training, evaluation)
+        self.rss_before = 0
+        self.warm_clients = 0
+
+    def phase(self, name: str, seconds: float) -> None:
+        if name == EVALUATION:
+            self.eval_seconds += seconds
+        elif name in self.phase_seconds:
+            self.phase_seconds[name] += seconds
+
+    def trained(self, reply: TrainReply) -> None:
+        self.train_seconds.append(reply.seconds)
+
+    def round_done(self, done: int, _record: dict) -> None:
+        if done == 1:
+            self.rss_before = _rss_bytes()
+            self.warm_clients = len(self.train_seconds)
+            self.phase_seconds = dict.fromkeys(PHASES, 0.0)
+        self.marks.append((time.perf_counter(), sum(self.train_seconds), self.eval_seconds))
+
+
 def simulate(cfg: Config) -> dict:
-    """Run one federation; times and memory of its rounds. Meant for a fresh process."""
-    from fedpose.engine.federation import build_federation
-    from fedpose.engine.local import LocalTransport
-    from fedpose.engine.runner import prepare_run_dir
-    from fedpose.fl.messages import TrainReply
-    from fedpose.fl.server import FederatedServer
+    """Run one federation through the run lifecycle; times and memory of its rounds. Meant for
+    a fresh process."""
+    from fedpose.engine.run import run_lifecycle
+    from fedpose.engine.runner import InProcessEngine
     from fedpose.model.train_step import set_cpu_threads
 
-    set_cpu_threads(cfg.train.threads)
-    train_seconds: list[float] = []
-    eval_seconds: list[float] = []
-
-    class TimedTransport(LocalTransport):
-        def receive(self, client_id: int) -> TrainReply:
-            reply = super().receive(client_id)
-            train_seconds.append(reply.seconds)
-            return reply
-
-    run_dir = prepare_run_dir(cfg, resume=False)
-    federation = build_federation(cfg)
-    transport = TimedTransport(federation)
-
-    def evaluate(weights: dict) -> dict:
-        t0 = time.perf_counter()
-        out = federation.evaluate(weights)
-        eval_seconds.append(time.perf_counter() - t0)
-        return out
-
-    server = FederatedServer(
-        cfg,
-        federation.initial_weights(),
-        federation.layout,
-        federation.strategy,
-        transport,
-        federation.client_sizes,
-        evaluate=evaluate,
-        run_dir=run_dir,
-    )
-    phase_seconds = dict.fromkeys(PHASES, 0.0)
-    store = transport.client_states
-    store.get = _timed(store.get, phase_seconds, "state read")
-    store.put = _timed(store.put, phase_seconds, "state write")
-    server._accept = _timed(server._accept, phase_seconds, "reply checks")
-    server.aggregate = _timed(server.aggregate, phase_seconds, "aggregation")
-    server.save_checkpoint = _timed(server.save_checkpoint, phase_seconds, "checkpoint")
-    marks: list[tuple[float, float, float]] = []  # (wall, training, evaluation) after each round
-
-    def mark(*_) -> None:
-        marks.append((time.perf_counter(), sum(train_seconds), sum(eval_seconds)))
-
-    # the first round pays one-time costs (lazy imports, allocator growth): it only warms up
-    total_rounds = cfg.fed.rounds
-    cfg.fed.rounds = 1
-    server.run()
-    rss_before = _rss_bytes()
-    warm_clients = len(train_seconds)
-    phase_seconds.update(dict.fromkeys(PHASES, 0.0))
-    mark()
-    cfg.fed.rounds = total_rounds
-    server.run(progress=mark)
-    rounds = len(marks) - 1
-    if rounds < 1:
+    if cfg.fed.rounds < 2:
         raise ToolError("bench sim needs at least 2 rounds (the first one warms up)")
+    set_cpu_threads(cfg.train.threads)
+    watch = SimObserver()
+    engine = InProcessEngine()
+    server = run_lifecycle(cfg, engine, observer=watch)
+    store = engine.transport.client_states
+    marks = watch.marks
+    rounds = len(marks) - 1
     wall, train, evaluation = (marks[-1][i] - marks[0][i] for i in range(3))
-    clients = max(1, len(train_seconds) - warm_clients)
+    clients = max(1, len(watch.train_seconds) - watch.warm_clients)
     overhead = wall - train - evaluation
-    phases_ms = {p: 1e3 * phase_seconds[p] / clients for p in PHASES}
-    phases_ms["other"] = 1e3 * (overhead - sum(phase_seconds.values())) / clients
+    phases_ms = {p: 1e3 * watch.phase_seconds[p] / clients for p in PHASES}
+    phases_ms["other"] = 1e3 * (overhead - sum(watch.phase_seconds.values())) / clients
     return {
         "clients": cfg.fed.num_clients,
         "per_round": cfg.fed.clients_per_round,
@@ -178,9 +159,9 @@ def simulate(cfg: Config) -> dict:
         "round_s": wall / rounds,
         "train_s": train / rounds,
         "eval_s": evaluation / rounds,
-        "trained": len(train_seconds),
+        "trained": len(watch.train_seconds),
         "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "rss_growth": _rss_bytes() - rss_before,
+        "rss_growth": _rss_bytes() - watch.rss_before,
         "state_clients": len(store),
         "state_memory": store.bytes_in_memory(),
         "state_disk": store.bytes_on_disk(),

@@ -86,14 +86,14 @@ def demo_config(
 ) -> Config:
     """The demo's Config: the file (or the tiny default) + overrides, one client per SuperNode,
     and absolute paths (the Flower processes do not share this process's working directory)."""
+    if supernodes < 1 or rounds < 1:
+        raise ConfigError("--supernodes and --rounds must be at least 1")
+    # the demo's own settings go last, as overrides: a config is never changed after it loads
+    overrides = [*overrides, f"fed.num_clients={supernodes}", f"fed.rounds={rounds}"]
     if config_path is None:
         cfg = config_from_dict(merge_dicts(TINY, parse_overrides(overrides)))
     else:
         cfg = load_config(config_path, overrides)
-    if supernodes < 1 or rounds < 1:
-        raise ConfigError("--supernodes and --rounds must be at least 1")
-    cfg.fed.num_clients = supernodes
-    cfg.fed.rounds = rounds
     return absolute_paths(cfg)
 
 

@@ -21,6 +21,8 @@ from fedpose.fl.strategies.feddyn import FedDyn
 from fedpose.fl.strategies.fedgh import FedGH
 from fedpose.fl.strategies.fedprox import FedProx
 from fedpose.fl.strategies.median import CoordinateMedian
+from fedpose.fl.strategies.scaffold import Scaffold
+from fedpose.fl.strategies.server_opt import with_server_optimizer
 from fedpose.fl.strategies.trimmed_mean import TrimmedMean
 
 STRATEGIES: dict[str, Callable[[FedConfig, int], Strategy]] = {
@@ -35,6 +37,12 @@ STRATEGIES: dict[str, Callable[[FedConfig, int], Strategy]] = {
     "fedavg-clip": ClippedFedAvg.from_config,
     "median": CoordinateMedian.from_config,
     "trimmed-mean": TrimmedMean.from_config,
+    "scaffold": Scaffold.from_config,
+    # FedAvg followed by a server optimiser (server_opt.py; build_strategy applies it)
+    "fedavgm": FedAvg.from_config,
+    "fedadam": FedAvg.from_config,
+    "fedyogi": FedAvg.from_config,
+    "fedadagrad": FedAvg.from_config,
 }
 STRATEGY_NAMES = tuple(STRATEGIES)
 
@@ -55,7 +63,8 @@ def build_strategy(fed_cfg: FedConfig, seed: int = 0) -> Strategy:
     strategy = STRATEGIES[fed_cfg.method](fed_cfg, seed)
     # the registered name is what metrics.jsonl records, also for a class under several names
     strategy.name = fed_cfg.method
-    return strategy
+    # the server optimiser `fed.server_opt` asks for, if any (none for plain SGD)
+    return with_server_optimizer(strategy, fed_cfg)
 
 
 __all__ = [
@@ -71,6 +80,7 @@ __all__ = [
     "FedGH",
     "FedProx",
     "RoundInput",
+    "Scaffold",
     "Strategy",
     "TrimmedMean",
     "build_strategy",

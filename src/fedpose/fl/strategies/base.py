@@ -41,6 +41,8 @@ class RoundInput:
     client_ids: list[int]
     num_clients: int  # clients in the federation (FedDyn's m)
     slices: list[tuple[str, int, int]]  # (tensor name, start, end) in P, for per-layer options
+    # SCAFFOLD: (K, P) float32 rows c_k⁺ − c_k of the replies (None when no client sent one)
+    controls: torch.Tensor | None = None
 
 
 class Strategy:
@@ -61,6 +63,12 @@ class Strategy:
 
     def initial_state(self) -> dict:
         return {}
+
+    def client_control(self, state: dict) -> torch.Tensor | None:
+        """What the server sends with every training request besides the weights (SCAFFOLD's
+        control variate c); None for most strategies."""
+        del state  # most strategies send nothing else
+        return None
 
     def aggregate(self, inputs: RoundInput, state: dict) -> Aggregation:
         raise NotImplementedError
