@@ -847,7 +847,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config(p, required=False)
     p.set_defaults(func=cmd_flower_config)
+
+    p = sub.add_parser(
+        "sketch-study",
+        help="what sketch widths cost secure FedGH, per round, on one exact run (docs/security.md)",
+    )
+    _add_config(p, required=False)
+    p.add_argument("--widths", default="1024,4096,16384,65536")
+    p.add_argument("--keys", type=int, default=3, help="consortium secrets tried per width")
+    p.add_argument(
+        "--flower-cost",
+        metavar="DIR",
+        help="instead: bytes and seconds per round of plain vs secure FedAvg/FedGH on loopback "
+        "Flower processes (the tiny flower-demo federation), written to DIR",
+    )
+    p.add_argument("--rounds", type=int, default=2, help="rounds of each --flower-cost run")
+    p.set_defaults(func=cmd_sketch_study)
     return parser
+
+
+def cmd_sketch_study(args) -> int:
+    import json
+
+    from fedpose.tools.secure_study import flower_cost, sketch_study, summary_table
+
+    if args.flower_cost:
+        out = Path(args.flower_cost).resolve()
+        rows = flower_cost(out, rounds=args.rounds)
+        (out / "flower_cost.json").write_text(json.dumps(rows, indent=2))
+        return 0
+    cfg = load_config(args.config, [*args.overrides, "fed.method=fedgh"])
+    widths = [int(w) for w in args.widths.split(",")]
+    print(summary_table(sketch_study(cfg, widths, args.keys)))
+    return 0
 
 
 def _add_data_source(b: argparse.ArgumentParser) -> None:

@@ -144,6 +144,14 @@ class FedConfig:
     round_retries: int = 0
     # refuse an update whose L2 norm exceeds this multiple of the recent median norm (0 = off)
     max_norm_ratio: float = 100.0
+    # secure aggregation (fl/secure.py, docs/security.md): the server never holds one client's
+    # update; conflict-aware methods see CountSketches of width sketch_width keyed by a secret
+    # the sites share (in-process: sketch_secret; Flower: each SuperNode's sketch-secret)
+    secure: bool = False
+    sketch_width: int = 16384
+    sketch_secret: str = ""
+    secagg_clip: float = 1.0  # Flower SecAgg+: values are clipped to ±this before quantisation
+    secagg_threshold: float = 0.6  # SecAgg+: share of the key shares needed to unmask
 
 
 @dataclass
@@ -471,6 +479,9 @@ def _checks(cfg: Config) -> Iterator[str | None]:
     yield _range("fed.target_pck", f.target_pck, 0, 100)
     yield _range("fed.round_retries", f.round_retries, 0)
     yield _range("fed.max_norm_ratio", f.max_norm_ratio, 0)
+    yield _range("fed.sketch_width", f.sketch_width, 1)
+    yield _range("fed.secagg_clip", f.secagg_clip, 0, low_open=True)
+    yield _range("fed.secagg_threshold", f.secagg_threshold, 0, 1, low_open=True)
 
     yield _range("system.speed", s.speed, 0, low_open=True)
     yield _range("system.speed_spread", s.speed_spread, 1)
