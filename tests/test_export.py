@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +72,7 @@ def test_onnxruntime_heatmaps_match_pytorch_on_lsp_images(tmp_path, lsp_images):
     proto = onnx.load(str(path))
     assert proto.opset_import[0].version == ONNX_OPSET
     metadata = {p.key: p.value for p in proto.metadata_props}
-    assert metadata["joints"].split(",") == list(LSP.joints)
+    assert json.loads(metadata["joints"]) == list(LSP.joints)
     assert metadata["input_size"] == str(INPUT_SIZE)
     assert model.training is False  # export leaves the model as it found it
 

@@ -124,6 +124,52 @@ def test_dirichlet_tiny_alpha_many_clients_no_empty_client():
     _assert_cover(parts, len(RECORDS), 10)
 
 
+def test_dirichlet_min_size_redraws_until_every_client_is_large_enough():
+    labels = [r.attributes["view"] for r in RECORDS]
+    once = [dirichlet(RECORDS, "view", 4, 0.3, s) for s in range(8)]
+    redrawn = [dirichlet(RECORDS, "view", 4, 0.3, s, min_size=25) for s in range(8)]
+    for parts in redrawn:
+        _assert_cover(parts, len(RECORDS), 4)
+        assert min(len(p) for p in parts) >= 25
+    assert redrawn == [dirichlet(RECORDS, "view", 4, 0.3, s, min_size=25) for s in range(8)]
+    # the draw-once rule leaves small clients the redraw rule refuses: two different partitions
+    assert min(len(p) for parts in once for p in parts) < 25
+    # conditioning on large clients makes the same alpha less skewed: results do not compare
+    skew_once = np.mean([_mean_max_share(parts, labels) for parts in once])
+    skew_redrawn = np.mean([_mean_max_share(parts, labels) for parts in redrawn])
+    assert skew_redrawn < skew_once
+
+
+def test_dirichlet_min_size_errors_name_the_setting():
+    with pytest.raises(ValueError, match="dirichlet_min_size 60: 4 clients .* need 240"):
+        dirichlet(RECORDS, "view", 4, 0.3, 0, min_size=60)
+    # enough records, but at a tiny alpha each of the two postures goes whole to one client,
+    # so one of three clients stays (nearly) empty in every draw
+    with pytest.raises(ValueError, match=r"no Dirichlet\(0.001\) draw in 100 .* 3 clients 40"):
+        dirichlet(RECORDS, "posture", 3, 0.001, 0, min_size=40)
+
+
+def test_dirichlet_rule_is_in_the_config_and_the_partition_report(tmp_path, monkeypatch):
+    from fedpose.config import ConfigError, load_config
+    from fedpose.data.partition import write_partition_report
+
+    with pytest.raises(ConfigError, match="fed.dirichlet_min_size"):
+        load_config(None, ["fed.dirichlet_min_size=-1"])
+    monkeypatch.setattr(fedpose.data, "load_split", lambda cfg, split: (RECORDS, ARM))
+    for min_size, rule in ((0, "drawn once"), (10, "redrawn until every client has >= 10")):
+        cfg = load_config(
+            None,
+            [
+                f"out_dir={tmp_path}",
+                f"name=p{min_size}",
+                "fed.partition=dirichlet",
+                f"fed.dirichlet_min_size={min_size}",
+            ],
+        )
+        report = write_partition_report(cfg)
+        assert json.loads(report.json_path.read_text())["dirichlet_rule"].startswith(rule)
+
+
 def test_dirichlet_over_pose_clusters():
     parts = dirichlet(RECORDS, "pose", 4, alpha=0.3, seed=0)
     _assert_cover(parts, len(RECORDS), 4)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fedtiny import tiny_cli_args
 
@@ -363,3 +365,83 @@ def test_tuning_table_names_each_methods_grid_and_its_choice(tmp_path):
     assert "| fedadam | fedadam-lr0.01 | fed.server_lr=0.01 | 2 | 41.50 ± 0.71 | yes |" in text
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["tuning"]["fedadam"]["chosen"] == "fedadam-lr0.01"
+
+
+def test_paired_p_value_and_holm():
+    from scipy import stats
+
+    from fedpose.report.stats import holm, paired_p_value
+
+    a = {0: 71.0, 1: 74.5, 2: 69.0, 3: 73.2, 4: 70.1}
+    b = {0: 70.0, 1: 71.0, 2: 70.5, 3: 70.0, 4: 69.9}
+    seeds = sorted(a)
+    ref = stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).pvalue
+    assert paired_p_value(a, b) == pytest.approx(ref)
+    # Holm by hand: 0.01 x 3, 0.02 x 2 = 0.04, 0.04 x 1 = 0.04; order of the family kept
+    adjusted = holm({"x": 0.04, "y": 0.01, "z": 0.02})
+    assert adjusted == pytest.approx({"y": 0.03, "z": 0.04, "x": 0.04})
+    assert holm({"x": 0.5, "y": 0.6}) == pytest.approx({"x": 1.0, "y": 1.0})
+
+
+def test_round_progress_prints_plain_lines_as_runs_advance(tmp_path):
+    from rich.console import Console
+
+    from fedpose.engine.progress import RoundProgress, last_round
+
+    out = io.StringIO()
+    console = Console(file=out, width=200)  # not a terminal: plain lines
+    runs = {name: (tmp_path / name, 3) for name in ("fedaw-s0", "fedgh-s0")}
+    for run_dir, _ in runs.values():
+        run_dir.mkdir()
+    metrics = tmp_path / "fedaw-s0" / "metrics.jsonl"
+    with RoundProgress(console, runs) as progress:
+        progress.poll(runs, force=True)
+        metrics.write_text('{"round": 1}\n{"round": 2}\n{"rou')  # the last line being written
+        assert last_round(tmp_path / "fedaw-s0") == 2
+        progress.poll(runs, force=True)
+        progress.poll(runs, force=True)  # nothing new: nothing printed
+        metrics.write_text('{"round": 1}\n{"round": 2}\n{"round": 3}\n')
+        progress.finished("fedaw-s0", "done in 4 s")
+    assert out.getvalue().splitlines() == [
+        "fedaw-s0: round 0/3",
+        "fedgh-s0: round 0/3",
+        "fedaw-s0: round 2/3",
+        "fedaw-s0: round 3/3",
+        "fedaw-s0: done in 4 s",
+    ]
+
+
+def test_curves_mark_the_scored_window_clip_share_bands_and_tell_arms_apart(tmp_path):
+    from fedpose.report.experiment import HEATMAP_ACCURACY, HOW_TO_READ, band_figure
+
+    runs = tmp_path / "exp"
+    # conflict shares near 0 with a wide spread across seeds: mean - std would dip below 0
+    for seed, share in enumerate([0.0, 0.0, 0.3]):
+        _fake_run(runs, "fedaw", seed, [50.0, 50.0], conflict=share)
+        _fake_run(runs, "fedgh", seed, [51.0, 51.0], conflict=share)
+    arms = load_arms([runs])
+    fig = band_figure(arms, "conflict_share", "share", window=(9, 10))
+    ax = fig.axes[0]
+    bands = [c for c in ax.collections if c.get_paths()]
+    ys = np.concatenate([p.vertices[:, 1] for c in bands for p in c.get_paths()])
+    assert len(bands) == 2 and ys.min() >= 0.0 and ys.max() <= 1.0
+    thick = [line for line in ax.lines if line.get_linewidth() == 2]
+    # identical curves: the two arms still differ in line style and marker
+    assert len(thick) == 2
+    assert thick[0].get_linestyle() != thick[1].get_linestyle()
+    assert thick[0].get_marker() != thick[1].get_marker()
+    spans = [p for p in ax.patches if p.get_label() == "scored rounds"]
+    assert len(spans) == 1
+    span = spans[0]  # a Rectangle in data x
+    assert (span.get_x(), span.get_x() + span.get_width()) == (8.5, 10.5)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    text = write_report(load_arms([runs]), tmp_path / "out", "t").read_text()
+    assert HOW_TO_READ in text and "The grey span marks the scored rounds (9–10)." in text
+    assert HEATMAP_ACCURACY not in text  # no heatmap accuracy recorded: nothing to define
+    for metrics in runs.glob("*/metrics.jsonl"):
+        rows = [{**json.loads(x), "heatmap_acc": 40.0} for x in metrics.read_text().splitlines()]
+        metrics.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    text = write_report(load_arms([runs]), tmp_path / "out2", "t").read_text()
+    assert HEATMAP_ACCURACY in text

@@ -14,19 +14,38 @@ import sys
 import warnings
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
+# Only light modules at the top: `--help`, `--version` and argument errors must not wait for
+# torch (2-11 s); each command imports what it needs. tests/test_cli_light.py checks it.
 from fedpose.config import ConfigError, load_config
 from fedpose.data import DATASETS
 from fedpose.data.records import DatasetError
-from fedpose.fl.server import FederationError
 from fedpose.tools import ToolError
+from fedpose.version import plain_console, version_line
 
-console = Console()
-err_console = Console(stderr=True, soft_wrap=True)
+console = plain_console()
+err_console = plain_console(stderr=True, soft_wrap=True)
 
 METHODS = "fedavg,fedprox,fedbn,feddyn,fedaw,fedgh"
+METHOD_CHOICES = (
+    "fedavg",
+    "fedprox",
+    "fedbn",
+    "feddyn",
+    "fedaw",
+    "fedgh",
+    "fedgh-noproj",
+    "fedgh-noaw",
+    "fedavg-clip",
+    "median",
+    "trimmed-mean",
+    "scaffold",
+    "fedavgm",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+)
 RUN_INTERRUPTED = "the last checkpoint is kept; rerun with --resume"
 FLOWER_INTERRUPTED = "every Flower process was stopped"
 
@@ -192,6 +211,8 @@ def cmd_eval(args) -> int:
 
     model, cfg, skeleton = load_model(args.checkpoint)
     cfg = data_from_user(cfg, args.overrides)  # the model file's own paths are never used
+    if args.dump and cfg.data.dataset != "coco":
+        raise ConfigError(f"--dump writes COCO results; the model's data is {cfg.data.dataset}")
     records, _ = load_split(cfg.data, args.split)
     ev = evaluate_model(
         model,
@@ -221,6 +242,13 @@ def cmd_eval(args) -> int:
     if cfg.data.dataset == "coco" and has_keypoint_ap(skeleton):
         ap = split_ap(records, ev["preds"], ev["confidence"], cfg.data, args.split)
     _print_keypoint_ap(ap, cfg.data.dataset)
+    if args.dump:
+        from fedpose.metrics.coco_ap import write_split_results
+
+        out = write_split_results(
+            args.dump, records, ev["preds"], ev["confidence"], cfg.data, args.split
+        )
+        console.print(f"wrote {out}", markup=False, highlight=False)
     print(f"mean PCK: {result.mean:.2f}")
     return 0
 
@@ -243,18 +271,29 @@ def cmd_predict(args) -> int:
 
 def cmd_export(args) -> int:
     from fedpose.files import check_not_an_input
+    from fedpose.model.conventions import describe_model
     from fedpose.model.export import ONNX_OPSET, export_onnx
-    from fedpose.model.io import load_model
+    from fedpose.model.io import load_any_model
 
     check_not_an_input(args.onnx, args.checkpoint)
-    model, cfg, skeleton = load_model(args.checkpoint)
+    model, cfg, skeleton = load_any_model(args.checkpoint)
     size = cfg.data.input_size
-    out = export_onnx(model, size, args.onnx, skeleton)
+    conventions = describe_model(cfg, skeleton)
+    out = export_onnx(model, size, args.onnx, skeleton, conventions=conventions)
     console.print(
         f"image: batch x 3 x {size} x {size} -> heatmaps: batch x "
         f"{skeleton.num_joints} x {size // 4} x {size // 4}, ONNX opset {ONNX_OPSET}"
     )
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_model_from_checkpoint(args) -> int:
+    from fedpose.model.io import model_from_checkpoint, save_model
+
+    weights, cfg, skeleton = model_from_checkpoint(args.checkpoint, args.config)
+    save_model(args.out, weights, cfg, skeleton)
+    print(f"wrote {args.out}")
     return 0
 
 
@@ -289,6 +328,28 @@ def cmd_data_synth_arm(args) -> int:
 
     ann = generate_synth_arm(args.out, n=args.n, seed=args.seed, size=args.size)
     console.print(f"wrote {ann}")
+    return 0
+
+
+def cmd_data_download(args) -> int:
+    from fedpose.data.download import SOURCES, download_dataset
+
+    source = SOURCES[args.name]
+    origin = args.from_file or args.url or source.url
+    console.print(f"{args.name}: from {origin} (licence and citation: {source.page})", markup=False)
+    reported = [0]
+
+    def progress(done: int, total: int | None) -> None:
+        if done - reported[0] >= 5 * 2**20 or (total and done == total):
+            reported[0] = done
+            of = f" of {total / 2**20:.1f}" if total else ""
+            console.print(f"  {done / 2**20:.1f}{of} MiB", markup=False)
+
+    dest, fetched = download_dataset(
+        args.name, args.to, url=args.url, from_file=args.from_file, progress=progress
+    )
+    state = "unpacked and checked" if fetched else "already there and complete"
+    console.print(f"{args.name}: {state} in {dest}", markup=False, highlight=False)
     return 0
 
 
@@ -438,11 +499,11 @@ def cmd_bench_train(args) -> int:
 
 
 def _default_root(dataset: str) -> str:
-    """The shared datasets folder beside the checkout, where the tests look too."""
-    import os
+    """$FEDPOSE_DATASETS/<dataset> (where the tests look too) when set, else data/<dataset>
+    (where `fedpose data download` puts it)."""
+    from fedpose.data.download import default_destination
 
-    base = Path(os.environ.get("FEDPOSE_DATASETS", Path.cwd().parent / "shared" / "datasets"))
-    return str(base / dataset)
+    return str(default_destination(dataset))
 
 
 def cmd_bench_flower(args) -> int:
@@ -498,7 +559,9 @@ def cmd_flower_sim(args) -> int:
     from fedpose.tools.flower_demo import demo_config, terminate_on_sigterm
     from fedpose.tools.flower_sim import run_flower_simulation
 
-    cfg = demo_config(args.config, args.supernodes, args.rounds, args.overrides)
+    cfg = demo_config(
+        args.config, args.supernodes, args.rounds, args.overrides, default_name="flower-sim"
+    )
     console.print(
         f"[bold]{cfg.name}[/]: {cfg.fed.method} on {cfg.data.dataset}, "
         f"{args.supernodes} virtual SuperNodes, {args.rounds} rounds; runs in "
@@ -535,6 +598,7 @@ def cmd_flower_config(args) -> int:
 @functools.cache
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedpose", description=__doc__)
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="centralized training and evaluation")
@@ -551,7 +615,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="several methods and seeds, then a report")
     _add_config(p)
-    p.add_argument("--methods", default=METHODS)
+    p.add_argument(
+        "--methods",
+        default=METHODS,
+        metavar="M1,M2,...",
+        help=f"comma-separated aggregation methods (default: {METHODS}); choices: "
+        f"{', '.join(_method_names())}",
+    )
     p.add_argument(
         "--variant",
         action="append",
@@ -611,6 +681,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a checkpoint on its dataset's test split")
     p.add_argument("checkpoint")
     p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument(
+        "--dump",
+        default=None,
+        metavar="RESULTS.json",
+        help="coco: also write the predictions as a COCO keypoint results file",
+    )
     _add_overrides(p, "e.g. -c data.root=/path/to/lsp")
     p.set_defaults(func=cmd_eval)
 
@@ -620,10 +696,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("export", help="write a model file as ONNX")
-    p.add_argument("checkpoint")
+    p = sub.add_parser("export", help="write a model file (or a run's checkpoint) as ONNX")
+    p.add_argument(
+        "checkpoint",
+        help="model.safetensors, or RUN/checkpoints/last.safetensors (with RUN/config.json)",
+    )
     p.add_argument("--onnx", required=True, metavar="OUT.onnx", help="the ONNX file to write")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "model-from-checkpoint",
+        help="write a run's checkpoint as a model file that eval, predict and export read",
+    )
+    p.add_argument("checkpoint", help="RUN/checkpoints/last.safetensors (or previous)")
+    p.add_argument("--out", required=True, metavar="MODEL.safetensors")
+    p.add_argument(
+        "--config",
+        default=None,
+        metavar="CONFIG.json",
+        help="the run's config.json (default: two folders above the checkpoint)",
+    )
+    p.set_defaults(func=cmd_model_from_checkpoint)
 
     p = sub.add_parser("score", help="score a predictions file with the dataset's metric")
     p.add_argument("--dataset", required=True, choices=list(DATASETS))
@@ -635,7 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSON: image file name -> [[x, y], ...]; coco: or a COCO keypoint results list",
     )
     p.add_argument("--headboxes", default=None, help="mpii: gt_valid.mat")
-    p.add_argument("--split", default="test", help="lsp: train | test | all")
+    p.add_argument("--split", default="test", choices=["train", "test", "all"], help="lsp's split")
     p.add_argument("--labels", default="pc", choices=["pc", "oc"], help="lsp labels")
     p.add_argument("--alpha", type=float, default=None, help="threshold (default: standard)")
     p.set_defaults(func=cmd_score)
@@ -648,6 +741,25 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--size", type=int, default=128)
     d.set_defaults(func=cmd_data_synth_arm)
+    d = dsub.add_parser(
+        "download", help="fetch a public dataset from its source, check it and unpack it"
+    )
+    d.add_argument("name", choices=["lsp"], help="the dataset (MPII and COCO: docs/datasets.md)")
+    d.add_argument(
+        "--to",
+        default=None,
+        metavar="DIR",
+        help="destination folder (default: $FEDPOSE_DATASETS/NAME if set, else data/NAME)",
+    )
+    d.add_argument("--url", default=None, help="another address of the same archive")
+    d.add_argument(
+        "--from",
+        dest="from_file",
+        default=None,
+        metavar="ARCHIVE",
+        help="unpack a local copy of the archive instead of downloading it",
+    )
+    d.set_defaults(func=cmd_data_download)
     d = dsub.add_parser("inspect", help="load a dataset and summarise it")
     d.add_argument("--dataset", required=True, choices=list(DATASETS))
     d.add_argument("--root", required=True)
@@ -756,7 +868,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config(p, required=False)
     p.set_defaults(func=cmd_flower_config)
+
+    p = sub.add_parser(
+        "sketch-study",
+        help="what sketch widths cost secure FedGH, per round, on one exact run (docs/security.md)",
+    )
+    _add_config(p, required=False)
+    p.add_argument("--widths", default="1024,4096,16384,65536")
+    p.add_argument("--keys", type=int, default=3, help="consortium secrets tried per width")
+    p.add_argument(
+        "--flower-cost",
+        metavar="DIR",
+        help="instead: bytes and seconds per round of plain vs secure FedAvg/FedGH on loopback "
+        "Flower processes (the tiny flower-demo federation), written to DIR",
+    )
+    p.add_argument("--rounds", type=int, default=2, help="rounds of each --flower-cost run")
+    p.set_defaults(func=cmd_sketch_study)
     return parser
+
+
+def cmd_sketch_study(args) -> int:
+    import json
+
+    from fedpose.tools.secure_study import flower_cost, sketch_study, summary_table
+
+    if args.flower_cost:
+        out = Path(args.flower_cost).resolve()
+        rows = flower_cost(out, rounds=args.rounds)
+        (out / "flower_cost.json").write_text(json.dumps(rows, indent=2))
+        return 0
+    cfg = load_config(args.config, [*args.overrides, "fed.method=fedgh"])
+    widths = [int(w) for w in args.widths.split(",")]
+    print(summary_table(sketch_study(cfg, widths, args.keys)))
+    return 0
 
 
 def _add_data_source(b: argparse.ArgumentParser) -> None:
@@ -804,6 +948,19 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 _python_show_warning = warnings.showwarning
 
 
+def _method_names() -> tuple[str, ...]:
+    # fl.strategies.STRATEGY_NAMES is the one list, but importing it loads torch;
+    # tests/test_cli_light.py checks that this copy is the same
+    return METHOD_CHOICES
+
+
+def _federation_error() -> type[BaseException] | tuple:
+    """fl.server's FederationError once that module is loaded (only then can it be raised);
+    importing it up front would load torch for `--help`."""
+    module = sys.modules.get("fedpose.fl.server")
+    return getattr(module, "FederationError", ())
+
+
 def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _show_warning
     args = build_parser().parse_args(argv)
@@ -816,7 +973,7 @@ def main(argv: list[str] | None = None) -> int:
         # no markup (messages hold "[record ...]") and no wrapping
         err_console.print(f"error: {e}", markup=False, highlight=False)
         return 2
-    except FederationError as e:  # the input was fine; the run itself failed
+    except _federation_error() as e:  # the input was fine; the run itself failed
         err_console.print(f"error: {e}", markup=False, highlight=False)
         return 1
     except KeyboardInterrupt:

@@ -23,6 +23,10 @@ class DataConfig:
     root: str = "data/synth-arm"  # image folder (lsp: the dataset folder)
     ann: str = ""  # mpii/coco: training annotation file (synth-arm: written beside the images)
     test_ann: str = ""  # mpii/coco: test annotation file
+    # coco: the image folders of `ann` and `test_ann` when they differ (COCO's train2017/ and
+    # val2017/, as the pose toolkits' per-split image prefixes); "" = root
+    train_root: str = ""
+    test_root: str = ""
     headboxes: str = ""  # mpii: gt_valid.mat for PCKh
     lsp_labels: str = "pc"  # lsp: pc (joints.mat) or oc (joints_OC.mat)
     synth_n: int = 2060  # synth-arm: images generated into root (with generate = true)
@@ -88,6 +92,10 @@ class FedConfig:
     partition: str = "attribute"  # iid | attribute | dirichlet | quantity
     partition_attr: str = "view"  # attribute | dirichlet: view | pose | facing
     dirichlet_alpha: float = 0.5
+    # 0: draw once, then give each empty client one record of the largest (fedpose's rule);
+    # > 0: redraw until every client has at least this many records, as flwr-datasets'
+    # DirichletPartitioner's min_partition_size (docs/algorithms.md, "Partitions")
+    dirichlet_min_size: int = 0
     quantity_alpha: float = 0.5
     eval_every: int = 1
     checkpoint_every: int = 1
@@ -140,6 +148,14 @@ class FedConfig:
     round_retries: int = 0
     # refuse an update whose L2 norm exceeds this multiple of the recent median norm (0 = off)
     max_norm_ratio: float = 100.0
+    # secure aggregation (fl/secure.py, docs/security.md): the server never holds one client's
+    # update; conflict-aware methods see CountSketches of width sketch_width keyed by a secret
+    # the sites share (in-process: sketch_secret; Flower: each SuperNode's sketch-secret)
+    secure: bool = False
+    sketch_width: int = 16384
+    sketch_secret: str = ""
+    secagg_clip: float = 1.0  # Flower SecAgg+: values are clipped to ±this before quantisation
+    secagg_threshold: float = 0.6  # SecAgg+: share of the key shares needed to unmask
 
 
 @dataclass
@@ -494,6 +510,7 @@ def _checks(cfg: Config) -> Iterator[str | None]:
     yield _range("fed.local_steps", f.local_steps, 0)
     yield None if f.partition_attr else "fed.partition_attr: must not be empty"
     yield _range("fed.dirichlet_alpha", f.dirichlet_alpha, 0, low_open=True)
+    yield _range("fed.dirichlet_min_size", f.dirichlet_min_size, 0)
     yield _range("fed.quantity_alpha", f.quantity_alpha, 0, low_open=True)
     yield _range("fed.eval_every", f.eval_every, 1)
     yield _range("fed.checkpoint_every", f.checkpoint_every, 1)
@@ -520,6 +537,9 @@ def _checks(cfg: Config) -> Iterator[str | None]:
     yield _range("fed.target_pck", f.target_pck, 0, 100)
     yield _range("fed.round_retries", f.round_retries, 0, MAX_ROUND_RETRIES)
     yield _range("fed.max_norm_ratio", f.max_norm_ratio, 0)
+    yield _range("fed.sketch_width", f.sketch_width, 1)
+    yield _range("fed.secagg_clip", f.secagg_clip, 0, low_open=True)
+    yield _range("fed.secagg_threshold", f.secagg_threshold, 0, 1, low_open=True)
 
     yield _range("system.speed", s.speed, 0, low_open=True)
     yield _range("system.speed_spread", s.speed_spread, 1)

@@ -40,6 +40,7 @@ __all__ = [
     "Skeleton",
     "DatasetKind",
     "FileOptions",
+    "coco_split_files",
     "holdout_split",
     "load_coco",
     "load_files",
@@ -130,17 +131,28 @@ def _load_mpii_split(cfg: DataConfig, split: str) -> tuple[list[PoseRecord], Ske
     return holdout_split(records, cfg.test_fraction, split, cfg.root), MPII
 
 
+def coco_split_files(cfg: DataConfig, split: str) -> tuple[Path, Path]:
+    """(annotation file, image folder) a real COCO-format split is read from: `ann` with
+    `train_root` (else `root`) for train and for a held-out test share; `test_ann` with
+    `test_root` (else `root`) for test when set. So COCO's own layout, train2017/ beside
+    val2017/, loads as it is unpacked."""
+    if not cfg.ann:
+        raise ConfigError("data.ann: the coco dataset needs its person_keypoints JSON")
+    if split == "test" and cfg.test_ann:
+        return Path(cfg.test_ann), Path(cfg.test_root or cfg.root)
+    return Path(cfg.ann), Path(cfg.train_root or cfg.root)
+
+
 def _load_coco_split(cfg: DataConfig, split: str, synth: bool) -> tuple[list[PoseRecord], Skeleton]:
     if synth:
         train_ann = synth_arm_annotations(cfg)
-        image_dir = train_ann.parent / SYNTH_IMAGES
-    elif not cfg.ann:
-        raise ConfigError("data.ann: the coco dataset needs its person_keypoints JSON")
+        image_dir = test_dir = train_ann.parent / SYNTH_IMAGES
     else:
-        train_ann, image_dir = Path(cfg.ann), Path(cfg.root)
+        train_ann, image_dir = coco_split_files(cfg, "train")
+        test_dir = coco_split_files(cfg, "test")[1]
     if cfg.test_ann:
-        ann = train_ann if split == "train" else Path(cfg.test_ann)
-        records = load_coco(ann, image_dir)
+        ann, folder = (train_ann, image_dir) if split == "train" else (Path(cfg.test_ann), test_dir)
+        records = load_coco(ann, folder)
         return records, _coco_skeleton(records, ann, synth)
     records = load_coco(train_ann, image_dir)
     skeleton = _coco_skeleton(records, train_ann, synth)
@@ -187,13 +199,13 @@ def _mpii_files(root: Path, ann: str | Path | None, opt: FileOptions) -> list[Po
     return load_mpii(_need_ann(ann, root, "mpii"), root, opt.headboxes)
 
 
-def _coco_files(root: Path, ann: str | Path | None, _opt: FileOptions) -> list[PoseRecord]:
-    return load_coco(_need_ann(ann, root, "coco"), root)
+def _coco_files(root: Path, ann: str | Path | None, opt: FileOptions) -> list[PoseRecord]:
+    return load_coco(_need_ann(ann, root, "coco"), root, opt.skipped)
 
 
-def _synth_files(root: Path, ann: str | Path | None, _opt: FileOptions) -> list[PoseRecord]:
+def _synth_files(root: Path, ann: str | Path | None, opt: FileOptions) -> list[PoseRecord]:
     ann_path = Path(ann) if ann else root / SYNTH_ANN
-    return load_coco(ann_path, ann_path.parent / SYNTH_IMAGES)
+    return load_coco(ann_path, ann_path.parent / SYNTH_IMAGES, opt.skipped)
 
 
 DATASETS: dict[str, DatasetKind] = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -28,8 +29,18 @@ COCO_KEYPOINTS = 17  # a person_keypoints file that names no keypoints is COCO's
 DERIVED_ATTRIBUTES = ("occluded",)
 
 
-def load_coco(ann_file: str | Path, image_dir: str | Path) -> list[PoseRecord]:
+# why load_coco passes over an annotation, as `fedpose data inspect` counts them
+SKIP_CROWD = "crowd (iscrowd)"
+SKIP_CATEGORY = "not the person category"
+SKIP_NO_KEYPOINTS = "no labelled keypoint"
+
+
+def load_coco(
+    ann_file: str | Path, image_dir: str | Path, skipped: Counter | None = None
+) -> list[PoseRecord]:
     """Load every annotated, non-crowd person of a COCO person_keypoints file.
+
+    `skipped`, when given, counts the annotations passed over by reason (SKIP_*).
 
     The number of keypoints K comes from the file and must be the same for every annotation;
     the caller picks the skeleton. v = 0 gives visibility 0; v = 1 (labelled but hidden) and v = 2
@@ -50,12 +61,16 @@ def load_coco(ann_file: str | Path, image_dir: str | Path) -> list[PoseRecord]:
     num_keypoints: int | None = None
     sizes: dict[int, tuple[int, int]] = {}
     seen_ids: set = set()
+    tally = skipped if skipped is not None else Counter()
     for index, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict):
             raise DatasetError(ann_file, "annotation must be an object", f"annotations[{index}]")
         record_id = f"annotation {ann.get('id', f'#{index}')}"
         _check_unique_id(ann_file, ann, index, seen_ids)
-        if ann.get("iscrowd") or not _wanted(ann, person_ids):
+        reason = SKIP_CROWD if ann.get("iscrowd") else ""
+        reason = reason if _wanted(ann, person_ids) else SKIP_CATEGORY
+        if reason:
+            tally[reason] += 1
             continue
         kps = _keypoints(ann_file, ann.get("keypoints"), record_id)
         if num_keypoints is None:
@@ -66,6 +81,7 @@ def load_coco(ann_file: str | Path, image_dir: str | Path) -> list[PoseRecord]:
             raise DatasetError(ann_file, problem, record_id)
         labelled = kps[:, 2] > 0
         if ann.get("num_keypoints") == 0 or not labelled.any():
+            tally[SKIP_NO_KEYPOINTS] += 1
             continue
 
         image_id = ann.get("image_id")

@@ -32,8 +32,12 @@ def inspect_dataset(
     in full (finds truncated and corrupt files; slow on large sets), else read headers only.
     """
     root = Path(root)
+    skipped: Counter = Counter()
     records, skeleton = load_files(
-        dataset, root, ann, FileOptions(split="all", labels=labels, headboxes=headboxes)
+        dataset,
+        root,
+        ann,
+        FileOptions(split="all", labels=labels, headboxes=headboxes, skipped=skipped),
     )
     if not records:
         raise DatasetError(ann or root, "zero records: no annotated person with a labelled joint")
@@ -66,6 +70,8 @@ def inspect_dataset(
         "image_height": _range(sizes[:, 1]),
         "scale": _range(scales),
         "attributes": _attribute_counts(records),
+        # annotations that are no record, by reason (COCO-format files; empty for lsp / mpii)
+        "skipped": dict(sorted(skipped.items())),
     }
 
 
@@ -79,6 +85,13 @@ def summary_tables(summary: dict) -> list[Table]:
         overview.add_row("annotations", summary["ann"])
     overview.add_row("skeleton", f"{summary['skeleton']} ({summary['num_joints']} joints)")
     overview.add_row("records", str(summary["records"]))
+    skipped = summary.get("skipped") or {}
+    if skipped:
+        overview.add_row(
+            "skipped annotations",
+            f"{sum(skipped.values())}: "
+            + ", ".join(f"{reason} {n}" for reason, n in skipped.items()),
+        )
     overview.add_row("images", str(summary["images"]))
     overview.add_row("image width", _format_range(summary["image_width"], "px"))
     overview.add_row("image height", _format_range(summary["image_height"], "px"))

@@ -11,7 +11,11 @@ partitioner raises ValueError saying why. All randomness comes from the given se
   it raises, since a value would have to be split (use dirichlet for that).
 - dirichlet: label skew. For each value of the attribute, its records are split over clients by
   proportions drawn from Dirichlet(alpha): small alpha gives clients few values, large alpha
-  approaches iid.
+  approaches iid. Two rules for clients the draw leaves (nearly) empty: by default the draw is
+  kept and each empty client gets one record of the largest; with min_size > 0 the whole draw is
+  repeated until every client has at least min_size records (flwr-datasets' rule), at most
+  DIRICHLET_MAX_DRAWS times. The second conditions on balanced outcomes, so at the same alpha it
+  is less skewed: results under the two rules do not compare.
 - quantity_skew: client sizes from Dirichlet(alpha), at least one record each; contents iid.
 
 Attributes are read from `record.attributes`, except two derived ones:
@@ -39,6 +43,8 @@ from fedpose.data.records import SKELETONS, PoseRecord, Skeleton
 from fedpose.run_dir import write_file
 
 PARTITIONS = ("iid", "attribute", "dirichlet", "quantity")  # the `fed.partition` names
+# draws of the redraw rule before giving up (flwr-datasets' DirichletPartitioner gives up after 11)
+DIRICHLET_MAX_DRAWS = 100
 
 
 def partition_problem(method: str) -> str | None:
@@ -259,24 +265,49 @@ def dirichlet(
     *,
     num_clusters: int | None = None,
     skeleton: Skeleton | None = None,
+    min_size: int = 0,
 ) -> list[list[int]]:
     """Label skew: each attribute value's records are split by Dirichlet(alpha) proportions.
 
-    num_clusters: k for attr="pose" (default: num_clients).
+    num_clusters: k for attr="pose" (default: num_clients). min_size: 0 keeps the first draw
+    and fills empty clients (see _fill_empty); > 0 redraws until every client has at least
+    min_size records, raising ValueError after DIRICHLET_MAX_DRAWS draws.
     """
     _check_counts(len(records), num_clients)
     _check_alpha(alpha)
+    if min_size < 0 or min_size * num_clients > len(records):
+        raise ValueError(
+            f"fed.dirichlet_min_size {min_size}: {num_clients} clients of at least {min_size} "
+            f"records need {min_size * num_clients}; there are {len(records)}"
+        )
     labels = record_labels(
         records, attr, num_clusters=num_clusters or num_clients, seed=seed, skeleton=skeleton
     )
     rng = seeding.stream(seed, seeding.DIRICHLET_PARTITION)
+    for _ in range(DIRICHLET_MAX_DRAWS if min_size > 0 else 1):
+        parts = _dirichlet_draw(labels, num_clients, alpha, rng)
+        if min_size == 0:
+            return _fill_empty(parts, rng)
+        if min(len(p) for p in parts) >= min_size:
+            return [sorted(p) for p in parts]
+    raise ValueError(
+        f"fed.dirichlet_min_size {min_size}: no Dirichlet({alpha:g}) draw in "
+        f"{DIRICHLET_MAX_DRAWS} gave every one of {num_clients} clients {min_size} records "
+        f"(the smallest had {min(len(p) for p in parts)}); lower it, raise fed.dirichlet_alpha "
+        f"or use fed.dirichlet_min_size=0"
+    )
+
+
+def _dirichlet_draw(
+    labels: Sequence[str], num_clients: int, alpha: float, rng: np.random.Generator
+) -> list[list[int]]:
     parts: list[list[int]] = [[] for _ in range(num_clients)]
     for value in sorted(set(labels)):
         idx = rng.permutation([i for i, lab in enumerate(labels) if lab == value])
         counts = _apportion(_draw_dirichlet(rng, alpha, num_clients), len(idx))
         for k, chunk in enumerate(np.split(idx, np.cumsum(counts)[:-1])):
             parts[k].extend(int(i) for i in chunk)
-    return _fill_empty(parts, rng)
+    return parts
 
 
 def quantity_skew(n_records: int, num_clients: int, alpha: float, seed: int) -> list[list[int]]:
@@ -304,11 +335,24 @@ def partition(
         return by_attribute(records, cfg_fed.partition_attr, k, seed=seed, skeleton=skeleton)
     if method == "dirichlet":
         return dirichlet(
-            records, cfg_fed.partition_attr, k, cfg_fed.dirichlet_alpha, seed, skeleton=skeleton
+            records,
+            cfg_fed.partition_attr,
+            k,
+            cfg_fed.dirichlet_alpha,
+            seed,
+            skeleton=skeleton,
+            min_size=cfg_fed.dirichlet_min_size,
         )
     if method == "quantity":
         return quantity_skew(len(records), k, cfg_fed.quantity_alpha, seed)
     raise ValueError(f"unknown fed.partition {method!r}; expected one of {', '.join(PARTITIONS)}")
+
+
+def dirichlet_rule(fed: FedConfig) -> str:
+    """How the Dirichlet partition treats small clients, in words a result can quote."""
+    if fed.dirichlet_min_size > 0:
+        return f"redrawn until every client has >= {fed.dirichlet_min_size} records"
+    return "drawn once, empty clients given one record of the largest"
 
 
 # --- statistics ------------------------------------------------------------------------------
@@ -454,6 +498,7 @@ def write_partition_report(cfg: Config) -> PartitionReport:
         header["attr"] = fed.partition_attr
     if fed.partition == "dirichlet":
         header["alpha"] = fed.dirichlet_alpha
+        header["dirichlet_rule"] = dirichlet_rule(fed)
     if fed.partition == "quantity":
         header["alpha"] = fed.quantity_alpha
     clients = [

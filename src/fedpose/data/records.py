@@ -4,6 +4,7 @@ input checks every loader shares."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,6 +237,8 @@ class FileOptions:
     split: str = "all"  # lsp: train | test | all
     labels: str = "pc"  # lsp: pc | oc
     headboxes: str | Path | None = None  # mpii: gt_valid.mat
+    # coco / synth-arm: filled with the annotations the loader passes over, by reason
+    skipped: Counter | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from fedpose.config import ConfigError, DataConfig, load_config
 from fedpose.data import synth_arm_annotations
 from fedpose.data.records import DatasetError
 from fedpose.engine.parallel import Job, run_jobs
+from fedpose.engine.progress import RoundProgress
 from fedpose.engine.run import check_config
 from fedpose.engine.runner import run_federation
 from fedpose.fl.server import FederationError
@@ -113,6 +114,7 @@ def _run_claimed(plan: Comparison, base, runs: list, configs: list, console: Con
     name = plan.name or base.name
     run_dirs: list[Path] = []
     jobs: list[Job] = []
+    watched: dict[str, tuple[Path, int]] = {}  # job name -> (run folder, rounds), for progress
     synth_data: dict[str, DataConfig] = {}  # by root: each synth-arm set its parallel runs read
     for (label, seed, run_sets), cfg in zip(runs, configs, strict=True):
         run_dirs.append(cfg.run_dir)
@@ -126,6 +128,7 @@ def _run_claimed(plan: Comparison, base, runs: list, configs: list, console: Con
                 synth_data[cfg.data.root] = cfg.data
             log = cfg.run_dir.parent / f"{label}-s{seed}.log"
             jobs.append(Job(cfg.name, run_one, (plan.config, run_sets, plan.resume), log))
+            watched[cfg.name] = (cfg.run_dir, cfg.fed.rounds)
         else:
             run_federation(cfg, resume=plan.resume, console=console)
     if jobs:
@@ -137,11 +140,16 @@ def _run_claimed(plan: Comparison, base, runs: list, configs: list, console: Con
             "each; logs beside the run directories"
         )
 
-        def done(job: Job, code: int, seconds: float) -> None:
-            state = "done" if code == 0 else f"FAILED (exit {code}, see {job.log})"
-            console.print(f"{job.name}: {state} in {seconds:.0f} s")
+        with RoundProgress(console, watched) as progress:
 
-        codes = run_jobs(jobs, plan.jobs, done)
+            def done(job: Job, code: int, seconds: float) -> None:
+                state = "done" if code == 0 else f"FAILED (exit {code}, see {job.log})"
+                progress.finished(job.name, f"{state} in {seconds:.0f} s")
+
+            def tick(running: list[Job]) -> None:
+                progress.poll(job.name for job in running)
+
+            codes = run_jobs(jobs, plan.jobs, done, tick)
         failed = [n for n, c in codes.items() if c != 0]
         if failed:
             raise ComparisonError(f"{len(failed)} run(s) failed: {', '.join(failed)}")

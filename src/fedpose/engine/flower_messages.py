@@ -203,6 +203,9 @@ def reply_to_content(reply: TrainReply, timing: dict[str, float] | None = None) 
 def content_to_reply(content: RecordDict) -> TrainReply:
     cfg, metrics = content["config"], content["metrics"]
     update = record_to_state(content["update"]) if "update" in content else {}
+    if "counters" in content:  # secure aggregation: integer BatchNorm counters in the clear
+        for name, values in content["counters"].items():
+            update[_AVERAGED + name] = torch.tensor(values, dtype=torch.int64).reshape(())
     return TrainReply(
         client_id=int(cfg["client-id"]),
         version=int(cfg["version"]),
@@ -217,6 +220,8 @@ def content_to_reply(content: RecordDict) -> TrainReply:
         seconds=float(metrics["seconds"]),
         error=str(cfg["error"]) or None,
         control_delta=update.get(_CONTROL_DELTA),
+        # secure aggregation's phase 1 (engine/flower_secagg.py): a sketch instead of the update
+        sketch=record_to_state(content["sketch"])["sketch"] if "sketch" in content else None,
     )
 
 

@@ -40,6 +40,7 @@ from fedpose.engine.flower_messages import (
     request_to_content,
     settings_from_run_config,
 )
+from fedpose.engine.flower_secagg import maybe_inspect, secure_transport
 from fedpose.engine.run import Engine, client_row, run_lifecycle
 from fedpose.fl.messages import TrainReply, TrainRequest
 from fedpose.fl.observer import RunObserver
@@ -413,7 +414,7 @@ def _server_main(grid: Grid, context: Context) -> None:
     def log(text: str) -> None:
         console.print(f"[fedpose] {text}", markup=False, highlight=False)
 
-    run_flower_server(grid, settings, log)
+    run_flower_server(maybe_inspect(grid), settings, log)
 
 
 class FlowerEngine(Engine):
@@ -450,6 +451,8 @@ class FlowerEngine(Engine):
             timing,
             self.log,
         )
+        # under fed.secure: replies hold sketches, the sum comes through SecAgg+
+        self.transport = secure_transport(self.transport, self.server_side.layout, self.cfg.fed)
         self.transport.connect()
 
     def client_sizes(self) -> list[int]:

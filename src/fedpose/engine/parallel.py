@@ -65,10 +65,14 @@ def _single_thread_env() -> Iterator[None]:
 
 
 def run_jobs(
-    jobs: list[Job], workers: int, on_done: Callable[[Job, int, float], None] | None = None
+    jobs: list[Job],
+    workers: int,
+    on_done: Callable[[Job, int, float], None] | None = None,
+    on_tick: Callable[[list[Job]], None] | None = None,
 ) -> dict[str, int]:
     """Run every job in a worker process, at most `workers` at once; exit codes by job name.
-    `on_done(job, exit code, seconds)` is called as each one finishes."""
+    `on_done(job, exit code, seconds)` is called as each one finishes, `on_tick(the jobs
+    running)` every poll (for progress shown meanwhile)."""
     context = multiprocessing.get_context("spawn")
     queue = list(jobs)
     running: list[tuple[Job, multiprocessing.process.BaseProcess, float]] = []
@@ -83,6 +87,8 @@ def run_jobs(
                     proc.start()
                 running.append((job, proc, time.perf_counter()))
             time.sleep(0.2)
+            if on_tick:
+                on_tick([job for job, *_ in running])
             for item in list(running):
                 job, proc, started = item
                 if proc.is_alive():

@@ -30,6 +30,7 @@ from fedpose.data import dataset_problem
 from fedpose.data.partition import partition_problem
 from fedpose.engine.federation import ServerSide, build_server_side
 from fedpose.fl.observer import RunObserver
+from fedpose.fl.secure import secure_config_problems
 from fedpose.fl.selection import selection_problem
 from fedpose.fl.server import FederatedServer, Transport, read_checkpoint
 from fedpose.fl.strategies import method_problem
@@ -52,6 +53,7 @@ def check_config(cfg: Config) -> Config:
         method_problem(cfg.fed.method),
         partition_problem(cfg.fed.partition),
         selection_problem(cfg.fed.selection),
+        *secure_config_problems(cfg.fed),
     ):
         if problem:
             raise ConfigError(problem)

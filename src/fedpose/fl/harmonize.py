@@ -102,7 +102,18 @@ def projection_coefficients(
     return torch.from_numpy(c)
 
 
-def _pcgrad_coefficients(g: np.ndarray, orders: list[list[int]]) -> np.ndarray:
+def pcgrad_decisions(gram: torch.Tensor, *, order: str = "random", seed: int = 0) -> np.ndarray:
+    """(K, K−1) booleans: whether PCGrad's t-th visit of client k projects (⟨ĝ_k, Δ_j⟩ < 0),
+    from G alone, in the visit order `projection_coefficients` uses."""
+    g = gram.detach().to(torch.float64).cpu().numpy()
+    hits: list[np.ndarray] = []
+    _pcgrad_coefficients(g, visit_orders(g.shape[-1], order, seed), hits)
+    return np.stack(hits, axis=-1) if hits else np.zeros((g.shape[-1], 0), dtype=bool)
+
+
+def _pcgrad_coefficients(
+    g: np.ndarray, orders: list[list[int]], hits: list[np.ndarray] | None = None
+) -> np.ndarray:
     k = g.shape[-1]
     c = np.broadcast_to(np.eye(k), g.shape).copy()
     if k < 2:
@@ -117,6 +128,8 @@ def _pcgrad_coefficients(g: np.ndarray, orders: list[list[int]]) -> np.ndarray:
         dot = v[..., rows, j]
         norm2 = diag[..., j]
         hit = (dot < 0) & (norm2 > 0)
+        if hits is not None:
+            hits.append(hit.copy())
         coef = np.where(hit, dot / np.where(norm2 > 0, norm2, 1.0), 0.0)
         c[..., rows, j] -= coef
         v -= coef[..., :, None] * g[..., j, :]
@@ -153,9 +166,8 @@ def harmonize(
     seed: int = 0,
     method: str = "gram",
     gram: torch.Tensor | None = None,
-    add_to: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Σ_k weights_k ĝ_k as a (P,) tensor (added in place to `add_to` when given).
+    """Σ_k weights_k ĝ_k as a (P,) tensor.
 
     method "gram" reuses `gram` (= gram_matrix(deltas)) when the caller already has it.
     method "direct" keeps one ĝ at a time for pcgrad; the symmetric rule changes both members of
@@ -168,10 +180,10 @@ def harmonize(
             gram = gram_matrix(deltas)
         c = projection_coefficients(gram, variant=variant, order=order, seed=seed).numpy()
         coef = ordered_sum(weights.numpy()[:, None] * c, axis=0)  # (wᵀC)_j in a fixed order
-        return weighted_sum(deltas, torch.from_numpy(coef), add_to)
+        return weighted_sum(deltas, torch.from_numpy(coef))
     if variant == "pcgrad":
-        return _direct_pcgrad(deltas, weights, visit_orders(len(deltas), order, seed), add_to)
-    return _direct_symmetric(deltas, weights, pair_order(len(deltas), order, seed), add_to)
+        return _direct_pcgrad(deltas, weights, visit_orders(len(deltas), order, seed))
+    return _direct_symmetric(deltas, weights, pair_order(len(deltas), order, seed))
 
 
 def _sub_multiple_(g: torch.Tensor, a: float, x: torch.Tensor, tmp: torch.Tensor) -> None:
@@ -180,12 +192,8 @@ def _sub_multiple_(g: torch.Tensor, a: float, x: torch.Tensor, tmp: torch.Tensor
     g.sub_(tmp)
 
 
-def _direct_pcgrad(deltas, weights, orders, add_to):
-    out = (
-        torch.zeros(deltas.shape[1], dtype=deltas.dtype, device=deltas.device)
-        if add_to is None
-        else add_to
-    )
+def _direct_pcgrad(deltas, weights, orders):
+    out = torch.zeros(deltas.shape[1], dtype=deltas.dtype, device=deltas.device)
     norm2 = [exact_dot(d, d) for d in deltas]
     g, tmp = torch.empty_like(deltas[0]), torch.empty_like(deltas[0])
     for k, visits in enumerate(orders):
@@ -199,7 +207,7 @@ def _direct_pcgrad(deltas, weights, orders, add_to):
     return out
 
 
-def _direct_symmetric(deltas, weights, pairs, add_to):
+def _direct_symmetric(deltas, weights, pairs):
     g = deltas.clone()
     tmp = torch.empty_like(deltas[0])
     zero = _ZERO2 * max((exact_dot(d, d) for d in deltas), default=0.0)
@@ -210,4 +218,4 @@ def _direct_symmetric(deltas, weights, pairs, add_to):
             gi = g[i].clone()
             _sub_multiple_(g[i], dot / nj, g[j], tmp)
             _sub_multiple_(g[j], dot / ni, gi, tmp)
-    return weighted_sum(g, weights, add_to)
+    return weighted_sum(g, weights)

@@ -35,6 +35,7 @@ import torch
 
 from fedpose.bounded import loads_json
 from fedpose.config import FedConfig, SystemConfig
+from fedpose.fl import secure
 from fedpose.fl.messages import TrainReply, TrainRequest
 from fedpose.fl.observer import AGGREGATION, CHECKPOINT, EVALUATION, REPLY_CHECKS, RunObserver
 from fedpose.fl.params import ModelLayout, unflatten_add_, weighted_average
@@ -200,6 +201,8 @@ class FederatedServer:
         step = 1.0
         if not self.fed.staleness_renormalise and float(samples.sum()) > 0:
             step = float(counts.sum() / samples.sum())
+        if self.fed.secure:
+            return self._aggregate_secure(replies, counts)
         # each update moves into the matrix and its reply lets go of it: the server holds K + 1
         # updates at most, not the replies' K plus a stacked copy of K
         deltas = torch.empty(len(replies), replies[0].delta.numel(), dtype=replies[0].delta.dtype)
@@ -264,6 +267,46 @@ class FederatedServer:
         if step != 1.0:
             diag["staleness_step"] = step
         return diag
+
+    def _aggregate_secure(self, replies: list[TrainReply], counts: torch.Tensor) -> dict:
+        """Secure aggregation (fl/secure.py): the replies hold counts and sketches, never an
+        update; the coefficients come from the sketches, the update from the transport's
+        secure sum of c_k Δ_k. Synchronous rounds only, so no staleness step."""
+        t0 = time.perf_counter()
+        ids = [r.client_id for r in replies]
+        if len(replies) < 2:
+            # the sum of one update is that update: the round passes without aggregation
+            return {"weights": [], "conflict_share": None, "secure": "skipped: fewer than 2"}
+        sketches = (
+            torch.stack([r.sketch for r in replies]) if secure.needs_sketch(self.strategy) else None
+        )
+        p = self.layout.slices[-1][2] if self.layout.agg_names else 0
+        plan = secure.plan_round(
+            self.strategy, sketches, p, counts, ids, self.fed.num_clients, self.state.strategy
+        )
+        total, averaged = self.transport.secure_sum(ids, plan.coef, plan.avg_weights)
+        result = secure.finish_round(self.strategy, plan, total, self.fed.num_clients)
+        unflatten_add_(self.weights, self.layout, result.update)
+        self.weights.update(averaged)
+        self._check_finite()
+        self.state.updates_applied += 1
+        self.state.strategy = result.state
+        diag = {**result.diagnostics, **getattr(self.transport, "last_sum", {})}
+        return {**diag, "secure": True, "agg_seconds": time.perf_counter() - t0}
+
+    def _check_finite(self) -> None:
+        bad = [
+            n
+            for n, w in self.weights.items()
+            if w.is_floating_point() and not bool(torch.isfinite(w).all())
+        ]
+        if bad:
+            # raised before the round is logged or checkpointed: the last good files stay
+            raise FederationError(
+                f"round {self.state.round + 1}: the aggregated model is not finite ({bad[0]}"
+                f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}; {self.strategy.name}, "
+                f"fed.server_lr = {self.fed.server_lr}); nothing was written"
+            )
 
     # ----------------------------------------------------------------------------- the loops
     def run(self, progress: Callable[[int, dict], None] | None = None) -> dict:
@@ -343,8 +386,13 @@ class FederatedServer:
     def _check_replies(self, arrived: list[TrainReply]) -> tuple[list[TrainReply], dict[int, str]]:
         rejected: dict[int, str] = {}
         sound: list[tuple[TrainReply, float]] = []
+        width = self.fed.sketch_width if secure.needs_sketch(self.strategy) else None
         for reply in arrived:
-            problem, norm = check_reply(reply, self.layout, self.weights)
+            problem, norm = (
+                secure.check_secure_reply(reply, width)
+                if self.fed.secure
+                else check_reply(reply, self.layout, self.weights)
+            )
             if problem:
                 rejected[reply.client_id] = problem
             else:
@@ -357,7 +405,8 @@ class FederatedServer:
                 rejected[reply.client_id] = problem
             else:
                 replies.append(reply)
-                self.state.norms = (self.state.norms + [norm])[-NORM_HISTORY:]
+                if math.isfinite(norm):  # secure FedAvg has no sketch, hence no norm
+                    self.state.norms = (self.state.norms + [norm])[-NORM_HISTORY:]
         return replies, rejected
 
     def _check_trained(self) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -31,7 +32,9 @@ from pathlib import Path
 import numpy as np
 
 from fedpose.config import DataConfig
+from fedpose.data import coco_split_files
 from fedpose.data.records import COCO, DatasetError, PoseRecord, Skeleton, read_json
+from fedpose.files import write_atomically
 
 AP_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR")
 # COCO's per-keypoint OKS constants, in the order of the COCO skeleton (pycocotools' values)
@@ -361,6 +364,21 @@ def predictions_ap(
 ) -> dict[str, float]:
     """COCO keypoint AP of per-record predictions (top-down on ground-truth boxes) over the
     images those records come from, against the annotation file they were loaded from."""
+    ground_truth, results, image_ids = _scored_results(
+        records, preds, confidence, ann_file, image_dir
+    )
+    return keypoint_ap(ground_truth, results, image_ids)
+
+
+def _scored_results(
+    records: Sequence[PoseRecord],
+    preds: np.ndarray,
+    confidence: np.ndarray | None,
+    ann_file: str | Path,
+    image_dir: str | Path,
+) -> tuple[dict, list[dict], list]:
+    """(ground truth, COCO results, the records' image ids): the results exactly as AP scores
+    them, rescored and OKS-suppressed."""
     ground_truth = load_ground_truth(ann_file)
     ids = image_ids_by_path(ground_truth, image_dir)
     unknown = [r for r in records if Path(r.image) not in ids]
@@ -371,7 +389,26 @@ def predictions_ap(
     results = results_from_predictions(
         records, preds, ids, confidence, category_id=person_category(ground_truth)
     )
-    return keypoint_ap(ground_truth, results, [ids[Path(r.image)] for r in records])
+    return ground_truth, results, [ids[Path(r.image)] for r in records]
+
+
+def write_split_results(
+    out_file: str | Path,
+    records: Sequence[PoseRecord],
+    preds: np.ndarray,
+    confidence: np.ndarray | None,
+    data: DataConfig,
+    split: str,
+) -> Path:
+    """Write a coco dataset split's predictions as a COCO keypoint results file
+    (`[{image_id, category_id, keypoints, score}]`, image ids of the split's annotation file):
+    the very results `split_ap` scores, so pycocotools or another tool can score them again."""
+    ann, image_dir = coco_split_files(data, split)
+    _, results, _ = _scored_results(records, preds, confidence, ann, image_dir)
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(out_file, lambda tmp: tmp.write_text(json.dumps(results)))
+    return out_file
 
 
 def split_ap(
@@ -383,5 +420,5 @@ def split_ap(
 ) -> dict[str, float]:
     """COCO keypoint AP of predictions for a `coco` dataset's train or test records, against
     the annotation file that split was loaded from (test_ann for test when set, else ann)."""
-    ann = data.test_ann if split == "test" and data.test_ann else data.ann
-    return predictions_ap(records, preds, confidence, ann, data.root)
+    ann, image_dir = coco_split_files(data, split)
+    return predictions_ap(records, preds, confidence, ann, image_dir)

@@ -15,6 +15,7 @@ onnxruntime 1.13 and later and on TensorRT 8.6 and later.
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -34,11 +35,15 @@ def export_onnx(
     out_file: str | Path,
     skeleton: Skeleton | None = None,
     opset: int = ONNX_OPSET,
+    conventions: dict[str, str] | None = None,
 ) -> Path:
     """Write `model` (in eval mode, on the CPU) as an ONNX file; returns its path.
 
     The file's metadata records the input size, heatmap stride, normalisation and, with a
-    skeleton, the joint names in heatmap order, so a deployment needs no fedpose to read them.
+    skeleton, the joint names in heatmap order (a JSON list), its bones and flip pairs, so a
+    deployment needs no fedpose to read them. `conventions` (model/conventions.py's
+    `describe_model`, as `model.safetensors` carries them) adds the crop and decode rules, the
+    fedpose version and commit.
     """
     try:
         import onnx  # imported here: only export needs it, and it is an optional dependency
@@ -79,7 +84,13 @@ def export_onnx(
         }
         if skeleton is not None:
             metadata["skeleton"] = skeleton.name
-            metadata["joints"] = ",".join(skeleton.joints)
+            metadata["joints"] = json.dumps(list(skeleton.joints))
+            metadata["skeleton_bones"] = json.dumps([list(b) for b in skeleton.bones])
+            metadata["flip_pairs"] = json.dumps([list(p) for p in skeleton.flip_pairs])
+        metadata.update(conventions or {})
+        metadata["input_size"] = str(input_size)  # the graph's, whatever a caller passed
+        metadata["onnx_input"] = INPUT_NAME
+        metadata["onnx_output"] = OUTPUT_NAME
         for key, value in metadata.items():
             proto.metadata_props.add(key=key, value=value)
         onnx.checker.check_model(proto)

@@ -5,8 +5,11 @@ between machines nobody controls. So every file fedpose writes is a safetensors 
 bytes plus a JSON header, which `safetensors` alone can read and which can hold no code.
 
 - Model files (`model.safetensors`): the state dict as tensors; the header metadata holds the
-  format, its version, the resolved config (JSON) and the skeleton name, so
-  `safetensors.safe_open(path, "pt").metadata()` tells any tool what built the weights.
+  format, its version, the resolved config (JSON, paths relative) and the conventions of
+  model/conventions.py (fedpose version and commit, joint names, bones, flip pairs, input size
+  and normalisation, crop and decode rules), so `safetensors.safe_open(path, "pt").metadata()`
+  tells any tool what built the weights and how to use them. `model_from_checkpoint` makes one
+  from a run's checkpoint and config.json.
 - Checkpoints: a nested state (dicts, lists, tensors, numbers and a few named dataclasses) split
   into tensors and one JSON tree that names them. Each carries a format version, the run's
   identity (method, seed, config hash) and a SHA-256 of its tensor bytes, all checked on load.
@@ -33,8 +36,9 @@ from safetensors.torch import save as save_safetensors
 
 from fedpose.bounded import ParseError, loads_json
 from fedpose.config import Config, ConfigError, config_from_dict
-from fedpose.data import skeleton_named
+from fedpose.data import DATASETS, skeleton_named
 from fedpose.data.records import Skeleton
+from fedpose.model.conventions import describe_model, portable_config
 from fedpose.model.pose_resnet import PoseResNet, build_model
 from fedpose.run_dir import write_file
 
@@ -134,18 +138,87 @@ def _plain(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def save_model(
     path: str | Path, weights: dict[str, torch.Tensor], cfg: Config, skeleton: Skeleton
 ) -> None:
-    """Write the file `fedpose eval` and `predict` read: weights + the config that built them.
+    """Write the file `fedpose eval` and `predict` read: weights + the config that built them
+    (its paths relative to the working directory) + the conventions of model/conventions.py.
     Weights holding NaN or Inf are refused: a destroyed model is never written."""
     check_finite(path, weights)
     tensors = _plain(weights)
     metadata = {
+        **describe_model(cfg, skeleton),
         "format": MODEL_FORMAT,
         "format_version": str(FORMAT_VERSION),
-        "config": json.dumps(cfg.to_dict()),
+        "config": json.dumps(portable_config(cfg.to_dict())),
         "skeleton": skeleton.name,
         "sha256": _tensor_digest(tensors),
     }
     _write_atomic(Path(path), save_safetensors(tensors, metadata))
+
+
+def load_any_model(path: str | Path) -> tuple[PoseResNet, Config, Skeleton]:
+    """`load_model` for a model file, `model_from_checkpoint` for a run's checkpoint (its
+    config.json two folders up: RUN/checkpoints/last.safetensors)."""
+    path = Path(path)
+    _, meta = _read_safetensors(path)
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        return load_model(path)
+    weights, cfg, skeleton = model_from_checkpoint(path)
+    return _built(path, weights, cfg, skeleton), cfg, skeleton
+
+
+def model_from_checkpoint(
+    path: str | Path, config_file: str | Path | None = None
+) -> tuple[dict[str, torch.Tensor], Config, Skeleton]:
+    """(global weights, config, skeleton) of a run's checkpoint, for `save_model`.
+
+    The config comes from `config_file` (default: the run's config.json beside checkpoints/);
+    it must be the one the checkpoint was written under (same config hash), so weights are never
+    paired with a config that builds another model or names another dataset.
+    """
+    path = Path(path)
+    tensors, meta = _read_safetensors(path)
+    _check_format(path, meta, CHECKPOINT_FORMAT)
+    _check_digest(path, tensors, meta)
+    config_path = Path(config_file) if config_file else path.parent.parent / "config.json"
+    try:
+        values = json.loads(config_path.read_text())
+    except FileNotFoundError:
+        raise ModelFileError(
+            f"{config_path}: no such file (the run's config.json; give it with --config)"
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelFileError(f"{config_path}: not valid JSON ({e})") from None
+    if not isinstance(values, dict):
+        raise ModelFileError(f"{config_path}: not a fedpose config")
+    values.pop("runtime", None)  # what the run measured, not a setting
+    if config_hash(values) != meta.get("config_hash"):
+        raise ModelFileError(
+            f"{config_path}: not the config {path} was written under (config hash "
+            f"{config_hash(values)}, the checkpoint's {meta.get('config_hash')})"
+        )
+    try:
+        cfg = config_from_dict(values)
+    except ConfigError as e:
+        raise ModelFileError(f"{config_path}: {e}") from None
+    weights = _checkpoint_weights(path, tensors, meta)
+    return weights, cfg, DATASETS[cfg.data.dataset].skeleton
+
+
+def _checkpoint_weights(
+    path: Path, tensors: dict[str, torch.Tensor], meta: dict
+) -> dict[str, torch.Tensor]:
+    # only the "weights" entry is decoded: the rest (server or optimizer state) may hold
+    # dataclasses of layers this module must not import, and a model needs none of it
+    try:
+        tree = json.loads(meta["state"])
+        entries = dict((k, v) for k, v in tree["$dict"] if isinstance(k, str))
+        weights = decode_state(entries["weights"], tensors, {})
+    except (KeyError, TypeError, ValueError, json.JSONDecodeError):
+        raise ModelFileError(f"{path}: the checkpoint holds no model weights") from None
+    if not isinstance(weights, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()
+    ):
+        raise ModelFileError(f"{path}: the checkpoint's weights are not a state dict")
+    return weights
 
 
 def load_model(path: str | Path) -> tuple[PoseResNet, Config, Skeleton]:
@@ -158,8 +231,14 @@ def load_model(path: str | Path) -> tuple[PoseResNet, Config, Skeleton]:
     skeleton = skeleton_named(skeleton_name)
     if skeleton is None:
         raise ModelFileError(f"{path}: unknown skeleton {skeleton_name!r}")
+    return _built(path, weights, cfg, skeleton), cfg, skeleton
+
+
+def _built(
+    path: Path | str, weights: dict[str, torch.Tensor], cfg: Config, skeleton: Skeleton
+) -> PoseResNet:
     check_finite(path, weights)
-    # sizes were checked against Config's limits above, before anything is allocated
+    # sizes were checked against Config's limits (config_from_dict), before anything is built
     model = build_model(cfg.model, skeleton.num_joints)
     try:
         model.load_state_dict(weights)
@@ -169,7 +248,7 @@ def load_model(path: str | Path) -> tuple[PoseResNet, Config, Skeleton]:
             f"{str(e).splitlines()[0]}"
         ) from None
     model.eval()
-    return model, cfg, skeleton
+    return model
 
 
 def check_finite(path: str | Path, weights: dict[str, torch.Tensor]) -> None:
@@ -325,20 +404,23 @@ ADDED_SETTINGS = (
     ("fed", "server_beta1", 0.9),
     ("fed", "server_beta2", 0.99),
     ("fed", "server_tau", 1e-3),
+    ("fed", "dirichlet_min_size", 0),
 )
 
 
 def config_hash(config: dict) -> str:
     """A hash of the settings a resumed run must share with the run that wrote the checkpoint.
 
-    Left out: where the run lives (name, out_dir, data.root, data.generate), how far it goes
-    (fed.rounds, train.epochs) and how it is computed without changing the numbers (workers,
-    device): those may change on resume.
+    Left out: where the run lives (name, out_dir, data.root and the per-split image folders,
+    data.generate), how far it goes (fed.rounds, train.epochs) and how it is computed without
+    changing the numbers (workers, device): those may change on resume.
     """
     settings = json.loads(json.dumps(config))
     for section, key in (
         ("data", "root"),
         ("data", "generate"),
+        ("data", "train_root"),
+        ("data", "test_root"),
         ("data", "workers"),
         ("fed", "rounds"),
         ("train", "epochs"),

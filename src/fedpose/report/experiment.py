@@ -273,6 +273,8 @@ def write_report(
         "round. Seeds are paired: the same seed gives every method the same partition, "
         "data order and initial model.",
         "",
+        HOW_TO_READ,
+        "",
     ]
     if notes:
         lines += [notes, ""]
@@ -310,7 +312,7 @@ def write_report(
     lines += _site_table(arms)
     lines += _site_table(arms, "site_pck_local_bn")
     lines += _aggregation_table(arms)
-    lines += _figures(arms, out_dir, prefix)
+    lines += _figures(arms, out_dir, prefix, (first, last))
     lines += _layer_conflicts(arms, out_dir, prefix)
 
     incomplete = [r for a in arms.values() for r in a.runs if not r.complete]
@@ -568,6 +570,33 @@ def step_ratio(row: dict) -> float | None:
     return math.sqrt(max(float(c @ gram @ c), 0.0) / base) if base > 0 else None
 
 
+HOW_TO_READ = (
+    "How to read it: a method's score is one number per seed, and the tables give their mean ± "
+    "std over the seeds. Only the paired differences rank methods: a difference whose 95 % "
+    "interval includes zero means these seeds cannot tell the two apart, however far apart the "
+    "means look; the figures also move from one machine (CPU model) to another, so compare "
+    "runs made on the same one. The curves show how each method got there: the thick line is "
+    "the mean over seeds, the band ± one std across seeds, and the grey span the rounds that "
+    "are scored."
+)
+HEATMAP_ACCURACY = (
+    "Heatmap accuracy is SimpleBaseline's training-time `accuracy`: the share of labelled joints "
+    "whose predicted heatmap peaks within 5 % of the heatmap side of the target heatmap's peak "
+    "(distance / (side / 10) < 0.5), on the test crops; unlike PCK it is measured on the "
+    "heatmap grid and normalised by the crop, not by the body."
+)
+# the range a curve's value can take: a band of mean ± std is clipped to it
+_BOUNDS = {
+    "pck_mean": (0.0, 100.0),
+    "heatmap_acc": (0.0, 100.0),
+    "conflict_share": (0.0, 1.0),
+    "train_loss": (0.0, None),
+}
+# arms are told apart by line style and marker too, not by colour alone: two arms with nearly
+# the same curve (FedAW and FedGH's conflict share) would otherwise hide one under the other
+_STYLES = ("-", "--", "-.", ":")
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+
 # ----------------------------------------------------------------------------------- figures
 _CURVES = (
     ("pck_vs_round", "pck_mean", "PCK (%)", "PCK of the global model"),
@@ -582,17 +611,23 @@ _CURVES = (
 )
 
 
-def _figures(arms: dict[str, Arm], out_dir: Path, prefix: str) -> list[str]:
+def _figures(
+    arms: dict[str, Arm], out_dir: Path, prefix: str, window: tuple[int, int]
+) -> list[str]:
     lines = [
         "",
         "## Curves (mean over seeds, band: ± one std across seeds; thin: single seeds)",
+        "",
+        f"The grey span marks the scored rounds ({window[0]}–{window[1]}).",
         "",
     ]
     missing = []
     for name, key, ylabel, what in _CURVES:
         file = f"{prefix}{name}.png"
-        if _band_plot(arms, key, ylabel, out_dir / file):
+        if _band_plot(arms, key, ylabel, out_dir / file, window):
             lines += [f"{what}:", "", f"![{what}]({file})", ""]
+            if key == "heatmap_acc":
+                lines += [HEATMAP_ACCURACY, ""]
         else:
             missing.append(what)
     if missing:
@@ -677,10 +712,31 @@ def _layer_conflicts(arms: dict[str, Arm], out_dir: Path, prefix: str) -> list[s
     return lines + ["", f"![conflicting pairs per tensor and round]({file})", ""]
 
 
-def _band_plot(arms: dict[str, Arm], key: str, ylabel: str, path: Path) -> bool:
+def _band_plot(
+    arms: dict[str, Arm],
+    key: str,
+    ylabel: str,
+    path: Path,
+    window: tuple[int, int] | None = None,
+) -> bool:
+    """Draw one curve figure to `path`; False (and no file) when no run recorded `key`."""
+    plt = _pyplot()
+    fig = band_figure(arms, key, ylabel, window)
+    if fig is None:
+        return False
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def band_figure(arms: dict[str, Arm], key: str, ylabel: str, window: tuple[int, int] | None = None):
+    """The matplotlib figure of `key` against the round: per arm the single seeds (thin), the
+    mean (thick, its own line style and marker) and a ± one std band clipped to the value's
+    range; the scored window as a grey span. None when no run recorded `key`."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     drew = False
+    low, high = _BOUNDS.get(key, (None, None))
     for i, (label, arm) in enumerate(arms.items()):
         curves = {}
         for run in arm.complete_runs:
@@ -699,18 +755,31 @@ def _band_plot(arms: dict[str, Arm], key: str, ylabel: str, path: Path) -> bool:
             values = np.array([[c[x] for x in rounds] for c in curves.values()], dtype=float)
             mean = values.mean(0)
             seeds = f"{len(curves)} seed" + ("s" if len(curves) > 1 else "")
-            ax.plot(rounds, mean, color=color, linewidth=2, label=f"{label} ({seeds})")
+            ax.plot(
+                rounds,
+                mean,
+                color=color,
+                linewidth=2,
+                linestyle=_STYLES[i % len(_STYLES)],
+                marker=_MARKERS[i % len(_MARKERS)],
+                markersize=4,
+                markevery=max(1, len(rounds) // 8),
+                label=f"{label} ({seeds})",
+            )
             if len(curves) > 1:
                 std = values.std(0, ddof=1)
-                ax.fill_between(rounds, mean - std, mean + std, color=color, alpha=0.2)
+                # a share cannot leave [0, 1] (nor PCK [0, 100]): neither may its band
+                lo = mean - std if low is None else np.maximum(mean - std, low)
+                hi = mean + std if high is None else np.minimum(mean + std, high)
+                ax.fill_between(rounds, lo, hi, color=color, alpha=0.2)
     if not drew:
         plt.close(fig)
-        return False
+        return None
+    if window is not None and window[1] > 0:
+        ax.axvspan(window[0] - 0.5, window[1] + 0.5, color="0.5", alpha=0.15, label="scored rounds")
     ax.set_xlabel("round")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return fig

@@ -83,16 +83,22 @@ class FlowerDemoError(ToolError):
 
 # ----------------------------------------------------------------------------- configuration
 def demo_config(
-    config_path: str | None, supernodes: int, rounds: int, overrides: list[str]
+    config_path: str | None,
+    supernodes: int,
+    rounds: int,
+    overrides: list[str],
+    default_name: str = "flower-demo",
 ) -> Config:
-    """The demo's Config: the file (or the tiny default) + overrides, one client per SuperNode,
-    and absolute paths (the Flower processes do not share this process's working directory)."""
+    """The demo's Config: the file (or the tiny default, named `default_name` unless an override
+    names it) + overrides, one client per SuperNode, and absolute paths (the Flower processes do
+    not share this process's working directory)."""
     if supernodes < 1 or rounds < 1:
         raise ConfigError("--supernodes and --rounds must be at least 1")
     # the demo's own settings go last, as overrides: a config is never changed after it loads
     overrides = [*overrides, f"fed.num_clients={supernodes}", f"fed.rounds={rounds}"]
     if config_path is None:
-        cfg = config_from_dict(merge_dicts(TINY, parse_overrides(overrides)))
+        tiny = {**TINY, "name": default_name}
+        cfg = config_from_dict(merge_dicts(tiny, parse_overrides(overrides)))
     else:
         cfg = load_config(config_path, overrides)
     return absolute_paths(cfg)
@@ -102,7 +108,7 @@ def absolute_paths(cfg: Config) -> Config:
     cfg = copy.deepcopy(cfg)
     cfg.out_dir = str(Path(cfg.out_dir).resolve())
     d = cfg.data
-    for attr in ("root", "ann", "test_ann", "headboxes"):
+    for attr in ("root", "train_root", "test_root", "ann", "test_ann", "headboxes"):
         if getattr(d, attr):
             setattr(d, attr, str(Path(getattr(d, attr)).resolve()))
     if cfg.model.pretrained:
