@@ -188,7 +188,7 @@ def test_a_failed_run_says_so_in_the_log_stream(capsys):
     with pytest.raises(ConfigError):
         _server_main(None, context)
     out = capsys.readouterr().out
-    assert "[fedpose] run failed: ConfigError: fedpose-config: not a JSON object" in out
+    assert "[fedpose] run failed: ConfigError: fedpose-config: not valid JSON" in out
     pulled = parse_results(out)
     assert pulled.status == "failed" and pulled.error.startswith("ConfigError: fedpose-config")
 

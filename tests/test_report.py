@@ -217,7 +217,12 @@ def test_compare_generates_synth_arm_once_before_its_parallel_runs(tmp_path, mon
 
     monkeypatch.setattr(experiment, "run_jobs", run_in_process)
     sets = tiny_cli_args(
-        tmp_path / "runs", root, "data.synth_n=24", "data.synth_size=32", "data.test_fraction=0.25"
+        tmp_path / "runs",
+        root,
+        "data.synth_n=24",
+        "data.synth_size=32",
+        "data.test_fraction=0.25",
+        "data.generate=true",
     )
     args = ["compare", "configs/demo.toml", "--methods", "fedavg", "--seeds", "0-1", "--jobs", "2"]
     assert main([*args, *sets]) == 0
@@ -360,6 +365,22 @@ def test_tuning_table_names_each_methods_grid_and_its_choice(tmp_path):
     assert "| fedadam | fedadam-lr0.01 | fed.server_lr=0.01 | 2 | 41.50 ± 0.71 | yes |" in text
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["tuning"]["fedadam"]["chosen"] == "fedadam-lr0.01"
+
+
+def test_paired_p_value_and_holm():
+    from scipy import stats
+
+    from fedpose.report.stats import holm, paired_p_value
+
+    a = {0: 71.0, 1: 74.5, 2: 69.0, 3: 73.2, 4: 70.1}
+    b = {0: 70.0, 1: 71.0, 2: 70.5, 3: 70.0, 4: 69.9}
+    seeds = sorted(a)
+    ref = stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).pvalue
+    assert paired_p_value(a, b) == pytest.approx(ref)
+    # Holm by hand: 0.01 x 3, 0.02 x 2 = 0.04, 0.04 x 1 = 0.04; order of the family kept
+    adjusted = holm({"x": 0.04, "y": 0.01, "z": 0.02})
+    assert adjusted == pytest.approx({"y": 0.03, "z": 0.04, "x": 0.04})
+    assert holm({"x": 0.5, "y": 0.6}) == pytest.approx({"x": 1.0, "y": 1.0})
 
 
 def test_round_progress_prints_plain_lines_as_runs_advance(tmp_path):

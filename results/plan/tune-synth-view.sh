@@ -16,12 +16,12 @@ exec nice -n 10 "${FEDPOSE:-fedpose}" compare configs/synth_view.toml \
   --variant "fedavgm-b0.5:fed.method=fedavgm;fed.server_momentum=0.5;fed.server_lr=0.5" \
   --variant "fedavgm-b0.7:fed.method=fedavgm;fed.server_momentum=0.7;fed.server_lr=0.3" \
   --variant "fedavgm-b0.9:fed.method=fedavgm;fed.server_momentum=0.9;fed.server_lr=0.1" \
-  --variant "fedadam-lr3e-4:fed.method=fedadam;fed.server_lr=0.0003" \
-  --variant "fedadam-lr1e-3:fed.method=fedadam;fed.server_lr=0.001" \
   --variant "fedadam-lr3e-3:fed.method=fedadam;fed.server_lr=0.003" \
-  --variant "fedyogi-lr3e-4:fed.method=fedyogi;fed.server_lr=0.0003" \
-  --variant "fedyogi-lr1e-3:fed.method=fedyogi;fed.server_lr=0.001" \
+  --variant "fedadam-lr1e-2:fed.method=fedadam;fed.server_lr=0.01" \
+  --variant "fedadam-lr3e-2:fed.method=fedadam;fed.server_lr=0.03" \
   --variant "fedyogi-lr3e-3:fed.method=fedyogi;fed.server_lr=0.003" \
+  --variant "fedyogi-lr1e-2:fed.method=fedyogi;fed.server_lr=0.01" \
+  --variant "fedyogi-lr3e-2:fed.method=fedyogi;fed.server_lr=0.03" \
   --variant "feddyn-a1e-5:fed.method=feddyn;fed.dyn_alpha=0.00001" \
   --variant "feddyn-a3e-5:fed.method=feddyn;fed.dyn_alpha=0.00003" \
   --variant "feddyn-a1e-4:fed.method=feddyn;fed.dyn_alpha=0.0001" \
@@ -37,9 +37,9 @@ exec nice -n 10 "${FEDPOSE:-fedpose}" compare configs/synth_view.toml \
   --variant "pcgrad-lr0.7:fed.method=fedgh-noaw;fed.server_lr=0.7" \
   --variant "pcgrad-lr1:fed.method=fedgh-noaw;fed.server_lr=1.0" \
   --variant "pcgrad-lr1.4:fed.method=fedgh-noaw;fed.server_lr=1.4" \
-  --variant "fedgh-adam-lr3e-4:fed.method=fedgh;fed.server_opt=adam;fed.server_lr=0.0003" \
-  --variant "fedgh-adam-lr1e-3:fed.method=fedgh;fed.server_opt=adam;fed.server_lr=0.001" \
   --variant "fedgh-adam-lr3e-3:fed.method=fedgh;fed.server_opt=adam;fed.server_lr=0.003" \
+  --variant "fedgh-adam-lr1e-2:fed.method=fedgh;fed.server_opt=adam;fed.server_lr=0.01" \
+  --variant "fedgh-adam-lr3e-2:fed.method=fedgh;fed.server_opt=adam;fed.server_lr=0.03" \
   --variant "fedgh-m0.5:fed.method=fedgh;fed.server_momentum=0.5;fed.server_lr=0.5" \
   --variant "fedgh-m0.7:fed.method=fedgh;fed.server_momentum=0.7;fed.server_lr=0.3" \
   --variant "fedgh-m0.9:fed.method=fedgh;fed.server_momentum=0.9;fed.server_lr=0.1" \

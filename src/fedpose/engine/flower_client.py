@@ -59,6 +59,7 @@ from fedpose.engine.flower_messages import (
     reply_to_content,
     settings_from_run_config,
 )
+from fedpose.engine.flower_secagg import client_secure_mod
 from fedpose.fl.client import local_batches, local_train
 from fedpose.fl.messages import TrainReply
 from fedpose.fl.params import ModelLayout
@@ -85,7 +86,8 @@ def client_dp_mod(msg: Message, context: Context, call_next) -> Message:
     return reply
 
 
-client_app = ClientApp(mods=[client_dp_mod])
+# outermost first: under fed.secure the secure mod sees the update after LocalDpMod's noise
+client_app = ClientApp(mods=[client_secure_mod, client_dp_mod])
 
 
 @dataclass

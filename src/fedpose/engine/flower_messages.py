@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from fedpose.bounded import ParseError, loads_json
 from fedpose.config import (
     Config,
     ConfigError,
@@ -261,6 +262,9 @@ def reply_to_content(reply: TrainReply, timing: dict[str, float] | None = None) 
 def content_to_reply(content: RecordDict) -> TrainReply:
     cfg, metrics = content["config"], content["metrics"]
     update = record_to_state(content["update"]) if "update" in content else {}
+    if "counters" in content:  # secure aggregation: integer BatchNorm counters in the clear
+        for name, values in content["counters"].items():
+            update[_AVERAGED + name] = torch.tensor(values, dtype=torch.int64).reshape(())
     return TrainReply(
         client_id=int(cfg["client-id"]),
         version=int(cfg["version"]),
@@ -275,6 +279,8 @@ def content_to_reply(content: RecordDict) -> TrainReply:
         seconds=float(metrics["seconds"]),
         error=str(cfg["error"]) or None,
         control_delta=update.get(_CONTROL_DELTA),
+        # secure aggregation's phase 1 (engine/flower_secagg.py): a sketch instead of the update
+        sketch=record_to_state(content["sketch"])["sketch"] if "sketch" in content else None,
     )
 
 
@@ -421,9 +427,11 @@ def settings_from_run_config(run_config: dict, node_config: dict | None = None) 
     overrides = shlex.split(str(run_config.get(OVERRIDES_KEY, "") or ""))
     if source.startswith("{"):
         try:
-            values = json.loads(source)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{CONFIG_KEY}: not a JSON object: {e}") from None
+            values = loads_json(source, CONFIG_KEY)
+        except ParseError as e:
+            raise ConfigError(f"{e}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{CONFIG_KEY}: not a JSON object")
         base = config_from_dict(values)
     else:
         base = load_config(source or None)

@@ -41,6 +41,7 @@ from fedpose.engine.flower_messages import (
     settings_from_run_config,
 )
 from fedpose.engine.flower_results import emit, file_lines, record_line, status_line
+from fedpose.engine.flower_secagg import maybe_inspect, secure_transport
 from fedpose.engine.run import CLIENTS_FILE, Engine, client_row, run_lifecycle
 from fedpose.fl.messages import TrainReply, TrainRequest
 from fedpose.fl.observer import RunObserver
@@ -48,6 +49,7 @@ from fedpose.fl.server import FederatedServer
 from fedpose.metrics.log import read_jsonl
 from fedpose.metrics.pck import score_counts
 from fedpose.model.io import MODEL_FILE
+from fedpose.run_dir import append_line, write_file
 
 TIMING_FILE = "flower_timing.jsonl"
 # how often the ServerApp asks the SuperLink for replies: replies are pulled at most this late
@@ -390,8 +392,7 @@ class FlowerTransport:
             f"{row['roundtrip_s']:.2f} s (training {row['train_s']:.2f} s)"
         )
         if self.timing_path is not None:
-            with open(self.timing_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_line(self.timing_path, json.dumps(row))
 
     def state_dict(self) -> dict:
         # Client state (FedBN BatchNorm, FedDyn g_k) stays on the SuperNodes, in context.state
@@ -431,7 +432,7 @@ def _server_main(grid: Grid, context: Context) -> None:
         console.print(f"[fedpose] {text}", markup=False, highlight=False)
 
     try:
-        run_flower_server(grid, settings_from_run_config(context.run_config), log)
+        run_flower_server(maybe_inspect(grid), settings_from_run_config(context.run_config), log)
     except BaseException as e:
         # the submitter's `flwr run` exits 0 whatever happens here: say it in the log stream,
         # where `fedpose flower-pull` finds it too (and exits non-zero)
@@ -467,7 +468,7 @@ class FlowerEngine(Engine):
         if not resumed:
             timing.unlink(missing_ok=True)
         s = self.settings
-        self.transport = FlowerTransport(
+        flower = FlowerTransport(
             self.grid,
             self.cfg.fed.num_clients,
             s.reply_timeout,
@@ -476,9 +477,11 @@ class FlowerEngine(Engine):
             self.log,
             s.follow_partitions,
         )
+        # under fed.secure: replies hold sketches, the sum comes through SecAgg+
+        self.transport = secure_transport(flower, self.server_side.layout, self.cfg.fed)
         self.transport.connect()
-        if self.transport.num_clients != self.cfg.fed.num_clients:  # followed the partitions
-            _set_num_clients(self.cfg, run_dir, self.transport.num_clients)
+        if flower.num_clients != self.cfg.fed.num_clients:  # followed the partitions
+            _set_num_clients(self.cfg, run_dir, flower.num_clients)
 
     def client_sizes(self) -> list[int]:
         return self.transport.client_sizes()
@@ -513,7 +516,7 @@ class FlowerEngine(Engine):
 
     def _privacy(self, cfg: Config, run_dir: Path) -> None:
         report = privacy_report(cfg.fed, releases_per_client(read_jsonl(run_dir / "metrics.jsonl")))
-        (run_dir / "privacy.json").write_text(json.dumps(report, indent=2))
+        write_file(run_dir / "privacy.json", json.dumps(report, indent=2))
         rdp = (
             f"epsilon {report['epsilon_rdp']:.4g} at delta {report['delta_rdp']:g} (Flower's "
             f"RDP accountant)"

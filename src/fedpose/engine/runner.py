@@ -15,10 +15,28 @@ from fedpose.data.partition import client_statistics
 from fedpose.engine.federation import Federation, ServerSide, build_client_side
 from fedpose.engine.local import LocalTransport
 from fedpose.engine.run import Engine, client_row, prepare_run_dir, run_lifecycle
+from fedpose.engine.secure_local import SecureLocalTransport
 from fedpose.fl.observer import RunObserver
+from fedpose.fl.secure import needs_sketch
 from fedpose.fl.server import FederatedServer
 
-__all__ = ["ConsoleObserver", "InProcessEngine", "prepare_run_dir", "run_federation"]
+__all__ = [
+    "ConsoleObserver",
+    "InProcessEngine",
+    "local_transport",
+    "prepare_run_dir",
+    "run_federation",
+]
+
+
+def local_transport(federation: Federation):
+    """The in-process transport; under `fed.secure` the sites keep their updates (secure_local)."""
+    transport = LocalTransport(federation)
+    fed = federation.cfg.fed
+    if not fed.secure:
+        return transport
+    width = fed.sketch_width if needs_sketch(federation.strategy) else None
+    return SecureLocalTransport(transport, federation.layout, width, fed.sketch_secret)
 
 
 class InProcessEngine(Engine):
@@ -41,11 +59,12 @@ class InProcessEngine(Engine):
 
     def start(self, _run_dir: Path, _resumed: bool, observer: RunObserver) -> None:
         assert self.federation is not None
-        self.transport = (self.transport_factory or LocalTransport)(self.federation)
-        if isinstance(self.transport, LocalTransport):
-            self.transport.observer = observer
+        self.transport = (self.transport_factory or local_transport)(self.federation)
+        inner = getattr(self.transport, "local", self.transport)  # secure: the sites' transport
+        if isinstance(inner, LocalTransport):
+            inner.observer = observer
             # FedBN's sites are also scored with their own BatchNorm tensors
-            self.federation.client_state = self.transport.client_states.get
+            self.federation.client_state = inner.client_states.get
 
     def client_sizes(self) -> list[int]:
         assert self.federation is not None

@@ -116,6 +116,7 @@ def gram_matrix(
     block: int | None = None,
     tile: int | None = None,
     path: str = "gemm",
+    bits: int | None = None,
 ) -> torch.Tensor:
     """G = D Dᵀ (K x K, float64, on the CPU) of the fixed-point updates: the same bits for every
     `block` (≤ MAX_BLOCK columns), `tile` (rows), `path`, thread count, instruction set and
@@ -123,12 +124,16 @@ def gram_matrix(
     block of K x `block` float64 values.
 
     Defaults: on the CPU, blocks that stay in the cache and tiles of 32 rows; on an accelerator,
-    the largest block and one tile, since there every small GEMM costs a kernel launch."""
+    the largest block and one tile, since there every small GEMM costs a kernel launch.
+
+    `bits` overrides the grid (`gram_bits` of the columns): a sketch of updates of length P
+    (fl/sketch.py) uses the grid of P, which also keeps its sums exact since it has at most P
+    non-zero columns."""
     if path not in GRAM_PATHS:
         raise ValueError(f"unknown Gram path {path!r}; use one of {GRAM_PATHS}")
     k, p = deltas.shape
     block, tile = _gemm_sizes(deltas, block, tile)
-    b = gram_bits(p)
+    b = gram_bits(p) if bits is None else bits
     exps = _exponents(deltas)
     shifts = torch.tensor(
         [[math.ldexp(1.0, b - e)] for e in exps], dtype=torch.float64, device=deltas.device

@@ -102,7 +102,18 @@ def projection_coefficients(
     return torch.from_numpy(c)
 
 
-def _pcgrad_coefficients(g: np.ndarray, orders: list[list[int]]) -> np.ndarray:
+def pcgrad_decisions(gram: torch.Tensor, *, order: str = "random", seed: int = 0) -> np.ndarray:
+    """(K, K−1) booleans: whether PCGrad's t-th visit of client k projects (⟨ĝ_k, Δ_j⟩ < 0),
+    from G alone, in the visit order `projection_coefficients` uses."""
+    g = gram.detach().to(torch.float64).cpu().numpy()
+    hits: list[np.ndarray] = []
+    _pcgrad_coefficients(g, visit_orders(g.shape[-1], order, seed), hits)
+    return np.stack(hits, axis=-1) if hits else np.zeros((g.shape[-1], 0), dtype=bool)
+
+
+def _pcgrad_coefficients(
+    g: np.ndarray, orders: list[list[int]], hits: list[np.ndarray] | None = None
+) -> np.ndarray:
     k = g.shape[-1]
     c = np.broadcast_to(np.eye(k), g.shape).copy()
     if k < 2:
@@ -117,6 +128,8 @@ def _pcgrad_coefficients(g: np.ndarray, orders: list[list[int]]) -> np.ndarray:
         dot = v[..., rows, j]
         norm2 = diag[..., j]
         hit = (dot < 0) & (norm2 > 0)
+        if hits is not None:
+            hits.append(hit.copy())
         coef = np.where(hit, dot / np.where(norm2 > 0, norm2, 1.0), 0.0)
         c[..., rows, j] -= coef
         v -= coef[..., :, None] * g[..., j, :]

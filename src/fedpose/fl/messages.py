@@ -37,6 +37,8 @@ class TrainReply:
     steps: int = 0
     seconds: float = 0.0  # wall-clock compute time on the client
     error: str | None = None  # set when the client failed; the server drops the reply
+    # secure aggregation (fl/secure.py): the update's CountSketch (m,) float64; `delta` is None
+    sketch: torch.Tensor | None = None
     # SCAFFOLD: the change of the client's control variate, c_k⁺ − c_k, flat (P,) float32
     control_delta: torch.Tensor | None = None
     # set by the server's reply check (fl/reply_check.py): `averaged` as one float64 vector,

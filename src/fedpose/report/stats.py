@@ -72,6 +72,36 @@ def paired_difference(
     return PairedDifference(len(d), mean, sd, mean - half, mean + half)
 
 
+def paired_p_value(a: dict[int, float], b: dict[int, float]) -> float:
+    """Two-sided p-value of the paired t-test of a − b over the seeds both have (nan for fewer
+    than two pairs, 1 when every difference is the same zero)."""
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2:
+        return math.nan
+    d = np.array([a[s] - b[s] for s in seeds], dtype=float)
+    sd = float(d.std(ddof=1))
+    if sd == 0:
+        return 1.0 if float(d.mean()) == 0 else 0.0
+    from scipy import stats
+
+    t = float(d.mean()) / (sd / math.sqrt(len(d)))
+    return float(2 * stats.t.sf(abs(t), len(d) - 1))
+
+
+def holm(p_values: dict[str, float]) -> dict[str, float]:
+    """Holm's step-down adjusted p-values of a family of comparisons (Holm 1979): sorted
+    ascending, the i-th (from 0) is multiplied by (m − i), made monotone and capped at 1. A
+    comparison is resolved at family-wise level α when its adjusted p-value is below α."""
+    ordered = sorted(p_values, key=lambda k: p_values[k])
+    m = len(ordered)
+    out: dict[str, float] = {}
+    running = 0.0
+    for i, key in enumerate(ordered):
+        running = max(running, min(1.0, (m - i) * p_values[key]))
+        out[key] = running
+    return out
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (nan for fewer than two values)."""
     x = np.asarray(values, dtype=float)

@@ -40,11 +40,22 @@ class FedDyn(Strategy):
         deltas = inputs.deltas
         k = len(deltas)
         total = weighted_sum(deltas, torch.ones(k, dtype=torch.float64))  # Σ_k Δ_k
+        return self.step(total, k, inputs.num_clients, state)
+
+    def step(
+        self,
+        total: torch.Tensor,
+        k: int,
+        num_clients: int,
+        state: dict,
+    ) -> Aggregation:
+        """The server step from the plain sum Σ_k Δ_k of the round's k updates (all FedDyn's
+        server reads; the secure path passes the securely aggregated sum). `total` is reused."""
         h = state.get("h")
         h = torch.zeros_like(total) if h is None else h.clone()
         # separate multiplies and adds, each rounded once: an add with alpha may be fused into
         # one multiply-add on some instruction sets and not on others
-        h.sub_(total * (self.alpha / inputs.num_clients))
+        h.sub_(total * (self.alpha / num_clients))
         update = total.mul_(self.server_lr / k).sub_(h * (self.server_lr / self.alpha))
         diagnostics = {"weights": [1.0 / k] * k, "conflict_share": None, "h_norm": float(h.norm())}
         return Aggregation(update, {**state, "h": h}, diagnostics)

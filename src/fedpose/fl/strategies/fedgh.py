@@ -102,14 +102,41 @@ class FedGH(Strategy):
     def aggregate(self, inputs: RoundInput, state: dict) -> Aggregation:
         deltas = inputs.deltas
         p = deltas.shape[1]
-        rnd = state.get("round", 0)
-        seed = fedgh_order_seed(self.seed, rnd)
         groups = column_groups(inputs.slices, p) if self.per_layer else [(0, p)]
         grams = torch.stack([gram_matrix(deltas[:, s:e]) for s, e in groups])  # (G, K, K)
+        if self.method == "direct" and self.project:
+            psi, new_state, diagnostics = self._weights(grams, inputs, state)
+            seed = fedgh_order_seed(self.seed, state.get("round", 0))
+            update = self._direct(deltas, psi, grams, groups, seed)
+        else:
+            coef, new_state, diagnostics = self.plan(grams, inputs, state)
+            update = self._combine(deltas, coef, groups)
+        diagnostics["gram"] = gram_record(max((e - s for s, e in groups), default=0))
+        if self.layer_stats:
+            diagnostics["layer_conflict"] = layer_conflicts(deltas, inputs.slices, self.tau)
+        return Aggregation(update, new_state, diagnostics)
+
+    def plan(
+        self, grams: torch.Tensor, inputs: RoundInput, state: dict
+    ) -> tuple[torch.Tensor, dict, dict]:
+        """(coefficients (G, K) on the raw Δ_k, new state, diagnostics) from the groups' Gram
+        matrices alone: the update is Σ_k coef[g, k] Δ_k on group g's columns. `inputs.deltas`
+        is not read, which is what lets the secure path (fl/secure.py) run FedGH on estimated
+        Gram matrices and a securely aggregated sum."""
+        psi, new_state, diagnostics = self._weights(grams, inputs, state)
+        seed = fedgh_order_seed(self.seed, state.get("round", 0))
+        coef = self._coefficients(psi, grams, seed)  # (G, K): weights on the raw Δ_k
+        if len(grams) == 1:
+            diagnostics["coefficients"] = coef[0].tolist()
+        return coef, new_state, diagnostics
+
+    def _weights(
+        self, grams: torch.Tensor, inputs: RoundInput, state: dict
+    ) -> tuple[torch.Tensor, dict, dict]:
+        """ψ, the new state and the round's diagnostics from the groups' Gram matrices."""
         # the groups partition the columns: their sum (in group order) is the whole-model Gram
         gram = torch.from_numpy(ordered_sum(grams.numpy(), axis=0))
         cosine = cosine_from_gram(gram)
-
         theta_state = state.get("theta", {})
         if self.adaptive:
             psi, theta_state, _ = fedadp_weights(
@@ -117,26 +144,14 @@ class FedGH(Strategy):
             )
         else:
             psi = sample_weights(inputs.counts)
-
-        if self.method == "direct" and self.project:
-            update = self._direct(deltas, psi, grams, groups, seed)
-            coef = None
-        else:
-            coef = self._coefficients(psi, grams, seed)  # (G, K): weights on the raw Δ_k
-            update = self._combine(deltas, coef, groups)
-
         diagnostics = {
             "weights": psi.tolist(),
             "conflict_share": conflict_share(cosine, self.tau),
             "cosine": cosine.tolist(),
             "update_norms": np.sqrt(np.maximum(np.diagonal(gram.numpy()), 0.0)).tolist(),
-            "gram": gram_record(max((e - s for s, e in groups), default=0)),
         }
-        if self.layer_stats:
-            diagnostics["layer_conflict"] = layer_conflicts(deltas, inputs.slices, self.tau)
-        if coef is not None and len(groups) == 1:
-            diagnostics["coefficients"] = coef[0].tolist()
-        return Aggregation(update, {**state, "theta": theta_state, "round": rnd + 1}, diagnostics)
+        new_state = {**state, "theta": theta_state, "round": state.get("round", 0) + 1}
+        return psi, new_state, diagnostics
 
     def _coefficients(self, psi: torch.Tensor, grams: torch.Tensor, seed: int) -> torch.Tensor:
         g = grams.numpy()
