@@ -98,7 +98,12 @@ QUICKSTART_CONFIG = {
     "name": "flower-quickstart",
     "seed": 0,
     "track": ["csv"],
-    "data": {"root": "data/synth-arm-quickstart", "synth_n": 400, "synth_size": 64},
+    "data": {
+        "root": "data/synth-arm-quickstart",
+        "generate": True,
+        "synth_n": 400,
+        "synth_size": 64,
+    },
     "model": {"width": 8, "deconv_filters": 32},
     "train": {"lr": 0.002, "batch_size": 16, "flip_test": False},
     "fed": {
