@@ -11,6 +11,7 @@ import functools
 import math
 import shlex
 import sys
+import warnings
 from pathlib import Path
 
 from rich.table import Table
@@ -86,7 +87,14 @@ def _add_resume(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--force",
         action="store_true",
-        help="with --resume: accept a checkpoint of another method, seed or config",
+        help="with --resume: accept a checkpoint of another method, seed or config; "
+        "write into a run folder another command made",
+    )
+
+
+def _add_name(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--name", default=None, help="run folder name under out_dir (default: the config's name)"
     )
 
 
@@ -98,7 +106,7 @@ def cmd_train(args) -> int:
     from fedpose.model.io import MODEL_FILE
     from fedpose.train import train_centralized
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides + _name(args))
     record = train_centralized(cfg, resume=args.resume, console=console, force=args.force)
     console.print(f"model: {cfg.run_dir / MODEL_FILE}")
     console.print(f"mean PCK: {record.get('pck_mean', float('nan')):.2f}")
@@ -110,12 +118,17 @@ def cmd_run(args) -> int:
     from fedpose.metrics.log import read_metrics
     from fedpose.report.compare import final_eval
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides + _name(args))
     run_federation(cfg, resume=args.resume, console=console, force=args.force)
     last = final_eval(read_metrics(cfg.run_dir)) or {}  # the last round is always evaluated
     console.print(f"run directory: {cfg.run_dir}")
     console.print(f"mean PCK: {last.get('pck_mean', float('nan')):.2f}")
     return 0
+
+
+def _name(args) -> list[str]:
+    """--name NAME as the override it stands for."""
+    return [f"name={args.name}"] if args.name else []
 
 
 def _variants(args) -> list[tuple[str, list[str]]]:
@@ -139,6 +152,7 @@ def cmd_compare(args) -> int:
         name=args.name,
         resume=args.resume,
         jobs=args.jobs,
+        force=args.force,
         baselines=tuple(_split(args.baselines)),
         command=args.command_line,
         mixed_cpus=args.mixed_cpus,
@@ -187,7 +201,7 @@ def _seeds(text: str) -> list[int]:
 
 
 def cmd_eval(args) -> int:
-    from fedpose.config import apply_overrides
+    from fedpose.config import data_from_user
     from fedpose.data import load_split
     from fedpose.engine.evaluate import evaluate_model
     from fedpose.metrics.coco_ap import has_keypoint_ap, split_ap
@@ -196,7 +210,7 @@ def cmd_eval(args) -> int:
     from fedpose.model.io import load_model
 
     model, cfg, skeleton = load_model(args.checkpoint)
-    apply_overrides(cfg, args.overrides)
+    cfg = data_from_user(cfg, args.overrides)  # the model file's own paths are never used
     if args.dump and cfg.data.dataset != "coco":
         raise ConfigError(f"--dump writes COCO results; the model's data is {cfg.data.dataset}")
     records, _ = load_split(cfg.data, args.split)
@@ -240,10 +254,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    from fedpose.files import check_not_an_input
     from fedpose.model.inference import predict_image
     from fedpose.model.io import load_model
     from fedpose.report.draw import draw_skeleton
 
+    check_not_an_input(args.out, args.checkpoint, args.image)
     model, cfg, skeleton = load_model(args.checkpoint)
     joints, confidence = predict_image(model, args.image, cfg.data.input_size, skeleton)
     draw_skeleton(args.image, joints, confidence, skeleton, args.out)
@@ -254,10 +270,12 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from fedpose.files import check_not_an_input
     from fedpose.model.conventions import describe_model
     from fedpose.model.export import ONNX_OPSET, export_onnx
     from fedpose.model.io import load_any_model
 
+    check_not_an_input(args.onnx, args.checkpoint)
     model, cfg, skeleton = load_any_model(args.checkpoint)
     size = cfg.data.input_size
     conventions = describe_model(cfg, skeleton)
@@ -586,11 +604,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="centralized training and evaluation")
     _add_config(p)
     _add_resume(p)
+    _add_name(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("run", help="one federated run on the in-process engine")
     _add_config(p)
     _add_resume(p)
+    _add_name(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("compare", help="several methods and seeds, then a report")
@@ -612,6 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0", help="paired seeds: 0,1,2 or 0-9")
     p.add_argument("--name", default=None, help="report name (default: the config's name)")
     p.add_argument("--resume", action="store_true", help="keep finished runs, resume the rest")
+    p.add_argument("--force", action="store_true", help="write into a folder another command made")
     p.add_argument(
         "--jobs",
         type=int,
@@ -914,6 +935,19 @@ def _add_flower_run(p: argparse.ArgumentParser, rounds: int) -> None:
     _add_overrides(p)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Data warnings as one `warning:` line; others as Python prints them."""
+    from fedpose.data.records import DatasetWarning
+
+    if issubclass(category, DatasetWarning):
+        err_console.print(f"warning: {message}", markup=False, highlight=False)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
+_python_show_warning = warnings.showwarning
+
+
 def _method_names() -> tuple[str, ...]:
     # fl.strategies.STRATEGY_NAMES is the one list, but importing it loads torch;
     # tests/test_cli_light.py checks that this copy is the same
@@ -928,6 +962,7 @@ def _federation_error() -> type[BaseException] | tuple:
 
 
 def main(argv: list[str] | None = None) -> int:
+    warnings.showwarning = _show_warning
     args = build_parser().parse_args(argv)
     # reports name the command that wrote them
     args.command_line = shlex.join(["fedpose", *(sys.argv[1:] if argv is None else argv)])
