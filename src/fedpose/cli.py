@@ -593,6 +593,43 @@ def cmd_flower_config(args) -> int:
     return 0
 
 
+def cmd_flower_pull(args) -> int:
+    from fedpose.tools.flower_pull import pull_run
+
+    result = pull_run(args.run_id, args.superlink, args.out, args.force)
+    pulled = result.pulled
+    files = ", ".join(sorted(pulled.files)) or "no files"
+    console.print(
+        f"run {args.run_id} ({result.status}): {len(pulled.records)} rounds, {files} "
+        f"-> {result.out}",
+        markup=False,
+        highlight=False,
+    )
+    for problem in pulled.problems:
+        err_console.print(f"warning: {problem}", markup=False, highlight=False)
+    if result.status == "finished:completed" and pulled.status == "completed":
+        return 0
+    if result.status.startswith("finished"):
+        why = pulled.error or "see flwr log"
+        err_console.print(
+            f"error: run {args.run_id} did not complete ({result.status}): {why}",
+            markup=False,
+            highlight=False,
+        )
+        return 1
+    console.print(f"run {args.run_id} is still going: pull again for the rest")
+    return 0
+
+
+def cmd_watch(args) -> int:
+    from fedpose.report.watch import watch
+
+    finished = watch(args.run_dir, args.every, args.timeout, say=console.print)
+    if not finished:
+        console.print(f"stopped watching after {args.timeout:g} s; the run has not finished")
+    return 0
+
+
 # Built once per process: its 22 subcommands take ~12 ms to build, and main() is also called
 # many times in one process (the tests, a notebook); parsing leaves the parser unchanged.
 @functools.cache
@@ -868,6 +905,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config(p, required=False)
     p.set_defaults(func=cmd_flower_config)
+
+    p = sub.add_parser(
+        "flower-pull",
+        help="a Flower run's metrics, config and model from its log stream into a run folder",
+    )
+    p.add_argument("run_id", type=int, metavar="RUN_ID", help="as `flwr run` printed it")
+    p.add_argument("superlink", nargs="?", default=None, help="SuperLink connection name")
+    p.add_argument("--out", type=Path, default=None, help="run folder (runs/flower-RUN_ID)")
+    p.add_argument("--force", action="store_true", help="write over a pulled run in --out")
+    p.set_defaults(func=cmd_flower_pull)
+
+    p = sub.add_parser("watch", help="redraw a run's curves (RUN_DIR/watch.png) while it goes on")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.add_argument("--every", type=float, default=10.0, help="seconds between redraws")
+    p.add_argument(
+        "--timeout", type=float, default=24 * 3600.0, help="stop after this many seconds"
+    )
+    p.set_defaults(func=cmd_watch)
 
     p = sub.add_parser(
         "sketch-study",

@@ -7,6 +7,7 @@ registries, all at once by the run lifecycle's prepare step (engine/run.py: chec
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import math
 import re
@@ -181,6 +182,9 @@ class Config:
     name: str = "run"
     seed: int = 0
     out_dir: str = "runs"
+    # per-round outputs beside metrics.jsonl, fed from the same records: "csv" (metrics.csv),
+    # "tensorboard" (event files in tensorboard/, needs the tensorboard package)
+    track: list = field(default_factory=list)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -389,6 +393,7 @@ GH_ORDERS = ("random", "index")
 GH_METHODS = ("gram", "direct")
 LSP_LABELS = ("pc", "oc")
 FAULT_KINDS = ("exception", "nan", "wrong_shape", "exploding_norm", "timeout")
+TRACKERS = ("csv", "tensorboard")
 # Sizes a config (also one stored in a model file) may ask for: far above any useful model, far
 # below what would exhaust the memory before anything is checked (width 2**20 allocates TBs)
 MAX_WIDTH = 512
@@ -455,6 +460,11 @@ def _checks(cfg: Config) -> Iterator[str | None]:
     yield _run_name(cfg.name)
     yield None if cfg.out_dir else "out_dir: must not be empty"
     yield _range("seed", cfg.seed, 0)
+    for kind in cfg.track:
+        yield _choice("track", kind, TRACKERS)
+    if "tensorboard" in cfg.track and importlib.util.find_spec("tensorboard") is None:
+        # checked here, before a run folder is touched, not when the first round is logged
+        yield "track: tensorboard needs the tensorboard package (pip install 'fedpose[track]')"
 
     yield None if d.root else "data.root: must not be empty"
     yield _choice("data.lsp_labels", d.lsp_labels, LSP_LABELS)

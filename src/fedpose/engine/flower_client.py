@@ -72,7 +72,7 @@ def client_dp_mod(msg: Message, context: Context, call_next) -> Message:
     if msg.metadata.message_type != "train":
         return call_next(msg, context)
     try:
-        fed = settings_from_run_config(context.run_config).config.fed
+        fed = settings_from_run_config(context.run_config, dict(context.node_config)).config.fed
     except Exception:  # the handler reports a broken config as a failed client
         return call_next(msg, context)
     reply = call_next(msg, context)
@@ -285,7 +285,7 @@ _DATA_ERRORS = (DatasetError, ConfigError, OSError)
 def _client_query(msg: Message, context: Context) -> Message:
     try:
         side = client_side(
-            settings_from_run_config(context.run_config).config,
+            settings_from_run_config(context.run_config, dict(context.node_config)).config,
             dict(context.node_config),
             context.state,
         )
@@ -324,7 +324,7 @@ def _client_train(msg: Message, context: Context) -> Message:
     cfg_record = msg.content["config"]
     client_id, version = int(cfg_record["client-id"]), int(cfg_record["version"])
     try:
-        cfg = settings_from_run_config(context.run_config).config
+        cfg = settings_from_run_config(context.run_config, dict(context.node_config)).config
         side = client_side(cfg, dict(context.node_config), context.state)
         if side.mode == "partition" and client_id != side.partition_id:
             raise RuntimeError(
@@ -360,7 +360,7 @@ def _client_train(msg: Message, context: Context) -> Message:
 @client_app.evaluate()
 def _client_evaluate(msg: Message, context: Context) -> Message:
     try:
-        cfg = settings_from_run_config(context.run_config).config
+        cfg = settings_from_run_config(context.run_config, dict(context.node_config)).config
         side = client_side(cfg, dict(context.node_config), context.state)
         weights = record_to_state(msg.content["weights"])
         correct, counted = count_correct(

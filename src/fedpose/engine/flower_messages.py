@@ -28,13 +28,20 @@ Run config (`[tool.flwr.app.config]`, overridable with `flwr run --run-config`):
   connect-timeout    seconds the server waits at start for a SuperNode per client
   central-eval       also evaluate on the Config's test split on the server (which must then
                      have it); without it the ServerApp reads no data at all
+  return-model-mb    the ServerApp writes the final model into its log stream (for `fedpose
+                     flower-pull`) when the file is at most this many MiB; 0 = never
+  flat keys          the common knobs, Flower style (FLAT_KEYS: num-server-rounds, num-clients,
+                     local-steps, lr, method, ...): each overrides its setting of the full
+                     config; num-clients = 0 means one client per partition of the connected
+                     SuperNodes (Flower's simulation gives each virtual SuperNode
+                     partition-id / num-partitions)
 """
 
 from __future__ import annotations
 
 import json
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -61,19 +68,76 @@ RESUME_KEY = "fedpose-resume"
 REPLY_TIMEOUT_KEY = "reply-timeout"
 CONNECT_TIMEOUT_KEY = "connect-timeout"
 CENTRAL_EVAL_KEY = "central-eval"
+RETURN_MODEL_KEY = "return-model-mb"
+NUM_CLIENTS_KEY = "num-clients"
 # Defaults of the two waits (pyproject.toml's [tool.flwr.app.config] repeats them: keep in step).
 # A round of real training on a slow CPU site can take many minutes; a SuperNode that has not
 # connected within two minutes of the start is not coming.
 REPLY_TIMEOUT_S = 900.0
 CONNECT_TIMEOUT_S = 120.0
+RETURN_MODEL_MB = 16.0
+# Flat run config keys, Flower style, for the settings people change most: key -> the Config
+# setting it overrides ("section.key", or "key" at the top). `--run-config "num-server-rounds=5
+# lr=0.01"` works as in Flower's own apps. `track` is a comma-separated list.
+FLAT_KEYS: dict[str, str] = {
+    "num-server-rounds": "fed.rounds",
+    NUM_CLIENTS_KEY: "fed.num_clients",
+    "clients-per-round": "fed.clients_per_round",
+    "local-steps": "fed.local_steps",
+    "lr": "train.lr",
+    "batch-size": "train.batch_size",
+    "method": "fed.method",
+    "eval-every": "fed.eval_every",
+    "seed": "seed",
+    "track": "track",
+}
+# What a plain `flwr run .` runs (pyproject.toml's [tool.flwr.app.config] repeats it: keep in
+# step, tests/test_flower_app.py checks): a narrow model for 3 short rounds on a small synth-arm
+# set, one client per SuperNode of Flower's default local simulation (2 virtual SuperNodes).
+QUICKSTART_CONFIG = {
+    "name": "flower-quickstart",
+    "seed": 0,
+    "track": ["csv"],
+    "data": {
+        "root": "data/synth-arm-quickstart",
+        "generate": True,
+        "synth_n": 400,
+        "synth_size": 64,
+    },
+    "model": {"width": 8, "deconv_filters": 32},
+    "train": {"lr": 0.002, "batch_size": 16, "flip_test": False},
+    "fed": {
+        "rounds": 3,
+        "clients_per_round": 0,
+        "local_steps": 4,
+        "method": "fedgh",
+        "eval_every": 1,
+    },
+}
+# The flat keys' declared values: the quick start's own settings (a key left at its declared
+# value changes nothing), and num-clients = 0 (follow the partitions)
+QUICKSTART_FLAT: dict[str, str | int | float] = {
+    "num-server-rounds": 3,
+    NUM_CLIENTS_KEY: 0,
+    "clients-per-round": 0,
+    "local-steps": 4,
+    "lr": 0.002,
+    "batch-size": 16,
+    "method": "fedgh",
+    "eval-every": 1,
+    "seed": 0,
+    "track": "csv",
+}
 # what `[tool.flwr.app.config]` must declare (flwr only accepts overrides of declared keys)
-DEFAULT_RUN_CONFIG: dict[str, str | bool | float] = {
-    CONFIG_KEY: "",
+DEFAULT_RUN_CONFIG: dict[str, str | bool | float | int] = {
+    CONFIG_KEY: json.dumps(QUICKSTART_CONFIG),
     OVERRIDES_KEY: "",
     RESUME_KEY: False,
     REPLY_TIMEOUT_KEY: REPLY_TIMEOUT_S,
     CONNECT_TIMEOUT_KEY: CONNECT_TIMEOUT_S,
     CENTRAL_EVAL_KEY: False,
+    RETURN_MODEL_KEY: RETURN_MODEL_MB,
+    **QUICKSTART_FLAT,
 }
 _CLIENT_STATE_PREFIX = "fedpose."  # context.state keys; other mods may share the RecordDict
 
@@ -347,10 +411,23 @@ class AppSettings:
     reply_timeout: float = REPLY_TIMEOUT_S
     connect_timeout: float = CONNECT_TIMEOUT_S
     central_eval: bool = False
+    # num-clients = 0: fed.num_clients is taken from the SuperNodes' num-partitions
+    follow_partitions: bool = False
+    return_model_mb: float = RETURN_MODEL_MB
+    # flat keys that changed a setting of a given fedpose-config: "setting=value (was old)"
+    overridden: list[str] = field(default_factory=list)
 
 
-def settings_from_run_config(run_config: dict) -> AppSettings:
-    """The fedpose Config and engine settings carried by a Flower run config."""
+def settings_from_run_config(run_config: dict, node_config: dict | None = None) -> AppSettings:
+    """The fedpose Config and engine settings carried by a Flower run config.
+
+    Order: the full config (fedpose-config), then each flat key whose value differs from its
+    declared one (DEFAULT_RUN_CONFIG: a key nobody set changes nothing), then fedpose-overrides.
+    num-clients = 0 means: as many clients as the SuperNodes' partitions (Flower's simulation
+    gives each virtual SuperNode partition-id / num-partitions); a ClientApp passes its
+    node_config and gets fed.num_clients = its num-partitions, the ServerApp learns it from the
+    SuperNodes' answers (AppSettings.follow_partitions). SuperNodes with their own data have no
+    partitions: fed.num_clients then stays the config's."""
     source = str(run_config.get(CONFIG_KEY, "") or "").strip()
     overrides = shlex.split(str(run_config.get(OVERRIDES_KEY, "") or ""))
     if source.startswith("{"):
@@ -360,24 +437,76 @@ def settings_from_run_config(run_config: dict) -> AppSettings:
             raise ConfigError(f"{e}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{CONFIG_KEY}: not a JSON object")
-        cfg = config_from_dict(merge_dicts(values, parse_overrides(overrides)))
+        base = config_from_dict(values)
     else:
-        cfg = load_config(source or None, overrides)
+        base = load_config(source or None)
+    flat, follow = _flat_overrides(run_config, node_config)
+    tree = merge_dicts(base.to_dict(), parse_overrides(flat))
+    cfg = config_from_dict(merge_dicts(tree, parse_overrides(overrides)))
+    overridden = []
+    if source and not _is_quickstart(source):
+        for item in flat:
+            key, value = item.split("=", 1)
+            old = _setting(base, key)
+            if old != _setting(cfg, key):
+                overridden.append(f"{key}={_setting(cfg, key)} (fedpose-config: {old})")
     return AppSettings(
         config=cfg,
         resume=bool(run_config.get(RESUME_KEY, False)),
         reply_timeout=float(run_config.get(REPLY_TIMEOUT_KEY, REPLY_TIMEOUT_S)),
         connect_timeout=float(run_config.get(CONNECT_TIMEOUT_KEY, CONNECT_TIMEOUT_S)),
         central_eval=bool(run_config.get(CENTRAL_EVAL_KEY, False)),
+        follow_partitions=follow,
+        return_model_mb=float(run_config.get(RETURN_MODEL_KEY, RETURN_MODEL_MB)),
+        overridden=overridden,
     )
 
 
+def _is_quickstart(source: str) -> bool:
+    try:
+        return json.loads(source) == QUICKSTART_CONFIG
+    except json.JSONDecodeError:
+        return False
+
+
+def _flat_overrides(run_config: dict, node_config: dict | None) -> tuple[list[str], bool]:
+    """The flat keys present as `section.key=value` overrides, and whether the number of
+    clients follows the partitions."""
+    items, follow = [], False
+    for key, setting in FLAT_KEYS.items():
+        if key not in run_config:
+            continue
+        value = run_config[key]
+        if value == DEFAULT_RUN_CONFIG[key] and key != NUM_CLIENTS_KEY:
+            continue
+        if key == NUM_CLIENTS_KEY and int(value) == 0:
+            follow = True
+            if node_config and "num-partitions" in node_config:
+                items.append(f"{setting}={int(node_config['num-partitions'])}")
+            continue
+        if key == "track":
+            value = [k.strip() for k in str(value).split(",") if k.strip()]
+        items.append(f"{setting}={value}")
+    return items, follow
+
+
+def _setting(cfg: Config, dotted: str):
+    obj = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def run_config_toml(cfg: Config, **settings: str | bool | float) -> str:
-    """`[tool.flwr.app.config]` lines (or a `flwr run --run-config` file) carrying `cfg` as JSON.
+    """`[tool.flwr.app.config]` lines (or a `flwr run --run-config` file) carrying `cfg` as JSON,
+    with the flat keys set from `cfg` (they override the JSON: here they agree with it).
 
     settings: other run config keys, with `_` for `-` (reply_timeout=60.0)."""
     values = dict(DEFAULT_RUN_CONFIG)
     values[CONFIG_KEY] = json.dumps(cfg.to_dict())
+    for key, setting in FLAT_KEYS.items():
+        value = _setting(cfg, setting)
+        values[key] = ",".join(value) if key == "track" else value
     for key, value in settings.items():
         key = key.replace("_", "-")
         if key not in values:
@@ -386,9 +515,11 @@ def run_config_toml(cfg: Config, **settings: str | bool | float) -> str:
     return "".join(f"{key} = {_toml_value(value)}\n" for key, value in values.items())
 
 
-def _toml_value(value: str | bool | float) -> str:
+def _toml_value(value: str | bool | float | int) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
         return json.dumps(value)  # a JSON string literal is a valid TOML basic string
+    if isinstance(value, int):
+        return str(value)
     return repr(float(value))

@@ -40,13 +40,15 @@ from fedpose.engine.flower_messages import (
     request_to_content,
     settings_from_run_config,
 )
+from fedpose.engine.flower_results import emit, file_lines, record_line, status_line
 from fedpose.engine.flower_secagg import maybe_inspect, secure_transport
-from fedpose.engine.run import Engine, client_row, run_lifecycle
+from fedpose.engine.run import CLIENTS_FILE, Engine, client_row, run_lifecycle
 from fedpose.fl.messages import TrainReply, TrainRequest
 from fedpose.fl.observer import RunObserver
 from fedpose.fl.server import FederatedServer
 from fedpose.metrics.log import read_jsonl
 from fedpose.metrics.pck import score_counts
+from fedpose.model.io import MODEL_FILE
 from fedpose.run_dir import append_line, write_file
 
 TIMING_FILE = "flower_timing.jsonl"
@@ -101,9 +103,12 @@ class FlowerTransport:
         connect_timeout: float = CONNECT_TIMEOUT_S,
         timing_path: Path | None = None,
         log=print,
+        follow_partitions: bool = False,
     ):
         self.grid = grid
         self.num_clients = num_clients
+        # num-clients = 0: take N from the first partition SuperNode's num-partitions
+        self.follow_partitions = follow_partitions
         self.reply_timeout = reply_timeout
         self.connect_timeout = connect_timeout
         self.timing_path = timing_path
@@ -124,7 +129,9 @@ class FlowerTransport:
         queries: dict[str, int] = {}  # message id -> node id
         answers: dict[int, ClientInfo] = {}
         unanswerable = 0
-        while len(answers) + unanswerable < self.num_clients and time.monotonic() < deadline:
+        while (
+            self.follow_partitions or len(answers) + unanswerable < self.num_clients
+        ) and time.monotonic() < deadline:
             new = [n for n in self.grid.get_node_ids() if n not in asked]
             if new:
                 msgs = [
@@ -145,6 +152,7 @@ class FlowerTransport:
                         unanswerable += 1
                     else:
                         answers[node] = info
+                        self._follow(info)
             time.sleep(POLL_SECONDS)
         self._number_clients(list(answers.values()))
         if not self.node_of:
@@ -160,6 +168,16 @@ class FlowerTransport:
                 f"{self.connect_timeout:.0f} s: they count as failed clients"
             )
         return dict(self.node_of)
+
+    def _follow(self, info: ClientInfo) -> None:
+        """Follow mode: N is the first answer's num-partitions; sites have none, and N stays
+        the config's fed.num_clients."""
+        if not self.follow_partitions:
+            return
+        self.follow_partitions = False
+        if info.mode == "partition" and info.num_partitions >= 1:
+            self.num_clients = info.num_partitions
+            self.log(f"num-clients = 0: {self.num_clients} clients, one per partition")
 
     def _client_info(self, node: int, reply: Message) -> ClientInfo | None:
         """The node's answer (refused, with the reason on the console, when its data cannot be
@@ -408,13 +426,20 @@ server_app = ServerApp()
 
 @server_app.main()
 def _server_main(grid: Grid, context: Context) -> None:
-    settings = settings_from_run_config(context.run_config)
     console = Console(file=sys.stdout, width=100)
 
     def log(text: str) -> None:
         console.print(f"[fedpose] {text}", markup=False, highlight=False)
 
-    run_flower_server(maybe_inspect(grid), settings, log)
+    try:
+        run_flower_server(maybe_inspect(grid), settings_from_run_config(context.run_config), log)
+    except BaseException as e:
+        # the submitter's `flwr run` exits 0 whatever happens here: say it in the log stream,
+        # where `fedpose flower-pull` finds it too (and exits non-zero)
+        log(f"run failed: {type(e).__name__}: {e}")
+        emit(status_line("failed", f"{type(e).__name__}: {e}"))
+        raise
+    emit(status_line("completed"))
 
 
 class FlowerEngine(Engine):
@@ -443,17 +468,20 @@ class FlowerEngine(Engine):
         if not resumed:
             timing.unlink(missing_ok=True)
         s = self.settings
-        self.transport = FlowerTransport(
+        flower = FlowerTransport(
             self.grid,
             self.cfg.fed.num_clients,
             s.reply_timeout,
             s.connect_timeout,
             timing,
             self.log,
+            s.follow_partitions,
         )
         # under fed.secure: replies hold sketches, the sum comes through SecAgg+
-        self.transport = secure_transport(self.transport, self.server_side.layout, self.cfg.fed)
+        self.transport = secure_transport(flower, self.server_side.layout, self.cfg.fed)
         self.transport.connect()
+        if flower.num_clients != self.cfg.fed.num_clients:  # followed the partitions
+            _set_num_clients(self.cfg, run_dir, flower.num_clients)
 
     def client_sizes(self) -> list[int]:
         return self.transport.client_sizes()
@@ -482,8 +510,11 @@ class FlowerEngine(Engine):
 
     def finish(self, cfg: Config, run_dir: Path, server: FederatedServer) -> None:
         self.log(f"finished at round {server.state.round}; run directory {run_dir.resolve()}")
-        if cfg.fed.dp_epsilon <= 0:
-            return
+        if cfg.fed.dp_epsilon > 0:
+            self._privacy(cfg, run_dir)
+        _return_model(run_dir / MODEL_FILE, self.settings.return_model_mb, self.log)
+
+    def _privacy(self, cfg: Config, run_dir: Path) -> None:
         report = privacy_report(cfg.fed, releases_per_client(read_jsonl(run_dir / "metrics.jsonl")))
         write_file(run_dir / "privacy.json", json.dumps(report, indent=2))
         rdp = (
@@ -498,10 +529,13 @@ class FlowerEngine(Engine):
             f"{report['epsilon_composed_simple']:.4g} at delta {report['delta_composed_simple']:g}"
             f"; details in privacy.json"
         )
+        emit(_file_lines(run_dir, "privacy.json"))
 
 
 class LogObserver(RunObserver):
-    """The ServerApp's log: the run's messages and one line per round."""
+    """The ServerApp's log: the run's messages and one line per round, and the results for the
+    submitter (engine/flower_results.py): config.json and clients.json once the server is built,
+    each round's record as metrics.jsonl gets it."""
 
     def __init__(self, rounds: int, log=print):
         self.rounds = rounds
@@ -510,7 +544,13 @@ class LogObserver(RunObserver):
     def message(self, text: str) -> None:
         self.log(text)
 
+    def started(self, server: FederatedServer) -> None:
+        if server.run_dir is not None:
+            emit(_file_lines(server.run_dir, "config.json"))
+            emit(_file_lines(server.run_dir, CLIENTS_FILE))
+
     def round_done(self, done: int, record: dict) -> None:
+        emit(record_line(record))  # the record metrics.jsonl got, for the submitter
         text = f"round {done}/{self.rounds}: aggregated {record['aggregated']}"
         if record.get("train_loss") is not None:
             text += f", loss {record['train_loss']:.5f}"
@@ -527,10 +567,17 @@ def run_flower_server(grid: Grid, settings: AppSettings, log=print) -> Federated
     training data: the model comes from the config (seeded, as on every engine), the sample
     counts from the clients (see FlowerEngine)."""
     cfg = settings.config
+    clients = (
+        f"{cfg.fed.num_clients} (or one per partition)"
+        if settings.follow_partitions
+        else cfg.fed.num_clients
+    )
     log(
         f"run {cfg.name}: {cfg.fed.method} {cfg.fed.mode}, {cfg.fed.rounds} rounds, "
-        f"{cfg.fed.num_clients} clients, run dir {cfg.run_dir.resolve()}"
+        f"{clients} clients, run dir {cfg.run_dir.resolve()}"
     )
+    for item in settings.overridden:
+        log(f"run config overrides {item}")
     if settings.resume:
         log(
             "resuming: client-local state (FedBN BatchNorm, FedDyn's term) lives in each run's "
@@ -542,3 +589,31 @@ def run_flower_server(grid: Grid, settings: AppSettings, log=print) -> Federated
         resume=settings.resume,
         observer=LogObserver(cfg.fed.rounds, log),
     )
+
+
+def _set_num_clients(cfg: Config, run_dir: Path, num_clients: int) -> None:
+    """Follow mode: the number of clients the SuperNodes reported, in the Config and in the
+    run's config.json (written before anyone was asked)."""
+    cfg.fed.num_clients = num_clients
+    cfg.validate()
+    path = run_dir / "config.json"
+    written = json.loads(path.read_text())
+    written["fed"]["num_clients"] = num_clients
+    path.write_text(json.dumps(written, indent=2))
+
+
+def _file_lines(run_dir: Path, name: str) -> list[str]:
+    return file_lines(name, (run_dir / name).read_bytes())
+
+
+def _return_model(path: Path, limit_mb: float, log) -> None:
+    """The final model into the log stream, when it is at most limit_mb MiB."""
+    size = path.stat().st_size
+    if size <= limit_mb * 2**20:
+        emit(file_lines(path.name, path.read_bytes()))
+        log(f"sent {path.name} ({size / 2**20:.2f} MiB) in the log stream: fedpose flower-pull")
+    else:
+        log(
+            f"{path.name} ({size / 2**20:.1f} MiB) stays on this machine: return-model-mb is "
+            f"{limit_mb:g}"
+        )

@@ -181,6 +181,7 @@ def _run_claimed(
             batch_size=cfg.train.batch_size,
             identity=identity,
             observer=observer,
+            track=cfg.track,
         )
         if payload is not None:
             server.restore(payload)

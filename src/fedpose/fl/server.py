@@ -49,6 +49,7 @@ from fedpose.fl.reply_check import (
 from fedpose.fl.selection import Selector
 from fedpose.fl.strategies.base import RoundInput, Strategy
 from fedpose.fl.system import SystemModel
+from fedpose.metrics.track import Tracker
 from fedpose.model.io import field_problem, load_checkpoint, save_checkpoint, tensors_problem
 from fedpose.run_dir import append_line, read_regular, write_file
 from fedpose.seeding import client_seed
@@ -124,6 +125,7 @@ class FederatedServer:
         batch_size: int = 1,
         identity: dict[str, str] | None = None,
         observer: RunObserver | None = None,
+        track: list[str] | tuple[str, ...] = (),
     ):
         self.fed = fed
         self.seed = seed
@@ -152,6 +154,8 @@ class FederatedServer:
         # model that outgrows it by MAX_MODEL_GROWTH is stopped as exploded
         self.scale = model_norm(self.weights, layout.agg_names)
         self.model_bytes = sum(t.numel() * t.element_size() for t in weights.values())
+        # observes every record right after metrics.jsonl gets it (CSV, TensorBoard)
+        self.tracker = Tracker(self.run_dir, track) if self.run_dir and track else None
 
     @contextmanager
     def _timed(self, phase: str) -> Iterator[None]:
@@ -531,6 +535,8 @@ class FederatedServer:
         record["wall_seconds"] = time.perf_counter() - wall0
         if self.run_dir is not None:
             append_line(self.run_dir / "metrics.jsonl", json.dumps(record))
+            if self.tracker is not None:
+                self.tracker.log(record)
             if t % max(fed.checkpoint_every, 1) == 0 or t == fed.rounds:
                 with self._timed(CHECKPOINT):
                     self.save_checkpoint()

@@ -412,8 +412,9 @@ def config_hash(config: dict) -> str:
     """A hash of the settings a resumed run must share with the run that wrote the checkpoint.
 
     Left out: where the run lives (name, out_dir, data.root and the per-split image folders,
-    data.generate), how far it goes (fed.rounds, train.epochs) and how it is computed without
-    changing the numbers (workers, device): those may change on resume.
+    data.generate), what else it writes (track), how far it goes (fed.rounds, train.epochs) and
+    how it is computed without changing the numbers (workers, device): those may change on
+    resume.
     """
     settings = json.loads(json.dumps(config))
     for section, key in (
@@ -427,7 +428,7 @@ def config_hash(config: dict) -> str:
         ("train", "device"),
     ):
         settings.get(section, {}).pop(key, None)
-    for key in ("name", "out_dir"):
+    for key in ("name", "out_dir", "track"):  # track: extra outputs, the same numbers
         settings.pop(key, None)
     # settings added after runs were made, left out at their defaults: a run written before
     # they existed still resumes

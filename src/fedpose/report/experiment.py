@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,6 +133,14 @@ def load_arms(paths: list[Path]) -> dict[str, Arm]:
 
 
 # ----------------------------------------------------------------------------------- the report
+def _relative(path: str | None) -> str | None:
+    """A data path as the report shows it: relative to where the report is made (the
+    repository), never the absolute path of the machine that made it."""
+    if not path or not Path(path).is_absolute():
+        return path
+    return os.path.relpath(path)
+
+
 def _pm(mean: float, std: float, digits: int = 2) -> str:
     if math.isnan(mean):
         return "–"
@@ -176,7 +185,7 @@ def _setting(arms: dict[str, Arm]) -> list[str]:
         partition += f" (α = {f.get('dirichlet_alpha')})"
     runtime = cfg.get("runtime", {})
     lines = [
-        f"Setting: {d.get('dataset')} ({d.get('root')}), {f.get('num_clients')} clients "
+        f"Setting: {d.get('dataset')} ({_relative(d.get('root'))}), {f.get('num_clients')} clients "
         f"split {partition}, {f.get('mode')} mode, PoseResNet-{m.get('depth')} width "
         f"{m.get('width')} at {d.get('input_size')}×{d.get('input_size')}, {work} per round, "
         f"{f.get('rounds')} rounds, evaluated every {f.get('eval_every')} round(s)."

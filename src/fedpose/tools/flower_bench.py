@@ -106,7 +106,7 @@ def report_markdown(s: dict, command: str, cfg_line: str, load: tuple[float, flo
             f"Machine: {platform.machine()}, {cpu} CPU cores, Python {platform.python_version()}, "
             f"torch {torch.__version__} ({torch.get_num_threads()} intra-op threads), flwr "
             f"{package_version('flwr')}, loopback SuperLink + SuperNodes (insecure). 1-minute load "
-            f"average {load[0]:.2f} before and {load[1]:.2f} after the run (other jobs included).",
+            f"average {load[0]:.2f} before and {load[1]:.2f} after the run (the whole machine's).",
             "",
             f"Experiment: {cfg_line}",
             "",
