@@ -28,7 +28,7 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed
 
 demo: venv
-	$(BIN)/fedpose compare configs/demo.toml --methods fedaw,fedgh --seeds 0-2 --jobs 2
+	$(BIN)/fedpose compare configs/demo.toml --methods fedaw,fedgh --seeds 0-2 --jobs 2 -c data.generate=true
 
 # test: everything but the tests marked slow, which start real processes (Flower SuperLink and
 # SuperNodes, a fresh interpreter running a documented example); test-slow: those

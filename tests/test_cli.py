@@ -167,7 +167,8 @@ def test_train_eval_predict_roundtrip(tmp_path, synth_dir, capsys):
     trained = _last_line(capsys)
     model = tmp_path / "t" / "model.safetensors"
     assert model.exists()
-    assert main(["eval", str(model)]) == 0
+    # the data to evaluate on is named here: a model file's own paths are never used
+    assert main(["eval", str(model), "-c", f"data.root={synth_dir}"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1] == trained  # same weights, same test split, same number
     row = json.loads((tmp_path / "t" / "metrics.jsonl").read_text().splitlines()[-1])

@@ -336,7 +336,7 @@ def test_eval_of_synth_arm_says_why_there_is_no_ap(tmp_path, capsys, synth_dir):
     cfg.model.depth, cfg.model.width, cfg.model.deconv_filters = 18, 4, 8
     model = PoseResNet(ARM.num_joints, depth=18, width=4, deconv_filters=8)
     save_model(tmp_path / "model.safetensors", model.state_dict(), cfg, ARM)
-    assert main(["eval", str(tmp_path / "model.safetensors")]) == 0
+    assert main(["eval", str(tmp_path / "model.safetensors"), "-c", f"data.root={synth_dir}"]) == 0
     out = capsys.readouterr().out
     assert "keypoint AP: not reported for synth-arm" in out
     assert not any(line.split(":")[0] in AP_NAMES for line in out.splitlines())
@@ -358,3 +358,31 @@ def test_own_data_without_area_ids_or_categories(tmp_path, capsys, coco_dir, gt)
     (tmp_path / "res.json").write_text(json.dumps(results))
     code, lines = _score(capsys, coco_dir, ann, tmp_path / "res.json")
     assert code == 0 and lines["AP"] == "1.000" and lines["mean PCK"] == "100.00"
+
+
+def test_pck_of_results_matches_by_distance_after_dropping_duplicates(
+    tmp_path, capsys, coco_dir, ann, gt
+):
+    # exact predictions, each with a far duplicate scored higher, an exact duplicate, and a
+    # result for every annotation without labelled keypoints (their keypoints are all 0):
+    # none of those may take a person's slot, so PCK stays 100
+    exact = [
+        {"image_id": a["image_id"], "category_id": 1, "keypoints": a["keypoints"], "score": 0.5}
+        for a in _people(gt)
+    ]
+    far = [
+        {
+            **r,
+            "keypoints": [v + 1000.0 if i % 3 < 2 else v for i, v in enumerate(r["keypoints"])],
+            "score": 0.9,
+        }
+        for r in exact
+    ]
+    unlabelled = [
+        {"image_id": a["image_id"], "category_id": 1, "keypoints": a["keypoints"], "score": 0.95}
+        for a in gt["annotations"]
+        if a["num_keypoints"] == 0 and not a["iscrowd"]
+    ]
+    path = tmp_path / "res.json"
+    path.write_text(json.dumps(far + exact + exact[:1] + unlabelled))
+    assert _score(capsys, coco_dir, ann, path)[1]["mean PCK"] == "100.00"

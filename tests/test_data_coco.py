@@ -187,7 +187,7 @@ def test_synth_arm_split(tmp_path):
     assert views == {"anterior", "posterior", "left", "right"}
 
 
-def test_synth_arm_is_generated_once_on_first_use(tmp_path, monkeypatch):
+def test_synth_arm_is_generated_once_when_asked_for(tmp_path, monkeypatch):
     calls = []
 
     def generate_synth_arm(out_dir, n, seed, size, workers):
@@ -198,7 +198,9 @@ def test_synth_arm_is_generated_once_on_first_use(tmp_path, monkeypatch):
     fake.generate_synth_arm = generate_synth_arm
     monkeypatch.setitem(sys.modules, "fedpose.data.synth_arm", fake)
     root = tmp_path / "arm"
-    cfg = DataConfig(dataset="synth-arm", root=str(root), synth_n=10, synth_seed=3, synth_size=24)
+    cfg = DataConfig(
+        dataset="synth-arm", root=str(root), synth_n=10, synth_seed=3, synth_size=24, generate=True
+    )
     train, _ = load_split(cfg, "train")
     test, _ = load_split(cfg, "test")
     assert calls == [(root, 10, 3, 24, 1)]
@@ -216,7 +218,9 @@ def test_holdout_split_is_stable_and_order_free(ann, coco_dir):
 
 
 def test_synth_arm_from_the_real_generator(tmp_path):
-    cfg = DataConfig(dataset="synth-arm", root=str(tmp_path / "arm"), synth_n=8, synth_size=32)
+    cfg = DataConfig(
+        dataset="synth-arm", root=str(tmp_path / "arm"), synth_n=8, synth_size=32, generate=True
+    )
     train, skeleton = load_split(cfg, "train")
     test, _ = load_split(cfg, "test")
     assert skeleton is ARM and len(train) + len(test) == 8

@@ -314,3 +314,60 @@ def test_async_mode_with_faulty_clients_completes(tmp_path, synth_dir):
     assert all(
         bool(torch.isfinite(t).all()) for t in server.weights.values() if t.is_floating_point()
     )
+
+
+# ----------------------------------------------------------------------------- no capture
+def test_the_norm_reference_never_exceeds_the_initial_models_scale():
+    # every candidate huge and no history: the initial model's norm is the yardstick
+    assert norm_reference([], [1e30, 2e30], scale=5.0) == 5.0
+    # a history grown step by step cannot lift the reference above it either
+    assert norm_reference([1e6, 2e6, 3e6], [1.0], scale=5.0) == 5.0
+    # ordinary updates, far below the model's norm, keep their own reference
+    assert norm_reference([0.1, 0.2, 0.3], [0.15], scale=5.0) == 0.2
+    assert norm_reference([], [], scale=5.0) == 5.0
+
+
+def test_an_exploding_federation_stops_with_one_line_and_saves_nothing(tmp_path, synth_dir, capsys):
+    # every update of every round is huge: no reference can be taken from them
+    args = _cli_args(tmp_path, synth_dir)
+    faults = ["-c", "system.faults=['exploding_norm']", "-c", "system.fault_rate=1"]
+    assert main(["run", "configs/demo.toml", *args, *faults, "-c", "fed.round_retries=2"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: round 1: every selected client failed")
+    assert "2 retries" in err[0] and "times the reference" in err[0]
+    run_dir = tmp_path / "runs" / "t"
+    assert not (run_dir / "model.safetensors").exists()
+    assert not (run_dir / "checkpoints").exists()
+
+
+def test_a_model_whose_norm_exploded_is_never_saved(tmp_path, synth_dir, capsys):
+    # finite, every update accepted, but the server step blows the model up
+    args = [*_cli_args(tmp_path, synth_dir), "-c", "fed.method=fedavg", "-c", "fed.server_lr=1e7"]
+    assert main(["run", "configs/demo.toml", *args]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the aggregated model exploded" in err[0], err
+    assert not (tmp_path / "runs" / "t" / "model.safetensors").exists()
+
+
+def test_round_retries_are_bounded(capsys):
+    from fedpose.config import MAX_ROUND_RETRIES
+
+    assert load_config(None, [f"fed.round_retries={MAX_ROUND_RETRIES}"])
+    assert main(["run", "configs/demo.toml", "-c", "fed.round_retries=1000000000"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(err) == 1
+        and f"fed.round_retries: 1000000000 is out of range; allowed: [0, {MAX_ROUND_RETRIES}]"
+        in err[0]
+    )
+
+
+def test_a_diverged_centralized_training_saves_nothing(tmp_path, synth_dir, capsys):
+    args = _cli_args(tmp_path, synth_dir)
+    diverge = ["-c", "train.epochs=1", "-c", "train.optimizer=sgd", "-c", "train.lr=1e30"]
+    assert main(["train", "configs/demo.toml", *args, *diverge]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "epoch 1: tensor" in err[0] and "NaN or Inf" in err[0], err
+    run_dir = tmp_path / "runs" / "t"
+    assert not (run_dir / "model.safetensors").exists()
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists()

@@ -198,7 +198,7 @@ def test_data_split_command_and_inspect(tmp_path, capsys):
     cfg_file = tmp_path / "c.toml"
     cfg_file.write_text(
         f'[data]\ndataset = "synth-arm"\nroot = "{tmp_path / "synth"}"\n'
-        "synth_n = 32\nsynth_size = 64\n[fed]\nnum_clients = 2\n"
+        "synth_n = 32\nsynth_size = 64\ngenerate = true\n[fed]\nnum_clients = 2\n"
         'partition = "iid"\n'
     )
     assert main(["data", "split", str(cfg_file), str(tmp_path / "out")]) == 0

@@ -217,7 +217,12 @@ def test_compare_generates_synth_arm_once_before_its_parallel_runs(tmp_path, mon
 
     monkeypatch.setattr(experiment, "run_jobs", run_in_process)
     sets = tiny_cli_args(
-        tmp_path / "runs", root, "data.synth_n=24", "data.synth_size=32", "data.test_fraction=0.25"
+        tmp_path / "runs",
+        root,
+        "data.synth_n=24",
+        "data.synth_size=32",
+        "data.test_fraction=0.25",
+        "data.generate=true",
     )
     args = ["compare", "configs/demo.toml", "--methods", "fedavg", "--seeds", "0-1", "--jobs", "2"]
     assert main([*args, *sets]) == 0

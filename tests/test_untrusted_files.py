@@ -123,7 +123,7 @@ def test_model_file_is_safetensors_with_config_and_skeleton(tmp_path, synth_dir,
     assert config["model"]["width"] == 4 and config["fed"]["rounds"] == 1
     assert meta["skeleton"] == "synth-arm"
     assert "final_layer.weight" in names
-    assert main(["eval", str(path)]) == 0
+    assert main(["eval", str(path), "-c", f"data.root={synth_dir}"]) == 0
     ckpt = tmp_path / "runs" / "t" / "checkpoints" / "last.safetensors"
     with safe_open(str(ckpt), "pt") as f:
         assert f.metadata()["format"] == "fedpose-checkpoint"

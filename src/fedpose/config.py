@@ -7,10 +7,11 @@ registries, all at once by the run lifecycle's prepare step (engine/run.py: chec
 from __future__ import annotations
 
 import ast
+import json
 import math
 import re
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -28,9 +29,12 @@ class DataConfig:
     test_root: str = ""
     headboxes: str = ""  # mpii: gt_valid.mat for PCKh
     lsp_labels: str = "pc"  # lsp: pc (joints.mat) or oc (joints_OC.mat)
-    synth_n: int = 2060  # synth-arm: images generated when root does not exist yet
+    synth_n: int = 2060  # synth-arm: images generated into root (with generate = true)
     synth_seed: int = 0
     synth_size: int = 128  # synth-arm: rendered image side in pixels
+    # synth-arm: render the set into root when root holds none; false makes a missing set an
+    # error, so a typo in root never fills a new folder (`fedpose data synth-arm` renders one)
+    generate: bool = False
     test_fraction: float = 0.2  # synth-arm / coco without test_ann: held-out share
     # > 0: a validation split carved from every client's training records (this share of each,
     # seeded); clients train on the rest and the run is scored on it instead of the test split
@@ -280,8 +284,17 @@ def parse_overrides(overrides: list[str]) -> dict:
         key, value = item.split("=", 1)
         node = tree
         parts = key.strip().split(".")
-        for part in parts[:-1]:
+        for depth, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                section = ".".join(parts[: depth + 1])
+                raise ConfigError(
+                    f"override {item!r}: {section} was given a value, so it has no keys"
+                )
+        if isinstance(node.get(parts[-1]), dict):
+            raise ConfigError(
+                f"override {item!r}: {key.strip()} was given keys, so it is a section"
+            )
         node[parts[-1]] = value.strip()
     return tree
 
@@ -291,12 +304,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         try:
-            with path.open("rb") as f:
-                values = tomllib.load(f)
+            values = read_toml(path)
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        except ParseError as e:
+            raise ConfigError(str(e)) from None
         _apply(cfg, values)
         if "name" not in values:
             cfg.name = path.stem
@@ -324,6 +336,43 @@ def merge_dicts(base: dict, extra: dict) -> dict:
     return out
 
 
+# Fields that name a place on disk, or how this machine computes. A model file's config never
+# chooses where anything is read or written, nor how many processes or which device: these are
+# reset to the defaults before its config is used (data_from_user)
+PATH_FIELDS = {
+    "data": ("root", "ann", "test_ann", "headboxes", "workers", "cache_mb"),
+    "model": ("pretrained",),
+    "train": ("device", "threads"),
+}
+
+
+def data_from_user(cfg: Config, overrides: list[str]) -> Config:
+    """A model file's config with every PATH_FIELDS entry reset to the default, `overrides`
+    (the command line's) applied, and data generation off: the data to evaluate on is the
+    user's to name. A dataset other than synth-arm needs `data.root` from the overrides."""
+    defaults = Config()
+    for section, names in PATH_FIELDS.items():
+        for name in list(names) + [
+            f.name
+            for f in fields(getattr(cfg, section))
+            if f.name.endswith(("_root", "_ann"))
+            and isinstance(getattr(cfg, section).__dict__[f.name], str)
+        ]:
+            setattr(getattr(cfg, section), name, getattr(getattr(defaults, section), name))
+    cfg.name, cfg.out_dir = defaults.name, defaults.out_dir
+    cfg.data.generate = False
+    _apply(cfg, parse_overrides(overrides))
+    given = parse_overrides(overrides).get("data", {})
+    if cfg.data.dataset != "synth-arm" and not (isinstance(given, dict) and "root" in given):
+        raise ConfigError(
+            f"data.root: name the {cfg.data.dataset} data to use, e.g. -c data.root=PATH (and "
+            f"data.ann / data.test_ann); the paths stored in a model file are never used"
+        )
+    cfg.data.generate = False
+    cfg.validate()
+    return cfg
+
+
 def config_from_dict(values: dict) -> Config:
     cfg = Config()
     _apply(cfg, values)
@@ -340,6 +389,15 @@ GH_ORDERS = ("random", "index")
 GH_METHODS = ("gram", "direct")
 LSP_LABELS = ("pc", "oc")
 FAULT_KINDS = ("exception", "nan", "wrong_shape", "exploding_norm", "timeout")
+# Sizes a config (also one stored in a model file) may ask for: far above any useful model, far
+# below what would exhaust the memory before anything is checked (width 2**20 allocates TBs)
+MAX_WIDTH = 512
+MAX_DECONV_FILTERS = 4096
+MAX_INPUT_SIZE = 2048
+MAX_SYNTH_SIZE = 4096
+MAX_SYNTH_N = 10_000_000
+# a round that cannot succeed is tried at most this often before the run stops
+MAX_ROUND_RETRIES = 100
 # a run name is a relative path of plain parts, so the run stays inside out_dir
 _NAME_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+= -]*")
 
@@ -400,16 +458,16 @@ def _checks(cfg: Config) -> Iterator[str | None]:
 
     yield None if d.root else "data.root: must not be empty"
     yield _choice("data.lsp_labels", d.lsp_labels, LSP_LABELS)
-    yield _range("data.synth_n", d.synth_n, 1)
     yield _range("data.synth_seed", d.synth_seed, 0)
-    yield _range("data.synth_size", d.synth_size, 16)
+    yield _range("data.synth_n", d.synth_n, 1, MAX_SYNTH_N)
+    yield _range("data.synth_size", d.synth_size, 16, MAX_SYNTH_SIZE)
     yield _range("data.test_fraction", d.test_fraction, 0, 1, low_open=True, high_open=True)
     yield _range("data.val_fraction", d.val_fraction, 0, 1, high_open=True)
     yield (
         None
-        if d.input_size >= 32 and d.input_size % 32 == 0
-        else f"data.input_size: {d.input_size} is not allowed; use a multiple of 32 (the backbone "
-        f"divides it by 32, the heatmaps are a quarter of it)"
+        if 32 <= d.input_size <= MAX_INPUT_SIZE and d.input_size % 32 == 0
+        else f"data.input_size: {d.input_size} is not allowed; use a multiple of 32 up to "
+        f"{MAX_INPUT_SIZE} (the backbone divides it by 32, the heatmaps are a quarter of it)"
     )
     yield _range("data.sigma", d.sigma, 0, low_open=True)
     yield _range("data.max_train", d.max_train, 0)
@@ -417,8 +475,8 @@ def _checks(cfg: Config) -> Iterator[str | None]:
     yield _range("data.workers", d.workers, 0)
 
     yield _choice("model.depth", m.depth, DEPTHS)
-    yield _range("model.width", m.width, 1)
-    yield _range("model.deconv_filters", m.deconv_filters, 1)
+    yield _range("model.width", m.width, 1, MAX_WIDTH)
+    yield _range("model.deconv_filters", m.deconv_filters, 1, MAX_DECONV_FILTERS)
     yield (
         None
         if m.deconv_layers == 3
@@ -477,7 +535,7 @@ def _checks(cfg: Config) -> Iterator[str | None]:
     yield _range("fed.deadline", f.deadline, 0)
     yield _range("fed.utility_explore", f.utility_explore, 0, 1)
     yield _range("fed.target_pck", f.target_pck, 0, 100)
-    yield _range("fed.round_retries", f.round_retries, 0)
+    yield _range("fed.round_retries", f.round_retries, 0, MAX_ROUND_RETRIES)
     yield _range("fed.max_norm_ratio", f.max_norm_ratio, 0)
     yield _range("fed.sketch_width", f.sketch_width, 1)
     yield _range("fed.secagg_clip", f.secagg_clip, 0, low_open=True)
@@ -531,3 +589,91 @@ def _speeds(speeds: list) -> str | None:
         if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
             return f"system.speeds[{i}]: {v!r} is out of range; allowed: a number > 0"
     return None
+
+
+# ----------------------------------------------------------------------------- bounded reading
+# The one way fedpose parses JSON and TOML from a file (fedpose.bounded is its public face; it
+# lives here because the config, which reads TOML, imports nothing of fedpose). Python's `json`
+# and `tomllib` parse nesting recursively, so a file of 100 000 `[` ends in a RecursionError (a
+# traceback) instead of a message: the nesting is counted first, outside strings, and anything
+# deeper than MAX_DEPTH is refused with a ValueError naming the source.
+MAX_DEPTH = 64
+# strings removed before counting brackets: a "[" inside a string is no nesting
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+_TOML_STRING = re.compile(
+    r'"""(?:[^\\]|\\.)*?"""|\'\'\'.*?\'\'\'|"(?:[^"\\\n]|\\.)*"|\'[^\'\n]*\'|#[^\n]*', re.S
+)
+_BRACKET = re.compile(r"[\[\]{}]")
+# a TOML dotted key (a.b.c = 1, [a.b.c]) nests one table per dot
+_DOTTED = re.compile(r"(?:[A-Za-z0-9_-]*\s*\.\s*){" + str(MAX_DEPTH + 1) + ",}")
+
+
+class ParseError(ValueError):
+    """A JSON or TOML text that cannot be read: the message names its source."""
+
+
+def nesting_depth(text: str, strings: re.Pattern[str] = _JSON_STRING) -> int:
+    """The deepest bracket nesting of `text` outside strings (an upper bound for TOML)."""
+    depth = deepest = 0
+    for m in _BRACKET.finditer(strings.sub("", text)):
+        if m.group() in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth = max(depth - 1, 0)
+    return deepest
+
+
+def _check_depth(text: str, source: object, strings: re.Pattern[str]) -> None:
+    # a quick bound first: only a text with many brackets can be too deep
+    if text.count("[") + text.count("{") > MAX_DEPTH and nesting_depth(text, strings) > MAX_DEPTH:
+        raise ParseError(f"{source}: nested deeper than {MAX_DEPTH} levels")
+
+
+def loads_json(
+    text: str | bytes,
+    source: object,
+    object_pairs_hook: Callable[[list[tuple[str, Any]]], Any] | None = None,
+) -> Any:
+    """`json.loads(text)`, or ParseError naming `source` (a file, `file [line N]`, ...)."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ParseError(f"{source}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    _check_depth(text, source, _JSON_STRING)
+    try:
+        return json.loads(text, object_pairs_hook=object_pairs_hook)
+    except json.JSONDecodeError as e:
+        raise ParseError(f"{source}: not valid JSON: {e}") from None
+    except RecursionError:  # a backstop: the depth check should have caught it
+        raise ParseError(f"{source}: nested too deeply") from None
+
+
+def read_json(path: str | Path, object_pairs_hook=None) -> Any:
+    """The JSON value of a file, or ParseError / OSError naming it."""
+    path = Path(path)
+    return loads_json(path.read_bytes(), path, object_pairs_hook)
+
+
+def loads_toml(text: str, source: object) -> dict:
+    """`tomllib.loads(text)`, or ParseError naming `source`."""
+    _check_depth(text, source, _TOML_STRING)
+    if text.count(".") > MAX_DEPTH and _DOTTED.search(_TOML_STRING.sub("", text)):
+        raise ParseError(f"{source}: a dotted key nested deeper than {MAX_DEPTH} levels")
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ParseError(f"{source}: not valid TOML: {e}") from None
+    except RecursionError:
+        raise ParseError(f"{source}: nested too deeply") from None
+
+
+def read_toml(path: str | Path) -> dict:
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ParseError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return loads_toml(text, path)

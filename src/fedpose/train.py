@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from fedpose.bounded import loads_json
 from fedpose.config import Config
 from fedpose.data import load_split
 from fedpose.data.dataset import PoseDataset, make_epochs_loader
@@ -24,9 +26,20 @@ from fedpose.engine.evaluate import evaluate_model
 from fedpose.engine.federation import build_server_side
 from fedpose.engine.run import check_config, prepare_run_dir
 from fedpose.fl.observer import RunObserver
-from fedpose.model.io import MODEL_FILE, load_checkpoint, run_identity, save_checkpoint, save_model
+from fedpose.model.io import (
+    MODEL_FILE,
+    ModelFileError,
+    check_finite,
+    field_problem,
+    load_checkpoint,
+    run_identity,
+    save_checkpoint,
+    save_model,
+    tensors_problem,
+)
 from fedpose.model.optim import make_optimizer
 from fedpose.model.train_step import TrainStep
+from fedpose.run_dir import append_line, claim, read_regular, write_file
 
 LOSS_READ_EVERY = 16  # training steps between reads of the loss (each read syncs a GPU)
 
@@ -49,10 +62,72 @@ def train_centralized(
     observer: RunObserver | None = None,
 ) -> dict:
     """Train on all data; `resume` continues from the run's checkpoint (`force`: even one written
-    by another method, seed or config). `observer.round_done(epoch, record)` sees every epoch."""
-    console = console or Console()
-    observer = observer or RunObserver()
+    by another method, seed or config, or into a folder another command made).
+    `observer.round_done(epoch, record)` sees every epoch."""
     check_config(cfg)
+    # checked and locked for the whole run: links, another process, another command's folder
+    with claim(cfg.run_dir, cfg.out_dir, "train", force=force):
+        return _train_claimed(cfg, resume, console or Console(), force, observer or RunObserver())
+
+
+def _checkpoint_schema(model: torch.nn.Module) -> Callable[[dict], str | None]:
+    expected = model.state_dict()
+
+    def problem(state: dict) -> str | None:
+        for key in ("weights", "optimizer", "scheduler", "epoch"):
+            if key not in state:
+                return f"key {key!r} is missing"
+        return (
+            tensors_problem("weights", state["weights"], expected)
+            or field_problem("optimizer", state["optimizer"], dict)
+            or field_problem("scheduler", state["scheduler"], dict)
+            or field_problem("epoch", state["epoch"], int)
+        )
+
+    return problem
+
+
+def _resume(ckpt_dir, identity: dict, force: bool, objects: tuple, console: Console) -> dict | None:
+    """Load the newest sound checkpoint into (model, optimizer, scheduler); its state or None."""
+    model, optimizer, scheduler = objects
+    state, warnings = load_checkpoint(
+        ckpt_dir, {}, identity, force=force, schema=_checkpoint_schema(model)
+    )
+    for warning in warnings:
+        console.print(f"warning: {warning}", markup=False, highlight=False)
+    if state is None:
+        console.print("no checkpoint yet: starting over")
+        return None
+    model.load_state_dict(state["weights"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise ModelFileError(
+            f"{ckpt_dir}: the checkpoint's optimizer or scheduler state does not fit this run: "
+            f"{e!r}"
+        ) from None
+    console.print(f"resumed at epoch {state['epoch']}")
+    return state
+
+
+def _drop_rows_after(metrics_path, epoch: int) -> None:
+    """Keep the metrics rows of epochs up to `epoch`; torn or damaged lines go too."""
+    keep = []
+    for line in read_regular(metrics_path).decode(errors="replace").splitlines():
+        try:
+            row = loads_json(line, metrics_path)
+        except ValueError:
+            continue
+        value = row.get("epoch") if isinstance(row, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool) and value <= epoch:
+            keep.append(line)
+    write_file(metrics_path, "".join(line + "\n" for line in keep))
+
+
+def _train_claimed(
+    cfg: Config, resume: bool, console: Console, force: bool, observer: RunObserver
+) -> dict:
     train_records, skeleton, only = _training_records(cfg)
     test_records, _ = load_split(cfg.data, "test")
     server = build_server_side(cfg, skeleton)
@@ -94,21 +169,14 @@ def train_centralized(
     ckpt_dir = run_dir / "checkpoints"
     identity = run_identity(cfg.to_dict())
     metrics_path = run_dir / "metrics.jsonl"
-    start = 0
-    state = None
-    if resume:
-        state, warnings = load_checkpoint(ckpt_dir, {}, identity, force=force)
-        for warning in warnings:
-            console.print(f"warning: {warning}", markup=False, highlight=False)
-        if state is None:
-            console.print("no checkpoint yet: starting over")
+    objects = (model, optimizer, scheduler)
+    state = _resume(ckpt_dir, identity, force, objects, console) if resume else None
+    start = state["epoch"] if state is not None else 0
+    prepare_run_dir(cfg, resume=state is not None, command="train")
     if state is not None:
-        model.load_state_dict(state["weights"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start = state["epoch"]
-        console.print(f"resumed at epoch {start}")
-    prepare_run_dir(cfg, resume=state is not None)
+        # rows written after the checkpoint (a kill between a row and its checkpoint) belong
+        # to epochs that run again
+        _drop_rows_after(metrics_path, start)
 
     # one loader for every epoch: its worker processes start once
     loader = make_epochs_loader(
@@ -169,9 +237,10 @@ def train_centralized(
                     flip_test=cfg.train.flip_test,
                 )
                 record.update({k: ev[k] for k in ("pck_mean", "pck_per_joint", "heatmap_acc")})
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
             weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            # a diverged model is never logged, checkpointed or saved: the last good files stay
+            check_finite(f"{run_dir}: epoch {epoch + 1}", weights)
+            append_line(metrics_path, json.dumps(record))
             save_checkpoint(
                 ckpt_dir,
                 {

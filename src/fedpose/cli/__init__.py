@@ -10,6 +10,7 @@ import argparse
 import functools
 import shlex
 import sys
+import warnings
 
 from fedpose.cli import bench, data, flower, report, run
 from fedpose.cli.common import METHOD_CHOICES, RUN_INTERRUPTED, console, err_console
@@ -45,6 +46,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Data warnings as one `warning:` line; others as Python prints them."""
+    from fedpose.data.records import DatasetWarning
+
+    if issubclass(category, DatasetWarning):
+        err_console.print(f"warning: {message}", markup=False, highlight=False)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
+_python_show_warning = warnings.showwarning
+
+
 def _federation_error() -> type[BaseException] | tuple:
     """fl.server's FederationError once that module is loaded (only then can it be raised);
     importing it up front would load torch for `--help`."""
@@ -53,6 +67,7 @@ def _federation_error() -> type[BaseException] | tuple:
 
 
 def main(argv: list[str] | None = None) -> int:
+    warnings.showwarning = _show_warning
     args = build_parser().parse_args(argv)
     # reports name the command that wrote them
     args.command_line = shlex.join(["fedpose", *(sys.argv[1:] if argv is None else argv)])

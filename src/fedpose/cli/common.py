@@ -73,8 +73,20 @@ def add_resume(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--force",
         action="store_true",
-        help="with --resume: accept a checkpoint of another method, seed or config",
+        help="with --resume: accept a checkpoint of another method, seed or config; "
+        "write into a run folder another command made",
     )
+
+
+def add_name(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--name", default=None, help="run folder name under out_dir (default: the config's name)"
+    )
+
+
+def name_override(args) -> list[str]:
+    """--name NAME as the override it stands for."""
+    return [f"name={args.name}"] if args.name else []
 
 
 def pretrained(path: str) -> str:

@@ -52,6 +52,7 @@ def cmd_compare(args) -> int:
         name=args.name,
         resume=args.resume,
         jobs=args.jobs,
+        force=args.force,
         baselines=tuple(split(args.baselines)),
         command=args.command_line,
         mixed_cpus=args.mixed_cpus,
@@ -86,6 +87,7 @@ def add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", default="0", help="paired seeds: 0,1,2 or 0-9")
     p.add_argument("--name", default=None, help="report name (default: the config's name)")
     p.add_argument("--resume", action="store_true", help="keep finished runs, resume the rest")
+    p.add_argument("--force", action="store_true", help="write into a folder another command made")
     p.add_argument(
         "--jobs",
         type=int,

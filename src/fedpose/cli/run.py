@@ -10,9 +10,11 @@ from rich.table import Table
 
 from fedpose.cli.common import (
     add_config,
+    add_name,
     add_overrides,
     add_resume,
     console,
+    name_override,
 )
 from fedpose.config import ConfigError, load_config
 from fedpose.data import DATASETS
@@ -34,7 +36,7 @@ def cmd_train(args) -> int:
     from fedpose.model.io import MODEL_FILE
     from fedpose.train import train_centralized
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides + name_override(args))
     record = train_centralized(cfg, resume=args.resume, console=console, force=args.force)
     console.print(f"model: {cfg.run_dir / MODEL_FILE}")
     console.print(f"mean PCK: {record.get('pck_mean', float('nan')):.2f}")
@@ -45,6 +47,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="centralized training and evaluation")
     add_config(p)
     add_resume(p)
+    add_name(p)
     p.set_defaults(func=cmd_train)
 
 
@@ -53,7 +56,7 @@ def cmd_run(args) -> int:
     from fedpose.metrics.log import read_metrics
     from fedpose.report.compare import final_eval
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides + name_override(args))
     run_federation(cfg, resume=args.resume, console=console, force=args.force)
     last = final_eval(read_metrics(cfg.run_dir)) or {}  # the last round is always evaluated
     console.print(f"run directory: {cfg.run_dir}")
@@ -65,11 +68,12 @@ def add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="one federated run on the in-process engine")
     add_config(p)
     add_resume(p)
+    add_name(p)
     p.set_defaults(func=cmd_run)
 
 
 def cmd_eval(args) -> int:
-    from fedpose.config import apply_overrides
+    from fedpose.config import data_from_user
     from fedpose.data import load_split
     from fedpose.engine.evaluate import evaluate_model
     from fedpose.metrics.coco_ap import has_keypoint_ap, split_ap
@@ -78,7 +82,7 @@ def cmd_eval(args) -> int:
     from fedpose.model.io import load_model
 
     model, cfg, skeleton = load_model(args.checkpoint)
-    apply_overrides(cfg, args.overrides)
+    cfg = data_from_user(cfg, args.overrides)  # the model file's own paths are never used
     if args.dump and cfg.data.dataset != "coco":
         raise ConfigError(f"--dump writes COCO results; the model's data is {cfg.data.dataset}")
     records, _ = load_split(cfg.data, args.split)
@@ -136,10 +140,12 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_predict(args) -> int:
+    from fedpose.files import check_not_an_input
     from fedpose.model.inference import predict_image
     from fedpose.model.io import load_model
     from fedpose.report.draw import draw_skeleton
 
+    check_not_an_input(args.out, args.checkpoint, args.image)
     model, cfg, skeleton = load_model(args.checkpoint)
     joints, confidence = predict_image(model, args.image, cfg.data.input_size, skeleton)
     draw_skeleton(args.image, joints, confidence, skeleton, args.out)
@@ -158,10 +164,12 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(args) -> int:
+    from fedpose.files import check_not_an_input
     from fedpose.model.conventions import describe_model
     from fedpose.model.export import ONNX_OPSET, export_onnx
     from fedpose.model.io import load_any_model
 
+    check_not_an_input(args.onnx, args.checkpoint)
     model, cfg, skeleton = load_any_model(args.checkpoint)
     size = cfg.data.input_size
     conventions = describe_model(cfg, skeleton)

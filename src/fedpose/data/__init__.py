@@ -63,8 +63,8 @@ def load_split(cfg: DataConfig, split: str) -> tuple[list[PoseRecord], Skeleton]
 
     lsp: the standard split. mpii / coco: `ann` for train and `test_ann` for test; without a
     `test_ann`, `ann` is split into a held-out share of `test_fraction` (see holdout_split).
-    synth-arm: `root`/annotations.json with images in `root`/images (generated there on first
-    use), split the same way.
+    synth-arm: `root`/annotations.json with images in `root`/images (rendered there first when
+    `generate` asks for it), split the same way.
     max_train / max_test (0 = all) then keep the first records.
     """
     if split not in ("train", "test"):
@@ -92,11 +92,18 @@ def holdout_split(
 
 
 def synth_arm_annotations(cfg: DataConfig, workers: int = 1) -> Path:
-    """The synth-arm annotation file, generating the data set into cfg.root on first use
-    (with `workers` processes)."""
+    """The synth-arm annotation file. A root without one is an error unless `cfg.generate`
+    asks for the set to be rendered there (with `workers` processes): data are never made
+    implicitly, so a mistyped root fills no folder."""
     if cfg.ann:
         return Path(cfg.ann)
     ann = Path(cfg.root) / SYNTH_ANN
+    if not ann.is_file() and not cfg.generate:
+        raise DatasetError(
+            ann,
+            "no synth-arm set here; render one with `fedpose data synth-arm "
+            f"{cfg.root}` or ask for it with -c data.generate=true",
+        )
     if not ann.is_file():
         # imported here: the generator is only needed (and only loaded) on a fresh root
         from fedpose.data.synth_arm import generate_synth_arm

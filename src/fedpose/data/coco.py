@@ -24,6 +24,7 @@ from fedpose.files import write_atomically
 # SimpleBaseline convention: the crop is 1.25 x the person box, with scale in units of 200 px.
 BOX_PADDING = 1.25
 PIXEL_STD = 200.0
+COCO_KEYPOINTS = 17  # a person_keypoints file that names no keypoints is COCO's 17
 # Attribute keys that the loader derives from the keypoint flags rather than from "attributes".
 DERIVED_ATTRIBUTES = ("occluded",)
 
@@ -54,6 +55,7 @@ def load_coco(
         raise DatasetError(ann_file, "not a COCO file: needs 'images' and 'annotations' lists")
     images = _images(ann_file, data["images"])
     person_ids = _person_category_ids(ann_file, data.get("categories"))
+    declared = _declared_keypoints(data.get("categories"), person_ids)
 
     records: list[PoseRecord] = []
     num_keypoints: int | None = None
@@ -73,6 +75,7 @@ def load_coco(
         kps = _keypoints(ann_file, ann.get("keypoints"), record_id)
         if num_keypoints is None:
             num_keypoints = len(kps)
+            _check_keypoint_count(ann_file, len(kps), declared, record_id)
         elif len(kps) != num_keypoints:
             problem = f"has {len(kps)} keypoints; earlier annotations have {num_keypoints}"
             raise DatasetError(ann_file, problem, record_id)
@@ -84,11 +87,13 @@ def load_coco(
         image_id = ann.get("image_id")
         if not isinstance(image_id, int | str) or image_id not in images:
             raise DatasetError(ann_file, f"image_id {image_id!r} is not in 'images'", record_id)
-        file_name, width, height = images[image_id]
+        file_name = images[image_id]
         record_id = f"{file_name}#{ann.get('id', index)}"
         image = image_dir / file_name
         if image_id not in sizes:
-            sizes[image_id] = _image_size(image, width, height, ann_file, record_id)
+            # the image's own size, never the file's width/height: a joint at x = 50000 of a
+            # 640-px image is broken whatever the JSON claims
+            sizes[image_id] = read_image_size(image, ann_file, record_id)
         check_joints(kps[:, :2], labelled, sizes[image_id], ann_file, record_id)
 
         x, y, w, h = _bbox(ann_file, ann.get("bbox"), record_id)
@@ -184,7 +189,32 @@ def _wanted(ann: dict, person_ids: set | None) -> bool:
     return person_ids is None or (isinstance(category, int | str) and category in person_ids)
 
 
-def _images(ann_file: Path, entries: list) -> dict[object, tuple[str, int | None, int | None]]:
+def _declared_keypoints(categories: object, person_ids: set | None) -> int | None:
+    """How many keypoints the file's person category names, or None when it names none."""
+    if not isinstance(categories, list):
+        return None
+    for c in categories:
+        if isinstance(c, dict) and (person_ids is None or c.get("id") in person_ids):
+            names = c.get("keypoints")
+            if isinstance(names, list) and names:
+                return len(names)
+    return None
+
+
+def _check_keypoint_count(ann_file: Path, k: int, declared: int | None, record_id: str) -> None:
+    """K keypoints per person must be what the file's category names, or COCO's 17 when it
+    names none: a 3-keypoint file read as COCO would score joints that are not there."""
+    expected = declared if declared is not None else COCO_KEYPOINTS
+    if k != expected:
+        said = (
+            f"the file's category names {declared}"
+            if declared is not None
+            else f"COCO has {COCO_KEYPOINTS} (the file's category names none)"
+        )
+        raise DatasetError(ann_file, f"has {k} keypoints per person; {said}", record_id)
+
+
+def _images(ann_file: Path, entries: list) -> dict[object, str]:
     images = {}
     for index, entry in enumerate(entries):
         if (
@@ -197,10 +227,8 @@ def _images(ann_file: Path, entries: list) -> dict[object, tuple[str, int | None
             raise DatasetError(ann_file, "duplicated image id", f"image {entry['id']}")
         if not isinstance(entry.get("file_name"), str):
             raise DatasetError(ann_file, "image entry has no file_name", f"image {entry['id']}")
-        width, height = entry.get("width"), entry.get("height")
-        if not all(isinstance(v, int) and v > 0 for v in (width, height)):
-            width = height = None  # unknown: read from the image header instead
-        images[entry["id"]] = (entry["file_name"], width, height)
+        # width and height are not used: the image itself says how large it is
+        images[entry["id"]] = entry["file_name"]
     return images
 
 
@@ -241,17 +269,6 @@ def _bbox(ann_file: Path, value: object, record_id: str) -> tuple[float, float, 
         raise DatasetError(ann_file, problem, record_id)
     x, y, w, h = (float(v) for v in box)
     return x, y, w, h
-
-
-def _image_size(
-    image: Path, width: int | None, height: int | None, ann_file: Path, record_id: str
-) -> tuple[int, int]:
-    # The file's own width/height spare opening each image; its existence is checked regardless.
-    if width is None or height is None:
-        return read_image_size(image, ann_file, record_id)
-    if not image.is_file():
-        raise DatasetError(ann_file, f"image not found: {image}", record_id)
-    return width, height
 
 
 def _crop(ann_file: Path, value: object, record_id: str) -> tuple[tuple[float, float], float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import scipy.io
 from fedpose.data.records import (
     LSP,
     DatasetError,
+    DatasetWarning,
     PoseRecord,
     check_joints,
     read_image_size,
@@ -41,6 +43,17 @@ def load_lsp(root: str | Path, split: str = "train", labels: str = "pc") -> list
     n = joints.shape[2]
     if n == 0:
         raise DatasetError(mat_path, "zero records: 'joints' holds no person")
+    images = sum(1 for _ in (root / "images").glob("im*.jpg"))
+    if images != n:
+        # labels of another copy of LSP (or images of another): loading the first n images may
+        # pair joints with the wrong pictures, so it is said, not silently done
+        warnings.warn(
+            DatasetWarning(
+                f"{mat_path}: {n} records, but {root / 'images'} holds {images} im*.jpg images; "
+                f"the labels and the images may not belong together"
+            ),
+            stacklevel=2,
+        )
     if split == "all":
         indices = range(n)
     elif n != NUM_IMAGES:

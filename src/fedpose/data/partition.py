@@ -40,6 +40,7 @@ import numpy as np
 from fedpose import seeding
 from fedpose.config import Config, FedConfig, choice_problem
 from fedpose.data.records import SKELETONS, PoseRecord, Skeleton
+from fedpose.run_dir import write_file
 
 PARTITIONS = ("iid", "attribute", "dirichlet", "quantity")  # the `fed.partition` names
 # draws of the redraw rule before giving up (flwr-datasets' DirichletPartitioner gives up after 11)
@@ -449,7 +450,7 @@ def _write_partition(path: Path, header: dict, clients: list[dict]) -> None:
     # one line per client keeps a long index list readable and the file diffable
     lines = [f"  {json.dumps(k)}: {json.dumps(v)}," for k, v in header.items()]
     body = ",\n".join(f"    {json.dumps(c)}" for c in clients)
-    path.write_text("{\n" + "\n".join(lines) + '\n  "clients": [\n' + body + "\n  ]\n}\n")
+    write_file(path, "{\n" + "\n".join(lines) + '\n  "clients": [\n' + body + "\n  ]\n}\n")
 
 
 @dataclass

@@ -12,7 +12,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fedpose.bounded import ParseError
+from fedpose.bounded import read_json as read_bounded_json
 from fedpose.config import DataConfig
+
+
+class DatasetWarning(UserWarning):
+    """Data that loads but looks wrong (the command line prints it as one `warning:` line)."""
 
 
 class DatasetError(ValueError):
@@ -256,8 +262,9 @@ def read_json(path: str | Path) -> object:
     """Parse a JSON annotation file; a missing, unreadable or malformed file is a DatasetError."""
     path = Path(path)
     try:
-        with path.open("rb") as f:
-            return json.load(f, object_pairs_hook=_no_duplicate_keys)
+        return read_bounded_json(path, object_pairs_hook=_no_duplicate_keys)
+    except ParseError as e:
+        raise DatasetError(path, str(e).removeprefix(f"{path}: ")) from None
     except FileNotFoundError:
         raise DatasetError(path, "file not found") from None
     except IsADirectoryError:

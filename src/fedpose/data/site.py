@@ -13,8 +13,8 @@ that a site trains on exactly the crops the simulated client of the same partiti
 
 from __future__ import annotations
 
+import hashlib
 import os
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,6 +26,7 @@ from fedpose.data import SYNTH_ANN, dataset_kind, load_split
 from fedpose.data.coco import load_coco, write_coco
 from fedpose.data.partition import partition
 from fedpose.data.records import DatasetError, PoseRecord, Skeleton
+from fedpose.run_dir import write_file
 
 # node config keys (flower-supernode --node-config) that describe a site's data
 DATA_ROOT = "data-root"
@@ -187,13 +188,23 @@ def split_into_sites(cfg: Config, out_dir: str | Path) -> list[WrittenSite]:
             site_train + site_test,
             strict=True,
         ):
-            if not moved.image.exists():
-                moved.image.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(original.image, moved.image)
+            copy_if_different(Path(original.image), moved.image)
         write_coco(site_train, skeleton, folder / TRAIN_FILE, folder)
         write_coco(site_test, skeleton, folder / TEST_FILE, folder)
         written.append(WrittenSite(folder, len(site_train), len(site_test)))
     return written
+
+
+def copy_if_different(source: Path, dest: Path) -> None:
+    """Copy `source` to `dest` unless `dest` already is a regular file of the same size and
+    SHA-256. The copy goes to a new file renamed into place: a split killed mid-copy leaves no
+    truncated image, and a link at `dest` is replaced, never written through."""
+    data = source.read_bytes()
+    if dest.is_file() and not dest.is_symlink() and dest.stat().st_size == len(data):
+        if hashlib.sha256(dest.read_bytes()).digest() == hashlib.sha256(data).digest():
+            return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    write_file(dest, data)
 
 
 def _moved(record: PoseRecord, source_root: Path, folder: Path) -> PoseRecord:

@@ -23,6 +23,7 @@ from fedpose.engine.runner import run_federation
 from fedpose.fl.server import FederationError
 from fedpose.metrics.log import read_metrics
 from fedpose.report.experiment import load_arms, write_report
+from fedpose.run_dir import claim, mark
 
 
 @dataclass
@@ -34,6 +35,7 @@ class Comparison:
     variants: list[tuple[str, list[str]]]  # (label, its overrides)
     seeds: list[int]
     name: str | None = None  # the report's folder under out_dir (default: the config's name)
+    force: bool = False  # write into a folder another command made (fedpose.run_dir)
     resume: bool = False  # keep finished runs, resume the rest
     jobs: int = 1  # worker processes
     baselines: tuple[str, ...] = ("fedavg", "fedaw")
@@ -93,22 +95,31 @@ def run_comparison(plan: Comparison, console: Console | None = None) -> Path:
     console = console or Console()
     base = load_config(plan.config, plan.overrides)
     name = plan.name or base.name
-    run_dirs: list[Path] = []
-    jobs: list[Job] = []
-    watched: dict[str, tuple[Path, int]] = {}  # job name -> (run folder, rounds), for progress
-    synth_data: dict[str, DataConfig] = {}  # by root: each synth-arm set its parallel runs read
     runs = [
         (label, seed, plan.overrides + sets + [f"seed={seed}", f"name={name}/{label}-s{seed}"])
         for seed in plan.seeds
         for label, sets in plan.variants
     ]
-    # every run's config checked before the first one starts: a typo in the last variant
-    # does not wait for the others to finish
+    # every run's config checked before the first one starts (and before the folder is
+    # claimed): a typo in the last variant does not wait for the others to finish
     configs = [check_config(load_config(plan.config, run_sets)) for _, _, run_sets in runs]
+    folder = Path(base.out_dir) / name
+    # the comparison's folder is its own: locked, and never one a `run` or `train` made
+    with claim(folder, base.out_dir, "compare", force=plan.force):
+        mark(folder, "compare")
+        return _run_claimed(plan, base, runs, configs, console)
+
+
+def _run_claimed(plan: Comparison, base, runs: list, configs: list, console: Console) -> Path:
+    name = plan.name or base.name
+    run_dirs: list[Path] = []
+    jobs: list[Job] = []
+    watched: dict[str, tuple[Path, int]] = {}  # job name -> (run folder, rounds), for progress
+    synth_data: dict[str, DataConfig] = {}  # by root: each synth-arm set its parallel runs read
     for (label, seed, run_sets), cfg in zip(runs, configs, strict=True):
         run_dirs.append(cfg.run_dir)
         rows = read_metrics(cfg.run_dir)
-        if plan.resume and rows and rows[-1]["round"] >= cfg.fed.rounds:
+        if plan.resume and rows and rows[-1].get("round", 0) >= cfg.fed.rounds:
             console.print(f"{cfg.name}: finished earlier, kept")
             continue
         # a run killed before its first checkpoint resumes by starting over

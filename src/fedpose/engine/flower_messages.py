@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from fedpose.bounded import ParseError, loads_json
 from fedpose.config import (
     Config,
     ConfigError,
@@ -354,9 +355,11 @@ def settings_from_run_config(run_config: dict) -> AppSettings:
     overrides = shlex.split(str(run_config.get(OVERRIDES_KEY, "") or ""))
     if source.startswith("{"):
         try:
-            values = json.loads(source)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{CONFIG_KEY}: not a JSON object: {e}") from None
+            values = loads_json(source, CONFIG_KEY)
+        except ParseError as e:
+            raise ConfigError(f"{e}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{CONFIG_KEY}: not a JSON object")
         cfg = config_from_dict(merge_dicts(values, parse_overrides(overrides)))
     else:
         cfg = load_config(source or None, overrides)

@@ -47,6 +47,7 @@ from fedpose.fl.observer import RunObserver
 from fedpose.fl.server import FederatedServer
 from fedpose.metrics.log import read_jsonl
 from fedpose.metrics.pck import score_counts
+from fedpose.run_dir import append_line, write_file
 
 TIMING_FILE = "flower_timing.jsonl"
 # how often the ServerApp asks the SuperLink for replies: replies are pulled at most this late
@@ -373,8 +374,7 @@ class FlowerTransport:
             f"{row['roundtrip_s']:.2f} s (training {row['train_s']:.2f} s)"
         )
         if self.timing_path is not None:
-            with open(self.timing_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_line(self.timing_path, json.dumps(row))
 
     def state_dict(self) -> dict:
         # Client state (FedBN BatchNorm, FedDyn g_k) stays on the SuperNodes, in context.state
@@ -485,7 +485,7 @@ class FlowerEngine(Engine):
         if cfg.fed.dp_epsilon <= 0:
             return
         report = privacy_report(cfg.fed, releases_per_client(read_jsonl(run_dir / "metrics.jsonl")))
-        (run_dir / "privacy.json").write_text(json.dumps(report, indent=2))
+        write_file(run_dir / "privacy.json", json.dumps(report, indent=2))
         rdp = (
             f"epsilon {report['epsilon_rdp']:.4g} at delta {report['delta_rdp']:g} (Flower's "
             f"RDP accountant)"

@@ -6,7 +6,9 @@
     client side  the engine's `prepare`: in-process, the records, the partition and the
                  datasets (unreadable data fails here); Flower: the central test split, if asked.
     checkpoint   with resume, read (and checked) before the run folder is touched.
-    run folder   prepare_run_dir: the one call that claims the folder and clears stale results.
+    run folder   claim (fedpose.run_dir): links refused, a lock for the whole run, another
+                 command's folder refused; prepare_run_dir: the one call that writes it first
+                 (a write tried, stale results moved aside, config.json).
     rounds       the engine starts its transport, clients.json is written, FederatedServer runs.
     finish       the model file, then the engine's own outputs (Flower: privacy.json).
 
@@ -19,7 +21,6 @@ A RunObserver (fl/observer.py) watches all of it: progress bars, timing, benchma
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -35,6 +36,8 @@ from fedpose.fl.server import FederatedServer, Transport, read_checkpoint
 from fedpose.fl.strategies import method_problem
 from fedpose.model.io import MODEL_FILE, run_identity, save_model
 from fedpose.provenance import runtime_info
+from fedpose.run_dir import claim, write_file
+from fedpose.run_dir import start as start_run_dir
 
 CLIENTS_FILE = "clients.json"
 
@@ -57,22 +60,13 @@ def check_config(cfg: Config) -> Config:
     return cfg
 
 
-def prepare_run_dir(cfg: Config, resume: bool) -> Path:
-    """Claim the run's folder: create it with its config.json; a fresh start (`resume` false)
-    clears the previous results. The one call that touches the run folder before the rounds."""
-    run_dir = cfg.run_dir
-    if not resume and run_dir.exists():
-        for stale in ("metrics.jsonl", "checkpoints", MODEL_FILE):
-            p = run_dir / stale
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(
-        json.dumps({**cfg.to_dict(), "runtime": runtime_info()}, indent=2)
-    )
-    return run_dir
+def prepare_run_dir(cfg: Config, resume: bool, command: str = "run") -> Path:
+    """Start writing the run's folder, claimed by fedpose.run_dir.claim: check that it can be
+    written, then (a fresh start, `resume` false) move the previous results aside, record the
+    command that made it and write config.json. The one call that touches the run folder before
+    the rounds, after every other check has passed."""
+    config_json = json.dumps({**cfg.to_dict(), "runtime": runtime_info()}, indent=2)
+    return start_run_dir(cfg.run_dir, command, resume, config_json)
 
 
 def client_row(client: int, site: str, samples: int, test_samples: int, **extra) -> dict:
@@ -94,6 +88,7 @@ class Engine:
     touched), `start` (after), then runs the rounds over `transport`, and `finish`."""
 
     transport: Transport
+    command = "run"  # the command its run folders are recorded as made by (fedpose.run_dir)
 
     def check(self, cfg: Config) -> None:
         """The engine's own conditions on the config (ConfigError)."""
@@ -142,15 +137,36 @@ def run_lifecycle(
     server_side = build_server_side(cfg)
     engine.prepare(cfg, server_side)
     identity = run_identity(cfg.to_dict())
+    # the folder is checked and locked before its checkpoint is read, for the whole run: a
+    # second run of the same folder stops here, and nothing is read or written through a link
+    with claim(cfg.run_dir, cfg.out_dir, engine.command, force=force):
+        return _run_claimed(cfg, engine, server_side, identity, resume, force, observer)
+
+
+def _run_claimed(
+    cfg: Config,
+    engine: Engine,
+    server_side: ServerSide,
+    identity: dict[str, str],
+    resume: bool,
+    force: bool,
+    observer: RunObserver,
+) -> FederatedServer:
     payload = None
     if resume:
-        payload, warnings = read_checkpoint(cfg.run_dir, identity, force)
+        payload, warnings = read_checkpoint(
+            cfg.run_dir,
+            identity,
+            force,
+            weights=server_side.initial_weights(),
+            mode=cfg.fed.mode,
+        )
         for warning in warnings:
             observer.message(f"warning: {warning}")
-    run_dir = prepare_run_dir(cfg, payload is not None)
+    run_dir = prepare_run_dir(cfg, payload is not None, engine.command)
     try:
         engine.start(run_dir, payload is not None, observer)
-        (run_dir / CLIENTS_FILE).write_text(json.dumps(engine.clients(), indent=2, default=str))
+        write_file(run_dir / CLIENTS_FILE, json.dumps(engine.clients(), indent=2, default=str))
         server = FederatedServer(
             cfg.fed,
             cfg.system,

@@ -20,13 +20,18 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
+from fedpose.bounded import loads_json
+from fedpose.run_dir import write_file
+
+STATE_FILE = re.compile(r"(\d+)\.(\d+)\.safetensors")
 MAX_PENDING_WRITES = 4  # state files in flight: each holds a serialized state in memory
 
 
@@ -51,14 +56,19 @@ def _pack(state: dict[str, dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Te
 
 def _unpack(packed: dict[str, torch.Tensor], metadata: dict) -> dict[str, dict[str, torch.Tensor]]:
     state: dict[str, dict[str, torch.Tensor]] = {}
-    for key, name, group, offset, shape in json.loads(metadata["layout"]):
+    for key, name, group, offset, shape in loads_json(metadata["layout"], "client state layout"):
         numel = math.prod(shape)
         state.setdefault(key, {})[name] = packed[group][offset : offset + numel].view(shape)
     return state
 
 
+class ClientStateError(ValueError):
+    """A client state file that cannot be read (truncated, not safetensors, malformed)."""
+
+
 def _write(path: Path, payload: bytes, stale: Path | None) -> None:
-    path.write_bytes(payload)
+    # a new file renamed into place: a link planted there is replaced, not written through
+    write_file(path, payload)
     if stale is not None:
         stale.unlink(missing_ok=True)
 
@@ -91,10 +101,16 @@ class ClientStateStore:
             return {}
         self._wait(client)
         path = self._path(client, generation)
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata()
-            packed = {group: f.get_tensor(group) for group in f.keys()}
-        return _unpack(packed, metadata)
+        try:
+            if path.is_symlink():
+                raise ValueError("a link, never followed")
+            with safe_open(path, framework="pt") as f:
+                metadata = f.metadata()
+                packed = {group: f.get_tensor(group) for group in f.keys()}
+            return _unpack(packed, metadata)
+        except (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+            # a truncated, pickled or hostile file: one line naming it, never a traceback
+            raise ClientStateError(f"{path}: damaged client state file ({e})") from None
 
     def put(self, client: int, state: dict) -> None:
         if self.directory is None:
@@ -115,7 +131,7 @@ class ClientStateStore:
                 self.directory.mkdir(parents=True, exist_ok=True)
                 self._made_directory = True
             # serialized here, written there: the caller may reuse the tensors once put returns.
-            # No temporary file: a file cut short by a crash is a generation no index names yet.
+            # A new file renamed into place: a link planted there is replaced, not written through
             payload = save(packed, metadata=metadata)
             self._wait(client)
             while len(self._pending) >= MAX_PENDING_WRITES:
@@ -175,12 +191,19 @@ class ClientStateStore:
                 raise ValueError(
                     "this checkpoint keeps client states on disk; give the store a directory"
                 )
-            self._index = {int(k): int(v) for k, v in state["client_state_index"].items()}
+            index = state["client_state_index"]
+            if not isinstance(index, dict):
+                raise ValueError("client_state_index: expected a mapping")
+            self._index = {int(k): int(v) for k, v in index.items()}
             self._kept = [dict(self._index)]
             self._superseded = set()
-            # files written after that checkpoint belong to rounds that will run again
+            # files written after that checkpoint belong to rounds that will run again; only
+            # this store's own files (<client>.<gen>.safetensors, regular files) are deleted
             for path in self.directory.glob("*.safetensors"):
-                client, generation = (int(x) for x in path.name.split(".")[:2])
+                match = STATE_FILE.fullmatch(path.name)
+                if match is None or path.is_symlink() or not path.is_file():
+                    continue
+                client, generation = int(match[1]), int(match[2])
                 if self._index.get(client) != generation:
                     path.unlink(missing_ok=True)
             return

@@ -5,9 +5,11 @@ wrong length, shape or dtype, or finite but absurdly large (one update of norm 1
 later round). Each check returns the reason a reply is refused, or None when it is sound.
 
 The norm check compares an update's L2 norm with a reference: the median norm of recently
-accepted updates, or, before any was accepted, the smallest norm among the candidates at hand (so
-that even a majority of huge updates cannot set its own reference). An update more than
-`max_norm_ratio` times the reference is refused.
+accepted updates, or, before any was accepted, the smallest norm among the candidates at hand,
+and never more than the scale of the model the federation started from (the initial model's
+norm). So the candidates can never set their own reference: even a round in which every update
+is huge, or a history grown by small steps, meets the initial model's scale. An update more
+than `max_norm_ratio` times the reference is refused.
 """
 
 from __future__ import annotations
@@ -88,14 +90,27 @@ def update_norm(reply: TrainReply) -> float:
     return float(torch.linalg.vector_norm(reply.delta.double()))
 
 
-def norm_reference(history: Sequence[float], candidate_norms: Sequence[float]) -> float | None:
+def norm_reference(
+    history: Sequence[float], candidate_norms: Sequence[float], scale: float | None = None
+) -> float | None:
     """The norm an update is compared with: the (lower) median of the accepted history, else
-    the smallest candidate; None when there is nothing to compare with."""
+    the smallest candidate, capped by `scale` (the initial model's norm); None when there is
+    nothing to compare with."""
     if history:
         values = sorted(history)
-        return values[(len(values) - 1) // 2]
-    # a client that did not move (norm 0) is no yardstick for the others
-    return min((n for n in candidate_norms if n > 0), default=None)
+        found: float | None = values[(len(values) - 1) // 2]
+    else:
+        # a client that did not move (norm 0) is no yardstick for the others
+        found = min((n for n in candidate_norms if n > 0), default=None)
+    if scale is not None and scale > 0 and math.isfinite(scale):
+        return scale if found is None else min(found, scale)
+    return found
+
+
+def model_norm(weights: dict[str, torch.Tensor], names: Sequence[str]) -> float:
+    """The L2 norm of the named tensors (the aggregated ones: BatchNorm statistics left out)."""
+    total = sum(float(torch.linalg.vector_norm(weights[n].double())) ** 2 for n in names)
+    return math.sqrt(total)
 
 
 def norm_problem(norm: float, reference: float | None, max_ratio: float) -> str | None:

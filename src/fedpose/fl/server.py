@@ -33,6 +33,7 @@ from typing import Protocol
 
 import torch
 
+from fedpose.bounded import loads_json
 from fedpose.config import FedConfig, SystemConfig
 from fedpose.fl import secure
 from fedpose.fl.messages import TrainReply, TrainRequest
@@ -41,13 +42,15 @@ from fedpose.fl.params import ModelLayout, unflatten_add_, weighted_average
 from fedpose.fl.reply_check import (
     NORM_HISTORY,
     check_reply,
+    model_norm,
     norm_problem,
     norm_reference,
 )
 from fedpose.fl.selection import Selector
 from fedpose.fl.strategies.base import RoundInput, Strategy
 from fedpose.fl.system import SystemModel
-from fedpose.model.io import load_checkpoint, save_checkpoint
+from fedpose.model.io import field_problem, load_checkpoint, save_checkpoint, tensors_problem
+from fedpose.run_dir import append_line, read_regular, write_file
 from fedpose.seeding import client_seed
 
 
@@ -87,6 +90,12 @@ class ServerState:
     updates_applied: int = 0  # aggregations that changed the model
     futile: int = 0  # async: arrivals in a row that brought no usable update
     last_turn: dict[int, int] = field(default_factory=dict)  # async: client -> its last dispatch
+    failed_attempts: int = 0  # sync: round attempts in which no update could be used
+
+
+# The global model may grow to this multiple of the initial model's norm before the run is
+# stopped as exploded: training moves a model's norm by a few times, never by 10^4
+MAX_MODEL_GROWTH = 1e4
 
 
 class FederationError(RuntimeError):
@@ -139,6 +148,9 @@ class FederatedServer:
             fed.utility_penalty,
         )
         self.state = ServerState(strategy=strategy.initial_state())
+        # the yardstick no client can move: the norm check's reference never exceeds it, and a
+        # model that outgrows it by MAX_MODEL_GROWTH is stopped as exploded
+        self.scale = model_norm(self.weights, layout.agg_names)
         self.model_bytes = sum(t.numel() * t.element_size() for t in weights.values())
 
     @contextmanager
@@ -239,6 +251,14 @@ class FederatedServer:
                 f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}; {self.strategy.name}, "
                 f"fed.server_lr = {self.fed.server_lr}); nothing was written"
             )
+        norm = model_norm(self.weights, self.layout.agg_names)
+        if self.scale > 0 and norm > MAX_MODEL_GROWTH * self.scale:
+            raise FederationError(
+                f"round {self.state.round + 1}: the aggregated model exploded (norm {norm:.3g}, "
+                f"{norm / self.scale:.3g} times the initial model's {self.scale:.3g}; "
+                f"{self.strategy.name}, fed.server_lr = {self.fed.server_lr}); "
+                f"nothing was written"
+            )
         self.state.updates_applied += 1
         agg_seconds = time.perf_counter() - t0
         self.state.strategy = result.state
@@ -313,6 +333,7 @@ class FederatedServer:
                 selected, dropped, rejected, replies = self._sync_round(t)
                 if replies or not rejected:
                     break
+                self.state.failed_attempts += 1
                 if attempt == fed.round_retries:
                     first = min(rejected)
                     raise FederationError(
@@ -376,7 +397,7 @@ class FederatedServer:
                 rejected[reply.client_id] = problem
             else:
                 sound.append((reply, norm))
-        reference = norm_reference(self.state.norms, [n for _, n in sound])
+        reference = norm_reference(self.state.norms, [n for _, n in sound], self.scale)
         replies = []
         for reply, norm in sound:
             problem = norm_problem(norm, reference, self.fed.max_norm_ratio)
@@ -501,6 +522,7 @@ class FederatedServer:
             "client_loss": {str(r.client_id): _finite(r.train_loss) for r in replies},
             "staleness": list(staleness),
             "sim_time": self.state.clock,
+            "failed_attempts": self.state.failed_attempts,
             **{k: v for k, v in diag.items()},
         }
         if self.evaluate is not None and (t % max(fed.eval_every, 1) == 0 or t == fed.rounds):
@@ -508,8 +530,7 @@ class FederatedServer:
                 record.update(self.evaluate(self.weights))
         record["wall_seconds"] = time.perf_counter() - wall0
         if self.run_dir is not None:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_line(self.run_dir / "metrics.jsonl", json.dumps(record))
             if t % max(fed.checkpoint_every, 1) == 0 or t == fed.rounds:
                 with self._timed(CHECKPOINT):
                     self.save_checkpoint()
@@ -532,7 +553,9 @@ class FederatedServer:
     def load_checkpoint(self, force: bool = False) -> tuple[bool, list[str]]:
         """Continue from the run's newest sound checkpoint: (found one, warnings)."""
         assert self.run_dir is not None
-        payload, warnings = read_checkpoint(self.run_dir, self.identity, force)
+        payload, warnings = read_checkpoint(
+            self.run_dir, self.identity, force, weights=self.weights, mode=self.fed.mode
+        )
         if payload is None:
             return False, warnings
         self.restore(payload)
@@ -544,6 +567,14 @@ class FederatedServer:
         asynchronous work in flight is sent again (so the transport must be ready)."""
         self.weights = payload["weights"]
         self.state = payload["server"]
+        st = self.state
+        if self.fed.mode == "sync":
+            # an asynchronous checkpoint resumed in sync mode (--force): work in flight is moot
+            st.pending, st.buffer, st.snapshots = [], [], {}
+        elif st.round not in st.snapshots:
+            # a synchronous checkpoint resumed in async mode (--force): the current model is
+            # the version new work starts from
+            st.snapshots[st.round] = {n: t.clone() for n, t in self.weights.items()}
         self.selector.load_state_dict(payload["selector"])
         self.transport.load_state_dict(payload["transport"])
         # metrics written after the checkpoint belong to rounds that will run again
@@ -551,10 +582,10 @@ class FederatedServer:
         if metrics.exists():
             keep = [
                 line
-                for line in metrics.read_text(errors="replace").splitlines()
+                for line in read_regular(metrics).decode(errors="replace").splitlines()
                 if _round_of(line) is not None and _round_of(line) <= self.state.round
             ]
-            metrics.write_text("".join(line + "\n" for line in keep))
+            write_file(metrics, "".join(line + "\n" for line in keep))
         # asynchronous work in flight at the checkpoint is sent again, from the same version
         for job in self.state.pending:
             if not job.dropped:
@@ -566,11 +597,75 @@ class FederatedServer:
 
 
 def read_checkpoint(
-    run_dir: Path, identity: dict[str, str], force: bool = False
+    run_dir: Path,
+    identity: dict[str, str],
+    force: bool = False,
+    *,
+    weights: dict[str, torch.Tensor] | None = None,
+    mode: str = "sync",
 ) -> tuple[dict | None, list[str]]:
     """The newest sound server checkpoint of a run and warnings about the ones passed over;
-    (None, warnings) without one. It reads only: the run folder is left as it is."""
-    return load_checkpoint(Path(run_dir) / "checkpoints", CHECKPOINT_CLASSES, identity, force=force)
+    (None, warnings) without one. It reads only: the run folder is left as it is. With
+    `weights` (the model it must fit) each checkpoint is checked against the schema
+    (checkpoint_problem); one that fails counts as damaged."""
+    schema = None
+    if weights is not None:
+
+        def schema(payload: dict) -> str | None:
+            return checkpoint_problem(payload, weights, mode)
+
+    return load_checkpoint(
+        Path(run_dir) / "checkpoints", CHECKPOINT_CLASSES, identity, force=force, schema=schema
+    )
+
+
+def checkpoint_problem(payload: dict, weights: dict[str, torch.Tensor], mode: str) -> str | None:
+    """What a federated checkpoint's state lacks or holds of the wrong type (None: sound);
+    `weights` is the model it must fit, `mode` the run's fed.mode."""
+    for key in ("weights", "server", "selector", "transport"):
+        if key not in payload:
+            return f"key {key!r} is missing"
+    problem = tensors_problem("weights", payload["weights"], weights)
+    if problem:
+        return problem
+    st = payload["server"]
+    if not isinstance(st, ServerState):
+        return f"key 'server': expected the server state, found {type(st).__name__}"
+    checks = [
+        field_problem("selector", payload["selector"], dict),
+        field_problem("transport", payload["transport"], dict),
+        field_problem("server.round", st.round, int),
+        field_problem("server.clock", st.clock, (int, float)),
+        field_problem("server.dispatched", st.dispatched, int),
+        field_problem("server.updates_applied", st.updates_applied, int),
+        field_problem("server.futile", st.futile, int),
+        field_problem("server.failed_attempts", st.failed_attempts, int),
+        field_problem("server.strategy", st.strategy, dict),
+        field_problem("server.norms", st.norms, list),
+        field_problem("server.pending", st.pending, list),
+        field_problem("server.buffer", st.buffer, list),
+        field_problem("server.snapshots", st.snapshots, dict),
+        field_problem("server.last_turn", st.last_turn, dict),
+    ]
+    checks += [field_problem(f"server.norms[{i}]", n, (int, float)) for i, n in enumerate(st.norms)]
+    checks += [_pending_problem(i, job, st.snapshots, mode) for i, job in enumerate(st.pending)]
+    checks += [
+        None if isinstance(r, TrainReply) else f"key 'server.buffer[{i}]': expected a client reply"
+        for i, r in enumerate(st.buffer)
+    ]
+    checks += [
+        tensors_problem(f"server.snapshots[{v}]", snapshot, weights)
+        for v, snapshot in st.snapshots.items()
+    ]
+    return next((p for p in checks if p), None)
+
+
+def _pending_problem(i: int, job: object, snapshots: dict, mode: str) -> str | None:
+    if not isinstance(job, Pending) or isinstance(job.version, bool):
+        return f"key 'server.pending[{i}]': expected a pending job"
+    if mode == "async" and job.version not in snapshots:
+        return f"key 'server.pending[{i}]': version {job.version!r} has no snapshot"
+    return None
 
 
 CHECKPOINT_CLASSES = {"ServerState": ServerState, "Pending": Pending, "TrainReply": TrainReply}
@@ -579,7 +674,7 @@ CHECKPOINT_CLASSES = {"ServerState": ServerState, "Pending": Pending, "TrainRepl
 def _round_of(line: str) -> int | None:
     """The round of one metrics.jsonl line; None for a line a kill left torn or damaged."""
     try:
-        record = json.loads(line)
+        record = loads_json(line, "metrics.jsonl")
     except ValueError:
         return None
     value = record.get("round") if isinstance(record, dict) else None

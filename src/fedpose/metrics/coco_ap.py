@@ -66,6 +66,9 @@ COCO_SIGMAS = (
 VISIBLE_CONFIDENCE = 0.2
 NMS_OKS = 0.9
 _EPS = np.spacing(1)
+# PCK of a results list: a result claims a person only within this mean distance of the
+# person's labelled keypoints, in units of the PCK normaliser (the person box's longest side)
+MATCH_GATE = 0.5
 
 
 def has_keypoint_ap(skeleton: Skeleton) -> bool:
@@ -279,10 +282,14 @@ def match_results(
 ) -> np.ndarray:
     """(N, K, 2) predictions per record from COCO results, for PCK; nan where unmatched.
 
-    Image by image, results are taken best score first; each claims the unclaimed annotated
-    person nearest to it: the smallest mean distance over the person's labelled keypoints, in
-    units of the PCK normaliser (the longest side of the person box). A person no result
-    claims has no prediction, so each of its joints counts as a miss.
+    As COCO's own evaluation matches detections to people: image by image, exact duplicates
+    dropped, results are taken best score first (ties in file order) and each claims the
+    unclaimed annotated person it is closest to, only if it lies within the gate: a mean
+    distance over the person's labelled keypoints of at most MATCH_GATE times the PCK
+    normaliser (the longest side of the person box). So a far result (a duplicate of another
+    person, a prediction for a person without labels) claims nobody's slot, and exact
+    predictions score 100. A person no result claims has no prediction: each of its joints
+    counts as a miss.
     """
     from fedpose.metrics.pck import pck_normalizers
 
@@ -293,8 +300,13 @@ def match_results(
         people[image_ids[Path(rec.image)]].append(i)
     out = np.full((len(records), skeleton.num_joints, 2), np.nan)
     claimed: set[int] = set()
+    seen: set[tuple] = set()
     order = sorted(range(len(results)), key=lambda i: -results[i]["score"])
     for r in order:
+        key = (results[r]["image_id"], tuple(results[r]["keypoints"]))
+        if key in seen:  # an exact duplicate: one person predicted twice
+            continue
+        seen.add(key)
         candidates = [i for i in people.get(results[r]["image_id"], ()) if i not in claimed]
         if not candidates:
             continue
@@ -304,6 +316,8 @@ def match_results(
             labelled = records[i].visibility > 0
             dist = np.linalg.norm(kps - records[i].joints, axis=1)[labelled] / norm[i]
             costs.append(dist.mean() if dist.size else np.inf)
+        if min(costs) > MATCH_GATE:
+            continue  # nobody's: a false positive, as COCO counts one
         best = candidates[int(np.argmin(costs))]
         claimed.add(best)
         out[best] = kps

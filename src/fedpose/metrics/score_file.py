@@ -17,7 +17,14 @@ import numpy as np
 from rich.table import Table
 
 from fedpose.data import FileOptions, load_files
-from fedpose.data.records import DatasetError, PoseRecord, Skeleton, numbers, read_json
+from fedpose.data.records import (
+    DatasetError,
+    PoseRecord,
+    Skeleton,
+    numbers,
+    read_image_size,
+    read_json,
+)
 from fedpose.metrics.coco_ap import (
     has_keypoint_ap,
     image_ids_by_path,
@@ -90,6 +97,10 @@ def score_file(
     records, skeleton = load_files(dataset, root, ann, options)
     if not records:
         raise DatasetError(ann or root, "zero records: nothing to score")
+    # every scored image decodes: a zero-byte or truncated image means the labels were scored
+    # against a picture nobody can have predicted on
+    for image in sorted({r.image for r in records}):
+        read_image_size(image, ann or root, Path(image).name, decode=True)
     ap: dict[str, float] = {}
     if dataset == "coco" and is_results_list(pred_file):
         ground_truth = load_ground_truth(ann)

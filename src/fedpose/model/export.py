@@ -60,6 +60,7 @@ def export_onnx(
     model.cpu().eval()
     example = torch.zeros(2, 3, input_size, input_size)
     tmp = out_file.with_name(out_file.name + ".tmp")
+    tmp.unlink(missing_ok=True)  # a leftover, or a planted link: removed, never written through
     try:
         with warnings.catch_warnings():
             # the deprecation notice of the TorchScript exporter; the choice is explained above

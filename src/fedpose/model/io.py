@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
+from collections.abc import Callable, Mapping
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -32,11 +34,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from fedpose.bounded import ParseError, loads_json
 from fedpose.config import Config, ConfigError, config_from_dict
 from fedpose.data import DATASETS, skeleton_named
 from fedpose.data.records import Skeleton
 from fedpose.model.conventions import describe_model, portable_config
 from fedpose.model.pose_resnet import PoseResNet, build_model
+from fedpose.run_dir import write_file
 
 MODEL_FILE = "model.safetensors"
 MODEL_FORMAT = "fedpose-model"
@@ -85,8 +89,10 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
             f"{header_len} bytes in a file of {len(data)})"
         )
     try:
-        header = json.loads(data[8 : 8 + header_len])
+        header = loads_json(data[8 : 8 + header_len], f"{path} [header]")
         tensors = load_safetensors(data)
+    except ParseError as e:
+        raise ModelFileError(f"damaged safetensors file: {e}") from None
     except (SafetensorError, ValueError, UnicodeDecodeError) as e:
         raise ModelFileError(f"{path}: damaged safetensors file ({e})") from None
     metadata = header.get("__metadata__") if isinstance(header, dict) else None
@@ -112,14 +118,10 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
 
 
 def _write_durable(path: Path, payload: bytes) -> Path:
-    """Write `payload` beside `path` as `<name>.tmp`, flushed to disk; returns the temporary."""
+    """Write `payload` beside `path` as `<name>.tmp`, flushed to disk; returns the temporary. A
+    new file renamed into place: a link there is replaced, never written through."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    return tmp
+    return write_file(path.with_name(path.name + ".tmp"), payload, durable=True)
 
 
 def _write_atomic(path: Path, payload: bytes) -> None:
@@ -137,7 +139,9 @@ def save_model(
     path: str | Path, weights: dict[str, torch.Tensor], cfg: Config, skeleton: Skeleton
 ) -> None:
     """Write the file `fedpose eval` and `predict` read: weights + the config that built them
-    (its paths relative to the working directory) + the conventions of model/conventions.py."""
+    (its paths relative to the working directory) + the conventions of model/conventions.py.
+    Weights holding NaN or Inf are refused: a destroyed model is never written."""
+    check_finite(path, weights)
     tensors = _plain(weights)
     metadata = {
         **describe_model(cfg, skeleton),
@@ -233,6 +237,8 @@ def load_model(path: str | Path) -> tuple[PoseResNet, Config, Skeleton]:
 def _built(
     path: Path | str, weights: dict[str, torch.Tensor], cfg: Config, skeleton: Skeleton
 ) -> PoseResNet:
+    check_finite(path, weights)
+    # sizes were checked against Config's limits (config_from_dict), before anything is built
     model = build_model(cfg.model, skeleton.num_joints)
     try:
         model.load_state_dict(weights)
@@ -245,6 +251,16 @@ def _built(
     return model
 
 
+def check_finite(path: str | Path, weights: dict[str, torch.Tensor]) -> None:
+    """Refuse weights holding NaN or Inf: such a model predicts nothing, silently."""
+    for name, t in weights.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ModelFileError(
+                f"{path}: tensor {name} holds NaN or Inf values; the model is destroyed and "
+                f"fedpose does not use it"
+            )
+
+
 def read_model(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, str]:
     """(weights, config dict, skeleton name) of a model file written by `save_model`."""
     path = Path(path)
@@ -252,8 +268,8 @@ def read_model(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, str]:
     _check_format(path, meta, MODEL_FORMAT)
     _check_digest(path, tensors, meta)
     try:
-        config = json.loads(meta["config"])
-    except (KeyError, json.JSONDecodeError):
+        config = loads_json(meta["config"], f"{path} [config]")
+    except (KeyError, TypeError, ParseError):
         raise ModelFileError(f"{path}: the model's config metadata is missing or damaged") from None
     if not isinstance(config, dict) or not isinstance(meta.get("skeleton"), str):
         raise ModelFileError(f"{path}: the model's config or skeleton metadata is malformed")
@@ -339,6 +355,47 @@ def decode_state(tree: Any, tensors: dict[str, torch.Tensor], classes: dict[str,
     raise ModelFileError(f"unexpected node {sorted(tree)[:3]} in a checkpoint")
 
 
+# ----------------------------------------------------------------------------- checkpoint schema
+def tensors_problem(
+    key: str, value: Any, expected: Mapping[str, torch.Tensor], exact_names: bool = True
+) -> str | None:
+    """Why `value` is not a {name: tensor} of `expected`'s names, shapes and dtypes, or None."""
+    if not isinstance(value, dict):
+        return f"key {key!r}: expected a mapping of tensors, found {type(value).__name__}"
+    if exact_names and set(value) != set(expected):
+        missing = sorted(set(expected) - set(value))[:2]
+        extra = sorted(map(str, set(value) - set(expected)))[:2]
+        return (
+            f"key {key!r}: tensor names differ from the model's (missing {missing}, extra {extra})"
+        )
+    for name, t in value.items():
+        ref = expected.get(name)
+        if not isinstance(t, torch.Tensor):
+            return f"key {key!r} [{name}]: expected a tensor, found {type(t).__name__}"
+        if ref is not None and (t.shape != ref.shape or t.dtype != ref.dtype):
+            return (
+                f"key {key!r} [{name}]: {tuple(t.shape)} {t.dtype}, expected "
+                f"{tuple(ref.shape)} {ref.dtype}"
+            )
+    return None
+
+
+def field_problem(
+    key: str, value: Any, kind: type | tuple[type, ...], low: float = 0
+) -> str | None:
+    """Why `value` is not of `kind` (numbers: finite and at least `low`), or None."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds:
+        return f"key {key!r}: expected {'/'.join(k.__name__ for k in kinds)}, found a bool"
+    if not isinstance(value, kinds):
+        names = "/".join(k.__name__ for k in kinds)
+        return f"key {key!r}: expected {names}, found {type(value).__name__}"
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if not math.isfinite(value) or value < low:
+            return f"key {key!r}: {value!r} is out of range (at least {low:g})"
+    return None
+
+
 # ----------------------------------------------------------------------------- checkpoints
 ADDED_SETTINGS = (
     ("data", "val_fraction", 0.0),
@@ -354,13 +411,14 @@ ADDED_SETTINGS = (
 def config_hash(config: dict) -> str:
     """A hash of the settings a resumed run must share with the run that wrote the checkpoint.
 
-    Left out: where the run lives (name, out_dir, data.root and the per-split image folders), how
-    far it goes (fed.rounds, train.epochs) and how it is computed without changing the numbers
-    (workers, device): those may change on resume.
+    Left out: where the run lives (name, out_dir, data.root and the per-split image folders,
+    data.generate), how far it goes (fed.rounds, train.epochs) and how it is computed without
+    changing the numbers (workers, device): those may change on resume.
     """
     settings = json.loads(json.dumps(config))
     for section, key in (
         ("data", "root"),
+        ("data", "generate"),
         ("data", "train_root"),
         ("data", "test_root"),
         ("data", "workers"),
@@ -423,13 +481,15 @@ def read_checkpoint(path: str | Path, classes: dict[str, type]) -> tuple[dict, d
     _check_format(path, meta, CHECKPOINT_FORMAT)
     _check_digest(path, tensors, meta)
     try:
-        tree = json.loads(meta["state"])
-    except (KeyError, json.JSONDecodeError):
+        tree = loads_json(meta["state"], f"{path} [state]")
+    except (KeyError, TypeError, ParseError):
         raise ModelFileError(f"{path}: the checkpoint's state is missing or damaged") from None
     try:
         state = decode_state(tree, tensors, classes)
-    except (KeyError, TypeError, ValueError) as e:
-        raise ModelFileError(f"{path}: damaged checkpoint state ({e})") from None
+    except ModelFileError as e:
+        raise ModelFileError(f"{path}: {e}") from None
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise ModelFileError(f"{path}: damaged checkpoint state ({e!r})") from None
     if not isinstance(state, dict):
         raise ModelFileError(f"{path}: the checkpoint's state is not a mapping")
     identity = {k: meta.get(k, "") for k in ("method", "seed", "config_hash")}
@@ -437,13 +497,19 @@ def read_checkpoint(path: str | Path, classes: dict[str, type]) -> tuple[dict, d
 
 
 def load_checkpoint(
-    directory: str | Path, classes: dict[str, type], identity: dict[str, str], force: bool = False
+    directory: str | Path,
+    classes: dict[str, type],
+    identity: dict[str, str],
+    force: bool = False,
+    schema: Callable[[dict], str | None] | None = None,
 ) -> tuple[dict | None, list[str]]:
     """The newest sound checkpoint of a run, and warnings about the ones passed over.
 
     Returns (None, warnings) when the run has no checkpoint yet. A checkpoint of another method,
     seed or config is an error unless `force`; a damaged newest one falls back to the previous.
-    A pickled checkpoint from an older fedpose is refused, never loaded.
+    `schema(state)` names what is missing or of the wrong type (None when the state is
+    sound): a state it refuses counts as damaged. A pickled checkpoint from an older fedpose is
+    refused, never loaded.
     """
     directory = Path(directory)
     legacy = directory / "last.pt"
@@ -458,6 +524,9 @@ def load_checkpoint(
     for path in candidates:
         try:
             state, found = read_checkpoint(path, classes)
+            problem = schema(state) if schema is not None else None
+            if problem:
+                raise ModelFileError(f"{path}: malformed checkpoint state: {problem}")
         except ModelFileError as e:
             errors.append(e)
             warnings.append(f"{e}; trying the previous checkpoint")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedpose.bounded import read_json
 from fedpose.metrics.log import read_metrics
 from fedpose.report.stats import (
     TAIL,
@@ -26,6 +27,7 @@ from fedpose.report.stats import (
     tail_rows,
     tail_window,
 )
+from fedpose.run_dir import write_file
 
 _SEED_SUFFIX = re.compile(r"^(?P<label>.+)-s(?P<seed>\d+)$")
 
@@ -102,12 +104,26 @@ def load_arms(paths: list[Path]) -> dict[str, Arm]:
             raise FileNotFoundError(f"{path}: no run directories (metrics.jsonl) inside")
         for d in dirs:
             config_path = d / "config.json"
-            config = json.loads(config_path.read_text()) if config_path.exists() else {}
+            config = read_json(config_path) if config_path.exists() else {}
+            problem = _config_problem(config)
+            if problem:
+                raise ValueError(f"{config_path}: {problem}")
             m = _SEED_SUFFIX.match(d.name)
             label = m["label"] if m else d.name
-            seed = int(config.get("seed", m["seed"] if m else 0))
+            seed = config.get("seed", int(m["seed"]) if m else 0)
+            if isinstance(seed, bool) or not isinstance(seed, int):
+                raise ValueError(
+                    f"{config_path}: key 'seed': expected an integer, found {seed!r:.40}"
+                )
             rows = read_metrics(d)
             centralized = bool(rows) and "round" not in rows[0] and "epoch" in rows[0]
+            key = "epoch" if centralized else "round"
+            for number, r in enumerate(rows, start=1):
+                if key not in r:
+                    # every row of one run counts the same way (rounds, or epochs read as rounds)
+                    raise ValueError(
+                        f"{d / 'metrics.jsonl'} [row {number}]: key {key!r} is missing"
+                    )
             if centralized:
                 rows = [{**r, "round": r["epoch"]} for r in rows]
             run = Run(d, label, seed, config, rows, centralized)
@@ -126,6 +142,20 @@ def _pm(mean: float, std: float, digits: int = 2) -> str:
 
 def _signed(x: float) -> str:
     return "–" if math.isnan(x) else f"{x:+.2f}"
+
+
+def _config_problem(config: object) -> str | None:
+    """What a run's config.json holds of the wrong type for the report (None: sound)."""
+    if not isinstance(config, dict):
+        return "not a JSON object"
+    for section in ("data", "model", "fed", "train", "runtime"):
+        if not isinstance(config.get(section, {}), dict):
+            return f"key {section!r}: expected an object"
+    for section, key in (("fed", "rounds"), ("train", "epochs")):
+        value = config.get(section, {}).get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            return f"key '{section}.{key}': expected an integer >= 0, found {value!r:.40}"
+    return None
 
 
 def _setting(arms: dict[str, Arm]) -> list[str]:
@@ -295,8 +325,9 @@ def write_report(
             f"- not scored, stopped at round {r.last_round} of {r.total_rounds}: {r.path.name}"
         )
     lines.append("")
-    md_path.write_text("\n".join(lines))
-    (out_dir / f"{prefix}summary.json").write_text(json.dumps(summary, indent=2))
+    # new files renamed into place: a link in the report folder is replaced, not written through
+    write_file(md_path, "\n".join(lines))
+    write_file(out_dir / f"{prefix}summary.json", json.dumps(summary, indent=2))
     return md_path
 
 

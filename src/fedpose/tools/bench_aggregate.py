@@ -114,6 +114,10 @@ def bench_aggregate(clients: int, params: int, repeats: int = 3, seed: int = 0) 
     """Time one server step of FedAvg, FedAW, FedGH (gram) and FedGH (direct, when K²P is at
     most _DIRECT_LIMIT), then measure each method's peak memory in a fresh process."""
     k, p = clients, params
+    # FedGH's conflicts need two updates; a step of no parameters or no repeat times nothing
+    for name, value, low in (("--clients", k, 2), ("--params", p, 1), ("--repeats", repeats, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ToolError(f"{name} {value!r} is out of range; allowed: an integer >= {low}")
     need = (k + 4) * p * 4  # updates, w, the output, and the direct loop's ĝ and sum
     avail = _available_bytes()
     if avail is not None and need > 0.9 * avail:

@@ -61,6 +61,7 @@ TINY: dict = {
         "root": "data/synth-arm-tiny64",
         "synth_n": 64,
         "synth_size": 64,
+        "generate": True,  # the demo renders its own tiny set on first use
         "input_size": 64,
         "test_fraction": 0.25,
     },
