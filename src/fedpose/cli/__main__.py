@@ -1,0 +1,7 @@
+"""`python -m fedpose.cli`."""
+
+import sys
+
+from fedpose.cli import main
+
+sys.exit(main())

@@ -1,0 +1,177 @@
+"""`fedpose compare`, `fedpose report` and `fedpose watch`: comparisons (engine/experiment.py),
+their reports and live curves; each handler beside its arguments."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fedpose.cli.common import (
+    METHODS,
+    add_config,
+    console,
+    err_console,
+    method_names,
+    split,
+)
+
+
+def _variants(args) -> list[tuple[str, list[str]]]:
+    """(label, overrides) per compared variant: --variant LABEL:key=value;key=value, or one
+    variant per --methods entry."""
+    from fedpose.engine.experiment import method_variants, parse_variant
+
+    if not args.variant:
+        return method_variants(args.methods)
+    return [parse_variant(spec) for spec in args.variant]
+
+
+def _seeds(text: str) -> list[int]:
+    """'0,1,2' or '0-9' (or a mix: '0-4,7')."""
+    from fedpose.engine.experiment import parse_seeds
+
+    return parse_seeds(text)
+
+
+def _add_mixed_cpus(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--mixed-cpus",
+        action="store_true",
+        help="report runs made on different CPU models (config.json runtime.cpu_model) together",
+    )
+
+
+def cmd_compare(args) -> int:
+    from fedpose.engine.experiment import Comparison, ComparisonError, run_comparison
+
+    plan = Comparison(
+        args.config,
+        args.overrides,
+        _variants(args),
+        _seeds(args.seeds),
+        name=args.name,
+        resume=args.resume,
+        jobs=args.jobs,
+        force=args.force,
+        baselines=tuple(split(args.baselines)),
+        command=args.command_line,
+        mixed_cpus=args.mixed_cpus,
+    )
+    try:
+        report = run_comparison(plan, console)
+    except ComparisonError as e:
+        err_console.print(f"error: {e}", markup=False, highlight=False)
+        return 1
+    console.print(report.read_text().split("## Curves")[0], markup=False, highlight=False)
+    console.print(f"report: {report}")
+    return 0
+
+
+def add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="several methods and seeds, then a report")
+    add_config(p)
+    p.add_argument(
+        "--methods",
+        default=METHODS,
+        metavar="M1,M2,...",
+        help=f"comma-separated aggregation methods (default: {METHODS}); choices: "
+        f"{', '.join(method_names())}",
+    )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL:KEY=VALUE;...",
+        help="compare named config variants instead of --methods (repeatable)",
+    )
+    p.add_argument("--seeds", default="0", help="paired seeds: 0,1,2 or 0-9")
+    p.add_argument("--name", default=None, help="report name (default: the config's name)")
+    p.add_argument("--resume", action="store_true", help="keep finished runs, resume the rest")
+    p.add_argument("--force", action="store_true", help="write into a folder another command made")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N seeds/methods at once in worker processes (OMP_NUM_THREADS=1)",
+    )
+    p.add_argument(
+        "--baselines",
+        default="fedavg,fedaw",
+        help="labels that paired differences are taken against",
+    )
+    _add_mixed_cpus(p)
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_report(args) -> int:
+    from fedpose.report.experiment import load_arms, write_report
+
+    arms = load_arms([Path(p) for p in args.runs])
+    notes = Path(args.notes).read_text() if args.notes else ""
+    report = write_report(
+        arms,
+        Path(args.out),
+        args.title,
+        baselines=tuple(split(args.baselines)),
+        command=args.command_line,
+        produced_by=args.produced_by or "",
+        notes=notes,
+        commit=args.commit,
+        target_pck=args.target_pck,
+        mixed_cpus=args.mixed_cpus,
+    )
+    console.print(report.read_text().split("## Curves")[0], markup=False, highlight=False)
+    console.print(f"report: {report}")
+    return 0
+
+
+def add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="regenerate a comparison report from run directories")
+    p.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUNS_DIR",
+        help="run directories, or folders of LABEL-s<seed> run directories",
+    )
+    p.add_argument("--out", required=True, help="output folder, or a .md file name")
+    p.add_argument("--title", default="fedpose comparison")
+    p.add_argument(
+        "--baselines",
+        default="fedavg,fedaw",
+        help="labels that paired differences are taken against",
+    )
+    p.add_argument("--produced-by", default="", help="the command that made the runs")
+    p.add_argument("--notes", default=None, help="a markdown file inserted after the setting")
+    p.add_argument(
+        "--commit",
+        default=None,
+        help="the code version, for runs whose config.json does not record it",
+    )
+    p.add_argument(
+        "--target-pck",
+        type=float,
+        default=0.0,
+        help="add time-to-target-PCK columns (simulated seconds)",
+    )
+    _add_mixed_cpus(p)
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_watch(args) -> int:
+    from fedpose.report.watch import watch
+
+    finished = watch(args.run_dir, args.every, args.timeout, say=console.print)
+    if not finished:
+        console.print(f"stopped watching after {args.timeout:g} s; the run has not finished")
+    return 0
+
+
+def add_watch(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("watch", help="redraw a run's curves (RUN_DIR/watch.png) while it goes on")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.add_argument("--every", type=float, default=10.0, help="seconds between redraws")
+    p.add_argument(
+        "--timeout", type=float, default=24 * 3600.0, help="stop after this many seconds"
+    )
+    p.set_defaults(func=cmd_watch)
