@@ -98,6 +98,7 @@ def test_cli_refuses_an_existing_other_folder_and_a_dead_url(tmp_path, capsys):
     assert not dest.exists()
 
 
+@pytest.mark.slow  # seconds of work: make test-slow
 def test_the_full_archive_from_a_local_copy(datasets, tmp_path, capsys):
     """The real check: LSP's 2000 images and the published joints.mat, through the command."""
     archive = _lsp_zip(datasets / "lsp", tmp_path / "lsp_dataset.zip")

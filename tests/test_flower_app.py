@@ -44,6 +44,7 @@ APP_CONFIG = PYPROJECT["tool"]["flwr"]["app"]["config"]
 
 
 # ----------------------------------------------------------------------------- the bundle
+@pytest.mark.slow  # seconds of work: make test-slow
 def test_the_app_bundle_holds_only_what_the_apps_need():
     """`flwr run .` builds the bundle with this function (flwr/cli/run/run.py): the apps' code is
     the installed fedpose package, so the bundle needs the app's pyproject.toml and nothing of

@@ -295,6 +295,7 @@ def test_sites_train_like_the_in_process_engine_and_evaluate_federated(
     assert [r["site_pck"] for r in local_rows] == [r["site_pck"] for r in rows]
 
 
+@pytest.mark.slow  # seconds of work: make test-slow
 @pytest.mark.usefixtures("task_identity")
 def test_scaffold_sites_keep_their_control_variates_like_the_in_process_engine(tmp_path, synth):
     # c travels with each request, c_k⁺ − c_k with each reply, c_k stays in the node's state

@@ -4,6 +4,7 @@ control variates (option II), the server's averages, and the fixed point FedAvg 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -123,6 +124,7 @@ def test_scaffold_follows_algorithm_1_with_partial_participation():
         )
 
 
+@pytest.mark.slow  # seconds of work: make test-slow
 def test_scaffold_reaches_the_global_optimum_that_fedavg_misses():
     a, b = _problems()
     optimum = np.linalg.solve(

@@ -36,9 +36,12 @@ def test_same_seed_same_numbers(tmp_path, synth_dir):
         ("fed.method=feddyn",),
         ("fed.method=fedbn",),
         # the server optimiser's moments and step count live in the checkpoint
-        ("fed.method=fedgh", "fed.server_opt=adam", "fed.server_lr=0.01"),
+        pytest.param(
+            ("fed.method=fedgh", "fed.server_opt=adam", "fed.server_lr=0.01"),
+            marks=pytest.mark.slow,
+        ),
         # SCAFFOLD: c in the strategy state, each c_k in the client states, two of four a round
-        ("fed.method=scaffold", "fed.clients_per_round=2"),
+        pytest.param(("fed.method=scaffold", "fed.clients_per_round=2"), marks=pytest.mark.slow),
         (
             "fed.method=fedgh",
             "fed.mode=async",
