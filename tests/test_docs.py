@@ -300,7 +300,16 @@ def test_extending_example_dataset_trains_and_inspects(tmp_path, synth_dir):
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2] and rows[-1]["pck_mean"] is not None
     model = subprocess.run(
-        [sys.executable, "-m", "fedpose.cli", "eval", str(run_dir / "model.safetensors")],
+        # eval reads the data the user names, never the model file's paths
+        [
+            sys.executable,
+            "-m",
+            "fedpose.cli",
+            "eval",
+            str(run_dir / "model.safetensors"),
+            "-c",
+            f"data.root={root}",
+        ],
         cwd=tmp_path,
         env=env,
         capture_output=True,
