@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import platform
 import re
 import time
 from datetime import UTC, datetime
@@ -10,6 +9,7 @@ from datetime import UTC, datetime
 import torch
 
 from fedpose.config import ModelConfig
+from fedpose.provenance import cpu_model
 
 # Dense bf16 tensor-core peaks in TFLOP/s (vendor data sheets, without sparsity), matched as
 # substrings of torch.cuda.get_device_name(); the first match wins, so specific names come first.
@@ -28,14 +28,8 @@ BF16_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
 
 
 def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The CPU's model name, as every run's config.json records it."""
+    return cpu_model()
 
 
 def device_name(device: torch.device) -> str:
