@@ -243,26 +243,7 @@ class FederatedServer:
                     packed=None if any(p is None for p in packed) else packed,
                 )
             )
-        bad = [
-            n
-            for n, w in self.weights.items()
-            if w.is_floating_point() and not bool(torch.isfinite(w).all())
-        ]
-        if bad:
-            # raised before the round is logged or checkpointed: the last good files stay
-            raise FederationError(
-                f"round {self.state.round + 1}: the aggregated model is not finite ({bad[0]}"
-                f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}; {self.strategy.name}, "
-                f"fed.server_lr = {self.fed.server_lr}); nothing was written"
-            )
-        norm = model_norm(self.weights, self.layout.agg_names)
-        if self.scale > 0 and norm > MAX_MODEL_GROWTH * self.scale:
-            raise FederationError(
-                f"round {self.state.round + 1}: the aggregated model exploded (norm {norm:.3g}, "
-                f"{norm / self.scale:.3g} times the initial model's {self.scale:.3g}; "
-                f"{self.strategy.name}, fed.server_lr = {self.fed.server_lr}); "
-                f"nothing was written"
-            )
+        self._check_model()
         self.state.updates_applied += 1
         agg_seconds = time.perf_counter() - t0
         self.state.strategy = result.state
@@ -292,13 +273,15 @@ class FederatedServer:
         result = secure.finish_round(self.strategy, plan, total, self.fed.num_clients)
         unflatten_add_(self.weights, self.layout, result.update)
         self.weights.update(averaged)
-        self._check_finite()
+        self._check_model()
         self.state.updates_applied += 1
         self.state.strategy = result.state
         diag = {**result.diagnostics, **getattr(self.transport, "last_sum", {})}
         return {**diag, "secure": True, "agg_seconds": time.perf_counter() - t0}
 
-    def _check_finite(self) -> None:
+    def _check_model(self) -> None:
+        """Stop the run before the round is logged or checkpointed when the aggregated model
+        is not finite or has exploded (both the plain and the secure path)."""
         bad = [
             n
             for n, w in self.weights.items()
@@ -310,6 +293,14 @@ class FederatedServer:
                 f"round {self.state.round + 1}: the aggregated model is not finite ({bad[0]}"
                 f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}; {self.strategy.name}, "
                 f"fed.server_lr = {self.fed.server_lr}); nothing was written"
+            )
+        norm = model_norm(self.weights, self.layout.agg_names)
+        if self.scale > 0 and norm > MAX_MODEL_GROWTH * self.scale:
+            raise FederationError(
+                f"round {self.state.round + 1}: the aggregated model exploded (norm {norm:.3g}, "
+                f"{norm / self.scale:.3g} times the initial model's {self.scale:.3g}; "
+                f"{self.strategy.name}, fed.server_lr = {self.fed.server_lr}); "
+                f"nothing was written"
             )
 
     # ----------------------------------------------------------------------------- the loops
