@@ -294,7 +294,6 @@ class FederatedServer:
                 f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}; {self.strategy.name}, "
                 f"fed.server_lr = {self.fed.server_lr}); nothing was written"
             )
-        norm = model_norm(self.weights, self.layout.agg_names)
         if self.scale > 0 and norm > MAX_MODEL_GROWTH * self.scale:
             raise FederationError(
                 f"round {self.state.round + 1}: the aggregated model exploded (norm {norm:.3g}, "
@@ -305,8 +304,8 @@ class FederatedServer:
 
     # ----------------------------------------------------------------------------- the loops
     def run(self, progress: Callable[[int, dict], None] | None = None) -> dict:
-        """Run the rounds left; the observer's round_done (and `progress`, when given) sees
-        each one's record. Returns the last record."""
+        """Run the rounds left; `progress` (when given: the caller's own step at the end of a
+        round), then the observer's round_done see each one's record. Returns the last record."""
         if self.fed.mode == "async":
             return self._run_async(progress)
         if self.fed.mode != "sync":
