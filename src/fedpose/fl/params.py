@@ -36,6 +36,10 @@ class ModelLayout:
         return out
 
     @cached_property
+    def agg_set(self) -> frozenset[str]:
+        return frozenset(self.agg_names)
+
+    @cached_property
     def avg_groups(self) -> list[list[str]]:
         """avg_names grouped by dtype, the order `pack_float64` packs them in."""
         return dtype_groups(self.dtypes, self.avg_names)

@@ -282,11 +282,22 @@ class FederatedServer:
     def _check_model(self) -> None:
         """Stop the run before the round is logged or checkpointed when the aggregated model
         is not finite or has exploded (both the plain and the secure path)."""
-        bad = [
-            n
+        # the aggregated tensors' norm doubles as their finiteness check (float32 values
+        # squared in float64 cannot overflow); the other float tensors are checked in one pass
+        norm = model_norm(self.weights, self.layout.agg_names)
+        others = [
+            w.reshape(-1)
             for n, w in self.weights.items()
-            if w.is_floating_point() and not bool(torch.isfinite(w).all())
+            if n not in self.layout.agg_set and w.is_floating_point()
         ]
+        if math.isfinite(norm) and (not others or bool(torch.isfinite(torch.cat(others)).all())):
+            bad = []
+        else:  # the slow path names the tensors
+            bad = [
+                n
+                for n, w in self.weights.items()
+                if w.is_floating_point() and not bool(torch.isfinite(w).all())
+            ]
         if bad:
             # raised before the round is logged or checkpointed: the last good files stay
             raise FederationError(
