@@ -74,10 +74,12 @@ def local_train(
     device: torch.device | str = "cpu",
     *,
     num_samples: int,
+    update_out: torch.Tensor | None = None,
 ) -> tuple[TrainReply, dict]:
     """Train from the request's weights on `batches` (see local_batches) with the objective the
     request names; return the update and the client's new state. num_samples: the client's
-    dataset size, the weight of its update."""
+    dataset size, the weight of its update. update_out: a (P,) float32 tensor the update is
+    written into (the in-process transport gives a row of the round's update matrix)."""
     if request.rule not in CLIENT_RULES:
         raise ValueError(f"unknown client rule {request.rule!r}: use {', '.join(CLIENT_RULES)}")
     started = time.perf_counter()
@@ -115,9 +117,16 @@ def local_train(
     )
     # losses stay on the device until the end: no wait for the GPU after every step
     losses = [float(loss) for loss in [step(batch) for batch in batches]]
+    # the optimizer and its per-parameter buffers (Adam: two per parameter) are released within
+    # the client's timed work, as they were made there, not after its clock stopped
+    del step
 
     trained = {n: t.detach().cpu() for n, t in model.state_dict().items()}
-    delta = flatten(trained, layout.agg_names) - flatten(request.weights, layout.agg_names)
+    delta = torch.sub(
+        flatten(trained, layout.agg_names),
+        flatten(request.weights, layout.agg_names),
+        out=update_out,
+    )
     new_state = _next_client_state(client_state, trained, delta, request, layout)
     control_delta = None
     if scaffold is not None:

@@ -90,6 +90,26 @@ def unflatten_add_(state: dict[str, torch.Tensor], layout: ModelLayout, flat: to
         state[name].add_(flat[start:end].view_as(state[name]).to(state[name].dtype))
 
 
+def rows_of_one_matrix(rows: list[torch.Tensor]) -> torch.Tensor | None:
+    """The (K, P) matrix whose consecutive rows the K vectors `rows` already are, in order, or
+    None. The in-process transport writes a round's updates so: the server aggregates that
+    matrix as it is instead of copying every update into a new one."""
+    first = rows[0]
+    p = first.numel()
+    storage = first.untyped_storage().data_ptr()
+    for i, row in enumerate(rows):
+        if (
+            row.dim() != 1
+            or row.numel() != p
+            or row.stride() != (1,)
+            or row.dtype != first.dtype
+            or row.untyped_storage().data_ptr() != storage
+            or row.storage_offset() != first.storage_offset() + i * p
+        ):
+            return None
+    return first.as_strided((len(rows), p), (p, 1))
+
+
 def dtype_groups(dtypes: dict[str, torch.dtype], names: tuple[str, ...]) -> list[list[str]]:
     """The names grouped by dtype, groups in order of first appearance."""
     by_dtype: dict[torch.dtype, list[str]] = {}

@@ -38,7 +38,7 @@ from fedpose.config import FedConfig, SystemConfig
 from fedpose.fl import secure
 from fedpose.fl.messages import TrainReply, TrainRequest
 from fedpose.fl.observer import AGGREGATION, CHECKPOINT, EVALUATION, REPLY_CHECKS, RunObserver
-from fedpose.fl.params import ModelLayout, unflatten_add_, weighted_average
+from fedpose.fl.params import ModelLayout, rows_of_one_matrix, unflatten_add_, weighted_average
 from fedpose.fl.reply_check import (
     NORM_HISTORY,
     check_reply,
@@ -207,11 +207,19 @@ class FederatedServer:
             step = float(counts.sum() / samples.sum())
         if self.fed.secure:
             return self._aggregate_secure(replies, counts)
-        # each update moves into the matrix and its reply lets go of it: the server holds K + 1
-        # updates at most, not the replies' K plus a stacked copy of K
-        deltas = torch.empty(len(replies), replies[0].delta.numel(), dtype=replies[0].delta.dtype)
-        for row, reply in zip(deltas, replies, strict=True):
-            row.copy_(reply.delta)
+        # the in-process transport hands over a round's updates as the rows of one matrix,
+        # in this order: aggregated as it is, without a copy
+        deltas = rows_of_one_matrix([r.delta for r in replies])
+        if deltas is None:
+            # each update moves into the matrix and its reply lets go of it: the server holds
+            # K + 1 updates at most, not the replies' K plus a stacked copy of K
+            deltas = torch.empty(
+                len(replies), replies[0].delta.numel(), dtype=replies[0].delta.dtype
+            )
+            for row, reply in zip(deltas, replies, strict=True):
+                row.copy_(reply.delta)
+                reply.delta = None
+        for reply in replies:
             reply.delta = None
         controls = None
         if any(r.control_delta is not None for r in replies):  # SCAFFOLD's c_k⁺ − c_k
@@ -324,9 +332,9 @@ class FederatedServer:
         return self._run_sync(progress)
 
     def _round_done(self, progress, record: dict) -> None:
-        self.observer.round_done(self.state.round, record)
         if progress:
             progress(self.state.round, record)
+        self.observer.round_done(self.state.round, record)
 
     def _run_sync(self, progress) -> dict:
         fed = self.fed
