@@ -83,6 +83,26 @@ def local_train(
     if request.rule not in CLIENT_RULES:
         raise ValueError(f"unknown client rule {request.rule!r}: use {', '.join(CLIENT_RULES)}")
     started = time.perf_counter()
+    reply, new_state = _train(
+        model, batches, request, client_state, train, layout, device, num_samples, update_out
+    )
+    # the clock stops once the training's own objects (the optimizer and its per-parameter
+    # buffers, the step's dictionaries) are released, as it ran while they were made
+    reply.seconds = time.perf_counter() - started
+    return reply, new_state
+
+
+def _train(
+    model: nn.Module,
+    batches: Iterable[dict],
+    request: TrainRequest,
+    client_state: dict,
+    train: TrainConfig,
+    layout: ModelLayout,
+    device: torch.device | str,
+    num_samples: int,
+    update_out: torch.Tensor | None,
+) -> tuple[TrainReply, dict]:
     state = dict(request.weights)  # load_weights copies: the request's tensors stay as sent
     if layout.local_names and "local" in client_state:
         state.update(client_state["local"])
@@ -117,9 +137,6 @@ def local_train(
     )
     # losses stay on the device until the end: no wait for the GPU after every step
     losses = [float(loss) for loss in [step(batch) for batch in batches]]
-    # the optimizer and its per-parameter buffers (Adam: two per parameter) are released within
-    # the client's timed work, as they were made there, not after its clock stopped
-    del step
 
     trained = {n: t.detach().cpu() for n, t in model.state_dict().items()}
     delta = torch.sub(
@@ -141,7 +158,6 @@ def local_train(
         train_loss=float(np.mean(losses)) if losses else math.nan,
         train_loss_sq=float(np.mean(np.square(losses))) if losses else math.nan,
         steps=len(losses),
-        seconds=time.perf_counter() - started,
         control_delta=control_delta,
     )
     return reply, new_state
