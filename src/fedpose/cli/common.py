@@ -34,8 +34,6 @@ METHOD_CHOICES = (
     "fedyogi",
     "fedadagrad",
 )
-# the default run folder of run, train and compare (fedpose.run_dir.default_name)
-OWN_FOLDER = "the config's name; NAME-COMMAND when another command made that folder"
 RUN_INTERRUPTED = "the last checkpoint is kept; rerun with --resume"
 FLOWER_INTERRUPTED = "every Flower process was stopped"
 
@@ -82,10 +80,13 @@ def add_resume(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_name(p: argparse.ArgumentParser, default: str = OWN_FOLDER) -> None:
-    p.add_argument(
-        "--name", default=None, help=f"run folder name under out_dir (default: {default})"
-    )
+def add_name(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--name", default=None, help=f"folder name under out_dir (default: {default})")
+
+
+def own_folder(command: str) -> str:
+    """--name's default in words, for a command whose folder own_name chooses."""
+    return f"the config's name; NAME-{command} when another command made that folder"
 
 
 def add_force(p: argparse.ArgumentParser, what: str = "an output another command made") -> None:

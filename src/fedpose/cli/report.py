@@ -8,12 +8,13 @@ from pathlib import Path
 
 from fedpose.cli.common import (
     METHODS,
-    OWN_FOLDER,
     add_config,
     add_force,
+    add_name,
     console,
     err_console,
     method_names,
+    own_folder,
     own_name,
     split,
 )
@@ -87,7 +88,7 @@ def add_compare(sub: argparse._SubParsersAction) -> None:
         help="compare named config variants instead of --methods (repeatable)",
     )
     p.add_argument("--seeds", default="0", help="paired seeds: 0,1,2 or 0-9")
-    p.add_argument("--name", default=None, help=f"comparison folder name (default: {OWN_FOLDER})")
+    add_name(p, own_folder("compare"))
     p.add_argument("--resume", action="store_true", help="keep finished runs, resume the rest")
     p.add_argument("--force", action="store_true", help="write into a folder another command made")
     p.add_argument(

@@ -15,6 +15,7 @@ from fedpose.cli.common import (
     add_overrides,
     add_resume,
     console,
+    own_folder,
     own_name,
 )
 from fedpose.config import ConfigError, load_config
@@ -50,7 +51,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="centralized training and evaluation")
     add_config(p)
     add_resume(p)
-    add_name(p)
+    add_name(p, own_folder("train"))
     p.set_defaults(func=cmd_train)
 
 
@@ -71,7 +72,7 @@ def add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="one federated run on the in-process engine")
     add_config(p)
     add_resume(p)
-    add_name(p)
+    add_name(p, own_folder("run"))
     p.set_defaults(func=cmd_run)
 
 
