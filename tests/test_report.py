@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -445,3 +446,27 @@ def test_curves_mark_the_scored_window_clip_share_bands_and_tell_arms_apart(tmp_
         metrics.write_text("".join(json.dumps(x) + "\n" for x in rows))
     text = write_report(load_arms([runs]), tmp_path / "out2", "t").read_text()
     assert HEATMAP_ACCURACY in text
+
+
+def test_a_run_outside_a_terminal_prints_a_line_per_round(tmp_path, synth_dir):
+    from types import SimpleNamespace
+
+    from fedtiny import tiny_config
+    from rich.console import Console
+
+    from fedpose.engine.runner import ConsoleObserver
+    from fedpose.train import train_centralized
+
+    out = io.StringIO()
+    console = Console(file=out, width=200)  # a log: a progress bar would show only at the end
+    observer = ConsoleObserver(tiny_config(tmp_path, synth_dir), console)
+    observer.started(SimpleNamespace(strategy=SimpleNamespace(name="fedavg")))
+    observer.round_done(1, {"train_loss": 0.5})
+    assert out.getvalue() == "tiny fedavg: round 1/2  loss 0.50000\n"  # before the run ends
+    observer.round_done(2, {"train_loss": 0.25, "pck_mean": 40.0})
+    observer.closed()
+    assert out.getvalue().splitlines()[-1] == "tiny fedavg: round 2/2  loss 0.25000  PCK 40.0%"
+    train_centralized(tiny_config(tmp_path, synth_dir, "name=c", "train.epochs=1"), console=console)
+    epochs = [x for x in out.getvalue().splitlines() if re.match(r"train epoch \d+/", x)]
+    assert len(epochs) == 1, epochs
+    assert re.fullmatch(r"train epoch 1/1  loss \d\.\d{6}  PCK \d+\.\d%", epochs[0]), epochs

@@ -251,10 +251,12 @@ def _train_claimed(
                 },
                 identity,
             )
+            info = f"loss {record['train_loss']:.6f}"
             if "pck_mean" in record:
-                bar.update(
-                    task, info=f"loss {record['train_loss']:.6f}  PCK {record['pck_mean']:.1f}%"
-                )
+                info += f"  PCK {record['pck_mean']:.1f}%"
+                bar.update(task, info=info)
+            if not console.is_terminal:  # a log shows the bar only at the end: a line an epoch
+                console.print(f"train epoch {epoch + 1}/{epochs}  {info}", highlight=False)
             observer.round_done(epoch + 1, record)
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     save_model(run_dir / MODEL_FILE, weights, cfg, skeleton)
