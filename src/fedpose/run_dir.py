@@ -189,10 +189,10 @@ def check_output(path: str | Path, command: str, force: bool = False) -> None:
     found = nearest_owner(path)
     if found is not None and found[0] != command:
         made_by, folder = found
-        where = "" if folder == path.absolute() else f" (in {_shown(folder)})"
+        where = "" if folder == path.absolute() else f"in {_shown(folder)}, "
         raise RunDirError(
-            f"{path}: made by `fedpose {made_by}`{where}; `fedpose {command}` would overwrite "
-            f"it: choose another path (or --force to overwrite)"
+            f"{path}: {where}a folder made by `fedpose {made_by}`; `fedpose {command}` would "
+            f"overwrite its results: choose another path (or --force to overwrite)"
         )
 
 
