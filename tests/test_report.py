@@ -15,6 +15,7 @@ from fedtiny import tiny_cli_args
 from fedpose.cli import main
 from fedpose.report.experiment import load_arms, write_report
 from fedpose.report.stats import paired_difference, tail_mean, tail_window
+from fedpose.run_dir import owner
 
 
 # ------------------------------------------------------------------------------- statistics
@@ -317,6 +318,7 @@ def test_report_refuses_runs_of_different_cpu_models_unless_told(tmp_path, capsy
     assert not out.exists()  # nothing written
     assert main(["report", str(runs), "--out", str(out), "--mixed-cpus"]) == 0
     assert "CPU model of the runs" in (out / "report.md").read_text()
+    assert owner(out) == "report"  # the folder it made is its own: no run or train writes there
     # a run without a recorded model (made before it was recorded) does not count as another
     (runs / "fedgh-s1").rename(tmp_path / "aside")
     assert main(["report", str(runs), "--out", str(tmp_path / "again")]) == 0

@@ -109,14 +109,13 @@ def add_compare(sub: argparse._SubParsersAction) -> None:
 
 def cmd_report(args) -> int:
     from fedpose.report.experiment import load_arms, write_report
-    from fedpose.run_dir import check_output, output_folder
+    from fedpose.run_dir import check_output, mark
 
     out = Path(args.out)
     # a report never replaces another command's (a comparison's report.md and plots)
     check_output(out, "report", args.force)
+    new_folder = out.suffix != ".md" and not out.exists()
     arms = load_arms([Path(p) for p in args.runs])
-    if out.suffix != ".md":
-        output_folder(out, "report", args.force)
     notes = Path(args.notes).read_text() if args.notes else ""
     report = write_report(
         arms,
@@ -130,6 +129,8 @@ def cmd_report(args) -> int:
         target_pck=args.target_pck,
         mixed_cpus=args.mixed_cpus,
     )
+    if new_folder:
+        mark(out, "report")  # the folder this report made is its own
     console.print(report.read_text().split("## Curves")[0], markup=False, highlight=False)
     console.print(f"report: {report}")
     return 0
