@@ -54,12 +54,12 @@ PLACEHOLDER = re.compile(r"[A-Z][A-Z_]+(\.\w+)?")  # IMAGES, PRED.json: the user
 
 
 def _readme_commands() -> list[list[str]]:
-    """The fedpose command lines of the README's "Using it" block, comments dropped."""
+    """The fedpose command lines of the README's "Using it" block: continuation lines joined,
+    comments dropped."""
     section = _sections(ROOT / "README.md")["Using it"]
     text = next(text for lang, text, _ in _blocks(section) if lang == "bash")
-    return [
-        shlex.split(x, comments=True)[1:] for x in text.splitlines() if x.startswith("fedpose ")
-    ]
+    lines = text.replace("\\\n", " ").splitlines()
+    return [shlex.split(x, comments=True)[1:] for x in lines if x.startswith("fedpose ")]
 
 
 def _make_demo() -> list[str]:
@@ -121,3 +121,6 @@ def test_the_readme_commands_in_order_leave_make_demos_results_intact(tmp_path, 
     assert Path("runs/demo-report/report.md").is_file()
     assert Path("runs/demo-partition/partition.json").is_file()
     assert Path("runs/client0/model.safetensors").is_file()
+    assert Path("runs/pred.png").is_file() and Path("runs/sites/site0/train.json").is_file()
+    # and nowhere else: runs/ and data/ are what .gitignore leaves out of a clone's status
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["configs", "data", "runs"]

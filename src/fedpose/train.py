@@ -201,6 +201,7 @@ def _train_claimed(
         TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(),
         console=console,
+        disable=not console.is_terminal,  # a log gets the plain line per epoch below instead
     ) as bar:
         task = bar.add_task("batches", total=None, epoch=start, info="")
         for epoch in range(start, epochs):
@@ -255,7 +256,7 @@ def _train_claimed(
             if "pck_mean" in record:
                 info += f"  PCK {record['pck_mean']:.1f}%"
                 bar.update(task, info=info)
-            if not console.is_terminal:  # a log shows the bar only at the end: a line an epoch
+            if not console.is_terminal:  # a bar would show in a log only at the end
                 console.print(f"train epoch {epoch + 1}/{epochs}  {info}", highlight=False)
             observer.round_done(epoch + 1, record)
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
