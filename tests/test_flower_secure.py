@@ -27,7 +27,9 @@ from fedpose.engine.flower_secagg import (
     quantisation_bound,
 )
 from fedpose.engine.runner import run_federation
-from fedpose.tools.flower_demo import demo_config, renamed, run_flower
+from fedpose.fl.server import CHECKPOINT_CLASSES
+from fedpose.model.io import checkpoint_paths, read_checkpoint
+from fedpose.tools.flower_demo import FlowerDemoError, demo_config, renamed, run_flower
 
 
 def test_the_server_refuses_a_run_config_that_holds_the_secret(tmp_path):
@@ -78,10 +80,11 @@ def _masked_vectors(summaries: list[dict]) -> list[tuple[str, int]]:
 @pytest.mark.slow
 @pytest.mark.parametrize("method, width", [("fedavg", 0), ("fedgh", 1024), ("scaffold", 0)])
 def test_secure_flower_run_reveals_no_update_and_matches(tmp_path, method, width):
-    """SLOW (about 60-90 s): a SuperLink and 2 SuperNodes run one secure round; the ServerApp
-    records every message it receives. None holds a float vector longer than the sketch; the
-    masked vectors are integers; the final model is the in-process run's (exact sum, same
-    sketches) within SecAgg+'s stated quantisation error."""
+    """SLOW (about 3-4 min each): a SuperLink and 2 SuperNodes run one secure round; the
+    ServerApp records every message it receives. None holds a float vector longer than the
+    sketch; the masked vectors are integers; the final model (and SCAFFOLD's control variate,
+    summed in the same masked vector) is the in-process run's (exact sum, same sketches) within
+    SecAgg+'s stated quantisation error."""
     secret = "consortium-test-secret"
     overrides = [
         f"out_dir={tmp_path / 'runs'}",
@@ -136,6 +139,12 @@ def test_secure_flower_run_reveals_no_update_and_matches(tmp_path, method, width
             assert bool(((fw.double() - w.double()).abs() <= allowed).all()), name
         else:
             assert torch.equal(fw, w), name
+    if method == "scaffold":
+        last, _ = checkpoint_paths(flower.run_dir / "checkpoints")
+        c = read_checkpoint(last, CHECKPOINT_CLASSES)[0]["server"].strategy["c"]
+        exact = local.state.strategy["c"].double()
+        assert exact.abs().max() > 100 * bound  # the control variate moved
+        assert bool(((c.double() - exact).abs() <= bound + 2.0**-23 * exact.abs()).all())
     rows = [json.loads(x) for x in (flower.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["secure"] is True and rows[-1]["secagg_clients"] == 2
     assert rows[-1]["secagg_clipped"] == 0
@@ -159,32 +168,49 @@ class _LosesClientInProcess:
 
 
 @pytest.mark.slow
-def test_a_site_that_exits_during_secaggplus_is_left_out_of_the_sum(tmp_path):
-    """SLOW (about 3-4 min): a SuperLink and 3 SuperNodes run one secure FedAvg round; the third
-    site's ClientApp process exits without a reply when SecAgg+ collects the masked vectors
-    (DROP_ENV on its SuperNode). Flower answers for the crashed ClientApp once its heartbeat
-    lapses, SecAgg+ removes the lost site's masks with the others' key shares, and the run
-    completes: the model is the plain in-process FedAvg round over the two survivors within
-    SecAgg+'s quantisation bound, and no message the ServerApp received held an update."""
+@pytest.mark.parametrize("stage", ["collect_masked_vectors", "share_keys"])
+def test_a_site_that_exits_during_secaggplus(tmp_path, stage):
+    """SLOW (about 4-5 min each): a SuperLink and 3 SuperNodes run one secure FedAvg round; the
+    third site's ClientApp process exits without a reply at one SecAgg+ stage (DROP_ENV on its
+    SuperNode), and Flower answers for it once its heartbeat lapses.
+
+    Lost while the masked vectors are collected: SecAgg+ removes the lost site's masks with
+    the others' key shares and the run completes; the model is the plain in-process FedAvg
+    round over the two survivors within SecAgg+'s quantisation bound, and no message the
+    ServerApp received held an update. Lost while the keys are shared: no shares of its keys
+    exist, Flower 1.42's unmask stage wants them, SecAgg+ halts; the run fails with one line
+    saying so and leaves no metrics, checkpoint or model."""
     overrides = [
         f"out_dir={tmp_path / 'runs'}",
         f"data.root={tmp_path / 'synth-arm'}",
         "fed.method=fedavg",
         "fed.secure=true",
     ]
-    cfg = demo_config(None, supernodes=3, rounds=1, overrides=overrides)
+    cfg = renamed(demo_config(None, supernodes=3, rounds=1, overrides=overrides), "lost-site")
     log = tmp_path / "received.jsonl"
     work = tmp_path / "flower"
-    envs = [{}, {}, {DROP_ENV: "collect_masked_vectors"}, {INSPECT_ENV: str(log)}]
+    envs = [{}, {}, {DROP_ENV: stage}, {INSPECT_ENV: str(log)}]
     try:
-        flower = run_flower(
-            renamed(cfg, "secure-dropout"), 3, Console(width=100), work, timeout=500, envs=envs
-        )
+        flower = run_flower(cfg, 3, Console(width=100), work, timeout=500, envs=envs)
+    except FlowerDemoError as e:
+        flower, failure = None, str(e)
     finally:
         assert _running_with_home(work / "flwr-home") == [], "Flower processes left running"
-    assert flower.status["status"] == "finished:completed"
     assert "this site drops out of SecAgg+ here" in (work / "logs" / "supernode-2.log").read_text()
 
+    if stage == "share_keys":
+        assert flower is None and "finished:failed" in failure
+        lines = (work / "logs" / "flwr-run.log").read_text().splitlines()
+        said = [x for x in lines if "run failed: SecureAggregationError" in x]
+        assert len(said) == 1 and "round 1: SecAgg+ halted" in said[0], said
+        assert said[0].endswith("see the ServerApp log"), said  # the whole message, one line
+        # the run folder holds what the run started with (config, clients, timings) only
+        written = {str(f.relative_to(cfg.run_dir)) for f in cfg.run_dir.rglob("*") if f.is_file()}
+        assert not written & {"metrics.jsonl", "model.safetensors"}, written
+        assert not [f for f in written if f.startswith("checkpoints")], written
+        return
+
+    assert flower.status["status"] == "finished:completed"
     # the reference: the same round in-process, without secure aggregation, client 2 refused
     local_cfg = renamed(cfg, "survivors-local")
     local_cfg.fed.secure = False
@@ -213,7 +239,7 @@ def test_a_site_that_exits_during_secaggplus_is_left_out_of_the_sum(tmp_path):
             worst = max(worst, float(diff.max()))
         else:
             assert torch.equal(fw, w), name
-    print(f"largest weight difference {worst:.3g} (bound {bound:.3g})")
+    print(f"largest weight difference {worst:.3g} (bound {bound:.3g}); {row['agg_seconds']:.0f} s")
 
     received = _received(log)
     p = local.layout.slices[-1][2]

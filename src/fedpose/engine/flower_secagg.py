@@ -247,7 +247,7 @@ class _RoundPlan(LegacyStrategy):
 
 
 class SecureAggregationError(RuntimeError):
-    """SecAgg+ could not produce the round's sum (too few clients left to unmask it)."""
+    """SecAgg+ could not produce the round's sum (module docstring: dropouts)."""
 
 
 def secure_transport(transport, layout: ModelLayout, fed):
@@ -305,9 +305,10 @@ class FlowerSecureTransport:
         self._run_workflow(plan)
         if plan.aggregate is None:
             raise SecureAggregationError(
-                f"round {self._round + 1}: SecAgg+ halted (too few of the clients "
-                f"{client_ids} answered to unmask the sum); nothing of this round was written; "
-                f"see the ServerApp log"
+                f"round {self._round + 1}: SecAgg+ halted without the sum of clients "
+                f"{client_ids} (a site lost before its key shares went out, or fewer than "
+                f"fed.secagg_threshold of them left to unmask); nothing of this round was "
+                f"written; see the ServerApp log"
             )
         kept = sorted(client_of[n] for n in plan.contributors)
         # the workflow returns the mean of the kept clients' vectors

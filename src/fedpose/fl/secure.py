@@ -55,7 +55,8 @@ from fedpose.fl.strategies.server_opt import STATE_KEY as OPT_STATE
 from fedpose.fl.strategies.server_opt import WithServerOptimizer
 
 # what runs under secure aggregation: a server step that is a weighted sum with coefficients from
-# the counts or a Gram matrix, optionally followed by a server optimiser (fedavgm, fedadam, ...)
+# the counts or a Gram matrix (SCAFFOLD: two weighted sums), optionally followed by a server
+# optimiser (fedavgm, fedadam, ...)
 SECURE_KINDS = (
     "FedAvg, FedProx, FedBN, FedDyn, SCAFFOLD, FedAW, FedGH (and its ablations), server optimisers"
 )
