@@ -14,7 +14,7 @@ from fedpose.fl.server import FederatedServer
 from fedpose.fl.strategies import build_strategy
 
 NUM_CLIENTS = 4
-ROUNDS = 3
+ROUNDS = 2
 
 # every averaging strategy secure aggregation runs, with the options that change its server step
 AVERAGING = {
@@ -36,8 +36,13 @@ def tiny_net() -> nn.Module:
     return nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
 
 
+def layout() -> ModelLayout:
+    return model_layout(tiny_net())
+
+
 def config(*overrides: str) -> Config:
-    """Four clients, three of them a round, three synchronous rounds."""
+    """Four clients, three of them a round, two synchronous rounds (the second reads the state
+    the first left: FedDyn's h, SCAFFOLD's c, the optimiser's moments)."""
     return load_config(
         None,
         [
@@ -100,6 +105,7 @@ def site_reply(request: TrainRequest, layout: ModelLayout) -> TrainReply:
 
 
 def server(cfg: Config, transport) -> FederatedServer:
+    """The server loop over `transport` for the tiny net, as the engines build it."""
     net = tiny_net()
     layout = model_layout(net)
     weights = {n: t.clone() for n, t in net.state_dict().items()}
@@ -113,7 +119,3 @@ def server(cfg: Config, transport) -> FederatedServer:
         [10 + 7 * k for k in range(cfg.fed.num_clients)],
         seed=cfg.seed,
     )
-
-
-def layout() -> ModelLayout:
-    return model_layout(tiny_net())
