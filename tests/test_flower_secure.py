@@ -168,6 +168,7 @@ class _LosesClientInProcess:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.parametrize("stage", ["collect_masked_vectors", "share_keys"])
 def test_a_site_that_exits_during_secaggplus(tmp_path, stage):
     """SLOW (about 4-5 min each): a SuperLink and 3 SuperNodes run one secure FedAvg round; the
