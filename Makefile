@@ -32,8 +32,7 @@ demo: venv
 
 # test: everything but the tests marked slow, which start real processes (Flower SuperLink and
 # SuperNodes, a fresh interpreter running a documented example); test-slow: those (SLOW narrows
-# them: CI runs SLOW="slow and not long", leaving out the tests that wait minutes on a lost
-# SuperNode's heartbeat)
+# them: CI runs SLOW="slow and not long", leaving out the tests marked long)
 SLOW ?= slow
 test: venv
 	$(BIN)/pytest -m "not slow" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
