@@ -90,7 +90,10 @@ def _why_skipped(argv: list[str], full_lsp: Path | None) -> str | None:
     return None
 
 
-@pytest.mark.slow  # worker processes (compare --jobs 2), about a minute of CPU in tiny runs
+# worker processes (compare --jobs 2), about a minute of CPU in tiny runs; long: CI keeps within
+# its 20 minutes without it, make test-slow runs it
+@pytest.mark.slow
+@pytest.mark.long
 def test_the_readme_commands_in_order_leave_make_demos_results_intact(tmp_path, monkeypatch):
     full_lsp = Path(os.environ[DATASETS_VAR]) / "lsp" if os.environ.get(DATASETS_VAR) else None
     monkeypatch.chdir(tmp_path)
