@@ -80,9 +80,9 @@ def test_own_data_example_inspects_and_partitions_by_site(tmp_path, monkeypatch,
     assert re.search(r"records\s*│\s*2\s*│", inspected), inspected
     assert re.search(r"site\s*│\s*clinic-a: 1, clinic-b: 1", inspected), inspected
     _run(commands[1], capsys)
-    partition = json.loads(Path("runs/my-poses/partition.json").read_text())
+    partition = json.loads(Path("runs/my-poses-partition/partition.json").read_text())
     assert "site" in json.dumps(partition)
-    assert Path("runs/my-poses/partition.png").is_file()
+    assert Path("runs/my-poses-partition/partition.png").is_file()
 
 
 def test_bundled_sample_commands_run_from_the_repository_root(tmp_path, monkeypatch, capsys):

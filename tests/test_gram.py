@@ -233,7 +233,8 @@ def test_every_strategy_same_bits_on_other_instruction_sets():
     assert native["digests"] == here
 
 
-@pytest.mark.parametrize("method", ["fedaw", "fedgh"])
+# FedGH in the fast suite (it reads the Gram matrix twice: weights, then projections); FedAW slow
+@pytest.mark.parametrize("method", [pytest.param("fedaw", marks=pytest.mark.slow), "fedgh"])
 def test_tiny_run_same_final_weights_whatever_the_aggregation_path(
     tmp_path, synth_dir, monkeypatch, threads, method
 ):

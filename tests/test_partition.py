@@ -298,7 +298,7 @@ def test_partition_main_writes_files(tmp_path, monkeypatch, capsys):
         ]
     )
     assert rc == 0
-    run_dir = tmp_path / "runs" / "exp"
+    run_dir = tmp_path / "runs" / "exp-partition"  # its own folder beside the runs of exp
     data = json.loads((run_dir / "partition.json").read_text())
     assert data["partition"] == "dirichlet" and data["alpha"] == 0.2
     assert len(data["clients"]) == 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from fedtiny import tiny_cli_args
 from fedpose.cli import main
 from fedpose.report.experiment import load_arms, write_report
 from fedpose.report.stats import paired_difference, tail_mean, tail_window
+from fedpose.run_dir import owner
 
 
 # ------------------------------------------------------------------------------- statistics
@@ -316,6 +318,7 @@ def test_report_refuses_runs_of_different_cpu_models_unless_told(tmp_path, capsy
     assert not out.exists()  # nothing written
     assert main(["report", str(runs), "--out", str(out), "--mixed-cpus"]) == 0
     assert "CPU model of the runs" in (out / "report.md").read_text()
+    assert owner(out) == "report"  # the folder it made is its own: no run or train writes there
     # a run without a recorded model (made before it was recorded) does not count as another
     (runs / "fedgh-s1").rename(tmp_path / "aside")
     assert main(["report", str(runs), "--out", str(tmp_path / "again")]) == 0
@@ -445,3 +448,27 @@ def test_curves_mark_the_scored_window_clip_share_bands_and_tell_arms_apart(tmp_
         metrics.write_text("".join(json.dumps(x) + "\n" for x in rows))
     text = write_report(load_arms([runs]), tmp_path / "out2", "t").read_text()
     assert HEATMAP_ACCURACY in text
+
+
+def test_a_run_outside_a_terminal_prints_a_line_per_round(tmp_path, synth_dir):
+    from types import SimpleNamespace
+
+    from fedtiny import tiny_config
+    from rich.console import Console
+
+    from fedpose.engine.runner import ConsoleObserver
+    from fedpose.train import train_centralized
+
+    out = io.StringIO()
+    console = Console(file=out, width=200)  # a log: a progress bar would show only at the end
+    observer = ConsoleObserver(tiny_config(tmp_path, synth_dir), console)
+    observer.started(SimpleNamespace(strategy=SimpleNamespace(name="fedavg")))
+    observer.round_done(1, {"train_loss": 0.5})
+    assert out.getvalue() == "tiny fedavg: round 1/2  loss 0.50000\n"  # before the run ends
+    observer.round_done(2, {"train_loss": 0.25, "pck_mean": 40.0})
+    observer.closed()
+    assert out.getvalue().splitlines()[-1] == "tiny fedavg: round 2/2  loss 0.25000  PCK 40.0%"
+    train_centralized(tiny_config(tmp_path, synth_dir, "name=c", "train.epochs=1"), console=console)
+    epochs = [x for x in out.getvalue().splitlines() if re.match(r"train epoch \d+/", x)]
+    assert len(epochs) == 1, epochs
+    assert re.fullmatch(r"train epoch 1/1  loss \d\.\d{6}  PCK \d+\.\d%", epochs[0]), epochs

@@ -174,3 +174,105 @@ def test_one_command_never_overwrites_another_commands_folder(
     )
     assert "made by `fedpose train`" in _one_error_line(capsys)
     assert main(["train", "configs/demo.toml", *args, "--force"]) == 0
+
+
+def _unnamed(args: list[str]) -> list[str]:
+    """tiny_cli_args without its `-c name=t`: the run takes the config's name (demo)."""
+    pairs = [args[i : i + 2] for i in range(0, len(args), 2)]
+    return [x for pair in pairs if pair[1] != "name=t" for x in pair]
+
+
+def _comparison_folder(runs: Path) -> Path:
+    """runs/demo as `make demo` leaves it: made by `fedpose compare`, a report and a run."""
+    from fedpose.run_dir import mark
+
+    folder = runs / "demo"
+    shutil.copytree(runs / "t", folder / "fedgh-s0", symlinks=True)
+    mark(folder, "compare")
+    (folder / "report.md").write_text("# the comparison's report\n")
+    return folder
+
+
+def test_each_command_takes_its_own_folder_beside_another_commands(
+    tmp_path, synth_dir, finished, capsys
+):
+    runs = _copy(finished, tmp_path)
+    demo = _comparison_folder(runs)
+    before = _tree(demo)
+    args = _unnamed(tiny_cli_args(runs, synth_dir))
+    capsys.readouterr()
+    assert main(["run", "configs/demo.toml", *args]) == 0
+    said = capsys.readouterr().out
+    assert "holds the results of `fedpose compare`" in said and "demo-run" in said
+    assert (runs / "demo-run" / "model.safetensors").is_file()
+    # --resume finds the same folder: its one round goes on to two
+    assert main(["run", "configs/demo.toml", *args, "-c", "fed.rounds=2", "--resume"]) == 0
+    assert len((runs / "demo-run" / "metrics.jsonl").read_text().splitlines()) == 2
+    assert main(["train", "configs/demo.toml", *args, "-c", "train.epochs=1"]) == 0
+    assert (runs / "demo-train" / "model.safetensors").is_file()
+    assert _tree(demo) == before
+    # a name the user gives is theirs: another command's folder is refused, not replaced
+    capsys.readouterr()
+    assert main(["run", "configs/demo.toml", *args, "--name", "demo"]) == 2
+    assert "made by `fedpose compare`" in _one_error_line(capsys)
+    assert main(["train", "configs/demo.toml", *args, "-c", "name=demo-run"]) == 2
+    assert "made by `fedpose run`" in _one_error_line(capsys)
+    assert _tree(demo) == before
+
+
+@pytest.mark.parametrize(
+    ("made_by", "command", "expected"),
+    [
+        (None, "compare", "demo"),  # a new folder
+        ("compare", "compare", "demo"),  # its own: --resume and reruns find it
+        ("compare", "run", "demo-run"),
+        ("compare", "train", "demo-train"),
+        ("run", "compare", "demo-compare"),
+    ],
+)
+def test_the_default_name_is_the_configs_unless_another_command_made_it(
+    tmp_path, made_by, command, expected
+):
+    from fedpose.run_dir import default_name, mark
+
+    if made_by:
+        (tmp_path / "demo").mkdir()
+        mark(tmp_path / "demo", made_by)
+    assert default_name(tmp_path, "demo", command) == expected
+
+
+def test_an_output_never_replaces_what_another_command_made(tmp_path, synth_dir, finished, capsys):
+    runs = _copy(finished, tmp_path)
+    demo = _comparison_folder(runs)
+    before = _tree(runs)
+    model = str(runs / "t" / "model.safetensors")
+    ckpt = str(runs / "t" / "checkpoints" / "last.safetensors")
+    refused = [
+        ["report", str(runs / "t"), "--out", str(demo)],
+        ["report", str(runs / "t"), "--out", str(demo / "report.md")],
+        ["export", model, "--onnx", str(runs / "t" / "config.json")],
+        ["predict", model, "image.png", "--out", str(runs / "t" / "clients.json")],
+        ["model-from-checkpoint", ckpt, "--out", str(demo / "fedgh-s0" / "model.safetensors")],
+        ["data", "split", "configs/demo.toml", str(demo)],
+        ["data", "synth-arm", str(demo)],
+        ["bench", "sim", "--workdir", str(runs / "t")],
+    ]
+    from fedpose.run_dir import RunDirError, check_output, output_folder
+
+    capsys.readouterr()
+    for argv in refused:
+        assert main(argv) == 2, argv
+        line = _one_error_line(capsys)
+        assert "made by `fedpose" in line and "--force" in line, line
+    assert _tree(runs) == before
+    # a new folder of outputs becomes the command's own: its reruns may write there, others not
+
+    output_folder(runs / "sites", "data split")
+    output_folder(runs / "sites", "data split")
+    args = tiny_cli_args(runs, synth_dir)
+    assert main(["run", "configs/demo.toml", *args, "--name", "sites"]) == 2
+    assert "made by `fedpose data split`" in _one_error_line(capsys)
+    # --force is the user saying so (each command above passes its --force here)
+    with pytest.raises(RunDirError, match="made by `fedpose compare`"):
+        check_output(demo / "report.md", "report")
+    check_output(demo / "report.md", "report", force=True)

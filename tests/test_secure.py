@@ -5,15 +5,18 @@ engine/secure_local.py)."""
 from __future__ import annotations
 
 import pytest
+import secure_sites
 import torch
 from fedtiny import tiny_config
+from secure_sites import AVERAGING, SeededSites
 
 from fedpose.config import ConfigError
 from fedpose.engine import runner
 from fedpose.engine.runner import run_federation
 from fedpose.engine.secure_local import SecureLocalTransport
 from fedpose.fl.gram import gram_matrix
-from fedpose.fl.secure import plan_round
+from fedpose.fl.messages import TrainRequest
+from fedpose.fl.secure import SecureTotals, finish_round, plan_round
 from fedpose.fl.sketch import count_sketch, sketch_gram
 from fedpose.fl.strategies import FedAvg, FedAW, FedDyn, FedGH
 from fedpose.fl.strategies.base import RoundInput
@@ -83,7 +86,6 @@ def test_sketch_needs_the_secret_and_depends_on_it():
 @pytest.mark.parametrize("strategy", [FedAvg(server_lr=0.7), FedDyn(alpha=0.1, server_lr=0.9)])
 def test_secure_sum_gives_the_plain_update(strategy):
     from fedpose.fl.gram import weighted_sum
-    from fedpose.fl.secure import finish_round
 
     counts = torch.tensor([2.0, 5.0, 3.0], dtype=torch.float64)
     state = {"h": torch.full((300,), 0.01)} if isinstance(strategy, FedDyn) else {}
@@ -92,7 +94,7 @@ def test_secure_sum_gives_the_plain_update(strategy):
         plain = strategy.aggregate(RoundInput(d, counts, [0, 1, 2], 5, []), state)
         plan = plan_round(strategy, None, 300, counts, [0, 1, 2], 5, state)
         total = weighted_sum(d, torch.tensor(plan.coef, dtype=torch.float64))
-        secure = finish_round(strategy, plan, total, 5)
+        secure = finish_round(strategy, plan, SecureTotals(total, {}, [0, 1, 2]), 5)
         assert torch.equal(secure.update, plain.update)
         assert secure.state.keys() == plain.state.keys()
         state = plain.state
@@ -121,8 +123,8 @@ class _Spy:
         self.received.append(reply)
         return reply
 
-    def secure_sum(self, client_ids, coef, avg_weights):
-        out = self.inner.secure_sum(client_ids, coef, avg_weights)
+    def secure_sum(self, client_ids, coef, avg_weights, control_coef=None):
+        out = self.inner.secure_sum(client_ids, coef, avg_weights, control_coef)
         self.received.append(("sum", len(client_ids)))
         return out
 
@@ -166,7 +168,7 @@ def test_secure_run_equals_the_plain_run_with_an_injective_sketch(tmp_path, synt
     replies = [r for r in spies[0].received if not isinstance(r, tuple)]
     assert len(replies) == 2 * 4
     for r in replies:
-        assert r.delta is None and r.averaged == {}
+        assert r.delta is None and r.control_delta is None and r.averaged == {}
         if method == "fedgh":
             assert r.sketch.shape == (65536,)
         else:
@@ -225,7 +227,6 @@ def test_pcgrad_decisions_follow_the_sign_of_the_inner_products():
 def test_server_optimisers_step_on_the_secure_sum(method, opt):
     from fedpose.config import FedConfig
     from fedpose.fl.gram import weighted_sum
-    from fedpose.fl.secure import finish_round
     from fedpose.fl.strategies import build_strategy
 
     fed = FedConfig(method=method, server_opt=opt, server_lr=0.1, num_clients=3)
@@ -238,14 +239,91 @@ def test_server_optimisers_step_on_the_secure_sum(method, opt):
         y = torch.stack([count_sketch(row, 1024, "key") for row in d])  # injective: exact Gram
         plan = plan_round(secure_s, y, 300, counts, [0, 1, 2], 3, secure_state)
         total = weighted_sum(d, torch.tensor(plan.coef, dtype=torch.float64))
-        secure = finish_round(secure_s, plan, total, 3)
+        secure = finish_round(secure_s, plan, SecureTotals(total, {}, [0, 1, 2]), 3)
         assert torch.equal(secure.update, plain.update)
         plain_state, secure_state = plain.state, secure.state
     assert "server_opt" in secure_state
 
 
-def test_scaffold_is_refused_under_secure_aggregation(tmp_path, synth_dir):
+def test_secure_scaffold_passes_the_config_checks(tmp_path, synth_dir):
     from fedpose.engine.run import check_config
 
-    with pytest.raises(ConfigError, match="control variates"):
-        check_config(tiny_config(tmp_path, synth_dir, "fed.secure=true", "fed.method=scaffold"))
+    check_config(tiny_config(tmp_path, synth_dir, "fed.secure=true", "fed.method=scaffold"))
+
+
+def _same(a, b) -> bool:
+    """Strategy states equal to the bit: tensors, numbers and dicts of them."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    return a == b
+
+
+@pytest.mark.parametrize("name", list(AVERAGING))
+def test_every_averaging_strategy_is_the_plain_one_under_secure_aggregation(name):
+    """FedAvg, FedProx, FedDyn's server step, the server optimisers and SCAFFOLD: the in-process
+    secure run (sites keep their updates, the server gets the exact sums) takes the plain run's
+    steps bit for bit, and the server loop never holds an update or a control variate change."""
+    layout = secure_sites.layout()
+    plain = secure_sites.server(secure_sites.config(*AVERAGING[name]), SeededSites(layout))
+    plain.run()
+    spy = _Spy(SecureLocalTransport(SeededSites(layout), layout, None, ""))
+    secure = secure_sites.server(secure_sites.config(*AVERAGING[name], "fed.secure=true"), spy)
+    secure.run()
+
+    for tensor, w in plain.weights.items():
+        assert torch.equal(w, secure.weights[tensor]), tensor
+    assert _same(plain.state.strategy, secure.state.strategy)
+    if name.startswith("scaffold"):
+        assert plain.state.strategy["c"].abs().sum() > 0  # the control variate did move
+    replies = [r for r in spy.received if not isinstance(r, tuple)]
+    assert len(replies) == 3 * secure_sites.ROUNDS
+    assert all(
+        r.delta is None and r.control_delta is None and r.sketch is None and r.averaged == {}
+        for r in replies
+    )
+    assert spy.received.count(("sum", 3)) == secure_sites.ROUNDS
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "scaffold", "feddyn"])
+def test_a_dropout_in_the_secure_sum_gives_the_survivors_step(name):
+    """When a site drops out during the secure sum (fl/secure.py's finish_round), the step is
+    the plain strategy's over the survivors: a round with the site refused in phase 1."""
+    layout = secure_sites.layout()
+    cfg = secure_sites.config(*AVERAGING[name])
+    strategy_plain = secure_sites.server(cfg, SeededSites(layout)).strategy
+    strategy_secure = secure_sites.server(cfg, SeededSites(layout)).strategy
+    replies = [
+        secure_sites.site_reply(
+            TrainRequest(k, 0, 0, dict(secure_sites.tiny_net().state_dict()), 0, rule="scaffold"),
+            layout,
+        )
+        for k in (0, 1, 3)
+    ]
+    counts = torch.tensor([float(r.num_samples) for r in replies], dtype=torch.float64)
+    survivors = [0, 2]  # client 1 (the second reply) is lost during the sum
+    deltas = torch.stack([r.delta for r in replies])
+    controls = torch.stack([r.control_delta for r in replies])
+    state = strategy_plain.initial_state()
+    plain = strategy_plain.aggregate(
+        RoundInput(
+            deltas[survivors], counts[survivors], [0, 3], 4, layout.slices, controls[survivors]
+        ),
+        state,
+    )
+    plan = plan_round(strategy_secure, None, deltas.shape[1], counts, [0, 1, 3], 4, state)
+    from fedpose.fl.gram import weighted_sum
+
+    kept_coef = torch.tensor([plan.coef[i] for i in survivors], dtype=torch.float64)
+    totals = SecureTotals(weighted_sum(deltas[survivors], kept_coef), {}, [0, 3])
+    if plan.control_coef is not None:
+        kept_control = torch.tensor([plan.control_coef[i] for i in survivors], dtype=torch.float64)
+        totals.control = weighted_sum(controls[survivors], kept_control)
+    secure = finish_round(strategy_secure, plan, totals, 4)
+    assert torch.allclose(secure.update, plain.update, rtol=1e-6, atol=1e-9)
+    assert _same(secure.state.keys(), plain.state.keys())
+    for key, value in plain.state.items():
+        assert torch.allclose(secure.state[key], value, rtol=1e-6, atol=1e-9), key
+    if name != "feddyn":
+        assert secure.diagnostics["survivor_scale"] > 1.0

@@ -12,7 +12,10 @@ anybody (a copied folder, a planted link), and two runs of one name may be start
   folder fail with one line; the kernel drops the lock when its process dies, so a killed run
   never blocks its `--resume`;
 - the folder records which command made it (`.fedpose-run.json`): a `train` into a folder made
-  by `run` or `compare` (or the reverse) is refused unless forced;
+  by `run` or `compare` (or the reverse) is refused unless forced; a command the user gave no
+  name takes its own folder instead (`default_name`: runs/demo-train beside `make demo`'s
+  runs/demo), and an output file or folder the user names never replaces what another command
+  made (`check_output`);
 - a fresh start moves the previous run's results aside only after every check has passed,
   the ability to write included.
 
@@ -190,9 +193,68 @@ def owner(run_dir: str | Path) -> str | None:
     try:
         text = read_regular(Path(run_dir) / OWNER_FILE).decode("utf-8", "replace")
         value = loads_json(text, OWNER_FILE).get("command") if text else None
-    except (ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError):  # unreadable, a link, not JSON: no record
         return None
     return value if isinstance(value, str) else None
+
+
+def nearest_owner(path: str | Path) -> tuple[str, Path] | None:
+    """(the command, the folder) of the run folder that `path` lies in: `path` itself when it
+    is a folder, else its nearest parent with a record of the command that made it; None
+    outside every run folder."""
+    path = Path(path).absolute()
+    start = path if path.is_dir() else path.parent
+    for folder in (start, *start.parents):
+        made_by = owner(folder)
+        if made_by is not None:
+            return made_by, folder
+    return None
+
+
+def check_output(path: str | Path, command: str, force: bool = False) -> None:
+    """Refuse to replace `path`, an output the user named (a file, or a folder of outputs),
+    when it exists inside a folder another command made, unless `force`. A path that does not
+    exist yet replaces nothing and is never refused."""
+    path = Path(path)
+    if force or not (path.exists() or path.is_symlink()):
+        return
+    found = nearest_owner(path)
+    if found is not None and found[0] != command:
+        made_by, folder = found
+        where = "" if folder == path.absolute() else f"in {_shown(folder)}, "
+        raise RunDirError(
+            f"{path}: {where}a folder made by `fedpose {made_by}`; `fedpose {command}` would "
+            f"overwrite its results: choose another path (or --force to overwrite)"
+        )
+
+
+def output_folder(path: str | Path, command: str, force: bool = False) -> Path:
+    """The folder of a command's outputs, made (and recorded as `command`'s) if missing; an
+    existing folder another command made is refused unless `force` (check_output)."""
+    path = Path(path)
+    check_output(path, command, force)
+    if not path.exists():
+        path.mkdir(parents=True)
+        mark(path, command)
+    return path
+
+
+def default_name(out_dir: str | Path, name: str, command: str, suffix: str | None = None) -> str:
+    """The run name `command` takes when the user named none: the config's `name`, unless
+    `out_dir/name` holds another command's results; then `name-<suffix>` (the command by
+    default), e.g. runs/demo-train for a `fedpose train` of the config `make demo` compares.
+    The same folders give the same name, so --resume finds the run again."""
+    if owner(Path(out_dir) / name) in (None, command):
+        return name
+    return f"{name}-{suffix or command}"
+
+
+def _shown(folder: Path) -> Path:
+    """`folder` relative to the working directory when it lies below it (messages stay short)."""
+    try:
+        return folder.relative_to(Path.cwd())
+    except ValueError:
+        return folder
 
 
 def check_owner(run_dir: str | Path, command: str, force: bool = False) -> None:
@@ -261,12 +323,22 @@ def claim(
     check_no_links(run_dir, out_dir)
     held = lock(run_dir)
     try:
-        check_no_links(run_dir, out_dir)  # again, now that no other run can change the folder
-        check_owner(run_dir, command, force)
-        check_result_kinds(run_dir)
+        # the links checked again, now that no other run can change the folder
+        check_usable(run_dir, out_dir, command, force)
         yield held
     finally:
         held.release()
+
+
+def check_usable(
+    run_dir: str | Path, out_dir: str | Path, command: str, force: bool = False
+) -> None:
+    """claim's checks without the lock, for a process that prepares a folder another process
+    will claim (the Flower ServerApp's): no link, no other command's folder (unless `force`),
+    every result path of the right kind."""
+    check_no_links(run_dir, out_dir)
+    check_owner(run_dir, command, force)
+    check_result_kinds(run_dir)
 
 
 # ----------------------------------------------------------------------------- starting

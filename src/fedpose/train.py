@@ -201,6 +201,7 @@ def _train_claimed(
         TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(),
         console=console,
+        disable=not console.is_terminal,  # a log gets the plain line per epoch below instead
     ) as bar:
         task = bar.add_task("batches", total=None, epoch=start, info="")
         for epoch in range(start, epochs):
@@ -251,10 +252,12 @@ def _train_claimed(
                 },
                 identity,
             )
+            info = f"loss {record['train_loss']:.6f}"
             if "pck_mean" in record:
-                bar.update(
-                    task, info=f"loss {record['train_loss']:.6f}  PCK {record['pck_mean']:.1f}%"
-                )
+                info += f"  PCK {record['pck_mean']:.1f}%"
+                bar.update(task, info=info)
+            if not console.is_terminal:  # a bar would show in a log only at the end
+                console.print(f"train epoch {epoch + 1}/{epochs}  {info}", highlight=False)
             observer.round_done(epoch + 1, record)
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     save_model(run_dir / MODEL_FILE, weights, cfg, skeleton)

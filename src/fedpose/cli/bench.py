@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from fedpose.cli.common import (
     FLOWER_INTERRUPTED,
     add_config,
     add_flower_run,
+    add_force,
     console,
+    own_name,
 )
 from fedpose.config import load_config
 from fedpose.data import DATASETS
@@ -74,8 +75,10 @@ def add_bench_data(bsub: argparse._SubParsersAction) -> None:
 
 
 def cmd_bench_sim(args) -> int:
+    from fedpose.run_dir import output_folder
     from fedpose.tools.bench_sim import SimBenchOptions, bench_sim, phase_table, sim_table
 
+    output_folder(args.workdir, "bench sim", args.force)
     opts = SimBenchOptions(
         clients=args.clients,
         per_round=args.per_round,
@@ -110,6 +113,7 @@ def add_bench_sim(bsub: argparse._SubParsersAction) -> None:
         help="federation sizes K for the table (each at most --clients)",
     )
     b.add_argument("--workdir", default="runs/bench-sim")
+    add_force(b, "a --workdir another command made")
     b.set_defaults(func=cmd_bench_sim)
 
 
@@ -166,6 +170,7 @@ def add_bench_train(bsub: argparse._SubParsersAction) -> None:
 
 
 def cmd_bench_flower(args) -> int:
+    from fedpose.run_dir import check_output
     from fedpose.tools.flower_bench import (
         bench_command,
         run_flower_bench,
@@ -174,6 +179,8 @@ def cmd_bench_flower(args) -> int:
     )
     from fedpose.tools.flower_demo import terminate_on_sigterm
 
+    if args.out:
+        check_output(args.out, "bench flower", args.force)  # before the runs, not after
     console.print(f"Flower vs in-process: {args.supernodes} SuperNodes, {args.rounds} rounds")
     with terminate_on_sigterm():
         bench = run_flower_bench(args.config, args.supernodes, args.rounds, args.overrides, console)
@@ -191,6 +198,7 @@ def add_bench_flower(bsub: argparse._SubParsersAction) -> None:
     )
     add_flower_run(b, rounds=3)
     b.add_argument("--out", default=None, help="write the figures as markdown here")
+    add_force(b, "an --out file in a folder another command made")
     b.set_defaults(func=cmd_bench_flower, interrupted=FLOWER_INTERRUPTED)
 
 
@@ -227,14 +235,17 @@ def _add_data_source(b: argparse.ArgumentParser) -> None:
 def cmd_sketch_study(args) -> int:
     import json
 
+    from fedpose.run_dir import output_folder
     from fedpose.tools.secure_study import flower_cost, sketch_study, summary_table
 
     if args.flower_cost:
-        out = Path(args.flower_cost).resolve()
+        out = output_folder(args.flower_cost, "sketch-study", args.force).resolve()
         rows = flower_cost(out, rounds=args.rounds)
         (out / "flower_cost.json").write_text(json.dumps(rows, indent=2))
         return 0
-    cfg = load_config(args.config, [*args.overrides, "fed.method=fedgh"])
+    # an in-process run: the config's folder unless another command made it
+    name = own_name(args, "run", suffix="sketch-study")
+    cfg = load_config(args.config, [*args.overrides, *name, "fed.method=fedgh"])
     widths = [int(w) for w in args.widths.split(",")]
     print(summary_table(sketch_study(cfg, widths, args.keys)))
     return 0
@@ -255,4 +266,5 @@ def add_sketch_study(sub: argparse._SubParsersAction) -> None:
         "Flower processes (the tiny flower-demo federation), written to DIR",
     )
     p.add_argument("--rounds", type=int, default=2, help="rounds of each --flower-cost run")
+    add_force(p, "a folder another command made")
     p.set_defaults(func=cmd_sketch_study)

@@ -8,7 +8,9 @@ tests/test_cli_light.py checks it."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from fedpose.config import load_config
 from fedpose.version import plain_console
 
 console = plain_console()
@@ -74,19 +76,55 @@ def add_resume(p: argparse.ArgumentParser) -> None:
         "--force",
         action="store_true",
         help="with --resume: accept a checkpoint of another method, seed or config; "
-        "write into a run folder another command made",
+        "write into a run folder another command made (--name)",
     )
 
 
-def add_name(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--name", default=None, help="run folder name under out_dir (default: the config's name)"
-    )
+def add_name(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--name", default=None, help=f"folder name under out_dir (default: {default})")
+
+
+def own_folder(command: str) -> str:
+    """--name's default in words, for a command whose folder own_name chooses."""
+    return f"the config's name; NAME-{command} when another command made that folder"
+
+
+def add_force(p: argparse.ArgumentParser, what: str = "an output another command made") -> None:
+    p.add_argument("--force", action="store_true", help=f"overwrite {what}")
 
 
 def name_override(args) -> list[str]:
     """--name NAME as the override it stands for."""
-    return [f"name={args.name}"] if args.name else []
+    name = getattr(args, "name", None)  # commands without --name: `-c name=` only
+    return [f"name={name}"] if name else []
+
+
+def names_the_run(overrides: list[str]) -> bool:
+    """Whether the overrides (`-c name=...`, or --name's) name the run folder."""
+    return any(item.split("=", 1)[0].strip() == "name" for item in overrides)
+
+
+def own_name(args, command: str, suffix: str | None = None) -> list[str]:
+    """The name overrides of a command that makes a run folder (fedpose.run_dir.default_name):
+    --name's, or none when `-c name=` names the folder; else none when the config's own folder
+    is free or this command's, and `name=<name>-<suffix>` when another command made it (said on
+    the console: `fedpose train configs/demo.toml` after `make demo` writes runs/demo-train)."""
+    from fedpose.run_dir import default_name, owner
+
+    overrides = args.overrides + name_override(args)
+    if names_the_run(overrides):
+        return name_override(args)
+    cfg = load_config(args.config, overrides)
+    name = default_name(cfg.out_dir, cfg.name, command, suffix)
+    if name == cfg.name:
+        return []
+    console.print(
+        f"{cfg.run_dir} holds the results of `fedpose {owner(cfg.run_dir)}`: `fedpose "
+        f"{suffix or command}` writes {Path(cfg.out_dir) / name} (--name chooses the folder)",
+        markup=False,
+        highlight=False,
+    )
+    return [f"name={name}"]
 
 
 def pretrained(path: str) -> str:

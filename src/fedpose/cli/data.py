@@ -9,15 +9,20 @@ from rich.table import Table
 
 from fedpose.cli.common import (
     add_config,
+    add_force,
+    add_name,
     console,
+    name_override,
 )
 from fedpose.config import load_config
 from fedpose.data import DATASETS
+from fedpose.run_dir import check_output
 
 
 def cmd_data_synth_arm(args) -> int:
     from fedpose.data.synth_arm import generate_synth_arm
 
+    check_output(args.out, "data synth-arm", args.force)
     ann = generate_synth_arm(args.out, n=args.n, seed=args.seed, size=args.size)
     console.print(f"wrote {ann}")
     return 0
@@ -29,6 +34,7 @@ def add_data_synth_arm(dsub: argparse._SubParsersAction) -> None:
     d.add_argument("--n", type=int, default=2060)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--size", type=int, default=128)
+    add_force(d, "a folder another command made")
     d.set_defaults(func=cmd_data_synth_arm)
 
 
@@ -36,6 +42,8 @@ def cmd_data_download(args) -> int:
     from fedpose.data.download import SOURCES, download_dataset
 
     source = SOURCES[args.name]
+    if args.to:
+        check_output(args.to, "data download", args.force)
     origin = args.from_file or args.url or source.url
     console.print(f"{args.name}: from {origin} (licence and citation: {source.page})", markup=False)
     reported = [0]
@@ -73,6 +81,7 @@ def add_data_download(dsub: argparse._SubParsersAction) -> None:
         metavar="ARCHIVE",
         help="unpack a local copy of the archive instead of downloading it",
     )
+    add_force(d, "a --to folder another command made")
     d.set_defaults(func=cmd_data_download)
 
 
@@ -110,7 +119,10 @@ def add_data_inspect(dsub: argparse._SubParsersAction) -> None:
 def cmd_data_partition(args) -> int:
     from fedpose.data.partition import print_statistics, write_partition_report
 
-    report = write_partition_report(load_config(args.config, args.overrides))
+    cfg = load_config(args.config, args.overrides)
+    # its own folder beside the runs of the config: a preview never takes a run's name
+    name = name_override(args) or [f"name={cfg.name}-partition"]
+    report = write_partition_report(load_config(args.config, args.overrides + name), args.force)
     print_statistics(report.stats, console, title=report.title)
     for path in (report.json_path, report.png_path):
         console.print(f"wrote {path}", markup=False, highlight=False, soft_wrap=True)
@@ -118,8 +130,12 @@ def cmd_data_partition(args) -> int:
 
 
 def add_data_partition(dsub: argparse._SubParsersAction) -> None:
-    d = dsub.add_parser("partition", help="print and plot per-client statistics")
+    d = dsub.add_parser(
+        "partition", help="print and plot per-client statistics (runs/NAME-partition/)"
+    )
     add_config(d)
+    add_name(d, "the config's name + '-partition'")
+    add_force(d, "a folder another command made")
     d.set_defaults(func=cmd_data_partition)
 
 
@@ -127,7 +143,7 @@ def cmd_data_split(args) -> int:
     from fedpose.data.site import TEST_FILE, TRAIN_FILE, split_into_sites
 
     cfg = load_config(args.config, args.overrides)
-    sites = split_into_sites(cfg, args.out_dir)
+    sites = split_into_sites(cfg, args.out_dir, args.force)
     table = Table(title=f"{len(sites)} site folders ({cfg.fed.partition} partition)")
     for column in ("site folder", "train", "test"):
         table.add_column(column, justify="left" if column == "site folder" else "right")
@@ -159,6 +175,7 @@ def add_data_split(dsub: argparse._SubParsersAction) -> None:
     )
     add_config(d)
     d.add_argument("out_dir", help="where the site folders site0, site1, ... go")
+    add_force(d, "a folder another command made")
     d.set_defaults(func=cmd_data_split)
 
 

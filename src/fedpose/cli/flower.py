@@ -12,6 +12,7 @@ from fedpose.cli.common import (
     add_flower_run,
     console,
     err_console,
+    own_name,
 )
 from fedpose.config import load_config
 
@@ -55,8 +56,10 @@ def cmd_flower_sim(args) -> int:
     from fedpose.tools.flower_demo import demo_config, terminate_on_sigterm
     from fedpose.tools.flower_sim import run_flower_simulation
 
+    # with a config, its folder unless another command made it (without: runs/flower-sim)
+    name = own_name(args, "run", suffix="flower-sim") if args.config else []
     cfg = demo_config(
-        args.config, args.supernodes, args.rounds, args.overrides, default_name="flower-sim"
+        args.config, args.supernodes, args.rounds, args.overrides + name, default_name="flower-sim"
     )
     console.print(
         f"[bold]{cfg.name}[/]: {cfg.fed.method} on {cfg.data.dataset}, "

@@ -9,9 +9,13 @@ from pathlib import Path
 from fedpose.cli.common import (
     METHODS,
     add_config,
+    add_force,
+    add_name,
     console,
     err_console,
     method_names,
+    own_folder,
+    own_name,
     split,
 )
 
@@ -46,10 +50,9 @@ def cmd_compare(args) -> int:
 
     plan = Comparison(
         args.config,
-        args.overrides,
+        args.overrides + own_name(args, "compare"),
         _variants(args),
         _seeds(args.seeds),
-        name=args.name,
         resume=args.resume,
         jobs=args.jobs,
         force=args.force,
@@ -85,7 +88,7 @@ def add_compare(sub: argparse._SubParsersAction) -> None:
         help="compare named config variants instead of --methods (repeatable)",
     )
     p.add_argument("--seeds", default="0", help="paired seeds: 0,1,2 or 0-9")
-    p.add_argument("--name", default=None, help="report name (default: the config's name)")
+    add_name(p, own_folder("compare"))
     p.add_argument("--resume", action="store_true", help="keep finished runs, resume the rest")
     p.add_argument("--force", action="store_true", help="write into a folder another command made")
     p.add_argument(
@@ -106,12 +109,17 @@ def add_compare(sub: argparse._SubParsersAction) -> None:
 
 def cmd_report(args) -> int:
     from fedpose.report.experiment import load_arms, write_report
+    from fedpose.run_dir import check_output, mark
 
+    out = Path(args.out)
+    # a report never replaces another command's (a comparison's report.md and plots)
+    check_output(out, "report", args.force)
+    new_folder = out.suffix != ".md" and not out.exists()
     arms = load_arms([Path(p) for p in args.runs])
     notes = Path(args.notes).read_text() if args.notes else ""
     report = write_report(
         arms,
-        Path(args.out),
+        out,
         args.title,
         baselines=tuple(split(args.baselines)),
         command=args.command_line,
@@ -121,6 +129,8 @@ def cmd_report(args) -> int:
         target_pck=args.target_pck,
         mixed_cpus=args.mixed_cpus,
     )
+    if new_folder:
+        mark(out, "report")  # the folder this report made is its own
     console.print(report.read_text().split("## Curves")[0], markup=False, highlight=False)
     console.print(f"report: {report}")
     return 0
@@ -135,6 +145,7 @@ def add_report(sub: argparse._SubParsersAction) -> None:
         help="run directories, or folders of LABEL-s<seed> run directories",
     )
     p.add_argument("--out", required=True, help="output folder, or a .md file name")
+    add_force(p, "a report (or folder) another command made")
     p.add_argument("--title", default="fedpose comparison")
     p.add_argument(
         "--baselines",

@@ -10,14 +10,18 @@ from rich.table import Table
 
 from fedpose.cli.common import (
     add_config,
+    add_force,
     add_name,
     add_overrides,
     add_resume,
     console,
-    name_override,
+    own_folder,
+    own_name,
 )
 from fedpose.config import ConfigError, load_config
 from fedpose.data import DATASETS
+from fedpose.files import check_not_an_input
+from fedpose.run_dir import check_output
 
 
 def _print_keypoint_ap(ap: dict[str, float], dataset: str) -> None:
@@ -36,7 +40,7 @@ def cmd_train(args) -> int:
     from fedpose.model.io import MODEL_FILE
     from fedpose.train import train_centralized
 
-    cfg = load_config(args.config, args.overrides + name_override(args))
+    cfg = load_config(args.config, args.overrides + own_name(args, "train"))
     record = train_centralized(cfg, resume=args.resume, console=console, force=args.force)
     console.print(f"model: {cfg.run_dir / MODEL_FILE}")
     console.print(f"mean PCK: {record.get('pck_mean', float('nan')):.2f}")
@@ -47,7 +51,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="centralized training and evaluation")
     add_config(p)
     add_resume(p)
-    add_name(p)
+    add_name(p, own_folder("train"))
     p.set_defaults(func=cmd_train)
 
 
@@ -56,7 +60,7 @@ def cmd_run(args) -> int:
     from fedpose.metrics.log import read_metrics
     from fedpose.report.compare import final_eval
 
-    cfg = load_config(args.config, args.overrides + name_override(args))
+    cfg = load_config(args.config, args.overrides + own_name(args, "run"))
     run_federation(cfg, resume=args.resume, console=console, force=args.force)
     last = final_eval(read_metrics(cfg.run_dir)) or {}  # the last round is always evaluated
     console.print(f"run directory: {cfg.run_dir}")
@@ -68,7 +72,7 @@ def add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="one federated run on the in-process engine")
     add_config(p)
     add_resume(p)
-    add_name(p)
+    add_name(p, own_folder("run"))
     p.set_defaults(func=cmd_run)
 
 
@@ -85,6 +89,8 @@ def cmd_eval(args) -> int:
     cfg = data_from_user(cfg, args.overrides)  # the model file's own paths are never used
     if args.dump and cfg.data.dataset != "coco":
         raise ConfigError(f"--dump writes COCO results; the model's data is {cfg.data.dataset}")
+    if args.dump:
+        check_output(args.dump, "eval", args.force)  # before the evaluation, not after
     records, _ = load_split(cfg.data, args.split)
     ev = evaluate_model(
         model,
@@ -135,17 +141,18 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
         metavar="RESULTS.json",
         help="coco: also write the predictions as a COCO keypoint results file",
     )
+    add_force(p, "a --dump file in a folder another command made")
     add_overrides(p, "e.g. -c data.root=/path/to/lsp")
     p.set_defaults(func=cmd_eval)
 
 
 def cmd_predict(args) -> int:
-    from fedpose.files import check_not_an_input
+    check_not_an_input(args.out, args.checkpoint, args.image)
+    check_output(args.out, "predict", args.force)  # before torch loads
     from fedpose.model.inference import predict_image
     from fedpose.model.io import load_model
     from fedpose.report.draw import draw_skeleton
 
-    check_not_an_input(args.out, args.checkpoint, args.image)
     model, cfg, skeleton = load_model(args.checkpoint)
     joints, confidence = predict_image(model, args.image, cfg.data.input_size, skeleton)
     draw_skeleton(args.image, joints, confidence, skeleton, args.out)
@@ -160,16 +167,17 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint")
     p.add_argument("image")
     p.add_argument("--out", required=True)
+    add_force(p, "an --out file in a folder another command made")
     p.set_defaults(func=cmd_predict)
 
 
 def cmd_export(args) -> int:
-    from fedpose.files import check_not_an_input
+    check_not_an_input(args.onnx, args.checkpoint)
+    check_output(args.onnx, "export", args.force)  # before torch loads
     from fedpose.model.conventions import describe_model
     from fedpose.model.export import ONNX_OPSET, export_onnx
     from fedpose.model.io import load_any_model
 
-    check_not_an_input(args.onnx, args.checkpoint)
     model, cfg, skeleton = load_any_model(args.checkpoint)
     size = cfg.data.input_size
     conventions = describe_model(cfg, skeleton)
@@ -189,10 +197,13 @@ def add_export(sub: argparse._SubParsersAction) -> None:
         help="model.safetensors, or RUN/checkpoints/last.safetensors (with RUN/config.json)",
     )
     p.add_argument("--onnx", required=True, metavar="OUT.onnx", help="the ONNX file to write")
+    add_force(p, "an --onnx file in a folder another command made")
     p.set_defaults(func=cmd_export)
 
 
 def cmd_model_from_checkpoint(args) -> int:
+    check_not_an_input(args.out, args.checkpoint)
+    check_output(args.out, "model-from-checkpoint", args.force)  # before torch loads
     from fedpose.model.io import model_from_checkpoint, save_model
 
     weights, cfg, skeleton = model_from_checkpoint(args.checkpoint, args.config)
@@ -214,6 +225,7 @@ def add_model_from_checkpoint(sub: argparse._SubParsersAction) -> None:
         metavar="CONFIG.json",
         help="the run's config.json (default: two folders above the checkpoint)",
     )
+    add_force(p, "an --out file in a folder another command made")
     p.set_defaults(func=cmd_model_from_checkpoint)
 
 

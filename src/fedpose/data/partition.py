@@ -40,11 +40,12 @@ import numpy as np
 from fedpose import seeding
 from fedpose.config import Config, FedConfig, choice_problem
 from fedpose.data.records import SKELETONS, PoseRecord, Skeleton
-from fedpose.run_dir import write_file
+from fedpose.run_dir import claim, mark, write_file
 
 PARTITIONS = ("iid", "attribute", "dirichlet", "quantity")  # the `fed.partition` names
 # draws of the redraw rule before giving up (flwr-datasets' DirichletPartitioner gives up after 11)
 DIRICHLET_MAX_DRAWS = 100
+PARTITION_COMMAND = "data partition"  # the command its folders are recorded as made by
 
 
 def partition_problem(method: str) -> str | None:
@@ -461,9 +462,10 @@ class PartitionReport:
     png_path: Path  # <run_dir>/partition.png: the statistics as bars
 
 
-def write_partition_report(cfg: Config) -> PartitionReport:
+def write_partition_report(cfg: Config, force: bool = False) -> PartitionReport:
     """Partition the configured training split and save per-client statistics in the run
-    directory (partition.json and partition.png)."""
+    directory (partition.json and partition.png), recorded as `data partition`'s: a folder
+    another command made is refused unless `force`."""
     from fedpose.data import load_split  # looked up at call time, so a test can replace it
 
     records, skeleton = load_split(cfg.data, "train")
@@ -485,8 +487,6 @@ def write_partition_report(cfg: Config) -> PartitionReport:
     if uses_attr:
         title += f" by {fed.partition_attr}"
 
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     header = {
         "dataset": cfg.data.dataset,
         "partition": fed.partition,
@@ -509,7 +509,10 @@ def write_partition_report(cfg: Config) -> PartitionReport:
         }
         for s, idx in zip(stats, parts, strict=True)
     ]
-    json_path = run_dir / "partition.json"
-    _write_partition(json_path, header, clients)
-    png_path = plot_statistics(stats, run_dir / "partition.png")
+    run_dir = Path(cfg.run_dir)
+    with claim(run_dir, cfg.out_dir, PARTITION_COMMAND, force=force):
+        mark(run_dir, PARTITION_COMMAND)
+        json_path = run_dir / "partition.json"
+        _write_partition(json_path, header, clients)
+        png_path = plot_statistics(stats, run_dir / "partition.png")
     return PartitionReport(stats, title, json_path, png_path)

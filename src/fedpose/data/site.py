@@ -26,7 +26,7 @@ from fedpose.data import SYNTH_ANN, dataset_kind, load_split
 from fedpose.data.coco import load_coco, write_coco
 from fedpose.data.partition import partition
 from fedpose.data.records import DatasetError, PoseRecord, Skeleton
-from fedpose.run_dir import write_file
+from fedpose.run_dir import check_output, output_folder, write_file
 
 # node config keys (flower-supernode --node-config) that describe a site's data
 DATA_ROOT = "data-root"
@@ -34,6 +34,7 @@ SITE_KEYS = ("data-root", "dataset", "ann", "test-ann", "headboxes", "lsp-labels
 TRAIN_FILE = "train.json"
 TEST_FILE = "test.json"
 IMAGES = "images"
+SPLIT_COMMAND = "data split"  # the command its output folders are recorded as made by
 
 
 def dataset_skeleton(dataset: str) -> Skeleton:
@@ -164,9 +165,11 @@ def evaluation_partition(test_records: list[PoseRecord], cfg: Config) -> list[li
     return partition(test_records, cfg.fed, cfg.seed)
 
 
-def split_into_sites(cfg: Config, out_dir: str | Path) -> list[WrittenSite]:
+def split_into_sites(cfg: Config, out_dir: str | Path, force: bool = False) -> list[WrittenSite]:
     """Write one COCO-format site folder per client of the config's partition (see the module
-    docstring); returns what each folder holds."""
+    docstring); returns what each folder holds. `out_dir` is made and recorded as the split's;
+    a folder another command made is refused unless `force`."""
+    check_output(out_dir, SPLIT_COMMAND, force)
     train, skeleton = load_split(cfg.data, "train")
     test, _ = load_split(cfg.data, "test")
     parts = partition(train, cfg.fed, cfg.seed)
@@ -175,7 +178,7 @@ def split_into_sites(cfg: Config, out_dir: str | Path) -> list[WrittenSite]:
     if not images:
         raise DatasetError(cfg.data.root, "no records to split")
     source_root = Path(os.path.commonpath([str(Path(p).resolve().parent) for p in images]))
-    out_dir = Path(out_dir)
+    out_dir = output_folder(out_dir, SPLIT_COMMAND, force)
     written = []
     for name, part, test_part in zip(
         site_folder_names(cfg.fed.num_clients), parts, test_parts, strict=True

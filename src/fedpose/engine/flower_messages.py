@@ -231,7 +231,7 @@ def content_to_request(content: RecordDict) -> TrainRequest:
 
 
 _AVERAGED = "averaged/"  # name prefix of the averaged tensors in a reply's packed "update"
-_CONTROL_DELTA = "control-delta"  # SCAFFOLD: c_k⁺ − c_k in a reply's packed "update"
+CONTROL_DELTA = "control-delta"  # SCAFFOLD: c_k⁺ − c_k in a reply's packed "update"
 
 
 def reply_to_content(reply: TrainReply, timing: dict[str, float] | None = None) -> RecordDict:
@@ -253,7 +253,7 @@ def reply_to_content(reply: TrainReply, timing: dict[str, float] | None = None) 
         }
     )
     if reply.delta is not None:
-        extra = {} if reply.control_delta is None else {_CONTROL_DELTA: reply.control_delta}
+        extra = {} if reply.control_delta is None else {CONTROL_DELTA: reply.control_delta}
         content["update"] = pack_state(
             {
                 "delta": reply.delta,
@@ -283,7 +283,7 @@ def content_to_reply(content: RecordDict) -> TrainReply:
         steps=int(metrics["steps"]),
         seconds=float(metrics["seconds"]),
         error=str(cfg["error"]) or None,
-        control_delta=update.get(_CONTROL_DELTA),
+        control_delta=update.get(CONTROL_DELTA),
         # secure aggregation's phase 1 (engine/flower_secagg.py): a sketch instead of the update
         sketch=record_to_state(content["sketch"])["sketch"] if "sketch" in content else None,
     )

@@ -2,28 +2,35 @@
 
 Phase 1 is fedpose's usual "train" message. Under `fed.secure` the ClientApp's
 `client_secure_mod` (outermost mod, so it sees the update after LocalDpMod's noise) keeps the
-update in the node's `context.state` and replaces it in the reply by its CountSketch (width
-`fed.sketch_width`, keyed by the SuperNode's node-config `sketch-secret`, which the server never
-sees) — or by nothing, for FedAvg/FedProx/FedBN/FedDyn. The reply then holds counts, losses and
-the sketch only.
+update (and SCAFFOLD's control variate change) in the node's `context.state` and replaces them
+in the reply by the update's CountSketch (width `fed.sketch_width`, keyed by the SuperNode's
+node-config `sketch-secret`, which the server never sees) — or by nothing, for FedAvg, FedProx,
+FedBN, FedDyn and SCAFFOLD. The reply then holds counts, losses and the sketch only.
 
 Phase 2 is Flower's own SecAgg+ (`SecAggPlusWorkflow` on the server, `secaggplus_mod` on the
 ClientApp), run once per round for the round's clients by `FlowerSecureTransport.secure_sum`.
 The workflow is Flower's unmodified four stages (setup, share keys, collect masked vectors,
 unmask) with its dropout recovery (Shamir shares of the dropped clients' keys); fedpose only
 feeds it: the workflow asks a legacy Strategy's `configure_fit` for the per-node instructions
-(here: the node's coefficient c_k and its BatchNorm weight a_k) and hands the unmasked result to
-`aggregate_fit`, where fedpose takes it. On the ClientApp, secaggplus_mod's inner handler
-(`_masked_input`) answers with [c_k Δ_k, a_k (BN_k − BN_global)] and weight 1, which
-secaggplus_mod clips to ±`fed.secagg_clip`, quantises (2^22 levels, stochastic rounding),
-masks and uploads. The server obtains the mean of the K vectors and multiplies it by K.
+(here: the node's coefficient c_k, its BatchNorm weight a_k and, for SCAFFOLD, its control
+weight e_k) and hands the unmasked result to `aggregate_fit`, where fedpose takes it. On the
+ClientApp, secaggplus_mod's inner handler (`_masked_input`) answers with
+[c_k Δ_k, e_k (c_k⁺ − c_k) (SCAFFOLD only), a_k (BN_k − BN_global)] and weight 1, which
+secaggplus_mod clips to ±`fed.secagg_clip`, quantises (2^22 levels, stochastic rounding), masks
+and uploads: one masked vector, so the control variate's change is as hidden as the update.
+The server obtains the mean of the kept clients' vectors and multiplies it by their number.
 
-Quantisation error of the sum, per coordinate: at most K · 2 · clip / 2^22 (K active clients;
+Quantisation error of a sum, per coordinate: at most K · 2 · clip / 2^22 (K clients in the sum;
 4.8e-7 per client at clip = 1), unbiased (stochastic rounding); values beyond ±clip are clipped,
 and each client reports how many of its values were (`secagg_clipped` in metrics.jsonl).
-Dropouts: a client lost between phase 1 and the end of SecAgg+ is left out of the sum (SecAgg+
-removes its masks as long as enough shares remain) and the sum is rescaled by Σ_all c / Σ_kept c;
-SecAgg+ aborting (too few clients) stops the run with an error.
+
+Dropouts (measured in tests/test_flower_secure.py): a client lost during the collect-masked-
+vectors or unmask stage is recovered by SecAgg+ (its masks are removed with the others' shares
+as long as `fed.secagg_threshold` of them answer); the sums then cover the clients whose masked
+vectors arrived (`SecureTotals.kept`) and fl/secure.py's `finish_round` takes the survivors'
+step. Flower 1.42's unmask stage asks for key shares of every sampled client, so a client lost
+during setup or share keys (no shares of its keys exist) halts SecAgg+: the round stops the run
+with `SecureAggregationError`, before anything of that round is written.
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.compat.grid_client_proxy import GridClientProxy
@@ -57,6 +64,7 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 
 from fedpose.config import ConfigError
 from fedpose.engine.flower_messages import (
+    CONTROL_DELTA,
     content_to_request,
     pack_state,
     record_to_state,
@@ -64,17 +72,23 @@ from fedpose.engine.flower_messages import (
 )
 from fedpose.fl.messages import TrainReply, TrainRequest
 from fedpose.fl.params import ModelLayout, weighted_average
-from fedpose.fl.secure import needs_sketch
+from fedpose.fl.secure import SecureTotals, needs_sketch
 from fedpose.fl.sketch import count_sketch
 from fedpose.fl.strategies import build_strategy
 
 SKETCH_SECRET = "sketch-secret"  # node config key: the consortium secret (never the run config)
 _KEPT = "fedpose.secure.update"  # context.state key: this site's update of the round
 _AVG = "avgdelta/"  # name prefix of the BatchNorm statistics' change in the kept update
+_CONTROL = "control"  # SCAFFOLD's control variate change in the kept update
 COUNTERS = "counters"  # reply record: integer BatchNorm counters, in the clear
 QUANTISATION_LEVELS = 1 << 22  # SecAgg+'s default quantization_range, used as is
 # where a ServerApp writes what it received when asked to (the inspection test)
 INSPECT_ENV = "FEDPOSE_INSPECT_MESSAGES"
+# tests only: a SuperNode started with FEDPOSE_TEST_SECAGG_DROP=<SecAgg+ stage> (setup,
+# share_keys, collect_masked_vectors, unmask) loses its site at that stage of every round: the
+# ClientApp process exits without a reply, as a crashed or disconnected site would
+DROP_ENV = "FEDPOSE_TEST_SECAGG_DROP"
+DROP_EXIT_CODE = 75
 
 
 def check_server_config(fed) -> None:
@@ -103,6 +117,7 @@ def client_secure_mod(msg: Message, context: Context, call_next) -> Message:
     if not fed.secure:
         return call_next(msg, context)
     if RECORD_KEY_CONFIGS in msg.content.config_records:
+        _injected_dropout(msg)
         return secaggplus_mod(msg, context, _masked_input)
     reply = call_next(msg, context)
     if reply.has_error() or "update" not in reply.content:
@@ -110,11 +125,21 @@ def client_secure_mod(msg: Message, context: Context, call_next) -> Message:
     return _keep_and_sketch(msg, reply, context, fed)
 
 
+def _injected_dropout(msg: Message) -> None:
+    """The test switch DROP_ENV: end this ClientApp process, unanswered, at the named stage."""
+    stage = os.environ.get(DROP_ENV)
+    if stage and msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE) == stage:
+        print(f"{DROP_ENV}={stage}: this site drops out of SecAgg+ here", flush=True)
+        os._exit(DROP_EXIT_CODE)
+
+
 def _keep_and_sketch(msg: Message, reply: Message, context: Context, fed) -> Message:
     update = record_to_state(reply.content["update"])
     delta = update.pop("delta")
     sent = content_to_request(msg.content).weights
     kept = {"delta": delta}
+    if CONTROL_DELTA in update:  # SCAFFOLD: c_k⁺ − c_k goes through SecAgg+ with the update
+        kept[_CONTROL] = update.pop(CONTROL_DELTA)
     counters = {}
     for key, t in update.items():  # "averaged/<name>": BatchNorm statistics
         name = key.split("/", 1)[1]
@@ -149,7 +174,8 @@ def _array(values: np.ndarray):
 
 
 def _masked_input(msg: Message, context: Context) -> Message:
-    """SecAgg+'s inner handler: [c_k Δ_k, a_k ΔBN_k] as a FitRes of weight 1."""
+    """SecAgg+'s inner handler: [c_k Δ_k, e_k Δc_k (SCAFFOLD), a_k ΔBN_k] as a FitRes of
+    weight 1."""
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     coef, avg_weight = float(fitins.config["coef"]), float(fitins.config["avg-weight"])
     clip = float(fitins.config["clip"])
@@ -157,17 +183,23 @@ def _masked_input(msg: Message, context: Context) -> Message:
         raise RuntimeError("secure aggregation asked for an update this site did not keep")
     kept = record_to_state(context.state.array_records[_KEPT])
     del context.state[_KEPT]  # one sum per update
-    x = kept.pop("delta").double().numpy() * coef
+    vectors = [kept.pop("delta").double().numpy() * coef]
+    if "control-coef" in fitins.config:
+        if _CONTROL not in kept:
+            raise RuntimeError(
+                "secure aggregation asked for a control variate change this site did not keep"
+            )
+        vectors.append(kept.pop(_CONTROL).double().numpy() * float(fitins.config["control-coef"]))
     names = [n for n in kept if n.startswith(_AVG)]
-    bn = (
+    vectors.append(
         np.concatenate([kept[n].reshape(-1).numpy() * avg_weight for n in names])
         if names
         else np.zeros(0)
     )
-    clipped = int((np.abs(x) > clip).sum() + (np.abs(bn) > clip).sum())
+    clipped = sum(int((np.abs(v) > clip).sum()) for v in vectors)
     fitres = FitRes(
         Status(Code.OK, ""),
-        ndarrays_to_parameters([x, bn]),
+        ndarrays_to_parameters(vectors),
         1,
         {"secagg-clipped": clipped},
     )
@@ -215,7 +247,7 @@ class _RoundPlan(LegacyStrategy):
 
 
 class SecureAggregationError(RuntimeError):
-    """SecAgg+ could not produce the round's sum (too few clients left to unmask it)."""
+    """SecAgg+ could not produce the round's sum (module docstring: dropouts)."""
 
 
 def secure_transport(transport, layout: ModelLayout, fed):
@@ -238,7 +270,6 @@ class FlowerSecureTransport:
         self._global_avg: dict[str, torch.Tensor] = {}
         self._round = 0
         self._counters: dict[int, dict[str, torch.Tensor]] = {}
-        self.last_sum: dict = {}
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -257,17 +288,45 @@ class FlowerSecureTransport:
         self.inner.send(request)
 
     def secure_sum(
-        self, client_ids: list[int], coef: list[float], avg_weights: list[float]
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        rows = zip(client_ids, coef, avg_weights, strict=True)
-        nodes = {self.inner.node_of[k]: (c, a) for k, c, a in rows}
-        plan = _RoundPlan(
-            self.inner.grid,
-            {
-                node: {"coef": c, "avg-weight": a, "clip": self.fed.secagg_clip}
-                for node, (c, a) in nodes.items()
-            },
-        )
+        self,
+        client_ids: list[int],
+        coef: list[float],
+        avg_weights: list[float],
+        control_coef: list[float] | None = None,
+    ) -> SecureTotals:
+        client_of = {self.inner.node_of[k]: k for k in client_ids}
+        instructions = {}
+        for i, k in enumerate(client_ids):
+            cfg = {"coef": coef[i], "avg-weight": avg_weights[i], "clip": self.fed.secagg_clip}
+            if control_coef is not None:
+                cfg["control-coef"] = control_coef[i]
+            instructions[self.inner.node_of[k]] = cfg
+        plan = _RoundPlan(self.inner.grid, instructions)
+        self._run_workflow(plan)
+        if plan.aggregate is None:
+            raise SecureAggregationError(
+                f"round {self._round + 1}: SecAgg+ halted without the sum of clients "
+                f"{client_ids} (a site lost before its key shares went out, or fewer than "
+                f"fed.secagg_threshold of them left to unmask); nothing of this round was "
+                f"written; see the ServerApp log"
+            )
+        kept = sorted(client_of[n] for n in plan.contributors)
+        # the workflow returns the mean of the kept clients' vectors
+        arrays = [np.asarray(a, dtype=np.float64) * len(kept) for a in plan.aggregate]
+        update = torch.from_numpy(arrays[0]).float()
+        control = torch.from_numpy(arrays[1]).float() if control_coef is not None else None
+        weight_of = dict(zip(client_ids, avg_weights, strict=True))
+        averaged = self._averaged(arrays[-1], kept, [weight_of[k] for k in kept])
+        diagnostics = {
+            "secagg_clients": len(kept),
+            "secagg_dropped": [k for k in client_ids if k not in kept],
+            "secagg_clipped": plan.clipped,
+            "secagg_error_bound": quantisation_bound(len(kept), self.fed.secagg_clip),
+        }
+        return SecureTotals(update, averaged, kept, control, diagnostics)
+
+    def _run_workflow(self, plan: _RoundPlan) -> None:
+        """Flower's SecAgg+ workflow, unmodified, for the nodes `plan` names."""
         context = LegacyContext(
             Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
             config=ServerConfig(num_rounds=1),
@@ -287,41 +346,25 @@ class FlowerSecureTransport:
             timeout=self.inner.reply_timeout,
         )
         workflow(self.inner.grid, context)
-        if plan.aggregate is None:
-            raise SecureAggregationError(
-                f"round {self._round + 1}: SecAgg+ halted (too few of the clients "
-                f"{client_ids} answered to unmask the sum); see the ServerApp log"
-            )
-        kept = len(plan.contributors)
-        # the workflow returns the mean of the kept clients' vectors
-        scale = float(kept)
-        c_all = math.fsum(coef)
-        c_kept = math.fsum(nodes[n][0] for n in plan.contributors)
-        if kept < len(nodes) and c_kept > 0:
-            scale *= c_all / c_kept  # the survivors' combination, brought to the planned size
-        x, bn = plan.aggregate
-        total = torch.from_numpy(np.asarray(x, dtype=np.float64) * scale).float()
+
+    def _averaged(
+        self, bn: np.ndarray, kept: list[int], weights: list[float]
+    ) -> dict[str, torch.Tensor]:
+        """The kept clients' BatchNorm statistics, averaged by their weights: the global ones
+        plus Σ_kept a_k ΔBN_k / Σ_kept a_k; the integer counters from the clear replies."""
         averaged = {}
-        bn = np.asarray(bn, dtype=np.float64) * kept
+        total_weight = math.fsum(weights)
         at = 0
         floats = [n for n in self.layout.avg_names if self._global_avg[n].is_floating_point()]
         for name in floats:
             ref = self._global_avg[name]
             part = torch.from_numpy(bn[at : at + ref.numel()].reshape(ref.shape))
             at += ref.numel()
-            averaged[name] = (ref.double() + part).to(ref.dtype)
+            averaged[name] = (ref.double() + part / total_weight).to(ref.dtype)
         ints = tuple(n for n in self.layout.avg_names if n not in floats)
         if ints:
-            averaged.update(
-                weighted_average([self._counters[k] for k in client_ids], ints, avg_weights)
-            )
-        self.last_sum = {
-            "secagg_clients": kept,
-            "secagg_dropped": len(nodes) - kept,
-            "secagg_clipped": plan.clipped,
-            "secagg_error_bound": quantisation_bound(kept, self.fed.secagg_clip) * scale / kept,
-        }
-        return total, averaged
+            averaged.update(weighted_average([self._counters[k] for k in kept], ints, weights))
+        return averaged
 
 
 # ----------------------------------------------------------------------------- inspection

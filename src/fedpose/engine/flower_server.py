@@ -436,7 +436,13 @@ def _server_main(grid: Grid, context: Context) -> None:
     except BaseException as e:
         # the submitter's `flwr run` exits 0 whatever happens here: say it in the log stream,
         # where `fedpose flower-pull` finds it too (and exits non-zero)
-        log(f"run failed: {type(e).__name__}: {e}")
+        # one line, however long: a log reader greps for it
+        console.print(
+            f"[fedpose] run failed: {type(e).__name__}: {e}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
         emit(status_line("failed", f"{type(e).__name__}: {e}"))
         raise
     emit(status_line("completed"))

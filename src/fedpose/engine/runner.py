@@ -93,18 +93,23 @@ class InProcessEngine(Engine):
 
 # ----------------------------------------------------------------------------- in-process face
 class ConsoleObserver(RunObserver):
-    """A progress bar of rounds on a rich Console, and the run's messages above it."""
+    """A progress bar of rounds on a rich Console, and the run's messages above it; outside a
+    terminal (a log, `tee`), where a bar shows only at the end, one plain line per round."""
 
     def __init__(self, cfg: Config, console: Console):
         self.cfg = cfg
         self.console = console
         self.bar: Progress | None = None
         self.task = None
+        self.label = cfg.name
 
     def message(self, text: str) -> None:
         self.console.print(text, markup=False, highlight=False)
 
     def started(self, server: FederatedServer) -> None:
+        if not self.console.is_terminal:
+            self.label = f"{self.cfg.name} {server.strategy.name}"
+            return
         self.bar = Progress(
             TextColumn(f"[bold]{self.cfg.name}[/] {server.strategy.name}"),
             BarColumn(),
@@ -127,6 +132,8 @@ class ConsoleObserver(RunObserver):
             info += f"  PCK {record['pck_mean']:.1f}%"
         if self.bar is not None:
             self.bar.update(self.task, completed=done, info=info)
+        else:
+            self.message(f"{self.label}: round {done}/{self.cfg.fed.rounds}  {info}".rstrip())
 
     def closed(self) -> None:
         if self.bar is not None:

@@ -3,9 +3,12 @@
 `SecureLocalTransport` stands between the server loop and the in-process clients. Everything
 left of it is the server; everything right of it is the sites:
 
-    server loop ──receive()──►  TrainReply: counts, losses, the CountSketch — delta is None
-                ──secure_sum()─► Σ_k c_k Δ_k and Σ_k a_k · BN statistics_k, nothing per site
-    sites       SiteStore: each site's Δ_k and BN statistics, never handed to the server
+    server loop ──receive()──►  TrainReply: counts, losses, the CountSketch — delta and
+                                control_delta are None
+                ──secure_sum()─► Σ_k c_k Δ_k, Σ_k a_k · BN statistics_k (SCAFFOLD: and
+                                Σ_k e_k (c_k⁺ − c_k)), nothing per site
+    sites       SiteStore: each site's Δ_k, BN statistics and control variate change, never
+                handed to the server
 
 In-process the sum is exact (the same `weighted_sum` and `weighted_average` the plain path
 runs), so an experiment measures what the sketch costs, not SecAgg+'s quantisation; on Flower
@@ -20,6 +23,7 @@ from fedpose.engine.local import LocalTransport
 from fedpose.fl.gram import weighted_sum
 from fedpose.fl.messages import TrainReply, TrainRequest
 from fedpose.fl.params import ModelLayout, weighted_average
+from fedpose.fl.secure import SecureTotals
 from fedpose.fl.sketch import count_sketch
 
 
@@ -27,21 +31,37 @@ class SiteStore:
     """The sites' own memory of their last update: what secure aggregation keeps private."""
 
     def __init__(self) -> None:
-        self._updates: dict[int, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
+        self._updates: dict[int, TrainReply] = {}
 
-    def keep(self, client_id: int, delta: torch.Tensor, averaged: dict[str, torch.Tensor]) -> None:
-        self._updates[client_id] = (delta, averaged)
+    def keep(self, reply: TrainReply) -> None:
+        """Keep the reply's update, BatchNorm statistics and control variate change."""
+        self._updates[reply.client_id] = reply
 
     def sum(
-        self, client_ids: list[int], coef: list[float], avg_weights: list[float], names
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """What secure aggregation reveals: the two sums, computed as the plain path does."""
+        self,
+        client_ids: list[int],
+        coef: list[float],
+        avg_weights: list[float],
+        names: tuple[str, ...],
+        control_coef: list[float] | None = None,
+    ) -> SecureTotals:
+        """What secure aggregation reveals: the sums, computed as the plain path does."""
         rows = [self._updates.pop(k) for k in client_ids]
         self._updates.clear()  # updates of clients left out of the sum die with the round
-        deltas = torch.stack([d for d, _ in rows])
-        total = weighted_sum(deltas, torch.tensor(coef, dtype=torch.float64))
-        averaged = weighted_average([a for _, a in rows], names, avg_weights)
-        return total, averaged
+        total = weighted_sum(
+            torch.stack([r.delta for r in rows]), torch.tensor(coef, dtype=torch.float64)
+        )
+        averaged = weighted_average([r.averaged for r in rows], names, avg_weights)
+        control = None
+        if control_coef is not None:  # SCAFFOLD; a reply without a change counts as zeros
+            changes = torch.stack(
+                [
+                    torch.zeros_like(r.delta) if r.control_delta is None else r.control_delta
+                    for r in rows
+                ]
+            )
+            control = weighted_sum(changes, torch.tensor(control_coef, dtype=torch.float64))
+        return SecureTotals(total, averaged, list(client_ids), control)
 
 
 class SecureLocalTransport:
@@ -64,9 +84,15 @@ class SecureLocalTransport:
         return self._sites.receive(client_id)
 
     def secure_sum(
-        self, client_ids: list[int], coef: list[float], avg_weights: list[float]
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return self._sites.store.sum(client_ids, coef, avg_weights, self.layout.avg_names)
+        self,
+        client_ids: list[int],
+        coef: list[float],
+        avg_weights: list[float],
+        control_coef: list[float] | None = None,
+    ) -> SecureTotals:
+        return self._sites.store.sum(
+            client_ids, coef, avg_weights, self.layout.avg_names, control_coef
+        )
 
     def state_dict(self) -> dict:
         return self._sites.inner.state_dict()
@@ -93,7 +119,7 @@ class LocalSites:
         problem = reply.problem()
         if problem:
             return TrainReply(client_id=client_id, version=reply.version, error=problem)
-        self.store.keep(client_id, reply.delta, reply.averaged)
+        self.store.keep(reply)
         sketch = None if self.width is None else count_sketch(reply.delta, self.width, self.secret)
         return TrainReply(
             client_id=reply.client_id,

@@ -264,7 +264,8 @@ class FederatedServer:
     def _aggregate_secure(self, replies: list[TrainReply], counts: torch.Tensor) -> dict:
         """Secure aggregation (fl/secure.py): the replies hold counts and sketches, never an
         update; the coefficients come from the sketches, the update from the transport's
-        secure sum of c_k Δ_k. Synchronous rounds only, so no staleness step."""
+        secure sum of c_k Δ_k (over the sites still there at its end). Synchronous rounds
+        only, so no staleness step."""
         t0 = time.perf_counter()
         ids = [r.client_id for r in replies]
         if len(replies) < 2:
@@ -277,14 +278,14 @@ class FederatedServer:
         plan = secure.plan_round(
             self.strategy, sketches, p, counts, ids, self.fed.num_clients, self.state.strategy
         )
-        total, averaged = self.transport.secure_sum(ids, plan.coef, plan.avg_weights)
-        result = secure.finish_round(self.strategy, plan, total, self.fed.num_clients)
+        totals = self.transport.secure_sum(ids, plan.coef, plan.avg_weights, plan.control_coef)
+        result = secure.finish_round(self.strategy, plan, totals, self.fed.num_clients)
         unflatten_add_(self.weights, self.layout, result.update)
-        self.weights.update(averaged)
+        self.weights.update(totals.averaged)
         self._check_model()
         self.state.updates_applied += 1
         self.state.strategy = result.state
-        diag = {**result.diagnostics, **getattr(self.transport, "last_sum", {})}
+        diag = {**result.diagnostics, **totals.diagnostics}
         return {**diag, "secure": True, "agg_seconds": time.perf_counter() - t0}
 
     def _check_model(self) -> None:

@@ -46,6 +46,7 @@ from fedpose.engine.runner import prepare_run_dir, run_federation
 from fedpose.fl.server import CHECKPOINT_CLASSES
 from fedpose.metrics.log import read_jsonl
 from fedpose.model.io import MODEL_FILE, checkpoint_paths, read_checkpoint, read_model
+from fedpose.run_dir import check_usable
 from fedpose.tools import ToolError
 
 CONNECTION = "fedpose-loopback"  # the SuperLink connection name in $FLWR_HOME/config.toml
@@ -449,6 +450,8 @@ def run_flower(
     given, goes to the SuperLink (and so to the ServerApp)."""
     if cfg.fed.num_clients != supernodes:
         raise ConfigError(f"{supernodes} SuperNodes for fed.num_clients={cfg.fed.num_clients}")
+    # the ServerApp claims the folder; refused here already, before any process starts
+    check_usable(cfg.run_dir, cfg.out_dir, "run")  # as prepare_run_dir records it
     own_dir = work_dir is None
     work_dir = Path(tempfile.mkdtemp(prefix="fedpose-flower-")) if own_dir else Path(work_dir)
     deployment = Deployment(work_dir, console)

@@ -24,6 +24,7 @@ from fedpose.config import Config, ConfigError
 from fedpose.engine.federation import build_federation
 from fedpose.engine.flower_messages import REPLY_TIMEOUT_S
 from fedpose.engine.runner import prepare_run_dir
+from fedpose.run_dir import check_usable
 from fedpose.tools.flower_demo import (
     Deployment,
     FlowerDemoError,
@@ -59,6 +60,8 @@ def run_flower_simulation(
         raise ConfigError(
             f"{supernodes} virtual SuperNodes for fed.num_clients={cfg.fed.num_clients}"
         )
+    # the ServerApp claims the folder; refused here already, before any process starts
+    check_usable(cfg.run_dir, cfg.out_dir, "run")  # as prepare_run_dir records it
     with console.status("checking the config and preparing the data"):
         # here, before any process starts: a bad config fails fast, and the Ray workers do not
         # all generate a missing data set at once

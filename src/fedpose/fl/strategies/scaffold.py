@@ -38,16 +38,34 @@ class Scaffold(Strategy):
     def aggregate(self, inputs: RoundInput, state: dict) -> Aggregation:
         p = sample_weights(inputs.counts)
         update = weighted_sum(inputs.deltas, self.server_lr * p)
-        c = state.get("c")
+        change = None
         if inputs.controls is not None:
-            k = inputs.controls.shape[0]
             change = weighted_sum(
-                inputs.controls, torch.full((k,), 1.0 / inputs.num_clients, dtype=torch.float64)
+                inputs.controls, control_weights(inputs.controls.shape[0], inputs.num_clients)
             )
+        return self.step(update, change, p.tolist(), state)
+
+    def step(
+        self,
+        update: torch.Tensor,
+        change: torch.Tensor | None,
+        weights: list[float],
+        state: dict,
+    ) -> Aggregation:
+        """The server step from the two sums SCAFFOLD reads: `update` = η Σ_k p_k Δ_k and
+        `change` = (1/N) Σ_k (c_k⁺ − c_k), or None without control changes (the secure path
+        passes the securely aggregated sums; fl/secure.py)."""
+        c = state.get("c")
+        if change is not None:
             c = change if c is None else c + change
         diagnostics = {
-            "weights": p.tolist(),
+            "weights": weights,
             "conflict_share": None,
             "c_norm": None if c is None else float(c.norm()),
         }
         return Aggregation(update, {**state, **({"c": c} if c is not None else {})}, diagnostics)
+
+
+def control_weights(k: int, num_clients: int) -> torch.Tensor:
+    """The weight 1/N of each of the round's k control changes in c's update."""
+    return torch.full((k,), 1.0 / num_clients, dtype=torch.float64)
