@@ -34,11 +34,15 @@ demo: venv
 # SuperNodes, a fresh interpreter running a documented example); test-slow: those (SLOW narrows
 # them: CI runs SLOW="slow and not long", leaving out the tests marked long)
 SLOW ?= slow
+# PYTHONDONTWRITEBYTECODE is emptied for the tests: where a machine sets it, every worker would
+# compile the sources and rewrite the test modules' asserts again on every run (seconds each);
+# the caches go to __pycache__/, which git ignores
 test: venv
-	$(BIN)/pytest -m "not slow" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	PYTHONDONTWRITEBYTECODE= $(BIN)/pytest -m "not slow" -n $(TEST_WORKERS) --dist loadfile \
+		--no-loadscope-reorder
 
 test-slow: venv
-	$(BIN)/pytest -m "$(SLOW)"
+	PYTHONDONTWRITEBYTECODE= $(BIN)/pytest -m "$(SLOW)"
 
 lint: venv
 	$(BIN)/ruff check src tests

@@ -29,7 +29,7 @@ def tiny_config(tmp_path: Path, data_dir: Path, *overrides: str) -> Config:
             "fed.num_clients=4",
             "fed.partition=attribute",
             "fed.partition_attr=view",
-            "fed.local_steps=2",
+            "fed.local_steps=1",
             "fed.eval_every=1",
             *overrides,
         ],

@@ -62,6 +62,7 @@ def test_bench_data_measures_both_sides(synth_dir):
     assert res["cache_mb"] > 0
 
 
+@pytest.mark.slow  # seconds of timed training steps: make test-slow
 def test_bench_train_on_cpu_with_fedgh(synth_dir):
     res = bench_train(
         TrainBenchOptions(

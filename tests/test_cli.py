@@ -18,7 +18,7 @@ def _last_line(capsys) -> str:
     return capsys.readouterr().out.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize("source", ["tests-data", "full"])
+@pytest.mark.parametrize("source", ["tests-data", pytest.param("full", marks=pytest.mark.slow)])
 def test_score_lsp_ground_truth_is_100_and_offsets_lower_it(source, request, tmp_path, capsys):
     # the 40-image copy has no standard split: score all of it; the full dataset: its test half
     if source == "full":

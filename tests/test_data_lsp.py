@@ -28,7 +28,8 @@ def full_root(datasets):
     return datasets / "lsp"
 
 
-@pytest.fixture(scope="module", params=["tests-data", "full"])
+# the whole-dataset case is slow (seconds of decoding and parsing 2000 records): make test-slow
+@pytest.fixture(scope="module", params=["tests-data", pytest.param("full", marks=pytest.mark.slow)])
 def root(request, lsp_dir):
     return lsp_dir if request.param == "tests-data" else request.getfixturevalue("full_root")
 

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -68,6 +67,8 @@ def test_onnxruntime_heatmaps_match_pytorch_on_lsp_images(tmp_path, lsp_images):
     for batch in (lsp_images, lsp_images[:1]):  # the batch axis is dynamic
         (heatmaps,) = session.run(None, {INPUT_NAME: batch.numpy()})
         np.testing.assert_allclose(heatmaps, expected[: len(batch)], rtol=0, atol=1e-4)
+
+    import onnx  # here, not at the top: its import costs every test worker a second
 
     proto = onnx.load(str(path))
     assert proto.opset_import[0].version == ONNX_OPSET

@@ -19,7 +19,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from flwr.cli.build import build_fab_from_disk
 from test_flower_sites import LoopbackGrid, task_identity  # noqa: F401 (a fixture)
 
 from fedpose.cli import main
@@ -49,6 +48,9 @@ def test_the_app_bundle_holds_only_what_the_apps_need():
     """`flwr run .` builds the bundle with this function (flwr/cli/run/run.py): the apps' code is
     the installed fedpose package, so the bundle needs the app's pyproject.toml and nothing of
     the source tree, results/ or tests/."""
+    # imported here: a slow test, and the import costs every fast-suite worker most of a second
+    from flwr.cli.build import build_fab_from_disk
+
     fab = build_fab_from_disk(REPO)
     names = set(zipfile.ZipFile(io.BytesIO(fab)).namelist())
     assert names == {"pyproject.toml", "README.md", "LICENSE", ".info/CONTENT"}

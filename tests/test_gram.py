@@ -166,6 +166,7 @@ def test_exact_acos_and_exp_agree_with_libm_to_an_ulp():
         assert det_exp(x) == pytest.approx(math.exp(x), rel=3e-16)
 
 
+@pytest.mark.slow  # seconds: every strategy at 150 001 parameters; make test-slow
 def test_every_strategy_same_bits_across_gram_paths_blocks_and_threads(threads, monkeypatch):
     # 150 001 parameters: layers of 50 000 and 100 001, three blocks of the GEMM path, eight of
     # the pairwise one, and enough per block for torch to split it over two threads

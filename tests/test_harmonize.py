@@ -176,6 +176,7 @@ def test_large_gram_is_accurate(path, k):
         assert float((g - r).abs().max() / r.abs().max()) < 5e-6
 
 
+@pytest.mark.slow  # a second of large products: make test-slow
 def test_gram_equals_direct_at_scale():
     # both paths on a few million columns: the direct loop's dot products must not drift either
     d = _deltas("random", 6).repeat(1, 8000) + 0.3 * _deltas("no_conflict", 6).repeat(1, 8000)

@@ -153,7 +153,9 @@ def test_report_tables_differences_and_bands(tmp_path):
 
 
 def test_report_time_to_target(tmp_path):
-    md = write_report(load_arms([_experiment(tmp_path)]), tmp_path / "out", "t", target_pck=55.0)
+    md = write_report(
+        load_arms([_experiment(tmp_path)]), tmp_path / "out", "t", target_pck=55.0, figures=False
+    )
     # fedavg first reaches 55 % at round 9 on every seed: simulated time 18 s
     assert "| fedavg | 4/4 | 18.0 ± 0.0 | 9.0 ± 0.0 | 20.0 ± 0.0 |" in md.read_text()
 
@@ -227,7 +229,7 @@ def test_compare_generates_synth_arm_once_before_its_parallel_runs(tmp_path, mon
         "data.generate=true",
     )
     args = ["compare", "configs/demo.toml", "--methods", "fedavg", "--seeds", "0-1", "--jobs", "2"]
-    assert main([*args, *sets]) == 0
+    assert main([*args, *sets, "--no-figures"]) == 0
     assert found_before_runs == [True]
     assert len(list((root / "images").glob("*.png"))) == 24
     assert not list(root.rglob("*.tmp"))  # every file renamed into place
@@ -257,7 +259,9 @@ def test_centralized_runs_join_the_report_with_epochs_as_rounds(tmp_path):
     assert all(r.centralized and r.complete for r in local.runs)
     # the last 20 % of 5 epochs is epoch 5, whatever fed.rounds says
     assert local.scores() == {0: 35.0, 1: 36.0, 2: 37.0, 3: 38.0}
-    text = write_report(arms, tmp_path / "out", "t", baselines=("fedavg",)).read_text()
+    text = write_report(
+        arms, tmp_path / "out", "t", baselines=("fedavg",), figures=False
+    ).read_text()
     assert "| local-c0 − fedavg | 4 |" in text
 
 
@@ -291,7 +295,7 @@ def test_report_tables_what_the_server_did(tmp_path):
         for r in rows:
             r.update(aggregated=[0, 1], weights=[0.25, 0.75], coefficients=[0.3, 0.9])
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    text = write_report(load_arms([runs]), tmp_path / "out", "t").read_text()
+    text = write_report(load_arms([runs]), tmp_path / "out", "t", figures=False).read_text()
     assert "| fedgh | 0.500 | 1.200 | – | 0: 0.250, 1: 0.750 |" in text  # no cosines: no step ratio
 
 
@@ -316,12 +320,13 @@ def test_report_refuses_runs_of_different_cpu_models_unless_told(tmp_path, capsy
     assert len(err) == 1 and err[0].startswith("error: ") and "--mixed-cpus" in err[0]
     assert "Xeon" in err[0] and "EPYC" in err[0]
     assert not out.exists()  # nothing written
-    assert main(["report", str(runs), "--out", str(out), "--mixed-cpus"]) == 0
+    assert main(["report", str(runs), "--out", str(out), "--mixed-cpus", "--no-figures"]) == 0
     assert "CPU model of the runs" in (out / "report.md").read_text()
+    assert not list(out.glob("*.png"))  # --no-figures: the tables alone
     assert owner(out) == "report"  # the folder it made is its own: no run or train writes there
     # a run without a recorded model (made before it was recorded) does not count as another
     (runs / "fedgh-s1").rename(tmp_path / "aside")
-    assert main(["report", str(runs), "--out", str(tmp_path / "again")]) == 0
+    assert main(["report", str(runs), "--out", str(tmp_path / "again"), "--no-figures"]) == 0
 
 
 def test_step_ratio_from_the_logged_gram_quantities():
@@ -361,7 +366,7 @@ def test_tuning_table_names_each_methods_grid_and_its_choice(tmp_path):
             (run / "config.json").write_text(json.dumps(config))
             rows = [{"round": r, "pck_mean": pck + seed} for r in (1, 2)]
             (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    text = write_report(load_arms([runs]), tmp_path / "out", "t").read_text()
+    text = write_report(load_arms([runs]), tmp_path / "out", "t", figures=False).read_text()
     assert "Scored on a validation split" in text
     assert "| fedavgm | fedavgm-m0.9 | fed.server_momentum=0.9 | 2 | 42.50 ± 0.71 | yes |" in text
     assert "| fedavgm | fedavgm-m0.5 | fed.server_momentum=0.5 | 2 | 40.50 ± 0.71 |  |" in text

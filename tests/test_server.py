@@ -88,8 +88,9 @@ def test_rows_of_one_matrix_are_found_only_when_they_are_exactly_that():
     "extra",
     [
         ("fed.method=fedgh",),
-        ("fed.method=feddyn",),
-        ("fed.method=fedbn",),
+        # FedDyn's client state and FedBN's local BatchNorm: make test-slow (seconds each)
+        pytest.param(("fed.method=feddyn",), marks=pytest.mark.slow),
+        pytest.param(("fed.method=fedbn",), marks=pytest.mark.slow),
         # the server optimiser's moments and step count live in the checkpoint
         pytest.param(
             ("fed.method=fedgh", "fed.server_opt=adam", "fed.server_lr=0.01"),

@@ -37,11 +37,16 @@ def _seeds(text: str) -> list[int]:
     return parse_seeds(text)
 
 
-def _add_mixed_cpus(p: argparse.ArgumentParser) -> None:
+def _add_report_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--mixed-cpus",
         action="store_true",
         help="report runs made on different CPU models (config.json runtime.cpu_model) together",
+    )
+    p.add_argument(
+        "--no-figures",
+        action="store_true",
+        help="tables only: no PNG curves (about a second less per figure)",
     )
 
 
@@ -59,6 +64,7 @@ def cmd_compare(args) -> int:
         baselines=tuple(split(args.baselines)),
         command=args.command_line,
         mixed_cpus=args.mixed_cpus,
+        figures=not args.no_figures,
     )
     try:
         report = run_comparison(plan, console)
@@ -103,7 +109,7 @@ def add_compare(sub: argparse._SubParsersAction) -> None:
         default="fedavg,fedaw",
         help="labels that paired differences are taken against",
     )
-    _add_mixed_cpus(p)
+    _add_report_options(p)
     p.set_defaults(func=cmd_compare)
 
 
@@ -128,6 +134,7 @@ def cmd_report(args) -> int:
         commit=args.commit,
         target_pck=args.target_pck,
         mixed_cpus=args.mixed_cpus,
+        figures=not args.no_figures,
     )
     if new_folder:
         mark(out, "report")  # the folder this report made is its own
@@ -165,7 +172,7 @@ def add_report(sub: argparse._SubParsersAction) -> None:
         default=0.0,
         help="add time-to-target-PCK columns (simulated seconds)",
     )
-    _add_mixed_cpus(p)
+    _add_report_options(p)
     p.set_defaults(func=cmd_report)
 
 

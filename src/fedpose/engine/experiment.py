@@ -41,6 +41,7 @@ class Comparison:
     baselines: tuple[str, ...] = ("fedavg", "fedaw")
     command: str = ""  # the command line, for the report
     mixed_cpus: bool = False  # report runs made on different CPU models together
+    figures: bool = True  # PNG curves beside the report
 
 
 class ComparisonError(RuntimeError):
@@ -162,4 +163,5 @@ def _run_claimed(plan: Comparison, base, runs: list, configs: list, console: Con
         produced_by=plan.command,
         target_pck=base.fed.target_pck,
         mixed_cpus=plan.mixed_cpus,
+        figures=plan.figures,
     )

@@ -248,10 +248,12 @@ def write_report(
     notes: str = "",
     target_pck: float = 0.0,
     mixed_cpus: bool = False,
+    figures: bool = True,
 ) -> Path:
     """Write report.md (or the name out_dir ends in, when it ends in .md), PNG curves beside it
-    and summary.json; returns the markdown path. Refuses (ValueError, before writing anything)
-    runs made on different CPU models unless `mixed_cpus`."""
+    (unless not `figures`: the tables alone, without matplotlib's second a plot) and
+    summary.json; returns the markdown path. Refuses (ValueError, before writing anything) runs
+    made on different CPU models unless `mixed_cpus`."""
     if not mixed_cpus:
         check_one_cpu_model(arms)
     out_dir = Path(out_dir)
@@ -321,8 +323,11 @@ def write_report(
     lines += _site_table(arms)
     lines += _site_table(arms, "site_pck_local_bn")
     lines += _aggregation_table(arms)
-    lines += _figures(arms, out_dir, prefix, (first, last))
-    lines += _layer_conflicts(arms, out_dir, prefix)
+    if figures:
+        lines += _figures(arms, out_dir, prefix, (first, last))
+    else:
+        lines += ["", "## Curves", "", "Not drawn (`--no-figures`)."]
+    lines += _layer_conflicts(arms, out_dir, prefix, draw=figures)
 
     incomplete = [r for a in arms.values() for r in a.runs if not r.complete]
     lines += ["", "## Runs", ""]
@@ -654,7 +659,9 @@ def _pyplot():
     return plt
 
 
-def _layer_conflicts(arms: dict[str, Arm], out_dir: Path, prefix: str) -> list[str]:
+def _layer_conflicts(
+    arms: dict[str, Arm], out_dir: Path, prefix: str, draw: bool = True
+) -> list[str]:
     """Where in the model the clients disagree (runs with fed.gh_layer_stats): the conflict
     share by block (a tensor name's first part: conv1, layer1, ..., final_layer) averaged over
     rounds and seeds, and a tensors x rounds picture of the first such arm."""
@@ -696,6 +703,8 @@ def _layer_conflicts(arms: dict[str, Arm], out_dir: Path, prefix: str) -> list[s
             ]
             cells.append(f"{np.mean(values):.2f}" if values else "–")
         lines.append(f"| {label} | {seeds} | " + " | ".join(cells) + " |")
+    if not draw:
+        return lines
     label, (table, seeds) = next(iter(stats.items()))
     names = list(table)
     rounds = sorted({r for by_round in table.values() for r in by_round})
