@@ -120,9 +120,8 @@ KILLER = textwrap.dedent('''
             count += 1
             if count == target:
                 if mode == "partial":  # half the bytes reached the temporary file
-                    data = b"".join(payload)  # the file's parts (fedpose.tensor_file), in order
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    path.with_name(path.name + ".tmp").write_bytes(data[: len(data) // 2])
+                    path.with_name(path.name + ".tmp").write_bytes(payload[: len(payload) // 2])
                 else:
                     original(path, payload)
                     if mode == "between":  # the old checkpoint moved aside, the new not yet in

@@ -31,13 +31,11 @@ import json
 import os
 import shutil
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from fedpose.bounded import loads_json
-
-Buffer = bytes | memoryview  # what write_new_file writes: bytes, or a view of a tensor's memory
 
 LOCK_FILE = ".lock"
 OWNER_FILE = ".fedpose-run.json"
@@ -59,57 +57,27 @@ class RunDirError(ValueError):
 
 
 # ----------------------------------------------------------------------------- writing
-def write_file(
-    path: str | Path, data: bytes | str | Sequence[Buffer], durable: bool = False
-) -> Path:
-    """Write `data` (or its parts, in order) to a new file beside `path`, then rename it over
-    `path`.
+def write_file(path: str | Path, data: bytes | str, durable: bool = False) -> Path:
+    """Write `data` to a new file beside `path`, then rename it over `path`.
 
     The temporary is created exclusively and never through a link (O_EXCL | O_NOFOLLOW); the
     rename replaces a link at `path` rather than following it. `durable` flushes the data to the
     disk before the rename (checkpoints, model files). Returns `path`.
     """
     path = Path(path)
-    if isinstance(data, str | bytes):
-        data = [data.encode() if isinstance(data, str) else data]
+    payload = data.encode() if isinstance(data, str) else data
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     _remove_leftover(tmp)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
     try:
         with os.fdopen(fd, "wb") as f:
-            for part in data:
-                f.write(part)
+            f.write(payload)
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         _remove_leftover(tmp)
-    return path
-
-
-def write_new_file(path: str | Path, parts: Sequence[Buffer]) -> Path:
-    """Write a file under a name nothing refers to yet (a new generation of a client's state)
-    straight into place: created exclusively and never through a link (O_EXCL | O_NOFOLLOW),
-    so `write_file`'s temporary and rename would buy nothing: until the caller records the
-    name, a torn file is one nobody reads. Anything already at `path` (a killed run's leftover,
-    a planted link) goes through `write_file`, whose rename replaces it. `parts` are written in
-    order, without first being joined into one copy. Returns `path`."""
-    path = Path(path)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    except FileExistsError:
-        return write_file(path, parts)
-    try:
-        for part in parts:
-            view = memoryview(part).cast("B")
-            while view:  # a write may take less than it was given
-                view = view[os.write(fd, view) :]
-    except BaseException:
-        _remove_leftover(path)  # the file this call created: a failed write leaves nothing
-        raise
-    finally:
-        os.close(fd)
     return path
 
 

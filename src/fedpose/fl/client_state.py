@@ -6,12 +6,9 @@ memory. `ClientStateStore` with a directory keeps every state in a safetensors f
 memory holds only the index: memory grows with the clients trained per round, not with the
 federation.
 
-Each state is written where `put` is called, straight into its new file (run_dir.write_new_file:
-no temporary and rename, since nothing names the file until the index does) from the tensors'
-own memory (fedpose.tensor_file: no serialized copy first), so a write that fails raises in
-`put` and the index never names a file that is not complete. A background writer thread was
-tried and measured: on a loaded 2-core machine its hand-offs of the interpreter lock cost the
-training thread more than the write itself (fedpose bench sim, results/performance.md).
+Files are written by a background thread while the next client trains (at most a few writes in
+flight, one per client); reading a client's state, a checkpoint's index and the disk figures
+wait for the writes they depend on, and a write that failed raises there.
 
 Resuming must see the states as they were at the checkpoint, while training after it rewrites
 them. So a state is never overwritten: each write is a new generation (`<client>.<gen>.
@@ -24,16 +21,18 @@ from __future__ import annotations
 import json
 import math
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 
 from fedpose.bounded import loads_json
-from fedpose.run_dir import write_new_file
-from fedpose.tensor_file import safetensors_parts
+from fedpose.run_dir import write_file
 
 STATE_FILE = re.compile(r"(\d+)\.(\d+)\.safetensors")
+MAX_PENDING_WRITES = 4  # state files in flight: each holds a serialized state in memory
 
 
 def _pack(state: dict[str, dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], dict]:
@@ -67,6 +66,13 @@ class ClientStateError(ValueError):
     """A client state file that cannot be read (truncated, not safetensors, malformed)."""
 
 
+def _write(path: Path, payload: bytes, stale: Path | None) -> None:
+    # a new file renamed into place: a link planted there is replaced, not written through
+    write_file(path, payload)
+    if stale is not None:
+        stale.unlink(missing_ok=True)
+
+
 class ClientStateStore:
     """{client id: {key: {tensor name: tensor}}}, in memory (directory=None) or on disk."""
 
@@ -77,6 +83,8 @@ class ClientStateStore:
         self._kept: list[dict[int, int]] = []  # indexes handed to checkpoints, newest last
         self._superseded: set[tuple[int, int]] = set()  # old files a kept index still needs
         self._made_directory = False
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: dict[int, Future] = {}  # client -> the write of its newest file
 
     def __len__(self) -> int:
         return len(self._index) if self.directory is not None else len(self._memory)
@@ -91,6 +99,7 @@ class ClientStateStore:
         generation = self._index.get(client)
         if generation is None:
             return {}
+        self._wait(client)
         path = self._path(client, generation)
         try:
             if path.is_symlink():
@@ -121,12 +130,33 @@ class ClientStateStore:
             if not self._made_directory:
                 self.directory.mkdir(parents=True, exist_ok=True)
                 self._made_directory = True
-            write_new_file(self._path(client, generation), safetensors_parts(packed, metadata))
-            self._index[client] = generation  # only once its file is complete
+            # serialized here, written there: the caller may reuse the tensors once put returns.
+            # A new file renamed into place: a link planted there is replaced, not written through
+            payload = save(packed, metadata=metadata)
+            self._wait(client)
+            while len(self._pending) >= MAX_PENDING_WRITES:
+                self._wait(next(iter(self._pending)))
+            if self._writer is None:
+                self._writer = ThreadPoolExecutor(1, thread_name_prefix="client-state")
+            path = self._path(client, generation)
+            # the stale file goes after the new one is written, by the writer too: the caller
+            # never waits for the disk
+            self._pending[client] = self._writer.submit(_write, path, payload, stale)
+            self._index[client] = generation
         else:  # stateless clients (FedAvg and kin) cost no file at all
             self._index.pop(client, None)
-        if stale is not None:  # after the new file is written: a failed write loses nothing
-            stale.unlink(missing_ok=True)
+            if stale is not None:
+                stale.unlink(missing_ok=True)
+
+    def _wait(self, client: int) -> None:
+        write = self._pending.pop(client, None)
+        if write is not None:
+            write.result()  # raises the write's error, if any
+
+    def flush(self) -> None:
+        """Wait until every state file handed to `put` is on disk."""
+        for client in list(self._pending):
+            self._wait(client)
 
     def bytes_in_memory(self) -> int:
         return sum(
@@ -139,12 +169,14 @@ class ClientStateStore:
     def bytes_on_disk(self) -> int:
         if self.directory is None:
             return 0
+        self.flush()
         return sum(p.stat().st_size for p in self.directory.glob("*.safetensors"))
 
     def state_dict(self) -> dict:
         """What a checkpoint keeps: the states themselves (in memory) or the index (on disk)."""
         if self.directory is None:
             return {"client_states": self._memory}
+        self.flush()  # an index names only files that are complete
         index = dict(self._index)
         self._kept = (self._kept + [index])[-2:]
         for client, generation in list(self._superseded):

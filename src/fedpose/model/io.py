@@ -40,8 +40,7 @@ from fedpose.data import DATASETS, skeleton_named
 from fedpose.data.records import Skeleton
 from fedpose.model.conventions import describe_model, portable_config
 from fedpose.model.pose_resnet import PoseResNet, build_model
-from fedpose.run_dir import Buffer, write_file
-from fedpose.tensor_file import safetensors_parts, tensor_bytes
+from fedpose.run_dir import write_file
 
 MODEL_FILE = "model.safetensors"
 MODEL_FORMAT = "fedpose-model"
@@ -107,11 +106,18 @@ def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name]
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(tensor_bytes(t))
+        h.update(_tensor_bytes(t))
     return h.hexdigest()
 
 
-def _write_durable(path: Path, payload: bytes | list[Buffer]) -> Path:
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return b""
+    return flat.view(torch.uint8).numpy().tobytes()
+
+
+def _write_durable(path: Path, payload: bytes) -> Path:
     """Write `payload` beside `path` as `<name>.tmp`, flushed to disk; returns the temporary. A
     new file renamed into place: a link there is replaced, never written through."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -286,9 +292,6 @@ def _check_digest(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> N
 
 
 # ----------------------------------------------------------------------------- nested state
-PLAIN = bool | int | float | str  # stored in a checkpoint's JSON as they are
-
-
 def encode_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     """A JSON-able tree of `obj`; its tensors go into `tensors` under the names the tree holds.
 
@@ -296,10 +299,6 @@ def encode_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     rebuilt only from the classes the reader names, so a checkpoint can never choose what to
     construct.
     """
-    # plain values first: they are most of a checkpoint (client ids, losses, the index); numpy
-    # scalars (np.float64 is a float) become Python's below
-    if obj is None or (isinstance(obj, PLAIN) and not isinstance(obj, np.generic)):
-        return obj
     if isinstance(obj, torch.Tensor):
         name = f"t{len(tensors)}"
         tensors[name] = obj
@@ -323,6 +322,8 @@ def encode_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
         return [encode_state(x, tensors) for x in obj]
     if isinstance(obj, np.generic):
         return obj.item()
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
     raise TypeError(f"cannot store a {type(obj).__name__} in a checkpoint")
 
 
@@ -457,6 +458,7 @@ def save_checkpoint(directory: str | Path, state: dict, identity: dict[str, str]
     last, previous = checkpoint_paths(directory)
     tensors: dict[str, torch.Tensor] = {}
     tree = encode_state(state, tensors)
+    tensors = _plain(tensors)
     metadata = {
         "format": CHECKPOINT_FORMAT,
         "format_version": str(FORMAT_VERSION),
@@ -464,8 +466,8 @@ def save_checkpoint(directory: str | Path, state: dict, identity: dict[str, str]
         "sha256": _tensor_digest(tensors),
         **identity,
     }
-    # written from the tensors' memory: no clone, no serialized copy (fedpose.tensor_file)
-    tmp = _write_durable(last, safetensors_parts(tensors, metadata))
+    payload = save_safetensors(tensors, metadata)
+    tmp = _write_durable(last, payload)
     # a kill between these two renames leaves no `last`; the reader then takes `previous`
     if last.exists():
         os.replace(last, previous)
