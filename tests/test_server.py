@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 
 import pytest
@@ -10,7 +11,10 @@ from fedtiny import tiny_config
 
 from fedpose.engine.local import LocalTransport
 from fedpose.engine.runner import run_federation
+from fedpose.fl import server as server_module
 from fedpose.fl.messages import TrainReply
+from fedpose.fl.observer import RunObserver
+from fedpose.fl.params import rows_of_one_matrix
 
 
 def _weights_equal(a: dict, b: dict) -> bool:
@@ -28,6 +32,56 @@ def test_same_seed_same_numbers(tmp_path, synth_dir):
     assert _weights_equal(a.weights, b.weights)
     c = run_federation(tiny_config(tmp_path, synth_dir, "name=c", "fed.rounds=1", "seed=1"))
     assert not _weights_equal(a.weights, c.weights)
+
+
+class _SeparateUpdates(LocalTransport):
+    """Hands every update over as a tensor of its own, as a remote transport does."""
+
+    def _update_row(self, _client_id: int) -> None:
+        return None
+
+
+class _WatchFreezing(RunObserver):
+    def __init__(self) -> None:
+        self.frozen: list[int] = []
+
+    def round_done(self, _done: int, _record: dict) -> None:
+        self.frozen.append(gc.get_freeze_count())
+
+
+def test_updates_in_one_matrix_aggregate_like_separate_ones_and_the_run_unfreezes(
+    tmp_path, synth_dir, monkeypatch
+):
+    # the in-process transport writes a round's updates as the rows of one matrix, which the
+    # server aggregates without copying them; FedGH is the most order-sensitive rule
+    found = []
+
+    def watch_rows(rows):
+        found.append(rows_of_one_matrix(rows) is not None)
+        return rows_of_one_matrix(rows)
+
+    monkeypatch.setattr(server_module, "rows_of_one_matrix", watch_rows)
+    watch = _WatchFreezing()
+    one_round = ("fed.method=fedgh", "fed.rounds=1")
+    rows = run_federation(tiny_config(tmp_path, synth_dir, "name=rows", *one_round), observer=watch)
+    cfg = tiny_config(tmp_path, synth_dir, "name=separate", *one_round)
+    separate = run_federation(cfg, transport_factory=_SeparateUpdates, observer=RunObserver())
+    assert found == [True, False]  # one matrix, then separate updates copied into one
+    assert _weights_equal(rows.weights, separate.weights)
+    # from the first round's end, what lives as long as the run is out of the collector's way
+    assert watch.frozen[0] > 0
+    assert gc.get_freeze_count() == 0  # and handed back when the run ends
+
+
+def test_rows_of_one_matrix_are_found_only_when_they_are_exactly_that():
+    matrix = torch.arange(12.0).reshape(4, 3)
+    found = rows_of_one_matrix(list(matrix))
+    assert torch.equal(found, matrix) and found.data_ptr() == matrix.data_ptr()
+    assert torch.equal(rows_of_one_matrix(list(matrix[1:])), matrix[1:])
+    assert rows_of_one_matrix([matrix[1], matrix[0]]) is None  # another order
+    assert rows_of_one_matrix([matrix[0], matrix[2]]) is None  # a gap
+    assert rows_of_one_matrix([matrix[0], matrix[1].clone()]) is None  # a tensor of its own
+    assert rows_of_one_matrix([matrix[:, 0], matrix[:, 1]]) is None  # columns, not rows
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from fedpose.engine.federation import Federation
 from fedpose.fl.client import local_batches, local_train
 from fedpose.fl.client_state import ClientStateStore
@@ -27,6 +29,7 @@ class LocalTransport:
         self.fed = federation
         self.observer = observer or RunObserver()
         self.requests: dict[int, TrainRequest] = {}
+        self.update_rows: dict[int, torch.Tensor] = {}  # client -> its row of an update matrix
         self.client_states = ClientStateStore(
             federation.cfg.run_dir / "checkpoints" / "client_state"
         )
@@ -36,6 +39,7 @@ class LocalTransport:
         self.requests[request.client_id] = request
 
     def receive(self, client_id: int) -> TrainReply:
+        update_out = self._update_row(client_id)
         request = self.requests.pop(client_id)
         f = self.fed
         # outside the try: the runner's own storage failing is no client's fault; it stops the run
@@ -64,6 +68,7 @@ class LocalTransport:
                 f.layout,
                 f.device,
                 num_samples=len(dataset),
+                update_out=update_out,
             )
         except Exception as e:  # any client failure must not stop the federation
             return TrainReply(
@@ -75,6 +80,18 @@ class LocalTransport:
         self.client_states.put(client_id, state)
         self.observer.phase(STATE_WRITE, time.perf_counter() - t0)
         return reply
+
+    def _update_row(self, client_id: int) -> torch.Tensor | None:
+        """Where this client's update is written: a row of one matrix shared by the clients
+        whose requests were waiting together (a synchronous round), rows in ascending client
+        id, the order the server aggregates in. The server then takes that matrix as it is
+        (fl/server.py: aggregate) instead of copying every update into a new one."""
+        size = self.fed.layout.slices[-1][2] if self.fed.layout.agg_names else 0
+        if client_id not in self.update_rows and size:
+            waiting = sorted({client_id, *self.requests} - set(self.update_rows))
+            matrix = torch.empty(len(waiting), size)
+            self.update_rows.update(zip(waiting, matrix, strict=True))
+        return self.update_rows.pop(client_id, None)
 
     def state_dict(self) -> dict:
         return self.client_states.state_dict()

@@ -20,7 +20,10 @@ A RunObserver (fl/observer.py) watches all of it: progress bars, timing, benchma
 
 from __future__ import annotations
 
+import gc
 import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -116,6 +119,29 @@ class Engine:
         """The engine's own outputs once the model is saved."""
 
 
+@contextmanager
+def _long_lived_objects_frozen() -> Iterator[Callable[[int, dict], None]]:
+    """A hook for the end of each round that, after the first one, collects the garbage once
+    and freezes what is left (gc.freeze): the records, the datasets, the model and the modules
+    the first round imported all live as long as the run, and the cyclic collector need no
+    longer walk them at every full collection (a few hundred thousand objects for the 10^4
+    records of `bench sim` at K = 1000: 0.2 to 0.6 s each time on a loaded 2-core machine).
+    Reference counting frees objects as before; the run's end hands them back to the
+    collector."""
+    first = [True]
+
+    def after_round(_done: int, _record: dict) -> None:
+        if first:
+            first.clear()
+            gc.collect()
+            gc.freeze()
+
+    try:
+        yield after_round
+    finally:
+        gc.unfreeze()
+
+
 # ----------------------------------------------------------------------------- the lifecycle
 def run_lifecycle(
     cfg: Config,
@@ -189,7 +215,8 @@ def _run_claimed(
         elif resume:
             observer.message(f"{cfg.name}: no checkpoint yet, starting over")
         observer.started(server)
-        server.run()
+        with _long_lived_objects_frozen() as after_round:
+            server.run(after_round)
         save_model(run_dir / MODEL_FILE, server.weights, cfg, server_side.skeleton)
         engine.finish(cfg, run_dir, server)
         observer.finished(server)

@@ -74,13 +74,35 @@ def local_train(
     device: torch.device | str = "cpu",
     *,
     num_samples: int,
+    update_out: torch.Tensor | None = None,
 ) -> tuple[TrainReply, dict]:
     """Train from the request's weights on `batches` (see local_batches) with the objective the
     request names; return the update and the client's new state. num_samples: the client's
-    dataset size, the weight of its update."""
+    dataset size, the weight of its update. update_out: a (P,) float32 tensor the update is
+    written into (the in-process transport gives a row of the round's update matrix)."""
     if request.rule not in CLIENT_RULES:
         raise ValueError(f"unknown client rule {request.rule!r}: use {', '.join(CLIENT_RULES)}")
     started = time.perf_counter()
+    reply, new_state = _train(
+        model, batches, request, client_state, train, layout, device, num_samples, update_out
+    )
+    # the clock stops once the training's own objects (the optimizer and its per-parameter
+    # buffers, the step's dictionaries) are released, as it ran while they were made
+    reply.seconds = time.perf_counter() - started
+    return reply, new_state
+
+
+def _train(
+    model: nn.Module,
+    batches: Iterable[dict],
+    request: TrainRequest,
+    client_state: dict,
+    train: TrainConfig,
+    layout: ModelLayout,
+    device: torch.device | str,
+    num_samples: int,
+    update_out: torch.Tensor | None,
+) -> tuple[TrainReply, dict]:
     state = dict(request.weights)  # load_weights copies: the request's tensors stay as sent
     if layout.local_names and "local" in client_state:
         state.update(client_state["local"])
@@ -117,7 +139,11 @@ def local_train(
     losses = [float(loss) for loss in [step(batch) for batch in batches]]
 
     trained = {n: t.detach().cpu() for n, t in model.state_dict().items()}
-    delta = flatten(trained, layout.agg_names) - flatten(request.weights, layout.agg_names)
+    delta = torch.sub(
+        flatten(trained, layout.agg_names),
+        flatten(request.weights, layout.agg_names),
+        out=update_out,
+    )
     new_state = _next_client_state(client_state, trained, delta, request, layout)
     control_delta = None
     if scaffold is not None:
@@ -132,7 +158,6 @@ def local_train(
         train_loss=float(np.mean(losses)) if losses else math.nan,
         train_loss_sq=float(np.mean(np.square(losses))) if losses else math.nan,
         steps=len(losses),
-        seconds=time.perf_counter() - started,
         control_delta=control_delta,
     )
     return reply, new_state

@@ -36,6 +36,10 @@ class ModelLayout:
         return out
 
     @cached_property
+    def agg_set(self) -> frozenset[str]:
+        return frozenset(self.agg_names)
+
+    @cached_property
     def avg_groups(self) -> list[list[str]]:
         """avg_names grouped by dtype, the order `pack_float64` packs them in."""
         return dtype_groups(self.dtypes, self.avg_names)
@@ -84,6 +88,26 @@ def unflatten_add_(state: dict[str, torch.Tensor], layout: ModelLayout, flat: to
     """state[name] += the matching slice of flat, in place, for every aggregated tensor."""
     for name, start, end in layout.slices:
         state[name].add_(flat[start:end].view_as(state[name]).to(state[name].dtype))
+
+
+def rows_of_one_matrix(rows: list[torch.Tensor]) -> torch.Tensor | None:
+    """The (K, P) matrix whose consecutive rows the K vectors `rows` already are, in order, or
+    None. The in-process transport writes a round's updates so: the server aggregates that
+    matrix as it is instead of copying every update into a new one."""
+    first = rows[0]
+    p = first.numel()
+    storage = first.untyped_storage().data_ptr()
+    for i, row in enumerate(rows):
+        if (
+            row.dim() != 1
+            or row.numel() != p
+            or row.stride() != (1,)
+            or row.dtype != first.dtype
+            or row.untyped_storage().data_ptr() != storage
+            or row.storage_offset() != first.storage_offset() + i * p
+        ):
+            return None
+    return first.as_strided((len(rows), p), (p, 1))
 
 
 def dtype_groups(dtypes: dict[str, torch.dtype], names: tuple[str, ...]) -> list[list[str]]:

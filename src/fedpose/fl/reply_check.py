@@ -44,16 +44,9 @@ def check_reply(
         return f"update of dtype {delta.dtype}, expected torch.float32", math.nan
     if delta.dim() != 1 or delta.numel() != expected:
         return f"update of shape {tuple(delta.shape)}, expected ({expected},)", math.nan
-    if reply.averaged.keys() != set(layout.avg_names):
-        missing = sorted(set(layout.avg_names) - set(reply.averaged))
-        extra = sorted(set(reply.averaged) - set(layout.avg_names))
-        why = f"averaged tensors differ from the model's: missing {missing[:3]}, extra {extra[:3]}"
-        return why, math.nan
-    for name, t in reply.averaged.items():
-        ref = weights[name]
-        if not isinstance(t, torch.Tensor) or t.shape != ref.shape or t.dtype != ref.dtype:
-            got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
-            return f"{name}: {got}, expected {tuple(ref.shape)} {ref.dtype}", math.nan
+    problem = _averaged_problem(reply.averaged, layout.avg_names, weights)
+    if problem:
+        return problem, math.nan
     if isinstance(reply.num_samples, bool) or not isinstance(reply.num_samples, int):
         return f"sample count {reply.num_samples!r} is not an integer", math.nan
     if reply.num_samples <= 0:
@@ -69,6 +62,27 @@ def check_reply(
         return f"non-finite values in {bad}", norm
     reply.averaged_flat = flat
     return _control_problem(reply.control_delta, expected), norm
+
+
+def _averaged_problem(
+    averaged: dict, names: tuple[str, ...], weights: dict[str, torch.Tensor]
+) -> str | None:
+    """Why a reply's averaged tensors do not fit the model (names, types, shapes, dtypes)."""
+    if averaged.keys() != set(names):
+        missing = sorted(set(names) - set(averaged))
+        extra = sorted(set(averaged) - set(names))
+        return f"averaged tensors differ from the model's: missing {missing[:3]}, extra {extra[:3]}"
+    # all shapes and dtypes compared as two lists (dozens of BatchNorm tensors per reply); the
+    # loop below only names the first that differs
+    found = [(t.shape, t.dtype) if isinstance(t, torch.Tensor) else None for t in averaged.values()]
+    if found == [(weights[n].shape, weights[n].dtype) for n in averaged]:
+        return None
+    for name, t in averaged.items():
+        ref = weights[name]
+        if not isinstance(t, torch.Tensor) or t.shape != ref.shape or t.dtype != ref.dtype:
+            got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+            return f"{name}: {got}, expected {tuple(ref.shape)} {ref.dtype}"
+    return None
 
 
 def _control_problem(control: torch.Tensor | None, expected: int) -> str | None:

@@ -38,7 +38,7 @@ from fedpose.config import FedConfig, SystemConfig
 from fedpose.fl import secure
 from fedpose.fl.messages import TrainReply, TrainRequest
 from fedpose.fl.observer import AGGREGATION, CHECKPOINT, EVALUATION, REPLY_CHECKS, RunObserver
-from fedpose.fl.params import ModelLayout, unflatten_add_, weighted_average
+from fedpose.fl.params import ModelLayout, rows_of_one_matrix, unflatten_add_, weighted_average
 from fedpose.fl.reply_check import (
     NORM_HISTORY,
     check_reply,
@@ -207,11 +207,19 @@ class FederatedServer:
             step = float(counts.sum() / samples.sum())
         if self.fed.secure:
             return self._aggregate_secure(replies, counts)
-        # each update moves into the matrix and its reply lets go of it: the server holds K + 1
-        # updates at most, not the replies' K plus a stacked copy of K
-        deltas = torch.empty(len(replies), replies[0].delta.numel(), dtype=replies[0].delta.dtype)
-        for row, reply in zip(deltas, replies, strict=True):
-            row.copy_(reply.delta)
+        # the in-process transport hands over a round's updates as the rows of one matrix,
+        # in this order: aggregated as it is, without a copy
+        deltas = rows_of_one_matrix([r.delta for r in replies])
+        if deltas is None:
+            # each update moves into the matrix and its reply lets go of it: the server holds
+            # K + 1 updates at most, not the replies' K plus a stacked copy of K
+            deltas = torch.empty(
+                len(replies), replies[0].delta.numel(), dtype=replies[0].delta.dtype
+            )
+            for row, reply in zip(deltas, replies, strict=True):
+                row.copy_(reply.delta)
+                reply.delta = None
+        for reply in replies:
             reply.delta = None
         controls = None
         if any(r.control_delta is not None for r in replies):  # SCAFFOLD's c_k⁺ − c_k
@@ -283,11 +291,22 @@ class FederatedServer:
     def _check_model(self) -> None:
         """Stop the run before the round is logged or checkpointed when the aggregated model
         is not finite or has exploded (both the plain and the secure path)."""
-        bad = [
-            n
+        # the aggregated tensors' norm doubles as their finiteness check (float32 values
+        # squared in float64 cannot overflow); the other float tensors are checked in one pass
+        norm = model_norm(self.weights, self.layout.agg_names)
+        others = [
+            w.reshape(-1)
             for n, w in self.weights.items()
-            if w.is_floating_point() and not bool(torch.isfinite(w).all())
+            if n not in self.layout.agg_set and w.is_floating_point()
         ]
+        if math.isfinite(norm) and (not others or bool(torch.isfinite(torch.cat(others)).all())):
+            bad = []
+        else:  # the slow path names the tensors
+            bad = [
+                n
+                for n, w in self.weights.items()
+                if w.is_floating_point() and not bool(torch.isfinite(w).all())
+            ]
         if bad:
             # raised before the round is logged or checkpointed: the last good files stay
             raise FederationError(
@@ -295,7 +314,6 @@ class FederatedServer:
                 f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}; {self.strategy.name}, "
                 f"fed.server_lr = {self.fed.server_lr}); nothing was written"
             )
-        norm = model_norm(self.weights, self.layout.agg_names)
         if self.scale > 0 and norm > MAX_MODEL_GROWTH * self.scale:
             raise FederationError(
                 f"round {self.state.round + 1}: the aggregated model exploded (norm {norm:.3g}, "
@@ -306,8 +324,8 @@ class FederatedServer:
 
     # ----------------------------------------------------------------------------- the loops
     def run(self, progress: Callable[[int, dict], None] | None = None) -> dict:
-        """Run the rounds left; the observer's round_done (and `progress`, when given) sees
-        each one's record. Returns the last record."""
+        """Run the rounds left; `progress` (when given: the caller's own step at the end of a
+        round), then the observer's round_done see each one's record. Returns the last record."""
         if self.fed.mode == "async":
             return self._run_async(progress)
         if self.fed.mode != "sync":
@@ -315,9 +333,9 @@ class FederatedServer:
         return self._run_sync(progress)
 
     def _round_done(self, progress, record: dict) -> None:
-        self.observer.round_done(self.state.round, record)
         if progress:
             progress(self.state.round, record)
+        self.observer.round_done(self.state.round, record)
 
     def _run_sync(self, progress) -> dict:
         fed = self.fed

@@ -104,7 +104,9 @@ PHASES = (STATE_READ, STATE_WRITE, REPLY_CHECKS, AGGREGATION, CHECKPOINT)
 class SimObserver(RunObserver):
     """Times a run through the lifecycle's hooks: the clients' training, the evaluations, the
     runner's timed phases, and a mark after every round. Round 1 pays one-time costs (lazy
-    imports, allocator growth): it only warms up, and everything is counted from its end."""
+    imports, allocator growth, and the run's one collection of garbage before it freezes its
+    long-lived objects, engine/run.py): it only warms up, and everything is counted from its
+    end."""
 
     def __init__(self) -> None:
         self.train_seconds: list[float] = []
