@@ -24,6 +24,7 @@ import shutil
 import sys
 from pathlib import Path
 
+MARKER = ".bit-identity"  # marks --out as this tool's own, the only folder it ever empties
 SECRET = "0123456789abcdef0123456789abcdef"  # the sites' sketch secret (in-process only)
 
 
@@ -111,7 +112,14 @@ def record(result: Path, out_dir: Path, only: list[str]) -> None:
     from fedpose.fl.observer import RunObserver
 
     torch.set_num_threads(1)
-    shutil.rmtree(out_dir, ignore_errors=True)
+    # emptied only if this tool made it (its marker inside): never a folder someone else's
+    if out_dir.exists():
+        if not (out_dir / MARKER).is_file():
+            print(f"error: {out_dir}: not made by this tool; give another --out", file=sys.stderr)
+            raise SystemExit(2)
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    (out_dir / MARKER).write_text("made by tools/bit_identity.py; emptied by its next run\n")
     data = out_dir / "synth-arm"
     generate_synth_arm(data, n=48, seed=0, size=64, progress=False, workers=0)
     found = {}
@@ -145,7 +153,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("result", type=Path, help="the JSON summary to write (or the first to compare)")
     p.add_argument("runs", nargs="*", help="only these runs (default: all)")
     p.add_argument("--compare", type=Path, metavar="OTHER", help="compare RESULT with OTHER")
-    p.add_argument("--out", type=Path, default=Path("/tmp/fedpose-bit-identity"))
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("/tmp/fedpose-bit-identity"),
+        help="the runs' folder: made by this tool, emptied by its next run (refused otherwise)",
+    )
     args = p.parse_args(argv)
     if args.compare:
         return compare(args.result, args.compare)
