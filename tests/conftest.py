@@ -85,20 +85,19 @@ def one_thread():
 # order (--dist loadfile --no-loadscope-reorder): a long file started last keeps one worker busy
 # while the other idles; started first, the short files even out the end.
 LONGEST_FILES = (
-    "test_server.py",  # 14 s
-    "test_flower_sites.py",  # 9 s
-    "test_secure.py",  # 8 s
-    "test_report.py",  # 8 s
-    "test_gram.py",  # 5.5 s
-    "test_bench.py",  # 5.5 s
-    "test_resume_safety.py",  # 5 s
-    "test_cli.py",  # 3.5 s with FEDPOSE_DATASETS
-    "test_failures.py",  # 3 s
-    "test_hostile_model_files.py",  # 3 s
-    "test_data_lsp.py",  # 3 s with FEDPOSE_DATASETS
-    "test_fuzz_inputs.py",  # 2.5 s
+    "test_server.py",  # 11 s
+    "test_flower_sites.py",  # 8.5 s
+    "test_report.py",  # 8.5 s
+    "test_failures.py",  # 4.5 s
+    "test_hostile_model_files.py",  # 4 s
+    "test_resume_safety.py",  # 4 s
+    "test_flower_secure.py",  # 4 s
+    "test_fuzz_inputs.py",  # 4 s
+    "test_layout.py",  # 3 s
+    "test_run_folder.py",  # 3 s
     "test_harmonize.py",  # 2.5 s
-    "test_fuzz_run_inputs.py",  # 2 s
+    "test_model_metadata.py",  # 2.5 s
+    "test_partition.py",  # 2.5 s
 )
 
 

@@ -40,6 +40,7 @@ def test_model_names_and_flops():
     assert bf16_peak_tflops(torch.device("cpu"), override=100.0) == 100.0
 
 
+@pytest.mark.slow  # seconds of timed loading; the command test below stays fast
 def test_bench_data_measures_both_sides(synth_dir):
     res = bench_data(
         DataBenchOptions(

@@ -137,6 +137,7 @@ def test_a_malformed_config_json_in_report_is_one_error_line(tmp_path, capsys, c
 
 
 # ----------------------------------------------------------------------------- resuming
+@pytest.mark.slow  # four runs across modes: make test-slow
 def test_resume_force_across_modes_continues(tmp_path, synth_dir, capsys):
     first, then = "sync", "async"  # the way that crashed (async -> sync drops work in flight)
     args = ["configs/demo.toml", *tiny_cli_args(tmp_path / "runs", synth_dir)]

@@ -234,8 +234,9 @@ def test_every_strategy_same_bits_on_other_instruction_sets():
     assert native["digests"] == here
 
 
-# FedGH in the fast suite (it reads the Gram matrix twice: weights, then projections); FedAW slow
-@pytest.mark.parametrize("method", [pytest.param("fedaw", marks=pytest.mark.slow), "fedgh"])
+# whole runs, seconds each: make test-slow (the fast suite checks the paths' bits on their own)
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["fedaw", "fedgh"])
 def test_tiny_run_same_final_weights_whatever_the_aggregation_path(
     tmp_path, synth_dir, monkeypatch, threads, method
 ):

@@ -232,6 +232,7 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(
     assert _rows(cut) == _rows(whole)
 
 
+@pytest.mark.slow  # two trainings and a resume: make test-slow
 def test_centralized_training_resumes_from_its_checkpoint(tmp_path, synth_dir, capsys):
     def args(name: str, epochs: int) -> list[str]:
         return [

@@ -98,12 +98,16 @@ def test_rows_of_one_matrix_are_found_only_when_they_are_exactly_that():
         ),
         # SCAFFOLD: c in the strategy state, each c_k in the client states, two of four a round
         pytest.param(("fed.method=scaffold", "fed.clients_per_round=2"), marks=pytest.mark.slow),
-        (
-            "fed.method=fedgh",
-            "fed.mode=async",
-            "fed.concurrency=3",
-            "fed.buffer_size=2",
-            "system.speed_spread=10",
+        # asynchronous: the pending updates and their snapshots in the checkpoint; make test-slow
+        pytest.param(
+            (
+                "fed.method=fedgh",
+                "fed.mode=async",
+                "fed.concurrency=3",
+                "fed.buffer_size=2",
+                "system.speed_spread=10",
+            ),
+            marks=pytest.mark.slow,
         ),
     ],
 )

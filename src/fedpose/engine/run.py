@@ -121,19 +121,19 @@ class Engine:
 
 @contextmanager
 def _long_lived_objects_frozen() -> Iterator[Callable[[int, dict], None]]:
-    """A hook for the end of each round that, after the first one, collects the garbage once
-    and freezes what is left (gc.freeze): the records, the datasets, the model and the modules
-    the first round imported all live as long as the run, and the cyclic collector need no
-    longer walk them at every full collection (a few hundred thousand objects for the 10^4
-    records of `bench sim` at K = 1000: 0.2 to 0.6 s each time on a loaded 2-core machine).
-    Reference counting frees objects as before; the run's end hands them back to the
-    collector."""
+    """A hook for the end of each round that, after the first one, freezes the objects that
+    exist (gc.freeze): the records, the datasets, the model and the modules the first round
+    imported all live as long as the run, and the cyclic collector need no longer walk them at
+    every full collection (a few hundred thousand objects for the 10^4 records of `bench sim` at
+    K = 1000: 0.2 to 0.6 s each time on a loaded 2-core machine). No collection first: in a
+    process that holds much else (a test session, a notebook) a full one costs 0.3 s, more than
+    a short run's whole round; what garbage is frozen waits for the run's end. Reference
+    counting frees objects as before; the run's end hands them all back to the collector."""
     first = [True]
 
     def after_round(_done: int, _record: dict) -> None:
         if first:
             first.clear()
-            gc.collect()
             gc.freeze()
 
     try:
