@@ -23,6 +23,9 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet \
 		torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install --quiet -e '.[dev,dp,simulation]'
+	# the sources' bytecode now, as pip does for the installed packages: otherwise every test
+	# worker and every fresh fedpose process compiles them on its first import
+	$(BIN)/python -m compileall -q src
 	touch $@
 
 venv: $(BIN)/.installed

@@ -55,6 +55,7 @@ def lsp_images(request) -> torch.Tensor:
     return torch.stack([dataset[i]["image"] for i in range(len(dataset))])
 
 
+@pytest.mark.slow  # an export and two onnxruntime sessions, seconds: make test-slow
 def test_onnxruntime_heatmaps_match_pytorch_on_lsp_images(tmp_path, lsp_images):
     model = _busy_model()
     path = export_onnx(model, INPUT_SIZE, tmp_path / "pose.onnx", LSP)
