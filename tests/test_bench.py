@@ -87,6 +87,7 @@ def test_bench_train_on_cpu_with_fedgh(synth_dir):
     assert res["fedgh"]["gram_gemm"] > 0
 
 
+@pytest.mark.slow  # seconds of timed loading: make test-slow
 def test_bench_data_command_prints_the_ratio_last(synth_dir, capsys):
     assert (
         main(

@@ -230,6 +230,9 @@ def test_data_split_command_and_inspect(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- the engine
+# two federations of two rounds, seconds: make test-slow (the fast suite runs the sites in
+# test_central_evaluation_only_when_asked)
+@pytest.mark.slow
 @pytest.mark.usefixtures("task_identity")
 def test_sites_train_like_the_in_process_engine_and_evaluate_federated(
     tmp_path, monkeypatch, synth
