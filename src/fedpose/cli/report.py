@@ -231,7 +231,9 @@ def add_family(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--pair", metavar="ARM:BASELINE", help="the arm and baseline labels compared")
     p.add_argument("--alpha", type=float, default=0.05, help="family-wise level (default 0.05)")
-    p.add_argument("--out", type=Path, help="write the table here (a .md) and its .json beside it")
+    p.add_argument(
+        "--out", type=Path, metavar="FILE.md", help="write the table here, and FILE.json beside it"
+    )
     add_force(p, "an --out file that `fedpose family` did not write")
     p.set_defaults(func=cmd_family)
 

@@ -40,6 +40,8 @@ class Member:
 
 @dataclass(frozen=True)
 class Result(Member):
+    """A comparison with its figures."""
+
     n: int  # paired seeds
     mean: float  # mean of arm − baseline over the seeds
     interval: tuple[float, float]  # 95 % paired t-interval
@@ -115,7 +117,7 @@ def render(results: list[Result], alpha: float, command: str = "") -> str:
     """The markdown table of the family, with how to read it."""
     m = len(results)
     level = f"{100 * (1 - alpha / m):.4g} %"
-    lines = ["# A family of primary comparisons (Holm)", ""]
+    lines = ["# A family of comparisons, Holm-corrected", ""]
     if command:
         lines += [f"Made by: `{command}`", ""]
     lines += [
@@ -133,8 +135,9 @@ def render(results: list[Result], alpha: float, command: str = "") -> str:
     lines += [
         "",
         f"How to read it: a difference is resolved only if it survives Holm's correction over "
-        f"these {m} comparisons (Holm p < α = {alpha:g}, family-wise); the Bonferroni interval "
-        f"(confidence 1 − α/{m}) is given alongside and excludes zero only where Holm resolves.",
+        f"the family's {m} comparison(s) (Holm p < α = {alpha:g}, family-wise); the Bonferroni "
+        f"interval (confidence 1 − α/{m}) is given alongside and excludes zero only where Holm "
+        "resolves. The p-values are two-sided paired t-tests over the seeds both arms have.",
         "",
         *(f"- {r.name}: `{r.summary}`" for r in results),
         "",
