@@ -1,4 +1,4 @@
-"""fedpose command line: train, run, compare, report, eval, predict, export, score, data,
+"""fedpose command line: train, run, compare, report, family, eval, predict, export, score, data,
 bench, flower-demo, flower-sim, flower-config.
 
 Argument parsing and printing live here; the library raises exceptions and returns values.
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_run(sub)
     report.add_compare(sub)
     report.add_report(sub)
+    report.add_family(sub)
     run.add_eval(sub)
     run.add_predict(sub)
     run.add_export(sub)

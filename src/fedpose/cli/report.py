@@ -1,9 +1,11 @@
-"""`fedpose compare`, `fedpose report` and `fedpose watch`: comparisons (engine/experiment.py),
-their reports and live curves; each handler beside its arguments."""
+"""`fedpose compare`, `fedpose report`, `fedpose family` and `fedpose watch`: comparisons
+(engine/experiment.py), their reports, a Holm-corrected family of them (report/family.py) and
+live curves; each handler beside its arguments."""
 
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from fedpose.cli.common import (
@@ -174,6 +176,66 @@ def add_report(sub: argparse._SubParsersAction) -> None:
     )
     _add_report_options(p)
     p.set_defaults(func=cmd_report)
+
+
+def _pair(text: str) -> tuple[str, str]:
+    arm, _, baseline = text.partition(":")
+    if not arm or not baseline or ":" in baseline:
+        raise ValueError(f"--pair {text!r}: expected ARM:BASELINE, two arm labels")
+    return arm, baseline
+
+
+def _members(specs: list[str], pair: str | None) -> list:
+    """One comparison per NAME=PATH (on --pair) or NAME=PATH:ARM:BASELINE (its own pair)."""
+    from fedpose.report.family import Member
+
+    default = _pair(pair) if pair else None
+    members = []
+    for spec in specs:
+        name, _, rest = spec.partition("=")
+        parts = rest.rsplit(":", 2)  # labels never hold ':'; a path may
+        path, arm, baseline = parts if len(parts) == 3 else (rest, *(default or ("", "")))
+        if not (name and path and arm and baseline):
+            raise ValueError(
+                f"{spec!r}: expected NAME=PATH with --pair ARM:BASELINE, or NAME=PATH:ARM:BASELINE"
+            )
+        members.append(Member(name, Path(path), arm, baseline))
+    return members
+
+
+def cmd_family(args) -> int:
+    from fedpose.report.family import compare_family, render, write_family
+
+    if not (math.isfinite(args.alpha) and 0 < args.alpha < 1):
+        raise ValueError(f"--alpha {args.alpha!r} is out of range; allowed: (0, 1)")
+    results = compare_family(_members(args.summaries, args.pair), args.alpha)
+    out = None
+    if args.out:  # written (or refused) before anything is printed
+        out = write_family(results, args.alpha, args.out, args.command_line, args.force)
+    console.print(render(results, args.alpha), markup=False, highlight=False)
+    if out:
+        console.print(f"wrote {out} and {out.with_suffix('.json')}")
+    return 0
+
+
+def add_family(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "family",
+        help="a family of comparisons across reports' summary.json: paired t, Holm's correction",
+    )
+    p.add_argument(
+        "summaries",
+        nargs="+",
+        metavar="NAME=PATH[:ARM:BASELINE]",
+        help="a comparison: a report's summary.json, compared on --pair or on its own pair",
+    )
+    p.add_argument("--pair", metavar="ARM:BASELINE", help="the arm and baseline labels compared")
+    p.add_argument("--alpha", type=float, default=0.05, help="family-wise level (default 0.05)")
+    p.add_argument(
+        "--out", type=Path, metavar="FILE.md", help="write the table here, and FILE.json beside it"
+    )
+    add_force(p, "an --out file that `fedpose family` did not write")
+    p.set_defaults(func=cmd_family)
 
 
 def cmd_watch(args) -> int:
