@@ -104,6 +104,14 @@ def test_the_command_prints_writes_and_rewrites_its_own_output(tmp_path, capsys)
     assert out.read_text().splitlines()[0].startswith("# ")
     assert _run(argv, capsys)[0] == 0  # its own output: rewritten
 
+    notes = tmp_path / "notes.md"
+    notes.write_text("## Reading\n\nwhat the table supports\n")
+    code, printed, err = _run(argv + ["--title", "Primary family", "--notes", notes], capsys)
+    assert code == 0, err
+    page = out.read_text()
+    assert page.startswith("# Primary family\n") and "# Primary family" in printed
+    assert page.index("| one |") < page.index("## Reading") and "what the table supports" in page
+
 
 @pytest.mark.parametrize("foreign", ["primary.md", "primary.json"])
 def test_out_never_replaces_a_file_it_did_not_write_unless_forced(tmp_path, capsys, foreign):

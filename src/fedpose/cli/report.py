@@ -209,10 +209,13 @@ def cmd_family(args) -> int:
     if not (math.isfinite(args.alpha) and 0 < args.alpha < 1):
         raise ValueError(f"--alpha {args.alpha!r} is out of range; allowed: (0, 1)")
     results = compare_family(_members(args.summaries, args.pair), args.alpha)
+    notes = Path(args.notes).read_text() if args.notes else ""
     out = None
     if args.out:  # written (or refused) before anything is printed
-        out = write_family(results, args.alpha, args.out, args.command_line, args.force)
-    console.print(render(results, args.alpha), markup=False, highlight=False)
+        out = write_family(
+            results, args.alpha, args.out, args.command_line, args.force, args.title, notes
+        )
+    console.print(render(results, args.alpha, title=args.title), markup=False, highlight=False)
     if out:
         console.print(f"wrote {out} and {out.with_suffix('.json')}")
     return 0
@@ -231,6 +234,8 @@ def add_family(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--pair", metavar="ARM:BASELINE", help="the arm and baseline labels compared")
     p.add_argument("--alpha", type=float, default=0.05, help="family-wise level (default 0.05)")
+    p.add_argument("--title", default="A family of comparisons, Holm-corrected")
+    p.add_argument("--notes", default=None, help="a markdown file added after the table")
     p.add_argument(
         "--out", type=Path, metavar="FILE.md", help="write the table here, and FILE.json beside it"
     )

@@ -113,11 +113,18 @@ def compare_family(members: list[Member], alpha: float = 0.05) -> list[Result]:
     return results
 
 
-def render(results: list[Result], alpha: float, command: str = "") -> str:
-    """The markdown table of the family, with how to read it."""
+def render(
+    results: list[Result],
+    alpha: float,
+    command: str = "",
+    title: str = "A family of comparisons, Holm-corrected",
+    notes: str = "",
+) -> str:
+    """The markdown table of the family, with how to read it; `notes` (markdown: what was run,
+    the reading) follow the table."""
     m = len(results)
     level = f"{100 * (1 - alpha / m):.4g} %"
-    lines = ["# A family of comparisons, Holm-corrected", ""]
+    lines = [f"# {title}", ""]
     if command:
         lines += [f"Made by: `{command}`", ""]
     lines += [
@@ -142,6 +149,8 @@ def render(results: list[Result], alpha: float, command: str = "") -> str:
         *(f"- {r.name}: `{r.summary}`" for r in results),
         "",
     ]
+    if notes:
+        lines += [notes.rstrip("\n"), ""]
     return "\n".join(lines)
 
 
@@ -150,7 +159,13 @@ def _interval(bounds: tuple[float, float]) -> str:
 
 
 def write_family(
-    results: list[Result], alpha: float, md_path: Path, command: str = "", force: bool = False
+    results: list[Result],
+    alpha: float,
+    md_path: Path,
+    command: str = "",
+    force: bool = False,
+    title: str = "A family of comparisons, Holm-corrected",
+    notes: str = "",
 ) -> Path:
     """Write the table to `md_path` (a .md file) and the numbers to the .json beside it. Neither
     replaces a file this command did not make (its JSON records MADE_BY) unless `force`."""
@@ -170,7 +185,7 @@ def write_family(
     record["comparisons"] = [{**asdict(r), "summary": str(r.summary)} for r in results]
     md_path.parent.mkdir(parents=True, exist_ok=True)
     write_file(json_path, json.dumps(record, indent=2) + "\n")
-    return write_file(md_path, render(results, alpha, command))
+    return write_file(md_path, render(results, alpha, command, title, notes))
 
 
 def _ours(json_path: Path) -> bool:
