@@ -295,8 +295,17 @@ def test_report_tables_what_the_server_did(tmp_path):
         for r in rows:
             r.update(aggregated=[0, 1], weights=[0.25, 0.75], coefficients=[0.3, 0.9])
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        # a server optimiser logs its step: 2, 4, ..., 20 in seed 0's ten rounds, 4 more in seed 1's
+        _fake_run(runs, "fedyogi", seed, [60.0, 61.0], conflict=None)
+        path = runs / f"fedyogi-s{seed}" / "metrics.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        for i, r in enumerate(rows):
+            r.update(aggregated=[0, 1], weights=[0.5, 0.5], server_step_norm=2.0 + 2 * i + 4 * seed)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     text = write_report(load_arms([runs]), tmp_path / "out", "t", figures=False).read_text()
-    assert "| fedgh | 0.500 | 1.200 | – | 0: 0.250, 1: 0.750 |" in text  # no cosines: no step ratio
+    # no cosines: no step ratio; no server optimiser: no server step
+    assert "| fedgh | 0.500 | 1.200 | – | – | 0: 0.250, 1: 0.750 |" in text
+    assert "| fedyogi | – | – | – | 13.000 | 0: 0.500, 1: 0.500 |" in text
 
 
 def _cpu_run(folder: Path, label: str, seed: int, cpu: str | None, pck: float) -> None:

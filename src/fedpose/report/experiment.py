@@ -469,11 +469,14 @@ def _site_table(arms: dict[str, Arm], key: str = "site_pck") -> list[str]:
 def _aggregation_table(arms: dict[str, Arm]) -> list[str]:
     """What the server did, averaged over all rounds and seeds: the share of conflicting update
     pairs, the sum of the coefficients on the raw updates (1 for a weighted mean; FedGH's
-    projections add to it) and each client's mean weight."""
+    projections add to it), the length of the server's step (after any server optimiser) and
+    each client's mean weight."""
     rows = []
     for label, arm in arms.items():
-        conflict, coef_sum, steps, weights = [], [], [], {}
+        conflict, coef_sum, steps, server_step, weights = [], [], [], [], {}
         for r in (r for run in arm.complete_runs for r in run.rows):
+            if r.get("server_step_norm") is not None:
+                server_step.append(r["server_step_norm"])
             if r.get("conflict_share") is not None:
                 conflict.append(r["conflict_share"])
             if r.get("coefficients"):
@@ -488,6 +491,7 @@ def _aggregation_table(arms: dict[str, Arm]) -> list[str]:
                 f"{np.mean(conflict):.3f}" if conflict else "–",
                 f"{np.mean(coef_sum):.3f}" if coef_sum else "–",
                 f"{np.mean(steps):.3f}" if steps else "–",
+                f"{np.mean(server_step):.3f}" if server_step else "–",
                 ", ".join(f"{k}: {np.mean(weights[k]):.3f}" for k in sorted(weights)[:16]),
             ]
             rows.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -504,10 +508,14 @@ def _aggregation_table(arms: dict[str, Arm]) -> list[str]:
         "the length of the harmonised step over the unprojected one of the same round (from "
         "the logged cosines and norms). Step controls: the baseline at this arm's step is "
         "`fed.server_lr` = the step ratio; this arm at the baseline's step is "
-        "`fed.gh_rescale=true`. A difference is read as direction only where both are run.",
+        "`fed.gh_rescale=true`. A difference is read as direction only where both are run. "
+        "Server step: ‖θ_{t+1} − θ_t‖, the global model's move in a round after any server "
+        "optimiser (Adam and Yogi divide by a running √v, so there the step ratio does not "
+        "set it).",
         "",
-        "| method | conflict share | Σ coefficients | step ratio | mean weight by client |",
-        "|---|---|---|---|---|",
+        "| method | conflict share | Σ coefficients | step ratio | server step "
+        "| mean weight by client |",
+        "|---|---|---|---|---|---|",
         *rows,
     ]
 
