@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from scipy import stats
 
 from fedpose.cli import main
 from fedpose.report.family import Member, compare_family
+from fedpose.report.stats import holm
 
 ALPHA = 0.05
 # standardised residuals (mean 0, sample std 1): the differences of a comparison are
@@ -145,6 +147,15 @@ BAD = {  # file text -> what the error line names
         {"arms": {"gh": {"scores": {"s0": 1.0}}, "yogi": {"scores": {}}}},
         "[arms.gh.scores.s0]",
     ),
+    "differences overflow": (
+        {
+            "arms": {
+                "gh": {"scores": {"0": 1.7e308, "1": -1.7e308}},
+                "yogi": {"scores": {"0": -1.7e308, "1": 1.7e308}},
+            }
+        },
+        "[arms.gh, arms.yogi]: the paired test is not finite",
+    ),
 }
 
 
@@ -159,3 +170,14 @@ def test_bad_summaries_are_one_error_line_naming_the_file(tmp_path, capsys, case
     assert code == 2 and printed == ""
     assert err.count("\n") == 1 and err.startswith(f"error: {path}")
     assert message in err
+
+
+def test_an_arm_compared_with_itself_is_refused(tmp_path, capsys):
+    path = _pair(tmp_path / "one.json", _built_for(0.01))
+    code, printed, err = _run(["--pair", "gh:gh", f"one={path}"], capsys)
+    assert code == 2 and printed == "" and "'gh' compared with itself" in err
+
+
+def test_holm_refuses_a_missing_p_value():
+    with pytest.raises(ValueError, match="nan"):
+        holm({"a": 0.001, "b": math.nan, "c": 0.02})

@@ -199,6 +199,8 @@ def _members(specs: list[str], pair: str | None) -> list:
             raise ValueError(
                 f"{spec!r}: expected NAME=PATH with --pair ARM:BASELINE, or NAME=PATH:ARM:BASELINE"
             )
+        if arm == baseline:  # a zero row would still count in Holm's m, against the others
+            raise ValueError(f"{spec!r}: {arm!r} compared with itself")
         members.append(Member(name, Path(path), arm, baseline))
     return members
 

@@ -511,7 +511,8 @@ def _aggregation_table(arms: dict[str, Arm]) -> list[str]:
         "`fed.gh_rescale=true`. A difference is read as direction only where both are run. "
         "Server step: ‖θ_{t+1} − θ_t‖, the global model's move in a round after any server "
         "optimiser (Adam and Yogi divide by a running √v, so there the step ratio does not "
-        "set it).",
+        "set it); – where the runs do not log it (a plain server step, outside secure "
+        "aggregation).",
         "",
         "| method | conflict share | Σ coefficients | step ratio | server step "
         "| mean weight by client |",

@@ -12,9 +12,12 @@ comparisons) is given alongside: it excludes zero only for a comparison that Hol
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import numpy as np
 
 from fedpose.bounded import loads_json, read_json
 from fedpose.report.stats import holm, paired_difference, paired_p_value
@@ -92,7 +95,14 @@ def compare_family(members: list[Member], alpha: float = 0.05) -> list[Result]:
                 f"{shared}; a paired test needs at least 2"
             )
         pairs[m.name] = (a, b)
-    p = {name: paired_p_value(a, b) for name, (a, b) in pairs.items()}
+    with np.errstate(all="ignore"):  # an overflow is refused below, in one line, not warned
+        p = {name: paired_p_value(a, b) for name, (a, b) in pairs.items()}
+    for m in members:  # scores near ±1e308 overflow their difference; Holm cannot order a nan
+        if not math.isfinite(p[m.name]):
+            raise FamilyError(
+                f"{m.summary} [arms.{m.arm}, arms.{m.baseline}]: the paired test is not finite "
+                "(scores too large to subtract)"
+            )
     adjusted = holm(p)
     results = []
     for m in members:

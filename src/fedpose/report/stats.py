@@ -92,6 +92,8 @@ def holm(p_values: dict[str, float]) -> dict[str, float]:
     """Holm's step-down adjusted p-values of a family of comparisons (Holm 1979): sorted
     ascending, the i-th (from 0) is multiplied by (m − i), made monotone and capped at 1. A
     comparison is resolved at family-wise level α when its adjusted p-value is below α."""
+    if any(math.isnan(p) for p in p_values.values()):
+        raise ValueError("Holm's correction needs every p-value; got nan")  # sorts arbitrarily
     ordered = sorted(p_values, key=lambda k: p_values[k])
     m = len(ordered)
     out: dict[str, float] = {}
