@@ -4,7 +4,12 @@
 # against FedYogi (server lr 3e-2), on the test seeds, scored on the test split.
 # Resumable: run it again and finished runs are kept, the others resume from their checkpoint.
 # Writes runs/primary-<setting>/<label>-s<seed>/ and runs/primary-<setting>/report.md.
-# LSP comes from $FEDPOSE_DATASETS/lsp (default ../shared/datasets/lsp).
+# LSP comes from $FEDPOSE_DATASETS/lsp (default ../shared/datasets/lsp); the script's own
+# arguments (e.g. -c data.generate=true for a clone without data/synth-arm) go to the synth-arm
+# settings only. Settings run in the plan's order and stop at the first that fails (set -e):
+# without LSP, C does not run either. The pages read the committed copies: copy each finished
+# run's config.json, clients.json and metrics.jsonl to results/runs/primary-<setting>/<run>/ and
+# run results/plan/primary-report.sh.
 set -e
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=1
