@@ -99,5 +99,31 @@ def test_a_failed_state_write_is_an_error_not_a_lost_state(tmp_path):
     store.flush()
     (tmp_path / "s").rename(tmp_path / "gone")  # the folder vanishes under the run
     store.put(1, _state(2.0))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(OSError, match="client state not written"):
         store.state_dict()
+
+
+def test_a_link_planted_at_a_state_file_is_replaced_not_written_through(tmp_path):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep me")
+    store = ClientStateStore(tmp_path / "s")
+    store.put(0, _state(1.0))
+    store.flush()
+    (tmp_path / "s" / "0.1.safetensors").symlink_to(outside)  # where the next write goes
+    store.put(0, _state(2.0))
+    store.flush()
+    assert outside.read_text() == "keep me"
+    assert not (tmp_path / "s" / "0.1.safetensors").is_symlink()
+    assert _equal(store.get(0), _state(2.0))
+
+
+def test_a_resume_removes_the_temporary_of_an_interrupted_write(tmp_path):
+    store = ClientStateStore(tmp_path)
+    store.put(0, _state(1.0))
+    checkpoint = store.state_dict()
+    (tmp_path / ".tmpAb3dE9").write_bytes(b"half a file")  # killed inside save_file
+    (tmp_path / "notes.txt").write_text("not the store's")
+    resumed = ClientStateStore(tmp_path)
+    resumed.load_state_dict(checkpoint)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0.0.safetensors", "notes.txt"]
+    assert _equal(resumed.get(0), _state(1.0))

@@ -181,3 +181,13 @@ def test_an_arm_compared_with_itself_is_refused(tmp_path, capsys):
 def test_holm_refuses_a_missing_p_value():
     with pytest.raises(ValueError, match="nan"):
         holm({"a": 0.001, "b": math.nan, "c": 0.02})
+
+
+def test_a_summary_whose_name_holds_colons_is_read_as_one_path(tmp_path, capsys):
+    summary = _pair(tmp_path / "run:a:b.json", _built_for(0.01))
+    code, printed, err = _run(["--pair", "gh:yogi", f"one={summary}"], capsys)
+    assert code == 0, err
+    assert any(line.startswith("| one | gh − yogi | 5 |") for line in printed.splitlines())
+    # with its own pair after it, the path is everything before the last two colons
+    code, printed, err = _run([f"one={summary}:gh:yogi"], capsys)
+    assert code == 0, err

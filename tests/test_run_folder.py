@@ -276,3 +276,20 @@ def test_an_output_never_replaces_what_another_command_made(tmp_path, synth_dir,
     with pytest.raises(RunDirError, match="made by `fedpose compare`"):
         check_output(demo / "report.md", "report")
     check_output(demo / "report.md", "report", force=True)
+
+
+def test_a_report_replaces_its_own_page_but_not_a_hand_written_one(tmp_path, finished, capsys):
+    runs = _copy(finished, tmp_path)
+    results = tmp_path / "results"  # a folder no command made, as the repository's results/
+    results.mkdir()
+    plan = results / "PLAN.md"
+    plan.write_text("# The plan, written before the runs\n")
+    capsys.readouterr()
+    assert main(["report", str(runs / "t"), "--out", str(plan), "--no-figures"]) == 2
+    line = _one_error_line(capsys)
+    assert str(plan) in line and "did not write" in line and "--force" in line
+    assert plan.read_text() == "# The plan, written before the runs\n"
+    page = results / "t.md"
+    for _ in range(2):  # its own page, rewritten
+        assert main(["report", str(runs / "t"), "--out", str(page), "--no-figures"]) == 0
+    assert main(["report", str(runs / "t"), "--out", str(plan), "--no-figures", "--force"]) == 0

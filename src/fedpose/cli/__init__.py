@@ -20,8 +20,9 @@ from fedpose.tools import ToolError
 from fedpose.version import version_line
 
 
-# Built once per process: its 22 subcommands take ~12 ms to build, and main() is also called
-# many times in one process (the tests, a notebook); parsing leaves the parser unchanged.
+# Built once per process: its 18 commands (28 parsers with the groups' own) take ~12 ms to
+# build, and main() is also called many times in one process (the tests, a notebook); parsing
+# leaves the parser unchanged.
 @functools.cache
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedpose", description=__doc__)

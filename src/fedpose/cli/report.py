@@ -116,12 +116,19 @@ def add_compare(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_report(args) -> int:
-    from fedpose.report.experiment import load_arms, write_report
-    from fedpose.run_dir import check_output, mark
+    from fedpose.report.experiment import MADE_BY, load_arms, write_report
+    from fedpose.run_dir import RunDirError, check_output, mark, read_regular
 
     out = Path(args.out)
-    # a report never replaces another command's (a comparison's report.md and plots)
+    # a report never replaces another command's (a comparison's report.md and plots), nor a
+    # page it did not write itself (a hand-written results/PLAN.md has no owner record)
     check_output(out, "report", args.force)
+    if out.suffix == ".md" and out.is_file() and not args.force:
+        if f"{MADE_BY}`fedpose report " not in read_regular(out).decode(errors="replace"):
+            raise RunDirError(
+                f"{out}: a page `fedpose report` did not write; it would be replaced: choose "
+                f"another path (or --force to overwrite)"
+            )
     new_folder = out.suffix != ".md" and not out.exists()
     arms = load_arms([Path(p) for p in args.runs])
     notes = Path(args.notes).read_text() if args.notes else ""
@@ -194,7 +201,10 @@ def _members(specs: list[str], pair: str | None) -> list:
     for spec in specs:
         name, _, rest = spec.partition("=")
         parts = rest.rsplit(":", 2)  # labels never hold ':'; a path may
-        path, arm, baseline = parts if len(parts) == 3 else (rest, *(default or ("", "")))
+        if len(parts) == 3 and not Path(rest).is_file():
+            path, arm, baseline = parts
+        else:  # a file whose own name holds two colons is that file, on --pair
+            path, arm, baseline = rest, *(default or ("", ""))
         if not (name and path and arm and baseline):
             raise ValueError(
                 f"{spec!r}: expected NAME=PATH with --pair ARM:BASELINE, or NAME=PATH:ARM:BASELINE"

@@ -6,9 +6,11 @@ memory. `ClientStateStore` with a directory keeps every state in a safetensors f
 memory holds only the index: memory grows with the clients trained per round, not with the
 federation.
 
-Files are written by a background thread while the next client trains (at most a few writes in
-flight, one per client); reading a client's state, a checkpoint's index and the disk figures
-wait for the writes they depend on, and a write that failed raises there.
+Files are serialized and written by a background thread while the next client trains (at most a
+few writes in flight, one per client): `put` takes the state's tensors over, as the in-memory
+store does, so the caller must not change them afterwards. Reading a client's state, a
+checkpoint's index and the disk figures wait for the writes they depend on, and a write that
+failed raises there.
 
 Resuming must see the states as they were at the checkpoint, while training after it rewrites
 them. So a state is never overwritten: each write is a new generation (`<client>.<gen>.
@@ -26,13 +28,14 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
+from safetensors.torch import save_file
 
 from fedpose.bounded import loads_json
-from fedpose.run_dir import write_file
 
 STATE_FILE = re.compile(r"(\d+)\.(\d+)\.safetensors")
-MAX_PENDING_WRITES = 4  # state files in flight: each holds a serialized state in memory
+# what an interrupted `save_file` leaves behind: its temporary, never renamed into place
+UNFINISHED_FILE = re.compile(r"\.tmp[A-Za-z0-9]{6}")
+MAX_PENDING_WRITES = 4  # state files in flight: each keeps its client's state in memory
 
 
 def _pack(state: dict[str, dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], dict]:
@@ -66,9 +69,14 @@ class ClientStateError(ValueError):
     """A client state file that cannot be read (truncated, not safetensors, malformed)."""
 
 
-def _write(path: Path, payload: bytes, stale: Path | None) -> None:
-    # a new file renamed into place: a link planted there is replaced, not written through
-    write_file(path, payload)
+def _write(path: Path, packed: dict[str, torch.Tensor], metadata: dict, stale: Path | None) -> None:
+    # safetensors (>= 0.8) writes a new temporary beside `path` and renames it into place, so a
+    # link planted at `path` is replaced, not written through; it reads the tensors' memory
+    # directly, without a serialized copy
+    try:
+        save_file(packed, path, metadata=metadata)
+    except SafetensorError as e:  # its I/O errors, as the OSError they are
+        raise OSError(f"{path}: client state not written ({e})") from None
     if stale is not None:
         stale.unlink(missing_ok=True)
 
@@ -130,9 +138,6 @@ class ClientStateStore:
             if not self._made_directory:
                 self.directory.mkdir(parents=True, exist_ok=True)
                 self._made_directory = True
-            # serialized here, written there: the caller may reuse the tensors once put returns.
-            # A new file renamed into place: a link planted there is replaced, not written through
-            payload = save(packed, metadata=metadata)
             self._wait(client)
             while len(self._pending) >= MAX_PENDING_WRITES:
                 self._wait(next(iter(self._pending)))
@@ -141,7 +146,8 @@ class ClientStateStore:
             path = self._path(client, generation)
             # the stale file goes after the new one is written, by the writer too: the caller
             # never waits for the disk
-            self._pending[client] = self._writer.submit(_write, path, payload, stale)
+            # serialized there too: the main thread only packs the state and goes on
+            self._pending[client] = self._writer.submit(_write, path, packed, metadata, stale)
             self._index[client] = generation
         else:  # stateless clients (FedAvg and kin) cost no file at all
             self._index.pop(client, None)
@@ -205,6 +211,13 @@ class ClientStateStore:
                     continue
                 client, generation = int(match[1]), int(match[2])
                 if self._index.get(client) != generation:
+                    path.unlink(missing_ok=True)
+            for path in self.directory.glob(".tmp*"):
+                if (
+                    UNFINISHED_FILE.fullmatch(path.name)
+                    and not path.is_symlink()
+                    and path.is_file()
+                ):
                     path.unlink(missing_ok=True)
             return
         states = state.get("client_states", {})

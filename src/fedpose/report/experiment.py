@@ -30,6 +30,10 @@ from fedpose.report.stats import (
 )
 from fedpose.run_dir import write_file
 
+# the line a report names its command on; `fedpose report` replaces only pages that carry it
+# with its own name (a hand-written page beside the reports has none)
+MADE_BY = "Report made by: "
+
 _SEED_SUFFIX = re.compile(r"^(?P<label>.+)-s(?P<seed>\d+)$")
 
 
@@ -271,7 +275,7 @@ def write_report(
     if produced_by:
         lines.append(f"Runs made by: `{produced_by}`  ")
     if command:
-        lines.append(f"Report made by: `{command}`  ")
+        lines.append(f"{MADE_BY}`{command}`  ")
     lines.append(f"Code: commit {commit_text}")
     lines.append("")
     lines += _setting(arms)
