@@ -121,6 +121,8 @@ class ClientStateStore:
             raise ClientStateError(f"{path}: damaged client state file ({e})") from None
 
     def put(self, client: int, state: dict) -> None:
+        """Keep `state` as the client's newest. The store takes its tensors over (the writer
+        thread reads them after put returns): the caller must not change them afterwards."""
         if self.directory is None:
             self._memory[client] = state
             return
