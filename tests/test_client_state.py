@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -115,6 +117,10 @@ def test_a_link_planted_at_a_state_file_is_replaced_not_written_through(tmp_path
     assert outside.read_text() == "keep me"
     assert not (tmp_path / "s" / "0.1.safetensors").is_symlink()
     assert _equal(store.get(0), _state(2.0))
+    # readable as the run folder's other files are (safetensors' temporary starts as 0o600)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (tmp_path / "s" / "0.1.safetensors").stat().st_mode & 0o777 == 0o644 & ~umask
 
 
 def test_a_resume_removes_the_temporary_of_an_interrupted_write(tmp_path):

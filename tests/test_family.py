@@ -191,3 +191,7 @@ def test_a_summary_whose_name_holds_colons_is_read_as_one_path(tmp_path, capsys)
     # with its own pair after it, the path is everything before the last two colons
     code, printed, err = _run([f"one={summary}:gh:yogi"], capsys)
     assert code == 0, err
+    # a mistyped name has two readings, neither a file: both are named
+    code, printed, err = _run(["--pair", "gh:yogi", f"one={tmp_path}/run:a:b.jsn"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "neither" in err and "run:a:b.jsn" in err and f"'{tmp_path}/run'" in err

@@ -293,3 +293,14 @@ def test_a_report_replaces_its_own_page_but_not_a_hand_written_one(tmp_path, fin
     for _ in range(2):  # its own page, rewritten
         assert main(["report", str(runs / "t"), "--out", str(page), "--no-figures"]) == 0
     assert main(["report", str(runs / "t"), "--out", str(plan), "--no-figures", "--force"]) == 0
+    # a folder given as --out: its report.md is the page; a line quoted further down is no header
+    pages = tmp_path / "pages"
+    pages.mkdir()
+    for folder, text in ((pages, "# hand-written\n"), (results, None)):
+        page = folder / "report.md" if text else results / "quoting.md"
+        page.write_text(text or "# Notes\n\n## Quoted\n\nReport made by: `fedpose report x`\n")
+        out = folder if text else page
+        capsys.readouterr()
+        assert main(["report", str(runs / "t"), "--out", str(out), "--no-figures"]) == 2
+        assert "did not write" in _one_error_line(capsys)
+        assert page.read_text() == (text or page.read_text())

@@ -28,9 +28,11 @@ def version_line() -> str:
 def plain_console(stderr: bool = False, **kwargs: object) -> Console:
     """A rich Console: the terminal's width in a terminal, else PLAIN_WIDTH columns. Outside a
     terminal $COLUMNS is not followed: tools export it (pytest-xdist's workers, some CI runners
-    set 80) for a terminal that is not there."""
+    set 80) for a terminal that is not there. Emoji codes stay text: a file named
+    `run:a:b.json` must be named as it is, not as `run🅰b.json`."""
     stream = sys.stderr if stderr else sys.stdout
     width = None if _is_terminal(stream) else PLAIN_WIDTH
+    kwargs.setdefault("emoji", False)
     return Console(stderr=stderr, width=width, **kwargs)  # type: ignore[arg-type]
 
 

@@ -115,20 +115,29 @@ def add_compare(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_compare)
 
 
+def _made_by_report(page: bytes) -> bool:
+    """Whether a page's header (before its first section) names `fedpose report` as its maker,
+    on a line of its own: a page that only quotes such a line further down is not a report."""
+    from fedpose.report.experiment import MADE_BY
+
+    header = page.decode(errors="replace").split("\n## ", 1)[0]
+    return any(line.startswith(f"{MADE_BY}`fedpose report ") for line in header.splitlines())
+
+
 def cmd_report(args) -> int:
-    from fedpose.report.experiment import MADE_BY, load_arms, write_report
+    from fedpose.report.experiment import load_arms, write_report
     from fedpose.run_dir import RunDirError, check_output, mark, read_regular
 
     out = Path(args.out)
     # a report never replaces another command's (a comparison's report.md and plots), nor a
     # page it did not write itself (a hand-written results/PLAN.md has no owner record)
     check_output(out, "report", args.force)
-    if out.suffix == ".md" and out.is_file() and not args.force:
-        if f"{MADE_BY}`fedpose report " not in read_regular(out).decode(errors="replace"):
-            raise RunDirError(
-                f"{out}: a page `fedpose report` did not write; it would be replaced: choose "
-                f"another path (or --force to overwrite)"
-            )
+    page = out if out.suffix == ".md" else out / "report.md"  # the page write_report writes
+    if page.is_file() and not args.force and not _made_by_report(read_regular(page)):
+        raise RunDirError(
+            f"{page}: a page `fedpose report` did not write; it would be replaced: choose "
+            f"another path (or --force to overwrite)"
+        )
     new_folder = out.suffix != ".md" and not out.exists()
     arms = load_arms([Path(p) for p in args.runs])
     notes = Path(args.notes).read_text() if args.notes else ""
@@ -202,6 +211,8 @@ def _members(specs: list[str], pair: str | None) -> list:
         name, _, rest = spec.partition("=")
         parts = rest.rsplit(":", 2)  # labels never hold ':'; a path may
         if len(parts) == 3 and not Path(rest).is_file():
+            if default and not Path(parts[0]).is_file():  # two readings, neither a file
+                raise ValueError(f"{spec!r}: neither {rest!r} nor {parts[0]!r} is a file")
             path, arm, baseline = parts
         else:  # a file whose own name holds two colons is that file, on --pair
             path, arm, baseline = rest, *(default or ("", ""))

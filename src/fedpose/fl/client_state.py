@@ -20,8 +20,10 @@ once no checkpoint that may still be on disk refers to it (the last two indexes 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import os
 import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -69,6 +71,19 @@ class ClientStateError(ValueError):
     """A client state file that cannot be read (truncated, not safetensors, malformed)."""
 
 
+@functools.cache
+def _file_mode() -> int:
+    """The mode the run folder's other files get (0o644 less the umask): safetensors creates
+    its temporary 0o600, which would lock a resume by another member of the group out."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        umask = int(next(ln for ln in status.splitlines() if ln.startswith("Umask:")).split()[1], 8)
+    except (OSError, StopIteration, ValueError, IndexError):  # not Linux: ask, and put it back
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o644 & ~umask
+
+
 def _write(path: Path, packed: dict[str, torch.Tensor], metadata: dict, stale: Path | None) -> None:
     # safetensors (>= 0.8) writes a new temporary beside `path` and renames it into place, so a
     # link planted at `path` is replaced, not written through; it reads the tensors' memory
@@ -77,6 +92,11 @@ def _write(path: Path, packed: dict[str, torch.Tensor], metadata: dict, stale: P
         save_file(packed, path, metadata=metadata)
     except SafetensorError as e:  # its I/O errors, as the OSError they are
         raise OSError(f"{path}: client state not written ({e})") from None
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)  # the file itself, never a link's target
+    try:
+        os.fchmod(fd, _file_mode())
+    finally:
+        os.close(fd)
     if stale is not None:
         stale.unlink(missing_ok=True)
 
@@ -144,6 +164,7 @@ class ClientStateStore:
             while len(self._pending) >= MAX_PENDING_WRITES:
                 self._wait(next(iter(self._pending)))
             if self._writer is None:
+                _file_mode()  # asked here, in the caller's thread, before the writer exists
                 self._writer = ThreadPoolExecutor(1, thread_name_prefix="client-state")
             path = self._path(client, generation)
             # the stale file goes after the new one is written, by the writer too: the caller
