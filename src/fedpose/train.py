@@ -67,7 +67,9 @@ def train_centralized(
     check_config(cfg)
     # checked and locked for the whole run: links, another process, another command's folder
     with claim(cfg.run_dir, cfg.out_dir, "train", force=force):
-        return _train_claimed(cfg, resume, console or Console(), force, observer or RunObserver())
+        return _train_claimed(
+            cfg, resume, console or Console(emoji=False), force, observer or RunObserver()
+        )
 
 
 def _checkpoint_schema(model: torch.nn.Module) -> Callable[[dict], str | None]:

@@ -394,7 +394,7 @@ def print_statistics(stats: Sequence[dict], console=None, title: str = "Clients"
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    console = console or Console(emoji=False)
     total = sum(s["size"] for s in stats) or 1
     table = Table(title=title)
     table.add_column("client", justify="right")

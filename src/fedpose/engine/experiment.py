@@ -78,7 +78,7 @@ def parse_seeds(text: str) -> list[int]:
 def run_one(config: str | None, overrides: list[str], resume: bool) -> int:
     """One run of a comparison in a worker process; its exit code as `fedpose run` gives it (an
     `error:` line and 2 for bad input, 1 for a failed federation)."""
-    console = Console(soft_wrap=True)
+    console = Console(soft_wrap=True, emoji=False)
     try:
         run_federation(load_config(config, overrides), resume=resume, console=console)
     except (DatasetError, ConfigError, OSError, ValueError) as e:
@@ -93,7 +93,7 @@ def run_one(config: str | None, overrides: list[str], resume: bool) -> int:
 def run_comparison(plan: Comparison, console: Console | None = None) -> Path:
     """Run (or resume) every run of the comparison, then write its report; the report's path.
     Raises ComparisonError naming the runs that failed."""
-    console = console or Console()
+    console = console or Console(emoji=False)
     base = load_config(plan.config, plan.overrides)
     name = plan.name or base.name
     runs = [

@@ -426,7 +426,7 @@ server_app = ServerApp()
 
 @server_app.main()
 def _server_main(grid: Grid, context: Context) -> None:
-    console = Console(file=sys.stdout, width=100)
+    console = Console(file=sys.stdout, width=100, emoji=False)
 
     def log(text: str) -> None:
         console.print(f"[fedpose] {text}", markup=False, highlight=False)

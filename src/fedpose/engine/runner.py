@@ -158,5 +158,5 @@ def run_federation(
         InProcessEngine(transport_factory),
         resume=resume,
         force=force,
-        observer=observer or ConsoleObserver(cfg, console or Console()),
+        observer=observer or ConsoleObserver(cfg, console or Console(emoji=False)),
     )

@@ -135,7 +135,7 @@ def flower_cost(out_dir: Path, rounds: int = 2, supernodes: int = 2, width: int 
     from fedpose.engine.flower_secagg import INSPECT_ENV, SKETCH_SECRET
     from fedpose.tools.flower_demo import demo_config, renamed, run_flower
 
-    console = Console(width=100)
+    console = Console(width=100, emoji=False)
     arms = [
         ("fedavg-plain", ["fed.method=fedavg"]),
         ("fedavg-secure", ["fed.method=fedavg", "fed.secure=true"]),
