@@ -167,9 +167,8 @@ class ClientStateStore:
                 _file_mode()  # asked here, in the caller's thread, before the writer exists
                 self._writer = ThreadPoolExecutor(1, thread_name_prefix="client-state")
             path = self._path(client, generation)
-            # the stale file goes after the new one is written, by the writer too: the caller
-            # never waits for the disk
-            # serialized there too: the main thread only packs the state and goes on
+            # serialized and written by the writer, which then deletes the stale file: the
+            # caller only packs the state and never waits for the disk
             self._pending[client] = self._writer.submit(_write, path, packed, metadata, stale)
             self._index[client] = generation
         else:  # stateless clients (FedAvg and kin) cost no file at all
