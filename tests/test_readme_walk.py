@@ -99,6 +99,7 @@ def test_the_readme_commands_in_order_leave_make_demos_results_intact(tmp_path, 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv(DATASETS_VAR, raising=False)  # as on a fresh clone: data/ is the default
     (tmp_path / "configs").symlink_to(ROOT / "configs")
+    (tmp_path / "results").symlink_to(ROOT / "results")  # `fedpose family` reads its summaries
     if full_lsp is not None:
         (tmp_path / "data").mkdir()
         (tmp_path / "data" / "lsp").symlink_to(full_lsp)  # where `data download lsp` puts it
@@ -126,4 +127,4 @@ def test_the_readme_commands_in_order_leave_make_demos_results_intact(tmp_path, 
     assert Path("runs/client0/model.safetensors").is_file()
     assert Path("runs/pred.png").is_file() and Path("runs/sites/site0/train.json").is_file()
     # and nowhere else: runs/ and data/ are what .gitignore leaves out of a clone's status
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["configs", "data", "runs"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["configs", "data", "results", "runs"]
