@@ -115,17 +115,8 @@ def add_compare(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_compare)
 
 
-def _made_by_report(page: bytes) -> bool:
-    """Whether a page's header (before its first section) names `fedpose report` as its maker,
-    on a line of its own: a page that only quotes such a line further down is not a report."""
-    from fedpose.report.experiment import MADE_BY
-
-    header = page.decode(errors="replace").split("\n## ", 1)[0]
-    return any(line.startswith(f"{MADE_BY}`fedpose report ") for line in header.splitlines())
-
-
 def cmd_report(args) -> int:
-    from fedpose.report.experiment import load_arms, write_report
+    from fedpose.report.experiment import load_arms, made_by_report, write_report
     from fedpose.run_dir import RunDirError, check_output, mark, read_regular
 
     out = Path(args.out)
@@ -133,7 +124,7 @@ def cmd_report(args) -> int:
     # page it did not write itself (a hand-written results/PLAN.md has no owner record)
     check_output(out, "report", args.force)
     page = out if out.suffix == ".md" else out / "report.md"  # the page write_report writes
-    if page.is_file() and not args.force and not _made_by_report(read_regular(page)):
+    if page.is_file() and not args.force and not made_by_report(read_regular(page)):
         raise RunDirError(
             f"{page}: a page `fedpose report` did not write; it would be replaced: choose "
             f"another path (or --force to overwrite)"

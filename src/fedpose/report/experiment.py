@@ -32,7 +32,15 @@ from fedpose.run_dir import write_file
 
 # the line a report names its command on; `fedpose report` replaces only pages that carry it
 # with its own name (a hand-written page beside the reports has none)
-MADE_BY = "Report made by: "
+_MADE_BY = "Report made by: "
+
+
+def made_by_report(page: bytes) -> bool:
+    """Whether a page's header (before its first section) names `fedpose report` as its maker,
+    on a line of its own: a page that only quotes such a line further down is not a report."""
+    header = page.decode(errors="replace").split("\n## ", 1)[0]
+    return any(line.startswith(f"{_MADE_BY}`fedpose report ") for line in header.splitlines())
+
 
 _SEED_SUFFIX = re.compile(r"^(?P<label>.+)-s(?P<seed>\d+)$")
 
@@ -275,7 +283,7 @@ def write_report(
     if produced_by:
         lines.append(f"Runs made by: `{produced_by}`  ")
     if command:
-        lines.append(f"{MADE_BY}`{command}`  ")
+        lines.append(f"{_MADE_BY}`{command}`  ")
     lines.append(f"Code: commit {commit_text}")
     lines.append("")
     lines += _setting(arms)
